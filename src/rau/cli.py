@@ -1,0 +1,158 @@
+"""Command line: a thin shell over the Python API. Heavy imports happen inside each command.
+
+    rau localize --reference ref.png --reference-masks ref_masks/ --target tgt.png --out out/
+    rau eval --targets DATASET --references DATASET --out result.json
+    rau methods
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="rau: identify, localize and segment named structures in medical images from one annotated reference.",
+    pretty_exceptions_enable=False,
+)
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
+
+
+def _fail(exc: BaseException) -> None:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names:
+        raise ValueError("--structures: give a comma-separated list of structure names, e.g. heart,left_lung")
+    return names
+
+
+def _range(value: Optional[str], arg: str) -> Optional[slice]:
+    if value is None:
+        return None
+    try:
+        start, stop = value.split(":")
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise ValueError(f"{arg}: expected START:STOP indices into the id-sorted images (e.g. 160:200), got {value!r}") from None
+
+
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: reg-box.")]
+StructOpt = Annotated[Optional[str], typer.Option("--structures", "-s", help="Comma-separated structure names (default: all of the reference's).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the models: cpu, cuda, cuda:1 ...")]
+VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Local VLM checkpoint folder (Qwen2.5-VL family) for method 'rau'.")]
+LoraOpt = Annotated[Optional[Path], typer.Option("--lora", help="Local PEFT LoRA adapter folder applied on top of --vlm.")]
+Sam2Opt = Annotated[Optional[Path], typer.Option("--sam2", help="Local SAM2 (transformers Sam2Video) checkpoint folder.")]
+SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
+
+
+def _method_options(device, vlm, lora, sam2, segmenter, seed=0) -> dict:
+    return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed}
+
+
+@app.command()
+def localize(
+    reference: Annotated[Path, typer.Option(help="Reference image (PNG/JPEG/DICOM/NIfTI).")],
+    reference_masks: Annotated[Path, typer.Option(help="Folder of <structure>.png binary masks of the reference (same size as it).")],
+    target: Annotated[Path, typer.Option(help="Target image to interpret; any size.")],
+    out: Annotated[Path, typer.Option(help="Output folder: result.json, masks/<structure>.png, overlay.png (written atomically).")],
+    structures: StructOpt = None,
+    method: MethodOpt = None,
+    device: DeviceOpt = "cpu",
+    vlm: VlmOpt = None,
+    lora: LoraOpt = None,
+    sam2: Sam2Opt = None,
+    segmenter: SegOpt = None,
+) -> None:
+    """Identify, localize (box) and segment (mask) each reference structure in one target image."""
+    try:
+        from rau.data.io import load_annotated
+        from rau.pipeline import localize as run
+
+        ref = load_annotated(reference, reference_masks, arg="--reference")
+        tgt = load_annotated(target, arg="--target")
+        result = run(ref, tgt, method=method, structures=_split(structures), out_dir=out,
+                     **_method_options(device, vlm, lora, sam2, segmenter))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    found = sum(r.found for r in result.structures.values())
+    typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found in {result.seconds:.2f} s -> {out}/result.json")
+
+
+@app.command("eval")
+def eval_(
+    targets: Annotated[Path, typer.Option(help="Target dataset folder (images/ + masks/<structure>/, or COCO annotations.json).")],
+    references: Annotated[Path, typer.Option(help="Reference dataset folder (same formats). May be the target folder: a target never serves as its own reference.")],
+    out: Annotated[Path, typer.Option(help="RESULT.json to write (per-structure and mean metrics, seconds per target, configuration).")],
+    method: MethodOpt = None,
+    structures: StructOpt = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate N targets drawn with --seed (default: all).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for --limit sampling, random references and registration sampling.")] = 0,
+    target_range: Annotated[Optional[str], typer.Option(help="START:STOP slice of the id-sorted targets, e.g. 160:200 (held-out part).")] = None,
+    reference_range: Annotated[Optional[str], typer.Option(help="START:STOP slice of the id-sorted references, e.g. 0:160.")] = None,
+    reference_choice: Annotated[str, typer.Option(help="similar: most similar reference by thumbnail NCC; random: seeded random.")] = "similar",
+    device: DeviceOpt = "cpu",
+    vlm: VlmOpt = None,
+    lora: LoraOpt = None,
+    sam2: Sam2Opt = None,
+    segmenter: SegOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Evaluate a method on a target dataset with references from a reference dataset; print a Markdown table."""
+    try:
+        from rau.data.dataset import load_dataset
+        from rau.evaluate import evaluate, markdown_table, write_json_atomic
+        from rau.methods import DEFAULT_METHOD, create_method
+
+        tset = load_dataset(targets, arg="--targets")
+        rset = load_dataset(references, arg="--references")
+        tr, rr = _range(target_range, "--target-range"), _range(reference_range, "--reference-range")
+        if tr is not None:
+            tset = tset.subset([e.id for e in tset.entries[tr]])
+        if rr is not None:
+            rset = rset.subset([e.id for e in rset.entries[rr]])
+        for ds, arg in ((tset, "--target-range"), (rset, "--reference-range")):
+            if len(ds) == 0:
+                raise ValueError(f"{arg}: selects no image")
+        name = method or DEFAULT_METHOD
+        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed))
+        config = {"targets": str(targets), "references": str(references), "target_range": target_range,
+                  "reference_range": reference_range, "method": name, "device": device,
+                  "vlm": str(vlm) if vlm else None, "lora": str(lora) if lora else None,
+                  "sam2": str(sam2) if sam2 else None, "segmenter": segmenter, "argv": sys.argv[1:]}
+        report = evaluate(tset, rset, m, structures=_split(structures), limit=limit, seed=seed,
+                          reference=reference_choice, progress=progress, config=config)
+        write_json_atomic(report, out)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"\n{report['method']}: {report['n_targets']} targets, {report['seconds_per_target']:.2f} s/target\n")
+    typer.echo(markdown_table(report))
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods."""
+    from rau.methods import DEFAULT_METHOD, METHODS
+
+    for name, factory in METHODS.items():
+        mark = " (default)" if name == DEFAULT_METHOD else ""
+        typer.echo(f"{name}{mark}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

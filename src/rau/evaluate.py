@@ -1,0 +1,195 @@
+"""Evaluation of a method over a target set with references from a reference set (``rau eval``).
+
+Protocol (also in docs/BENCHMARKS.md):
+- targets: the target set's images (optionally a slice of the id-sorted list, optionally ``limit``
+  of them drawn with ``seed``); each keeps its ground-truth masks for scoring only.
+- reference: for each target, the reference-set image with the highest thumbnail NCC
+  (:mod:`rau.retrieval`), never the target itself (same file or identical pixels), also when
+  both sets are one folder; ``reference="random"`` draws one with ``seed`` instead.
+- the method is asked for every requested structure the reference annotates.
+- segmentation/box metrics: per (target, structure in the target's ground truth). A structure
+  the reference lacks cannot be predicted and counts as a miss (Dice 0, box IoU 0).
+- identification: per (target, structure asked): the answer "yes"/"no" (visible) against the
+  ground truth; methods that do not answer are judged by whether they returned a mask.
+- "mean" is the macro average over structures (each structure once); "mean_micro" over pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rau.data.dataset import Dataset
+from rau.errors import RauInputError
+from rau.geometry import box_iou, mask_to_box
+from rau.metrics import dice, hd95, iou, mean_or_nan
+from rau.retrieval import ThumbnailBank
+
+METRIC_KEYS = ("dice", "iou", "hd95", "box_iou", "box_acc50")
+
+
+def select_targets(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit <= 0:
+        raise RauInputError(f"--limit: must be a positive number of targets, got {limit}")
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(len(ds), size=limit, replace=False).tolist())
+    return Dataset(ds.root, [ds.entries[i] for i in keep], ds.layout)
+
+
+def build_bank(references: Dataset, progress: bool = True) -> ThumbnailBank:
+    from tqdm.auto import tqdm
+
+    from rau.data.io import read_image
+
+    images = (read_image(e.image_path, arg="reference image")[0]
+              for e in tqdm(references.entries, desc="indexing references", disable=not progress))
+    return ThumbnailBank.build([e.id for e in references.entries],
+                               [str(e.image_path.resolve()) for e in references.entries], images)
+
+
+def score_target(result, target, structures_asked: list[str], wanted: set[str] | None) -> list[dict[str, Any]]:
+    """One row per structure of the target's ground truth (and per asked structure for identification)."""
+    rows = []
+    truth = {s: m for s, m in target.masks.items() if wanted is None or s in wanted}
+    spacing = tuple(target.meta.get("spacing_mm") or (1.0, 1.0))
+    for name in sorted(set(truth) | set(structures_asked)):
+        r = result.structures.get(name)
+        row: dict[str, Any] = {"target": target.id, "reference": result.reference_id, "structure": name,
+                               "in_truth": name in truth, "asked": name in structures_asked}
+        if name in structures_asked and r is not None:
+            said_yes = (r.answer or "").strip().lower().startswith("yes") and r.found
+            row["id_correct"] = bool(said_yes == (name in truth))
+            row["score"] = r.score
+        if name in truth:
+            gt = truth[name]
+            pred = r.mask if r is not None and r.mask is not None else np.zeros_like(gt)
+            pbox = r.box_xyxy_px if r is not None else None
+            b_iou = box_iou(pbox, mask_to_box(gt))
+            row.update(dice=dice(pred, gt), iou=iou(pred, gt), hd95=hd95(pred, gt, spacing),
+                       box_iou=b_iou, box_acc50=float(b_iou >= 0.5))
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
+    """-> (per_structure, mean (macro over structures), mean_micro)."""
+    per: dict[str, dict[str, Any]] = {}
+    for name in sorted({r["structure"] for r in rows}):
+        seg = [r for r in rows if r["structure"] == name and r["in_truth"]]
+        ident = [r for r in rows if r["structure"] == name and "id_correct" in r]
+        entry: dict[str, Any] = {"n": len(seg)}
+        for k in METRIC_KEYS:
+            entry[k] = mean_or_nan([r[k] for r in seg])
+        entry["id_acc"] = mean_or_nan([float(r["id_correct"]) for r in ident])
+        entry["n_id"] = len(ident)
+        per[name] = entry
+    scored = {n: e for n, e in per.items() if e["n"] > 0}
+    mean = {k: mean_or_nan([e[k] for e in scored.values()]) for k in METRIC_KEYS}
+    mean["id_acc"] = mean_or_nan([e["id_acc"] for e in per.values() if e["n_id"] > 0])
+    seg_rows = [r for r in rows if r["in_truth"]]
+    micro = {k: mean_or_nan([r[k] for r in seg_rows]) for k in METRIC_KEYS}
+    micro["id_acc"] = mean_or_nan([float(r["id_correct"]) for r in rows if "id_correct" in r])
+    return per, mean, micro
+
+
+def evaluate(
+    targets: Dataset,
+    references: Dataset,
+    method,
+    *,
+    structures: list[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    reference: str = "similar",
+    progress: bool = True,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``method`` on every target with its chosen reference; return the RESULT.json document."""
+    from tqdm.auto import tqdm
+
+    if reference not in ("similar", "random"):
+        raise RauInputError(f"--reference-choice: expected 'similar' or 'random', got {reference!r}")
+    if structures:
+        known = set(targets.structures) | set(references.structures)
+        unknown = [s for s in structures if s not in known]
+        if unknown:
+            raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} appear in neither dataset "
+                                f"(known: {', '.join(sorted(known))})")
+    wanted = set(structures) if structures else None
+    chosen = select_targets(targets, limit, seed)
+    bank = build_bank(references, progress)
+    ref_by_id = {e.id: e for e in references.entries}
+    rng = np.random.default_rng(seed)
+    rows, seconds, pairs = [], [], []
+    for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
+        target = chosen.load(entry, structures)
+        ranked = bank.rank(target.image, exclude_source=str(entry.image_path.resolve()))
+        if not ranked:
+            raise RauInputError("--references: no reference left once the target itself is excluded")
+        ref_id = ranked[0][0] if reference == "similar" else ranked[int(rng.integers(len(ranked)))][0]
+        ref = references.load(ref_by_id[ref_id], structures)
+        asked = [s for s in ref.structures if ref.masks[s].any()]
+        result = method.predict(ref, _shown_to(method, target), asked)
+        seconds.append(result.seconds)
+        pairs.append({"target": target.id, "reference": ref_id})
+        rows.extend(score_target(result, target, asked, wanted))
+    per, mean, micro = summarize(rows)
+    return {
+        "method": method.name,
+        "per_structure": per,
+        "mean": mean,
+        "mean_micro": micro,
+        "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
+        "n_targets": len(chosen),
+        "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,
+                   "structures": structures, "pairs": pairs},
+        "targets": rows,
+    }
+
+
+def _shown_to(method, target):
+    """Methods never see the target's ground truth, except the oracle, whose point it is."""
+    if getattr(method.localizer, "reads_target_truth", False):
+        return target
+    from rau.data.annotated import AnnotatedImage
+
+    return AnnotatedImage(target.image, {}, dict(target.meta))
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Per-structure table + mean row, for the terminal and docs/BENCHMARKS.md."""
+    head = "| structure | n | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc |\n|---|---|---|---|---|---|---|---|"
+    lines = [head]
+
+    def fmt(v):
+        return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    for name, e in report["per_structure"].items():
+        lines.append(f"| {name} | {e['n']} | {fmt(e['dice'])} | {fmt(e['iou'])} | {fmt(e['hd95'])} | "
+                     f"{fmt(e['box_iou'])} | {fmt(e['box_acc50'])} | {fmt(e['id_acc'])} |")
+    m = report["mean"]
+    lines.append(f"| **mean** | {report['n_targets']} targets | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
+                 f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} |")
+    return "\n".join(lines)
+
+
+def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

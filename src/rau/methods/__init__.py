@@ -1,0 +1,98 @@
+"""Methods: comparable entries of one registry, each a localizer and/or a segmenter.
+
+| name          | localizer                      | segmenter                 | masks from            |
+|---------------|--------------------------------|---------------------------|-----------------------|
+| reg-box       | registration (boxes)           | LiteMedSAM (box prompt)   | segmenter  (DEFAULT)  |
+| registration  | registration (warped masks)    | -                         | localizer             |
+| oracle-box    | ground-truth boxes (eval only) | LiteMedSAM                | segmenter             |
+| rau           | VLM (Qwen2.5-VL checkpoint)    | LiteMedSAM or SAM2-memory | segmenter             |
+| sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
+
+Adding a method = one factory function + one ``METHODS`` entry; the contract tests iterate over
+``METHODS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from rau.errors import RauInputError
+from rau.methods.base import Method
+
+DEFAULT_METHOD = "reg-box"
+
+
+def _segmenter(name: str, *, sam2: str | Path | None, device: str, sam2_config=None):
+    if name == "medsam":
+        from rau.segment.medsam import MedSamSegmenter
+
+        return MedSamSegmenter(device=device)
+    if name == "sam2-memory":
+        from rau.segment.sam2_memory import Sam2MemorySegmenter
+
+        return Sam2MemorySegmenter(checkpoint=sam2, config=sam2_config, device=device)
+    raise RauInputError(f"segmenter: unknown {name!r}; choose 'medsam' or 'sam2-memory'")
+
+
+def _registration(**kw) -> Method:
+    from rau.methods.registration import RegistrationLocalizer
+
+    return Method("registration", RegistrationLocalizer(seed=kw.get("seed", 0)), None)
+
+
+def _reg_box(**kw) -> Method:
+    from rau.methods.registration import RegistrationLocalizer
+
+    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"))
+    return Method("reg-box", RegistrationLocalizer(seed=kw.get("seed", 0)), seg)
+
+
+def _oracle_box(**kw) -> Method:
+    from rau.methods.oracle import OracleLocalizer
+
+    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"))
+    return Method("oracle-box", OracleLocalizer(), seg)
+
+
+def _rau(**kw) -> Method:
+    if not kw.get("vlm"):
+        raise RauInputError(
+            "--vlm: method 'rau' needs a local Qwen2.5-VL checkpoint folder (no trained VLM ships yet); "
+            "pass --vlm PATH, or use the default method 'reg-box'"
+        )
+    from rau.vlm.qwen import QwenLocalizer
+
+    loc = QwenLocalizer(kw["vlm"], device=kw.get("device", "cpu"), lora=kw.get("lora"))
+    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"),
+                     sam2_config=kw.get("sam2_config"))
+    return Method("rau", loc, seg)
+
+
+def _sam2_memory(**kw) -> Method:
+    seg = _segmenter("sam2-memory", sam2=kw.get("sam2"), device=kw.get("device", "cpu"), sam2_config=kw.get("sam2_config"))
+    return Method("sam2-memory", None, seg)
+
+
+METHODS: dict[str, Callable[..., Method]] = {
+    "reg-box": _reg_box,
+    "registration": _registration,
+    "oracle-box": _oracle_box,
+    "rau": _rau,
+    "sam2-memory": _sam2_memory,
+}
+
+
+def create_method(name: str | None = None, **options) -> Method:
+    """Build a method by registry name (default ``reg-box``).
+
+    Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
+    ``sam2`` (local SAM2 checkpoint folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
+    """
+    name = name or DEFAULT_METHOD
+    if name not in METHODS:
+        raise RauInputError(f"--method: unknown {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](**options)
+
+
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "create_method"]

@@ -1,0 +1,123 @@
+"""Python API for one target: ``rau.localize(reference, target)`` and writing its outputs.
+
+Example::
+
+    import rau
+    ref = rau.load_annotated("ref.png", "ref_masks/")          # <structure>.png binary masks
+    result = rau.localize(ref, "target.png", out_dir="out/")   # default method: reg-box
+    result.structures["heart"].box_xyxy_px
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rau.data.annotated import AnnotatedImage, TargetResult
+from rau.errors import RauInputError
+from rau.render import draw_annotation, save_png
+
+
+def _as_target(target: AnnotatedImage | str | Path) -> AnnotatedImage:
+    if isinstance(target, AnnotatedImage):
+        return target
+    from rau.data.io import load_annotated
+
+    return load_annotated(target, arg="--target")
+
+
+def localize(
+    reference: AnnotatedImage,
+    target: AnnotatedImage | str | Path,
+    *,
+    method=None,
+    structures: list[str] | None = None,
+    out_dir: str | Path | None = None,
+    **method_options: Any,
+) -> TargetResult:
+    """Identify, localize and segment the reference's structures in one target.
+
+    Args:
+        reference: annotated reference (its masks name the structures).
+        target: an AnnotatedImage or an image path (PNG/JPEG/DICOM/NIfTI); any size.
+        method: a registry name (default ``reg-box``) or a :class:`rau.methods.Method`.
+        structures: subset of the reference's structures (default: all).
+        out_dir: if given, write result.json, masks/<structure>.png and overlay.png there (atomically).
+    """
+    from rau.methods import Method, create_method
+
+    if structures is not None:
+        unknown = [s for s in structures if s not in reference.masks]
+        if unknown:
+            raise RauInputError(
+                f"--structures: {', '.join(map(repr, unknown))} not in the reference "
+                f"(it has: {', '.join(sorted(reference.masks))})"
+            )
+    reference.require_nonempty(structures)
+    target_img = _as_target(target)
+    m = method if isinstance(method, Method) else create_method(method, **method_options)
+    result = m.predict(reference, target_img, structures)
+    if out_dir is not None:
+        write_result(result, target_img, out_dir)
+    return result
+
+
+def result_to_json(result: TargetResult, target: AnnotatedImage) -> dict[str, Any]:
+    """The ``result.json`` document (mask paths relative to the output folder)."""
+    structures = {}
+    for name, r in result.structures.items():
+        structures[name] = {
+            "label": r.label,
+            "answer": r.answer,
+            "box_xyxy": [round(float(v), 2) for v in r.box_xyxy_px] if r.box_xyxy_px is not None else None,
+            "score": round(float(r.score), 4),
+            "mask": f"masks/{name}.png",
+            "found": r.found,
+            "reason": r.reason,
+        }
+    return {
+        "method": result.method,
+        "target": target.meta.get("source", target.id),
+        "reference": result.reference_id,
+        "image_size_wh": [target.shape[1], target.shape[0]],
+        "box_convention": "pixel-edge xyxy in target pixels (x1, y1 exclusive)",
+        "seconds": round(result.seconds, 3),
+        "structures": structures,
+    }
+
+
+def write_result(result: TargetResult, target: AnnotatedImage, out_dir: str | Path) -> Path:
+    """Write result.json, masks/<structure>.png (0/255, target size) and overlay.png.
+
+    Everything is written into a temporary sibling folder first and renamed at the end, so a
+    failure leaves no partial ``out_dir`` behind."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        h, w = target.shape
+        masks = {}
+        for name, r in result.structures.items():
+            mask = r.mask if r.mask is not None else np.zeros((h, w), bool)
+            masks[name] = mask
+            save_png(mask.astype(np.uint8) * 255, tmp / "masks" / f"{name}.png")
+        boxes = {n: r.box_xyxy_px for n, r in result.structures.items()}
+        save_png(draw_annotation(target.image, masks, boxes=boxes), tmp / "overlay.png")
+        (tmp / "result.json").write_text(json.dumps(result_to_json(result, target), indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

