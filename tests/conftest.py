@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny synthetic annotated images written to tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def disk(shape, center, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
+
+
+def synthetic_pair(shape=(96, 96), shift=(0, 0)):
+    """Image with a bright disk ('blob') and a dark square ('box'), masks for both."""
+    h, w = shape
+    blob = disk(shape, (h * 0.35 + shift[0], w * 0.35 + shift[1]), min(h, w) * 0.15)
+    square = np.zeros(shape, bool)
+    square[int(h * 0.6) + shift[0]: int(h * 0.85) + shift[0], int(w * 0.55) + shift[1]: int(w * 0.8) + shift[1]] = True
+    rng = np.random.default_rng(0)
+    image = 0.4 + 0.05 * rng.standard_normal(shape)
+    image[blob] = 0.9
+    image[square] = 0.1
+    return np.clip(image, 0, 1).astype(np.float32), {"blob": blob, "square": square}
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8 and array.dtype != np.uint16:
+        array = np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    """ref.png + ref_masks/{blob,square}.png (96x96) and target.png (128x112, shifted): different sizes."""
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
+    write_png(tmp_path / "ref.png", ref_img)
+    for name, m in ref_masks.items():
+        write_png(tmp_path / "ref_masks" / f"{name}.png", m)
+    write_png(tmp_path / "target.png", tgt_img)
+    for name, m in tgt_masks.items():
+        write_png(tmp_path / "target_masks" / f"{name}.png", m)
+    return tmp_path
+
+
+@pytest.fixture
+def folder_dataset(tmp_path):
+    """A dataset folder in the project layout with 4 images of varying sizes."""
+    root = tmp_path / "ds"
+    for i, (shape, shift) in enumerate([((96, 96), (0, 0)), ((96, 96), (4, 2)), ((100, 90), (-3, 5)), ((96, 96), (2, -2))]):
+        img, masks = synthetic_pair(shape, shift)
+        write_png(root / "images" / f"case_{i}.png", img)
+        for name, m in masks.items():
+            write_png(root / "masks" / name / f"case_{i}.png", m)
+    return root

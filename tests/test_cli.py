@@ -1,0 +1,119 @@
+"""The `rau localize` / `rau eval` contract, end to end, and bad input -> one line, non-zero exit."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from rau.cli import app
+
+from conftest import write_png
+
+runner = CliRunner()
+
+
+def localize_args(d, out, *extra):
+    return ["localize", "--reference", str(d / "ref.png"), "--reference-masks", str(d / "ref_masks"),
+            "--target", str(d / "target.png"), "--out", str(out), *extra]
+
+
+def test_localize_registration_contract(pair_files):
+    out = pair_files / "out"
+    res = runner.invoke(app, localize_args(pair_files, out, "--method", "registration"))
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "result.json").read_text())
+    assert set(doc["structures"]) == {"blob", "square"}
+    tgt_size = Image.open(pair_files / "target.png").size
+    for name, s in doc["structures"].items():
+        assert {"label", "answer", "box_xyxy", "score", "mask"} <= set(s)
+        mask = Image.open(out / s["mask"])
+        assert mask.size == tgt_size  # target is 112x128, reference 96x96
+    assert Image.open(out / "overlay.png").mode == "RGB"
+
+
+def test_localize_default_method_with_medsam(pair_files):
+    out = pair_files / "out_default"
+    res = runner.invoke(app, localize_args(pair_files, out, "--structures", "blob"))
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["method"] == "reg-box" and list(doc["structures"]) == ["blob"]
+
+
+@pytest.mark.parametrize("case", ["unreadable", "size_mismatch", "empty_mask", "unknown_structure", "missing_target", "bad_method"])
+def test_localize_bad_input(pair_files, case):
+    out = pair_files / "out_bad"
+    extra = ["--method", "registration"]
+    if case == "unreadable":
+        (pair_files / "target.png").write_bytes(b"\x89PNG garbage")
+    elif case == "size_mismatch":
+        write_png(pair_files / "ref_masks" / "blob.png", np.ones((50, 50), bool))
+    elif case == "empty_mask":
+        write_png(pair_files / "ref_masks" / "blob.png", np.zeros((96, 96), bool))
+    elif case == "unknown_structure":
+        extra += ["--structures", "liver"]
+    elif case == "missing_target":
+        (pair_files / "target.png").unlink()
+    elif case == "bad_method":
+        extra = ["--method", "nope"]
+    res = runner.invoke(app, localize_args(pair_files, out, *extra))
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert not out.exists()
+
+
+def test_failed_write_leaves_no_partial_output(pair_files, monkeypatch):
+    import rau.pipeline as pipeline
+
+    calls = {"n": 0}
+    real = pipeline.save_png
+
+    def flaky(arr, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(arr, path)
+
+    monkeypatch.setattr(pipeline, "save_png", flaky)
+    out = pair_files / "out_fail"
+    with pytest.raises(OSError):
+        runner.invoke(app, localize_args(pair_files, out, "--method", "registration"), catch_exceptions=False)
+    assert not out.exists()
+    assert not [p for p in pair_files.iterdir() if p.name.startswith(".out_fail")]
+
+
+def test_eval_contract(folder_dataset, tmp_path):
+    out = tmp_path / "res.json"
+    res = runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset),
+                              "--method", "registration", "--limit", "2", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["method"] == "registration" and isinstance(doc["seconds_per_target"], float)
+    for name in ("blob", "square"):
+        e = doc["per_structure"][name]
+        assert e["n"] == 2
+        for k in ("dice", "iou", "hd95", "box_iou", "box_acc50"):
+            assert isinstance(e[k], float)
+    assert {"dice", "iou", "box_iou"} <= set(doc["mean"])
+    assert isinstance(doc["config"], dict)
+    for pair in doc["config"]["pairs"]:
+        assert pair["target"] != pair["reference"]
+    assert "| **mean** |" in res.output
+
+
+def test_eval_oracle_and_ranges(folder_dataset, tmp_path):
+    out = tmp_path / "res.json"
+    res = runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset),
+                              "--target-range", "3:4", "--reference-range", "0:3", "--method", "oracle-box",
+                              "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["n_targets"] == 1 and doc["mean"]["box_iou"] == pytest.approx(1.0)
+
+
+def test_eval_bad_range(folder_dataset, tmp_path):
+    res = runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset),
+                              "--target-range", "x", "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "--target-range" in res.output
