@@ -18,7 +18,8 @@ class Localization:
     answer: identification answer ("yes"/"no" for "is it visible", a name, or None if not asked);
     box_xyxy_px: box in ORIGINAL target pixels (pixel-edge xyxy) or None if not found;
     score: confidence in [0, 1]; reason: why there is no answer/box (e.g. malformed model output);
-    mask: a (H, W) bool mask when the localizer also produces one (registration does), else None.
+    mask: a (H, W) bool mask when the localizer also produces one (registration does), else None;
+    prob: (H, W) float32 soft version of ``mask`` (e.g. the linearly warped reference mask), or None.
     """
 
     answer: str | None = None
@@ -26,6 +27,7 @@ class Localization:
     score: float = 0.0
     reason: str | None = None
     mask: np.ndarray | None = None
+    prob: np.ndarray | None = None
 
 
 class Localizer(ABC):
