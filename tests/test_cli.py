@@ -38,7 +38,9 @@ def test_localize_default_method_with_medsam(pair_files):
     res = runner.invoke(app, localize_args(pair_files, out, "--structures", "blob"))
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "result.json").read_text())
-    assert doc["method"] == "reg-box" and list(doc["structures"]) == ["blob"]
+    from rau.methods import DEFAULT_METHOD
+
+    assert doc["method"] == DEFAULT_METHOD and list(doc["structures"]) == ["blob"]
 
 
 @pytest.mark.parametrize("case", ["unreadable", "size_mismatch", "empty_mask", "unknown_structure", "missing_target", "bad_method"])

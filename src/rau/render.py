@@ -17,8 +17,19 @@ from scipy import ndimage
 from rau.geometry import Box
 
 
-def structure_color(name: str) -> tuple[int, int, int]:
-    """Stable, saturated RGB colour for a structure name (same name -> same colour in every picture)."""
+# Distinct, colour-blind-friendlier hues first (Okabe-Ito + extras); names beyond them get hashed hues.
+PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+           (204, 121, 167), (0, 210, 210), (255, 80, 80), (120, 255, 120), (160, 120, 255), (255, 170, 220)]
+
+
+def structure_color(name: str, names: list[str] | None = None) -> tuple[int, int, int]:
+    """RGB colour of a structure. With ``names`` (every structure of the picture), colours follow the
+    sorted names through :data:`PALETTE`, so the same set of structures gets the same colours in every
+    picture (reference and target overlays match); otherwise a stable hue from the name's hash."""
+    if names is not None:
+        order = sorted(set(names))
+        if name in order and order.index(name) < len(PALETTE):
+            return PALETTE[order.index(name)]
     h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     r, g, b = colorsys.hsv_to_rgb(h, 0.85, 1.0)
     return (int(r * 255), int(g * 255), int(b * 255))
@@ -68,10 +79,11 @@ def draw_annotation(
     rgb = to_rgb(image).astype(np.float32)
     h, w = rgb.shape[:2]
     lw = line_width or max(1, round(max(h, w) / 256))
+    names_all = list(masks) + [n for n in (boxes or {}) if n not in masks]
     for name, mask in masks.items():
         if mask is None or not mask.any():
             continue
-        colour = np.array(structure_color(name), dtype=np.float32)
+        colour = np.array(structure_color(name, names_all), dtype=np.float32)
         rgb[mask] = (1 - fill_alpha) * rgb[mask] + fill_alpha * colour
         rgb[contour(mask, lw)] = colour
     pil = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
@@ -79,13 +91,13 @@ def draw_annotation(
     font = ImageFont.load_default(size=max(10, round(max(h, w) / 40)))
     for name, box in (boxes or {}).items():
         if box is not None:
-            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=structure_color(name), width=lw)
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=structure_color(name, names_all), width=lw)
     if names:
         for name, mask in masks.items():
             if mask is None or not mask.any():
                 continue
             x, y = _label_anchor(mask)
-            draw.text((x, y), name, fill=structure_color(name), font=font, anchor="mm",
+            draw.text((x, y), name, fill=structure_color(name, names_all), font=font, anchor="mm",
                       stroke_width=max(1, lw), stroke_fill=(0, 0, 0))
     return np.asarray(pil)
 

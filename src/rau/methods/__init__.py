@@ -2,7 +2,8 @@
 
 | name          | localizer                      | segmenter                 | masks from            |
 |---------------|--------------------------------|---------------------------|-----------------------|
-| reg-box       | registration (boxes)           | LiteMedSAM (box prompt)   | segmenter  (DEFAULT)  |
+| reg-fuse      | registration (boxes + masks)   | LiteMedSAM (box prompt)   | fused (DEFAULT)       |
+| reg-box       | registration (boxes)           | LiteMedSAM (box prompt)   | segmenter             |
 | registration  | registration (warped masks)    | -                         | localizer             |
 | oracle-box    | ground-truth boxes (eval only) | LiteMedSAM                | segmenter             |
 | rau           | VLM (Qwen2.5-VL checkpoint)    | LiteMedSAM or SAM2-memory | segmenter             |
@@ -20,7 +21,10 @@ from pathlib import Path
 from rau.errors import RauInputError
 from rau.methods.base import Method
 
-DEFAULT_METHOD = "reg-box"
+DEFAULT_METHOD = "reg-fuse"
+#: Blur of the warped reference mask before fusion, as a fraction of the target's longest side
+#: (4 px at 512 px; picked on 15 Wingspan targets of the reference part, see docs/BENCHMARKS.md).
+FUSE_SIGMA = 4 / 512
 
 
 def _segmenter(name: str, *, sam2: str | Path | None, device: str, sam2_config=None):
@@ -46,6 +50,12 @@ def _reg_box(**kw) -> Method:
 
     seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"))
     return Method("reg-box", RegistrationLocalizer(seed=kw.get("seed", 0)), seg)
+
+
+def _reg_fuse(**kw) -> Method:
+    method = _reg_box(**kw)
+    method.name, method.fuse_sigma = "reg-fuse", FUSE_SIGMA
+    return method
 
 
 def _oracle_box(**kw) -> Method:
@@ -75,6 +85,7 @@ def _sam2_memory(**kw) -> Method:
 
 
 METHODS: dict[str, Callable[..., Method]] = {
+    "reg-fuse": _reg_fuse,
     "reg-box": _reg_box,
     "registration": _registration,
     "oracle-box": _oracle_box,
@@ -84,7 +95,7 @@ METHODS: dict[str, Callable[..., Method]] = {
 
 
 def create_method(name: str | None = None, **options) -> Method:
-    """Build a method by registry name (default ``reg-box``).
+    """Build a method by registry name (default ``reg-fuse``).
 
     Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
     ``sam2`` (local SAM2 checkpoint folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.

@@ -89,7 +89,8 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
 
 
 def warp_masks(masks: dict[str, np.ndarray], transform, fixed_sitk, moving_sitk) -> dict[str, np.ndarray]:
-    """Warp (H_ref, W_ref) bool masks onto the target grid -> (H_t, W_t) bool (linear interp, > 0.5)."""
+    """Warp (H_ref, W_ref) bool masks onto the target grid -> (H_t, W_t) float32 in [0, 1]
+    (linear interpolation; threshold at 0.5 for a binary mask)."""
     import SimpleITK as sitk
 
     out = {}
@@ -97,7 +98,7 @@ def warp_masks(masks: dict[str, np.ndarray], transform, fixed_sitk, moving_sitk)
         m = sitk.GetImageFromArray(mask.astype(np.float32))
         m.CopyInformation(moving_sitk)
         warped = sitk.Resample(m, fixed_sitk, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        out[name] = sitk.GetArrayFromImage(warped) > 0.5
+        out[name] = np.clip(sitk.GetArrayFromImage(warped), 0.0, 1.0)
     return out
 
 
@@ -118,11 +119,12 @@ class RegistrationLocalizer(Localizer):
         warped = warp_masks({s: reference.masks[s] for s in structures}, transform, f_img, m_img)
         score = _similarity(target.image, reference.image, transform, f_img, m_img)
         out = {}
-        for name, mask in warped.items():
+        for name, prob in warped.items():
+            mask = prob > 0.5
             box = mask_to_box(mask)
             out[name] = Localization(
                 answer="yes" if box is not None else "no", box_xyxy_px=box, score=score if box else 0.0,
-                reason=None if box else "the warped reference mask left the target image", mask=mask,
+                reason=None if box else "the warped reference mask left the target image", mask=mask, prob=prob,
             )
         return out
 

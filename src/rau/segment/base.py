@@ -17,10 +17,12 @@ from rau.geometry import Box
 
 @dataclass
 class SegmentationOutput:
-    """mask: (H, W) bool in target pixels; score: the backend's confidence in [0, 1]."""
+    """mask: (H, W) bool in target pixels; score: the backend's confidence in [0, 1];
+    prob: (H, W) float32 foreground probability when the backend has one (used for fusion)."""
 
     mask: np.ndarray
     score: float
+    prob: np.ndarray | None = None
 
 
 class Segmenter(ABC):

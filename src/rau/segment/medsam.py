@@ -123,5 +123,6 @@ class MedSamSegmenter(Segmenter):
         names = list(valid)
         logits, ious = self.decode(embedding, scale, [valid[n] for n in names], hw)
         for i, name in enumerate(names):
-            out[name] = SegmentationOutput(logits[i] > self.threshold, float(np.clip(ious[i], 0.0, 1.0)))
+            prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
+            out[name] = SegmentationOutput(logits[i] > self.threshold, float(np.clip(ious[i], 0.0, 1.0)), prob)
         return out
