@@ -119,3 +119,16 @@ def test_eval_bad_range(folder_dataset, tmp_path):
     res = runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset),
                               "--target-range", "x", "--out", str(tmp_path / "r.json")])
     assert res.exit_code == 2 and "--target-range" in res.output
+
+
+def test_bundled_angiogram_sample(tmp_path):
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[1] / "samples" / "angiogram"
+    out = tmp_path / "angio"
+    res = runner.invoke(app, ["localize", "--reference", str(samples / "reference.png"), "--reference-masks",
+                              str(samples / "reference_masks"), "--target", str(samples / "target.png"),
+                              "--out", str(out), "--method", "registration", "--structures", "5,6"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "result.json").read_text())
+    assert set(doc["structures"]) == {"5", "6"} and doc["image_size_wh"] == [512, 512]

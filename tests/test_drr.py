@@ -16,7 +16,9 @@ from rau.data.drr import TOTALSEG_CURATED, read_label_names, render_drr_dataset,
 from rau.errors import RauInputError  # noqa: E402
 
 NAMES = {1: "right_lung", 2: "left_lung", 3: "spine", 4: "corner"}
-TOTALSEG = Path("/work/shared/datasets/ct_totalseg_examples")
+from conftest import SHARED
+
+TOTALSEG = SHARED / "ct_totalseg_examples"
 
 
 @pytest.fixture(scope="module")

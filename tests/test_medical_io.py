@@ -11,7 +11,9 @@ from rau.data.annotated import AnnotatedImage
 from rau.data.medical import apply_window, looks_like_ct, read_dicom, read_nifti, read_nifti_labels
 from rau.errors import RauInputError
 
-TOTALSEG = Path("/work/shared/datasets/ct_totalseg_examples")
+from conftest import SHARED
+
+TOTALSEG = SHARED / "ct_totalseg_examples"
 
 
 # ----------------------------------------------------------------------------- DICOM helpers
