@@ -132,3 +132,15 @@ def test_bundled_angiogram_sample(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "result.json").read_text())
     assert set(doc["structures"]) == {"5", "6"} and doc["image_size_wh"] == [512, 512]
+
+
+def test_report_and_plot(folder_dataset, tmp_path):
+    out = tmp_path / "res.json"
+    runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset),
+                        "--method", "registration", "--limit", "1", "--out", str(out), "--no-progress"])
+    res = runner.invoke(app, ["report", str(out), str(out), "--plot", str(tmp_path / "bars.png")])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("| registration |") == 2
+    assert Image.open(tmp_path / "bars.png").size[0] > 100
+    bad = runner.invoke(app, ["report", str(tmp_path / "missing.json")])
+    assert bad.exit_code == 2 and bad.output.startswith("error: ")

@@ -144,6 +144,8 @@ def eval_(
 def report(
     results: Annotated[list[Path], typer.Argument(help="RESULT.json files of `rau eval` runs on the same targets.")],
     per_structure: Annotated[bool, typer.Option(help="Also print per-structure Dice, one column per method.")] = True,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw a bar chart of Dice per structure and method to this PNG.")] = None,
+    title: Annotated[str, typer.Option(help="Title of the --plot figure.")] = "",
 ) -> None:
     """Compare `rau eval` results side by side (Markdown), e.g. for docs/BENCHMARKS.md."""
     import json
@@ -162,6 +164,10 @@ def report(
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(comparison_table(docs))
+    if plot is not None:
+        from rau.plots import dice_bar_chart
+
+        dice_bar_chart(docs, plot, title)
     if per_structure:
         typer.echo("")
         typer.echo(dice_by_structure_table(docs))

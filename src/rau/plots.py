@@ -1,0 +1,40 @@
+"""Benchmark figures (matplotlib, Agg backend; imported only by the commands that draw)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def dice_bar_chart(reports: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Grouped bars: mean Dice per structure (x) for each method (colour); written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({s for r in reports for s, e in r["per_structure"].items() if e["n"] > 0},
+                   key=lambda s: (len(s), s))
+    names.append("mean")
+    width = 0.8 / max(1, len(reports))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * max(1, len(reports)) ** 0.5 + 2), 3.6))
+    x = np.arange(len(names))
+    for i, r in enumerate(reports):
+        vals = [r["per_structure"].get(s, {}).get("dice", np.nan) if s != "mean" else r["mean"]["dice"] for s in names]
+        ax.bar(x + (i - (len(reports) - 1) / 2) * width, vals, width, label=r["method"])
+    ax.set_xticks(x, names, rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.set_title(title)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1.0), loc="upper left")  # outside: bars reach the top
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
