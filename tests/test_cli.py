@@ -144,3 +144,33 @@ def test_report_and_plot(folder_dataset, tmp_path):
     assert Image.open(tmp_path / "bars.png").size[0] > 100
     bad = runner.invoke(app, ["report", str(tmp_path / "missing.json")])
     assert bad.exit_code == 2 and bad.output.startswith("error: ")
+
+
+@pytest.mark.parametrize("case", ["dicom_without_pixels", "nan_tiff", "dicom_target_ok", "rgb16_target_ok"])
+def test_localize_medical_and_odd_targets(pair_files, case):
+    from test_medical_io import write_dicom
+
+    out = pair_files / f"out_{case}"
+    target = pair_files / "t.dcm"
+    if case == "dicom_without_pixels":
+        write_dicom(target, None)
+    elif case == "dicom_target_ok":
+        write_dicom(target, (np.asarray(Image.open(pair_files / "target.png"), np.float64) * 10).astype(np.int16),
+                    slope=1.0, intercept=-1024.0)
+    elif case == "nan_tiff":
+        arr = np.ones((40, 40), np.float32)
+        arr[3, 3] = np.nan
+        target = pair_files / "t.tif"
+        Image.fromarray(arr, mode="F").save(target)
+    else:
+        target = pair_files / "t16.png"
+        Image.fromarray((np.asarray(Image.open(pair_files / "target.png"), np.uint16) * 200)).save(target)
+    args = localize_args(pair_files, out, "--method", "registration")
+    args[args.index("--target") + 1] = str(target)
+    res = runner.invoke(app, args)
+    if case.endswith("_ok"):
+        assert res.exit_code == 0, res.output
+        assert (out / "result.json").exists()
+    else:
+        assert res.exit_code == 2 and res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
+        assert not out.exists()
