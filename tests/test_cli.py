@@ -174,3 +174,21 @@ def test_localize_medical_and_odd_targets(pair_files, case):
     else:
         assert res.exit_code == 2 and res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def test_bench_quick_on_a_tiny_arcade_layout(folder_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    for part in ("val", "train"):
+        shutil.copytree(folder_dataset, data / "arcade_syntax" / part)
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", "--out", str(out), "--data", str(data), "--splits", "arcade",
+                              "--methods", "registration", "--quick", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    md = (out / "BENCH.md").read_text()
+    assert "| registration |" in md and "Commit:" in md and "Machine:" in md
+    assert (out / "arcade_registration.json").exists() and (out / "dice_arcade.png").exists()
+    assert (out / "overlay_arcade_registration_worst.png").exists()
+    bad = runner.invoke(app, ["bench", "--out", str(out), "--splits", "nope"])
+    assert bad.exit_code == 2 and "--splits" in bad.output

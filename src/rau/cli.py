@@ -29,12 +29,12 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
-def _split(value: Optional[str]) -> Optional[list[str]]:
+def _split(value: Optional[str], arg: str = "--structures") -> Optional[list[str]]:
     if value is None:
         return None
     names = [s.strip() for s in value.split(",") if s.strip()]
     if not names:
-        raise ValueError("--structures: give a comma-separated list of structure names, e.g. heart,left_lung")
+        raise ValueError(f"{arg}: give a comma-separated list of names, e.g. heart,left_lung")
     return names
 
 
@@ -171,6 +171,35 @@ def report(
     if per_structure:
         typer.echo("")
         typer.echo(dice_by_structure_table(docs))
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Output folder: <split>_<method>.json, dice_<split>.png, overlays, BENCH.md.")] = Path("runs/bench"),
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: registration,reg-box,reg-fuse,oracle-box; add rau with --vlm, sam2-memory with --sam2).")] = None,
+    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr (default: all).")] = None,
+    data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
+    drr_dir: Annotated[Path, typer.Option(help="DRR train/ and test/ folders (rendered here on first use).")] = Path("runs/drr"),
+    quick: Annotated[bool, typer.Option(help="A minutes-long subset: 8 targets per split.")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="Targets per split (ARCADE default 50; others all).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for target subsets and registration sampling.")] = 0,
+    device: DeviceOpt = "cpu",
+    vlm: VlmOpt = None,
+    lora: LoraOpt = None,
+    sam2: Sam2Opt = None,
+    segmenter: SegOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run every method on the same pairs of the fixed splits and write the comparison (BENCH.md)."""
+    try:
+        from rau.bench import main_bench
+
+        path = main_bench(out, methods=_split(methods, "--methods"), split_names=_split(splits, "--splits"), data=data, drr_dir=drr_dir,
+                          quick=quick, limit=limit, seed=seed, progress=progress, argv=sys.argv[1:],
+                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(path.read_text())
 
 
 @app.command()

@@ -134,7 +134,7 @@ def evaluate(
         ref_id = ranked[0][0] if reference == "similar" else ranked[int(rng.integers(len(ranked)))][0]
         ref = references.load(ref_by_id[ref_id], structures)
         asked = [s for s in ref.structures if ref.masks[s].any()]
-        result = method.predict(ref, _shown_to(method, target), asked)
+        result = method.predict(ref, shown_to(method, target), asked)
         seconds.append(result.seconds)
         pairs.append({"target": target.id, "reference": ref_id})
         rows.extend(score_target(result, target, asked, wanted))
@@ -152,7 +152,7 @@ def evaluate(
     }
 
 
-def _shown_to(method, target):
+def shown_to(method, target):
     """Methods never see the target's ground truth, except the oracle, whose point it is."""
     if getattr(method.localizer, "reads_target_truth", False):
         return target
