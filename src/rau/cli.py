@@ -226,6 +226,11 @@ def drr(
     typer.echo(f"{len(summary.rendered)} views rendered, {len(summary.skipped)} already there -> {out}")
 
 
+from rau.train.cli import train_app  # noqa: E402 - typer only; training code loads inside the command
+
+app.add_typer(train_app, name="train", help="Train rau's models: `rau train vlm` fine-tunes the localizer (SFT).")
+
+
 @app.command()
 def methods() -> None:
     """List the registered methods."""

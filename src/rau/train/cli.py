@@ -1,0 +1,125 @@
+"""`rau train ...`: training commands (typer sub-app mounted by :mod:`rau.cli`).
+
+Only typer is imported here; training code is imported inside the command, so ``rau --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+train_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train rau's models.",
+    pretty_exceptions_enable=False,
+)
+
+# Same one-line contract as rau.cli: bad input -> "error: <first line>", exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError, FloatingPointError)
+
+
+def _fail(exc: BaseException) -> None:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """TrainConfig fields from a JSON file: a plain object, or a run's config.json (its "config")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: {path} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--config: {path} is not valid JSON ({exc})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
+        doc = doc["config"]  # the config.json a previous run wrote
+    if not isinstance(doc, dict):
+        raise ValueError(f"--config: {path} must hold a JSON object of training options")
+    return doc
+
+
+def _merge(file_values: dict[str, Any], cli_values: dict[str, Any]) -> dict[str, Any]:
+    # Options given on the command line win over the file; unset ones (None) leave it alone.
+    merged = dict(file_values)
+    merged.update({k: v for k, v in cli_values.items() if v is not None})
+    return merged
+
+
+def _opt(help_text: str, *names: str):
+    return typer.Option(*names, help=help_text)
+
+
+@train_app.command("vlm")
+def vlm(
+    model: Annotated[Optional[Path], _opt("Local Qwen-VL checkpoint folder to fine-tune (hub layout).")] = None,
+    dataset: Annotated[Optional[list[Path]], _opt("Dataset folder (images/ + masks/<structure>/, or COCO); repeat for several.", "--dataset")] = None,
+    output_dir: Annotated[Optional[Path], _opt("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")] = None,
+    config: Annotated[Optional[Path], _opt("JSON file of options (TrainConfig field names, or a run's config.json); command-line options override it.")] = None,
+    max_steps: Annotated[Optional[int], _opt("Optimizer steps to reach (default: 1000).")] = None,
+    batch_size: Annotated[Optional[int], _opt("Examples per micro-batch per process (default: 1).")] = None,
+    grad_accum: Annotated[Optional[int], _opt("Micro-batches per optimizer step (default: 1).")] = None,
+    lr: Annotated[Optional[float], _opt("AdamW learning rate (default: 1e-4).")] = None,
+    weight_decay: Annotated[Optional[float], _opt("AdamW weight decay (not on norms/biases) (default: 0).")] = None,
+    warmup_steps: Annotated[Optional[int], _opt("Linear warmup steps (default: 0).")] = None,
+    lr_schedule: Annotated[Optional[str], _opt("cosine (to 10% of lr at --decay-steps) or constant (default: cosine).")] = None,
+    decay_steps: Annotated[Optional[int], _opt("Step where the cosine ends (default: max-steps); set it to extend a run later.")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt("Gradient clipping norm, 0 = off (default: 1.0).")] = None,
+    lora: Annotated[Optional[bool], _opt("Train a LoRA adapter (merged into final/) instead of all weights (default: --lora).", "--lora/--no-lora")] = None,
+    lora_r: Annotated[Optional[int], _opt("LoRA rank (default: 8).")] = None,
+    lora_alpha: Annotated[Optional[int], _opt("LoRA alpha (default: 16).")] = None,
+    lora_dropout: Annotated[Optional[float], _opt("LoRA dropout (default: 0.05).")] = None,
+    lora_targets: Annotated[Optional[str], _opt("Comma-separated module names for LoRA (default: q_proj,k_proj,v_proj,o_proj).")] = None,
+    freeze_vision: Annotated[Optional[bool], _opt("Keep the vision tower frozen (default: --freeze-vision).", "--freeze-vision/--no-freeze-vision")] = None,
+    augment: Annotated[Optional[bool], _opt("Augment targets: scale, shift, gamma (default: --no-augment).", "--augment/--no-augment")] = None,
+    seed: Annotated[Optional[int], _opt("Seed: data order, LoRA init, dropout (default: 0).")] = None,
+    save_every: Annotated[Optional[int], _opt("Checkpoint every N steps (and at the end) (default: 100).")] = None,
+    log_every: Annotated[Optional[int], _opt("Rewrite loss.json/loss.png every N steps (default: 10).")] = None,
+    max_pixels: Annotated[Optional[int], _opt("Cap on resized pixels per image (default: 401408 = 512*28*28).")] = None,
+    bf16: Annotated[Optional[bool], _opt("bf16 (default: auto, on a bf16-capable GPU).", "--bf16/--no-bf16")] = None,
+    device: Annotated[Optional[str], _opt("auto, cpu or cuda (default: auto); pick GPUs with CUDA_VISIBLE_DEVICES.")] = None,
+    progress: Annotated[bool, _opt("Show a progress bar.")] = True,
+) -> None:
+    """Supervised fine-tuning of the Qwen-VL localizer on reference/target pairs (resumable).
+
+    CPU smoke run (a tiny random model, seconds):
+
+        python -c "from rau.vlm.tiny import save_tiny_checkpoint; save_tiny_checkpoint('runs/tiny')"
+        rau train vlm --model runs/tiny --dataset DATASET --output-dir runs/sft-smoke --max-steps 2 --max-pixels 3136 --device cpu
+
+    Several GPUs: accelerate launch --num_processes 4 -m rau.cli train vlm --model ... (same options).
+    Rerunning a command resumes its output dir from the latest checkpoint.
+    """
+    try:
+        from rau.train.sft import TrainConfig, train
+
+        cli_values = {
+            "model": model, "datasets": [str(d) for d in dataset] if dataset else None, "output_dir": output_dir,
+            "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+            "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lr_schedule": lr_schedule,
+            "decay_steps": decay_steps, "max_grad_norm": max_grad_norm, "lora": lora, "lora_r": lora_r,
+            "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "lora_targets": lora_targets,
+            "freeze_vision": freeze_vision, "augment": augment, "seed": seed, "save_every": save_every,
+            "log_every": log_every, "max_pixels": max_pixels, "bf16": bf16, "device": device,
+        }
+        file_values = _read_config_file(config) if config is not None else {}
+        cfg = TrainConfig.from_dict(_merge(file_values, cli_values), source=f"--config {config}" if config else "options")
+        summary = train(cfg, progress=progress, command=["rau", *sys.argv[1:]])
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun: one summary line
+        return
+    rate = summary["steps_per_second"]
+    speed = f", {rate:.2f} steps/s" if rate else ""
+    first, last = (f"{x:.4f}" if x is not None else "-" for x in (summary["first_loss"], summary["last_loss"]))
+    typer.echo(
+        f"trained steps {summary['start_step']}->{summary['max_steps']}{speed}; loss {first} -> {last}; "
+        f"final checkpoint: {summary['final_dir']}"
+    )
