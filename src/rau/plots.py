@@ -19,7 +19,7 @@ def dice_bar_chart(reports: list[dict[str, Any]], path: str | Path, title: str =
                    key=lambda s: (len(s), s))
     names.append("mean")
     width = 0.8 / max(1, len(reports))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * max(1, len(reports)) ** 0.5 + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.3 * len(names) * max(1, len(reports)) ** 0.5 + 3)), 3.6))
     x = np.arange(len(names))
     for i, r in enumerate(reports):
         vals = [r["per_structure"].get(s, {}).get("dice", np.nan) if s != "mean" else r["mean"]["dice"] for s in names]
