@@ -141,8 +141,10 @@ def best_worst_overlays(report: dict, split: Split, method_options: dict[str, An
         asked = [s for s in ref.structures if ref.masks[s].any()]
         result = method.predict(ref, shown_to(method, target), asked)
         pred = {n: r.mask for n, r in result.structures.items() if r.mask is not None}
-        left = draw_annotation(target.image, pred, boxes={n: r.box_xyxy_px for n, r in result.structures.items()})
-        right = draw_annotation(target.image, target.masks)
+        palette = sorted(set(result.structures) | set(target.masks))
+        left = draw_annotation(target.image, pred, boxes={n: r.box_xyxy_px for n, r in result.structures.items()},
+                               palette_names=palette)
+        right = draw_annotation(target.image, target.masks, palette_names=palette)
         path = out / f"overlay_{split.name}_{report['method']}_{tag}.png"
         save_png(np.concatenate([left, right], axis=1), path)
         paths.append(path)

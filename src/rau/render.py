@@ -65,6 +65,7 @@ def draw_annotation(
     names: bool = True,
     fill_alpha: float = 0.25,
     line_width: int | None = None,
+    palette_names: list[str] | None = None,
 ) -> np.ndarray:
     """Draw masks (tinted fill + contour), optional boxes and structure names on an image.
 
@@ -73,13 +74,15 @@ def draw_annotation(
         masks: structure -> (H, W) bool.
         boxes: structure -> pixel-edge xyxy box (drawn as a rectangle), optional.
         names: write each structure's name next to it.
+        palette_names: every structure of a set of pictures shown side by side, so that each
+            structure gets the same colour in all of them (default: the structures of this one).
     Returns:
         (H, W, 3) uint8 RGB.
     """
     rgb = to_rgb(image).astype(np.float32)
     h, w = rgb.shape[:2]
     lw = line_width or max(1, round(max(h, w) / 256))
-    names_all = list(masks) + [n for n in (boxes or {}) if n not in masks]
+    names_all = palette_names or list(masks) + [n for n in (boxes or {}) if n not in masks]
     for name, mask in masks.items():
         if mask is None or not mask.any():
             continue
