@@ -16,7 +16,6 @@ Protocol (also in docs/BENCHMARKS.md):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -179,20 +178,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default))
-    tmp.replace(path)
-    return path
+    from rau.atomic import write_json
 
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    return write_json(path, doc)
 
 
 def comparison_table(reports: list[dict[str, Any]]) -> str:

@@ -107,9 +107,10 @@ def draw_annotation(
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     """Write an image atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.asarray(array)).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    import io
+
+    from rau.atomic import write_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array)).save(buf, format="PNG")
+    return write_bytes(path, buf.getvalue())

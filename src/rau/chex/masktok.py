@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import numbers
-import os
 import re
 import sys
 import time
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rau.atomic import write_bytes as _atomic_write
 from rau.errors import CheckpointError, RauInputError
 from rau.geometry import Box, box_to_norm, mask_to_box, norm_to_box
 
@@ -751,13 +751,6 @@ def load_default() -> MaskTokenizer:
     return _from_bytes(config_bytes, weights, training, "rau/assets/masktok")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

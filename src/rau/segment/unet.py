@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from rau.atomic import write_bytes as _atomic_write_bytes
+from rau.atomic import write_json
 from rau.data.annotated import AnnotatedImage
 from rau.errors import CheckpointError, RauInputError
 from rau.geometry import Box
@@ -169,17 +171,8 @@ def to_input(image: np.ndarray, config: UNetConfig):
 # ----------------------------------------------------------------------------- segmenter
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+    write_json(path, obj, indent=1)
 
 
 def _save_weights(net, path: Path) -> None:

@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from rau.atomic import write_bytes as _write_atomic
+from rau.atomic import write_json
 from rau.errors import CheckpointError, RauInputError
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -232,14 +234,8 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- files
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+    write_json(path, obj, indent=1)
 
 
 def _read_json(path: Path, what: str) -> Any:

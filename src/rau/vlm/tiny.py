@@ -105,7 +105,7 @@ def build_local_tokenizer(save_dir: str | Path | None = None, vocab_size: int = 
     coverage (no unknown tokens). eos = ``<|im_end|>``, pad = ``<|endoftext|>``, chat template =
     :data:`QWEN2_VL_CHAT_TEMPLATE`. Deterministic. Saved to ``save_dir`` when given.
     """
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
     from transformers import Qwen2Tokenizer
 
