@@ -19,9 +19,19 @@ def tiny_vlm(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("vlm"), seed=0)
 
 
-def _options(name, tiny_vlm):
+@pytest.fixture(scope="module")
+def tiny_unet(tmp_path_factory):
+    from rau.segment.unet import UNetConfig, UNetSegmenter, build_network
+
+    config = UNetConfig(structures=["blob", "square"], image_size=32, channels=(4, 4, 8, 8, 16, 4))
+    return UNetSegmenter(build_network(config), config).save_pretrained(tmp_path_factory.mktemp("unet"))
+
+
+def _options(name, tiny_vlm, tiny_unet):
     from rau.segment.sam2_memory import tiny_sam2_config
 
+    if name == "unet":
+        return {"unet": tiny_unet}
     if name == "rau":
         return {"vlm": tiny_vlm}
     if name == "sam2-memory":
@@ -30,12 +40,12 @@ def _options(name, tiny_vlm):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_contract(name, tiny_vlm):
+def test_every_method_contract(name, tiny_vlm, tiny_unet):
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
     ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
     tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
-    method = create_method(name, **_options(name, tiny_vlm))
+    method = create_method(name, **_options(name, tiny_vlm, tiny_unet))
     result = method.predict(ref, tgt)
     assert result.method == name and set(result.structures) == {"blob", "square"}
     assert result.seconds > 0

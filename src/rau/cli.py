@@ -54,11 +54,13 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the m
 VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Local VLM checkpoint folder (Qwen2.5-VL family) for method 'rau'.")]
 LoraOpt = Annotated[Optional[Path], typer.Option("--lora", help="Local PEFT LoRA adapter folder applied on top of --vlm.")]
 Sam2Opt = Annotated[Optional[Path], typer.Option("--sam2", help="Local SAM2 (transformers Sam2Video) checkpoint folder.")]
+UnetOpt = Annotated[Optional[Path], typer.Option("--unet", help="Trained U-Net folder for method 'unet' (python -m rau.segment.unet train).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 
 
-def _method_options(device, vlm, lora, sam2, segmenter, seed=0) -> dict:
-    return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed}
+def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None) -> dict:
+    return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
+            "unet": unet}
 
 
 @app.command()
@@ -74,6 +76,7 @@ def localize(
     lora: LoraOpt = None,
     sam2: Sam2Opt = None,
     segmenter: SegOpt = None,
+    unet: UnetOpt = None,
 ) -> None:
     """Identify, localize (box) and segment (mask) each reference structure in one target image."""
     try:
@@ -83,7 +86,7 @@ def localize(
         ref = load_annotated(reference, reference_masks, arg="--reference")
         tgt = load_annotated(target, arg="--target")
         result = run(ref, tgt, method=method, structures=_split(structures), out_dir=out,
-                     **_method_options(device, vlm, lora, sam2, segmenter))
+                     **_method_options(device, vlm, lora, sam2, segmenter, unet=unet))
     except USER_ERRORS as exc:
         _fail(exc)
     found = sum(r.found for r in result.structures.values())
@@ -107,6 +110,7 @@ def eval_(
     lora: LoraOpt = None,
     sam2: Sam2Opt = None,
     segmenter: SegOpt = None,
+    unet: UnetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate a method on a target dataset with references from a reference dataset; print a Markdown table."""
@@ -126,11 +130,12 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed))
+        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet))
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device,
                   "vlm": str(vlm) if vlm else None, "lora": str(lora) if lora else None,
-                  "sam2": str(sam2) if sam2 else None, "segmenter": segmenter, "argv": sys.argv[1:]}
+                  "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None,
+                  "segmenter": segmenter, "argv": sys.argv[1:]}
         report = evaluate(tset, rset, m, structures=_split(structures), limit=limit, seed=seed,
                           reference=reference_choice, progress=progress, config=config)
         write_json_atomic(report, out)
@@ -188,6 +193,7 @@ def bench(
     lora: LoraOpt = None,
     sam2: Sam2Opt = None,
     segmenter: SegOpt = None,
+    unet: UnetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run every method on the same pairs of the fixed splits and write the comparison (BENCH.md)."""
@@ -196,7 +202,7 @@ def bench(
 
         path = main_bench(out, methods=_split(methods, "--methods"), split_names=_split(splits, "--splits"), data=data, drr_dir=drr_dir,
                           quick=quick, limit=limit, seed=seed, progress=progress, argv=sys.argv[1:],
-                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed))
+                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet))
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(path.read_text())

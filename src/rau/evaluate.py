@@ -183,6 +183,13 @@ def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
     return write_json(path, doc)
 
 
+def report_label(report: dict[str, Any]) -> str:
+    """Method name, plus the checkpoint folder's name for methods that load one (rau, unet, sam2)."""
+    config = report.get("config", {})
+    weights = [Path(config[k]).name for k in ("vlm", "unet", "sam2") if config.get(k)]
+    return f"{report['method']} ({', '.join(weights)})" if weights else report["method"]
+
+
 def comparison_table(reports: list[dict[str, Any]]) -> str:
     """Methods side by side (one row per report): mean metrics and seconds per target."""
     def fmt(v):
@@ -192,7 +199,7 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         m = r["mean"]
-        lines.append(f"| {r['method']} | {r['n_targets']} | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
+        lines.append(f"| {report_label(r)} | {r['n_targets']} | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
                      f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {r['seconds_per_target']:.2f} |")
     return "\n".join(lines)
 
@@ -201,7 +208,7 @@ def dice_by_structure_table(reports: list[dict[str, Any]]) -> str:
     """Per-structure Dice, one column per method."""
     names = sorted({s for r in reports for s, e in r["per_structure"].items() if e["n"] > 0},
                    key=lambda s: (len(s), s))
-    head = "| structure | n | " + " | ".join(r["method"] for r in reports) + " |"
+    head = "| structure | n | " + " | ".join(report_label(r) for r in reports) + " |"
     lines = [head, "|---|---|" + "---|" * len(reports)]
     for s in names:
         n = max(r["per_structure"].get(s, {}).get("n", 0) for r in reports)

@@ -12,6 +12,8 @@ def dice_bar_chart(reports: list[dict[str, Any]], path: str | Path, title: str =
     """Grouped bars: mean Dice per structure (x) for each method (colour); written atomically."""
     import matplotlib
 
+    from rau.evaluate import report_label
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -23,7 +25,7 @@ def dice_bar_chart(reports: list[dict[str, Any]], path: str | Path, title: str =
     x = np.arange(len(names))
     for i, r in enumerate(reports):
         vals = [r["per_structure"].get(s, {}).get("dice", np.nan) if s != "mean" else r["mean"]["dice"] for s in names]
-        ax.bar(x + (i - (len(reports) - 1) / 2) * width, vals, width, label=r["method"])
+        ax.bar(x + (i - (len(reports) - 1) / 2) * width, vals, width, label=report_label(r))
     ax.set_xticks(x, names, rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice")

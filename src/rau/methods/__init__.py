@@ -8,6 +8,7 @@
 | oracle-box    | ground-truth boxes (eval only) | LiteMedSAM                | segmenter             |
 | rau           | VLM (Qwen2.5-VL checkpoint)    | LiteMedSAM or SAM2-memory | segmenter             |
 | sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
+| unet          | -                              | U-Net (fixed classes)     | segmenter             |
 
 Adding a method = one factory function + one ``METHODS`` entry; the contract tests iterate over
 ``METHODS``.
@@ -84,6 +85,19 @@ def _sam2_memory(**kw) -> Method:
     return Method("sam2-memory", None, seg)
 
 
+def _unet(**kw) -> Method:
+    """A U-Net trained for fixed structures (CheXanatomy's baseline): the reference only names
+    what to segment; structures the U-Net was not trained on come back as not found."""
+    if not kw.get("unet"):
+        raise RauInputError(
+            "--unet: method 'unet' needs a trained U-Net folder (python -m rau.segment.unet train ...); "
+            "none ships with rau"
+        )
+    from rau.segment.unet import UNetSegmenter
+
+    return Method("unet", None, UNetSegmenter.from_pretrained(kw["unet"], device=kw.get("device", "cpu")))
+
+
 METHODS: dict[str, Callable[..., Method]] = {
     "reg-fuse": _reg_fuse,
     "reg-box": _reg_box,
@@ -91,6 +105,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "oracle-box": _oracle_box,
     "rau": _rau,
     "sam2-memory": _sam2_memory,
+    "unet": _unet,
 }
 
 
@@ -98,7 +113,7 @@ def create_method(name: str | None = None, **options) -> Method:
     """Build a method by registry name (default ``reg-fuse``).
 
     Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
-    ``sam2`` (local SAM2 checkpoint folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
+    ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
     """
     name = name or DEFAULT_METHOD
     if name not in METHODS:
