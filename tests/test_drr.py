@@ -179,3 +179,17 @@ def test_totalsegmentator_example_ct(tmp_path: Path) -> None:
     assert "right_lung" in summary.structures and "heart" not in summary.structures  # abdomen slab
     record = json.loads((tmp_path / "ts" / "views" / "drr_0000.json").read_text())
     assert "thoracic_spine" in record["structures"]
+
+
+def test_realism_options_are_seeded_and_recorded(tmp_path):
+    import numpy as np
+
+    from rau.data.drr import to_uint8
+
+    integral = np.tile(np.linspace(0, 10, 32), (32, 1))
+    plain = to_uint8(integral, (0.5, 99.5), 1.0)
+    noisy = to_uint8(integral, (0.5, 99.5), 1.0, noise_std=0.05, rng=np.random.default_rng(1))
+    again = to_uint8(integral, (0.5, 99.5), 1.0, noise_std=0.05, rng=np.random.default_rng(1))
+    blurred = to_uint8(integral, (0.5, 99.5), 1.0, blur_px=2.0)
+    assert (noisy == again).all() and not (noisy == plain).all()
+    assert np.abs(blurred.astype(int) - plain.astype(int)).max() <= 40

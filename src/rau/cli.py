@@ -217,7 +217,10 @@ def drr(
     labelmap: Annotated[Optional[Path], typer.Option(help="Label volume aligned with --ct (TotalSegmentator ids).")] = None,
     label_names: Annotated[Optional[Path], typer.Option(help="CSV of label id -> name for --labelmap.")] = None,
     height: Annotated[int, typer.Option(help="Detector size in pixels (square).")] = 256,
-    projection: Annotated[str, typer.Option(help="PA or lateral view.")] = "PA",
+    projection: Annotated[str, typer.Option(help="PA or AP view.")] = "PA",
+    gamma: Annotated[float, typer.Option(help="Intensity gamma after the percentile window.")] = 1.0,
+    blur_px: Annotated[float, typer.Option(help="Realism: Gaussian blur (pixels) of the rendered image.")] = 0.0,
+    noise_std: Annotated[float, typer.Option(help="Realism: Gaussian noise std in [0, 1] intensity units.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Render synthetic radiographs (DRRs) with projected 2D label masks from a labelled CT."""
@@ -226,7 +229,7 @@ def drr(
 
         summary = render_drr_dataset(out, n_views=views, seed=seed, ct=ct, labelmap=labelmap,
                                      label_names=label_names, height=height, projection=projection,
-                                     progress=progress)
+                                     gamma=gamma, blur_px=blur_px, noise_std=noise_std, progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"{len(summary.rendered)} views rendered, {len(summary.skipped)} already there -> {out}")

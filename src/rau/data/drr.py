@@ -63,7 +63,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -73,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from rau.atomic import write_json
 from rau.errors import RauInputError
 from rau.render import save_png
 
@@ -388,21 +388,25 @@ def _inside_columns(alphas: Any, src: Any, tgt: Any, dims: Any, shift: float, ep
     return alphas[..., max(0, stop - max(stop - start, 2)) : stop]
 
 
-def to_uint8(integral: np.ndarray, percentiles: Sequence[float], gamma: float) -> np.ndarray:
-    """Line integral (H, W) -> uint8: percentile window to [0, 1], clip, ``** gamma``, x255."""
+def to_uint8(integral: np.ndarray, percentiles: Sequence[float], gamma: float, *, blur_px: float = 0.0,
+             noise_std: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Line integral (H, W) -> uint8: percentile window to [0, 1], clip, ``** gamma``, then the
+    realism options: Gaussian blur of ``blur_px`` pixels (detector unsharpness) and additive Gaussian
+    noise of ``noise_std`` (in [0, 1] intensity units, quantum noise), x255."""
     lo, hi = np.percentile(integral, list(percentiles))
     scaled = np.clip((integral - lo) / max(float(hi - lo), 1e-12), 0.0, 1.0) ** gamma
+    if blur_px > 0:
+        from scipy import ndimage
+
+        scaled = ndimage.gaussian_filter(scaled, blur_px)
+    if noise_std > 0:
+        scaled = scaled + (rng or np.random.default_rng(0)).normal(0.0, noise_std, scaled.shape)
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _view_done(out: Path, view_id: str, key: str, settings: dict) -> bool:
@@ -441,7 +445,7 @@ def _write_view(
     save_png(image, out / "images" / f"{view_id}.png")
     record = {"id": view_id, "index": index, "image": f"images/{view_id}.png", "width": int(image.shape[1]),
               "height": int(image.shape[0]), **pose, "structures": structures, "settings_key": key, "settings": settings}
-    _write_json(record, out / "views" / f"{view_id}.json")
+    write_json(out / "views" / f"{view_id}.json", record, indent=1)
     return record
 
 
@@ -453,7 +457,7 @@ def _write_annotations(out: Path, settings: dict, key: str, extra: dict) -> None
             views.append({k: v for k, v in record.items() if k not in ("settings", "settings_key")})
     views.sort(key=lambda r: r["index"])
     doc = {"generator": "rau.data.drr.render_drr_dataset", "settings": settings, **extra, "images": views}
-    _write_json(doc, out / "annotations.json")
+    write_json(out / "annotations.json", doc, indent=1)
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -479,6 +483,8 @@ def render_drr_dataset(
     mask_min_path_mm: float = 1.0,
     percentiles: tuple[float, float] = (0.5, 99.5),
     gamma: float = 1.0,
+    blur_px: float = 0.0,
+    noise_std: float = 0.0,
     bone_attenuation: float = 1.0,
     id_prefix: str = "drr",
     threads: int | None = 1,
@@ -505,6 +511,8 @@ def render_drr_dataset(
         resample_mm: coarsen the CT to this voxel size before rendering (None: native).
         mask_min_path_mm: a pixel is in a structure when its ray crosses more than this many mm of it.
         percentiles, gamma: intensity mapping of the line integral to 8 bits.
+        blur_px, noise_std: realism options (see :func:`to_uint8`), both off by default; the noise of
+            view i is seeded by (seed, i).
         bone_attenuation: diffdrr's multiplier on the density of voxels above 350 HU.
         threads: torch CPU threads while rendering (restored afterwards; None: leave as is). The
             per-block tensors are small, so 1 thread was fastest on a busy 2-core machine
@@ -517,6 +525,8 @@ def render_drr_dataset(
             ``out_dir`` holding views rendered with other settings.
     """
     _check_args(n_views, height, projection, sdd, sid, delx, gamma, percentiles)
+    if not (blur_px >= 0 and noise_std >= 0):
+        raise RauInputError(f"blur_px/noise_std: must be >= 0, got blur_px={blur_px}, noise_std={noise_std}")
     ct_path, lab_path, names = _inputs(ct, labelmap, label_names)
     present = _check_volumes(ct_path, lab_path)
     if present is None and structures is not None:
@@ -529,6 +539,7 @@ def render_drr_dataset(
         "sdd": float(sdd), "sid": float(sid), "delx": float(delx or _auto_delx(ct_path, height, sdd, sid)),
         "resample_mm": resample_mm, "mask_min_path_mm": float(mask_min_path_mm),
         "percentiles": [float(p) for p in percentiles], "gamma": float(gamma),
+        "blur_px": float(blur_px), "noise_std": float(noise_std),
         "bone_attenuation": float(bone_attenuation), "id_prefix": id_prefix,
     }
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -583,7 +594,10 @@ def _render_views(out: Path, settings: dict, key: str, ids: list[str], todo: lis
         integral, paths = renderer.render(pose, base)
         masks = {name: paths[[renderer.channel[v] for v in values]].sum(0) > settings["mask_min_path_mm"]
                  for name, values in settings["structures"].items()}
-        _write_view(out, ids[i], i, pose, to_uint8(integral, settings["percentiles"], settings["gamma"]), masks, settings, key)
+        # Noise depends only on (seed, view index), like the pose, so a resumed run is identical.
+        image = to_uint8(integral, settings["percentiles"], settings["gamma"], blur_px=settings["blur_px"],
+                         noise_std=settings["noise_std"], rng=np.random.default_rng([settings["seed"], i, 7]))
+        _write_view(out, ids[i], i, pose, image, masks, settings, key)
         seconds.append(time.perf_counter() - start)
         summary.rendered.append(ids[i])
         bar.update(1)
