@@ -11,6 +11,18 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are latency-bound: two intra-op threads on a busy 2-core machine make each call
+    5-50x slower (oversubscription). Restored afterwards, so other modules keep their setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def disk(shape, center, radius):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2

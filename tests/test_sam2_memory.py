@@ -25,16 +25,7 @@ def smooth_image(hw, seed):
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is latency-bound: with 2 threads on a busy 2-core machine a call can take 5 s
-    instead of 0.1 s (oversubscription). Restored afterwards, so other test modules are unaffected."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")

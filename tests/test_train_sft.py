@@ -24,20 +24,14 @@ from rau.geometry import mask_to_box  # noqa: E402
 from rau.train.pairs import AugmentConfig, PairSampler, transform_box  # noqa: E402
 from rau.train.sft import TrainConfig, lr_factor, train  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # inside peft
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # inside peft
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest: each step is ~50x slower on two busy threads
+]
 
 SMALL = 56 * 56  # 4 image tokens per image: steps take ~0.1 s on one core
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a busy 2-core machine make each step ~50x slower (spin waits).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from rau.segment.unet import (  # noqa: E402
 TINY = dict(structures=["blob", "square"], image_size=32, channels=(4, 4, 8, 8, 16, 4))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models on one thread
 
 
 def tiny_config(**kw):
