@@ -111,3 +111,9 @@ def test_retrieval_never_returns_itself(folder_dataset, tmp_path):
         assert len(ranked) == len(imgs) - 1
     # an identical copy under another path is still the target itself
     assert ds.entries[0].id not in [r[0] for r in bank.rank(imgs[0].copy())]
+
+
+def test_dataset_slice_keeps_id_order(folder_dataset):
+    ds = load_dataset(folder_dataset)
+    part = ds.slice(slice(1, 3))
+    assert [e.id for e in part.entries] == ["case_1", "case_2"] and ds.slice(None) is ds

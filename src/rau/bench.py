@@ -39,10 +39,6 @@ class Split:
     limit: int | None = None
 
 
-def _slice(ds, sl: slice | None):
-    return ds if sl is None else ds.subset([e.id for e in ds.entries[sl]])
-
-
 def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, limit: int | None) -> list[Split]:
     """Split definitions; ``quick`` shrinks each to a minutes-long subset."""
     out = []
@@ -100,8 +96,8 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
     reports: dict[str, list[dict]] = {}
     built = {name: create_method(name, **method_options) for name in methods}
     for split in splits:
-        tset = _slice(load_dataset(split.targets, arg="--data"), split.target_range)
-        rset = _slice(load_dataset(split.references, arg="--data"), split.reference_range)
+        tset = load_dataset(split.targets, arg="--data").slice(split.target_range)
+        rset = load_dataset(split.references, arg="--data").slice(split.reference_range)
         for name, method in built.items():
             config = {"split": split.name, "targets": str(split.targets), "references": str(split.references),
                       "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range)}

@@ -122,10 +122,7 @@ def eval_(
         tset = load_dataset(targets, arg="--targets")
         rset = load_dataset(references, arg="--references")
         tr, rr = _range(target_range, "--target-range"), _range(reference_range, "--reference-range")
-        if tr is not None:
-            tset = tset.subset([e.id for e in tset.entries[tr]])
-        if rr is not None:
-            rset = rset.subset([e.id for e in rset.entries[rr]])
+        tset, rset = tset.slice(tr), rset.slice(rr)
         for ds, arg in ((tset, "--target-range"), (rset, "--reference-range")):
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")

@@ -89,6 +89,10 @@ class Dataset:
         keep = set(ids)
         return Dataset(self.root, [e for e in self.entries if e.id in keep], self.layout)
 
+    def slice(self, sl: slice | None) -> Dataset:
+        """The id-sorted entries ``sl`` (e.g. ``slice(160, 200)``, a held-out part); None keeps all."""
+        return self if sl is None else Dataset(self.root, self.entries[sl], self.layout)
+
 
 def _index_folder(root: Path) -> list[Entry]:
     images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in RASTER_SUFFIXES | {".dcm"})
