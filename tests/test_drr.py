@@ -193,3 +193,23 @@ def test_realism_options_are_seeded_and_recorded(tmp_path):
     blurred = to_uint8(integral, (0.5, 99.5), 1.0, blur_px=2.0)
     assert (noisy == again).all() and not (noisy == plain).all()
     assert np.abs(blurred.astype(int) - plain.astype(int)).max() <= 40
+
+
+def test_lateral_view_posterior_on_image_right_and_mixed_runs(phantom: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "mixed"
+    _render(phantom, out, n_views=2, projection="PA,LAT", rotation_deg=(0.0, 0.0, 0.0), translation_mm=(0.0, 0.0, 0.0),
+            structures=["right_lung", "left_lung", "spine"])
+    ann = json.loads((out / "annotations.json").read_text())
+    assert [v["view"] for v in ann["images"]] == ["PA", "LAT"]
+    # PA: the two lungs side by side; LAT: the beam crosses both, so they overlap, and the
+    # posterior spine lies on the image right of the (anterior) lungs.
+    pa_r, pa_l = _mask(out, "right_lung", "drr_0000"), _mask(out, "left_lung", "drr_0000")
+    lat_r, lat_l = _mask(out, "right_lung", "drr_0001"), _mask(out, "left_lung", "drr_0001")
+    assert (pa_r & pa_l).sum() == 0
+    assert (lat_r & lat_l).sum() > 0.5 * lat_l.sum()
+    spine = _mask(out, "spine", "drr_0001")
+    assert np.nonzero(spine)[1].mean() > np.nonzero(lat_r)[1].mean()
+    with pytest.raises(RauInputError, match="projection"):
+        _render(phantom, tmp_path / "bad", projection="OBLIQUE")
+    with pytest.raises(RauInputError, match="AP cannot be mixed"):
+        _render(phantom, tmp_path / "bad2", projection="AP,LAT")

@@ -27,9 +27,22 @@ def tiny_unet(tmp_path_factory):
     return UNetSegmenter(build_network(config), config).save_pretrained(tmp_path_factory.mktemp("unet"))
 
 
-def _options(name, tiny_vlm, tiny_unet):
+@pytest.fixture(scope="module")
+def tiny_chex(tmp_path_factory):
+    from rau.chex.model import build_model
+
+    model = build_model(["blob"], seed=0, **TINY_CHEX)  # knows "blob" only: "square" is not found
+    return model.save_pretrained(tmp_path_factory.mktemp("chex"))
+
+
+TINY_CHEX = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
+
+
+def _options(name, tiny_vlm, tiny_unet, tiny_chex=None):
     from rau.segment.sam2_memory import tiny_sam2_config
 
+    if name == "chexanatomy":
+        return {"chex": tiny_chex}
     if name == "unet":
         return {"unet": tiny_unet}
     if name == "rau":
@@ -40,12 +53,12 @@ def _options(name, tiny_vlm, tiny_unet):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_contract(name, tiny_vlm, tiny_unet):
+def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex):
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
     ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
     tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
-    method = create_method(name, **_options(name, tiny_vlm, tiny_unet))
+    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex))
     result = method.predict(ref, tgt)
     assert result.method == name and set(result.structures) == {"blob", "square"}
     assert result.seconds > 0

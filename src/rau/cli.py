@@ -55,12 +55,13 @@ VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Local VLM checkpo
 LoraOpt = Annotated[Optional[Path], typer.Option("--lora", help="Local PEFT LoRA adapter folder applied on top of --vlm.")]
 Sam2Opt = Annotated[Optional[Path], typer.Option("--sam2", help="Local SAM2 (transformers Sam2Video) checkpoint folder.")]
 UnetOpt = Annotated[Optional[Path], typer.Option("--unet", help="Trained U-Net folder for method 'unet' (python -m rau.segment.unet train).")]
+ChexOpt = Annotated[Optional[Path], typer.Option("--chex", help="Trained CheXanatomy model folder for method 'chexanatomy' (rau train chex).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 
 
-def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None) -> dict:
+def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None, chex=None) -> dict:
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
-            "unet": unet}
+            "unet": unet, "chex": chex}
 
 
 @app.command()
@@ -77,6 +78,7 @@ def localize(
     sam2: Sam2Opt = None,
     segmenter: SegOpt = None,
     unet: UnetOpt = None,
+    chex: ChexOpt = None,
 ) -> None:
     """Identify, localize (box) and segment (mask) each reference structure in one target image."""
     try:
@@ -86,7 +88,7 @@ def localize(
         ref = load_annotated(reference, reference_masks, arg="--reference")
         tgt = load_annotated(target, arg="--target")
         result = run(ref, tgt, method=method, structures=_split(structures), out_dir=out,
-                     **_method_options(device, vlm, lora, sam2, segmenter, unet=unet))
+                     **_method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex))
     except USER_ERRORS as exc:
         _fail(exc)
     found = sum(r.found for r in result.structures.values())
@@ -111,6 +113,7 @@ def eval_(
     sam2: Sam2Opt = None,
     segmenter: SegOpt = None,
     unet: UnetOpt = None,
+    chex: ChexOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate a method on a target dataset with references from a reference dataset; print a Markdown table."""
@@ -127,11 +130,11 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet))
+        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex))
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device,
                   "vlm": str(vlm) if vlm else None, "lora": str(lora) if lora else None,
-                  "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None,
+                  "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None, "chex": str(chex) if chex else None,
                   "segmenter": segmenter, "argv": sys.argv[1:]}
         report = evaluate(tset, rset, m, structures=_split(structures), limit=limit, seed=seed,
                           reference=reference_choice, progress=progress, config=config)
@@ -191,6 +194,7 @@ def bench(
     sam2: Sam2Opt = None,
     segmenter: SegOpt = None,
     unet: UnetOpt = None,
+    chex: ChexOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run every method on the same pairs of the fixed splits and write the comparison (BENCH.md)."""
@@ -199,7 +203,7 @@ def bench(
 
         path = main_bench(out, methods=_split(methods, "--methods"), split_names=_split(splits, "--splits"), data=data, drr_dir=drr_dir,
                           quick=quick, limit=limit, seed=seed, progress=progress, argv=sys.argv[1:],
-                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet))
+                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex))
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(path.read_text())

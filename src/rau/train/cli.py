@@ -123,3 +123,71 @@ def vlm(
         f"trained steps {summary['start_step']}->{summary['max_steps']}{speed}; loss {first} -> {last}; "
         f"final checkpoint: {summary['final_dir']}"
     )
+
+
+@train_app.command("chex-cache")
+def chex_cache(
+    dataset: Annotated[Path, _opt("Dataset folder (images/ + masks/<structure>/, or COCO).")],
+    out: Annotated[Path, _opt("Cache file to write (.npz): pooled LiteMedSAM features + answer tokens.")],
+    structures: Annotated[Optional[str], _opt("Comma-separated structures (default: all of the dataset's).")] = None,
+    id_range: Annotated[Optional[str], _opt("START:STOP slice of the id-sorted images, e.g. 0:160.")] = None,
+    ids: Annotated[Optional[str], _opt("Comma-separated image ids (after --id-range).")] = None,
+    threads: Annotated[Optional[int], _opt("torch CPU threads.")] = None,
+    progress: Annotated[bool, _opt("Show progress bars.")] = True,
+) -> None:
+    """Encode a dataset once for CheXanatomy training (the vision tower is frozen)."""
+    try:
+        import torch
+
+        from rau.chex.data import build_cache
+        from rau.cli import _range
+
+        if threads:
+            torch.set_num_threads(threads)
+        cache = build_cache(dataset, out, structures=structures.split(",") if structures else None,
+                            id_range=_range(id_range, "--id-range"), ids=ids.split(",") if ids else None, progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"{len(cache)} images, {len(cache.names)} structures -> {out}")
+
+
+@train_app.command("chex")
+def chex(
+    cache: Annotated[list[Path], _opt("Token cache(s) from `rau train chex-cache`; repeat for several.", "--cache")],
+    output_dir: Annotated[Path, _opt("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")],
+    steps: Annotated[int, _opt("Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, _opt("Sequences (images) per step.")] = 8,
+    tasks_per_seq: Annotated[int, _opt("Task blocks (detect/segment/name) per image sequence.")] = 8,
+    lr: Annotated[float, _opt("AdamW peak learning rate (cosine to 10%).")] = 5e-4,
+    warmup: Annotated[int, _opt("Linear warmup steps.")] = 100,
+    loc_sigma: Annotated[float, _opt("Gaussian soft-label width over location bins (0 = plain cross-entropy).")] = 4.0,
+    init_from: Annotated[Optional[Path], _opt("Start from this trained model folder (fine-tuning, e.g. k-shot).")] = None,
+    cache_weights: Annotated[Optional[str], _opt("Comma-separated sampling weights per cache (default: by size).")] = None,
+    hidden_size: Annotated[int, _opt("Decoder width (new models only).")] = 256,
+    num_layers: Annotated[int, _opt("Decoder layers (new models only).")] = 6,
+    seed: Annotated[int, _opt("Seed: init and data order.")] = 0,
+    save_every: Annotated[int, _opt("Checkpoint every N steps.")] = 200,
+    threads: Annotated[Optional[int], _opt("torch CPU threads.")] = None,
+    device: Annotated[str, _opt("auto, cpu or cuda.")] = "auto",
+    progress: Annotated[bool, _opt("Show a progress bar.")] = True,
+) -> None:
+    """Train the CheXanatomy VLM (boxes and masks as tokens) by next-token prediction; resumable.
+
+    Example (the shipped recipe is in docs/BENCHMARKS.md):
+
+        rau drr --out runs/drr/train --views 300 --seed 0
+        rau train chex-cache --dataset runs/drr/train --out runs/chex/drr_train.npz
+        rau train chex --cache runs/chex/drr_train.npz --output-dir runs/chex/drr --steps 2000
+    """
+    try:
+        from rau.chex.train import train_chex
+
+        weights = [float(w) for w in cache_weights.split(",")] if cache_weights else None
+        config = None if init_from else {"hidden_size": hidden_size, "num_layers": num_layers}
+        final = train_chex(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+                           tasks_per_seq=tasks_per_seq, loc_sigma=loc_sigma, init_from=init_from, config=config,
+                           save_every=save_every, threads=threads, device=device, cache_weights=weights,
+                           command="rau " + " ".join(sys.argv[1:]), progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"final model: {final}")

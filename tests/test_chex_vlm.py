@@ -1,0 +1,165 @@
+"""CheXanatomy VLM with tiny random-weight decoders: vocabulary, shapes, gradients, constrained
+generation, save/load, corrupted folders, training (loss falls) and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rau.chex.data import TokenCache, load_cache, save_cache
+from rau.chex.model import ChexConfig, ChexModel, answer_loss, build_model
+from rau.chex.train import make_batch, train_chex
+from rau.errors import CheckpointError, RauInputError
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, feature_dim=8, grid=4)
+NAMES = ["left_lung", "right_lung", "heart", "vertebra_T1"]
+
+
+@pytest.fixture
+def model(one_torch_thread) -> ChexModel:
+    return build_model(NAMES, seed=0, **TINY)
+
+
+def _cache(n: int = 12, seed: int = 0) -> TokenCache:
+    """Features whose first channel is a bright 2x2 block at the structure's place: learnable."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(0, 0.1, (n, 8, 4, 4)).astype(np.float16)
+    loc = np.full((n, 3, 4), -1, np.int64)
+    codes = np.full((n, 3, 16), -1, np.int64)
+    for i in range(n):
+        for j in range(3):
+            if (i + j) % 5 == 4:
+                continue  # some structures absent
+            r, c = rng.integers(0, 3, 2)
+            feats[i, j, r : r + 2, c : c + 2] += 2.0
+            loc[i, j] = [r * 256, c * 256, (r + 2) * 256 - 1, (c + 2) * 256 - 1]
+            codes[i, j] = (np.arange(16) + j) % 512
+    return TokenCache(feats, loc, codes, [f"img{i}" for i in range(n)], ["left_lung", "heart", "vertebra_T1"], {})
+
+
+def test_vocab_blocks_and_unknown_names(model):
+    v = model.vocab
+    ids, n_ans = v.block("segment", name="left_lung", loc=[0, 1, 2, 3], codes=list(range(16)))
+    assert len(ids) == 1 + 4 + 1 + 20 and n_ans == 20
+    assert ids[-16:] == [v.seg_offset + c for c in range(16)] and ids[-20:-16] == [v.loc_offset + k for k in range(4)]
+    ids, n_ans = v.block("name", loc=[0, 1, 2, 3], name="heart")
+    assert n_ans == 4 and v.ids_to_name(ids[-4:]) == "heart"
+    assert v.block("detect", name="vertebra_T1")[1] == 0  # prompt only
+    assert v.knows("right_lung") and not v.knows("left_kidney")
+    with pytest.raises(RauInputError, match="left_kidney"):
+        v.name_ids("left_kidney")
+    with pytest.raises(RauInputError, match="q_words"):
+        ChexConfig(names=["a_b_c_d_e"])
+
+
+def test_forward_shapes_loss_and_gradients_reach_exactly_the_trainable_parts(model):
+    ids, _ = model.vocab.block("segment", name="heart", loc=[10, 20, 500, 600], codes=list(range(16)))
+    x = torch.tensor([ids, ids])
+    logits = model.net(torch.randn(2, 8, 4, 4), x)
+    assert logits.shape == (2, len(ids), len(model.vocab))
+    ans = torch.zeros_like(x, dtype=torch.bool)
+    ans[:, -20:] = True
+    locm = torch.zeros_like(ans)
+    locm[:, -20:-16] = True
+    loss = answer_loss(logits, x, ans, locm, loc_offset=model.vocab.loc_offset, bins=1024)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    for name, p in model.net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the frozen image encoder is not part of the trained network
+    assert not any("image_encoder" in n for n, _ in model.net.named_parameters())
+
+
+def test_soft_location_loss_prefers_near_misses(model):
+    v = model.vocab
+    ids = torch.tensor([[v.loc_offset + 500]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    near, far = torch.full((1, 1, len(v)), -10.0), torch.full((1, 1, len(v)), -10.0)
+    near[0, 0, v.loc_offset + 503] = 10.0
+    far[0, 0, v.loc_offset + 900] = 10.0
+    kw = dict(loc_offset=v.loc_offset, bins=1024, loc_sigma=4.0)
+    assert answer_loss(near, ids, mask, mask, **kw) < answer_loss(far, ids, mask, mask, **kw)
+
+
+def test_constrained_generation_always_well_formed(model):
+    feats = torch.randn(1, 8, 4, 4)
+    seg = model.segment(feats, ["heart", "left_lung"])
+    for ans in seg.values():
+        assert len(ans.loc) == 4 and all(0 <= t < 1024 for t in ans.loc)
+        assert len(ans.codes) == 16 and all(0 <= c < 512 for c in ans.codes)
+        assert 0.0 < ans.score <= 1.0
+    det = model.detect(feats, ["vertebra_T1"])["vertebra_T1"]
+    assert len(det.loc) == 4 and det.codes is None
+    name, probs = model.name_boxes(feats, [[0, 0, 512, 512]])[0]
+    assert name in NAMES and abs(sum(probs.values()) - 1) < 1e-4
+
+
+def test_save_load_roundtrip_and_corrupted_folders(model, tmp_path):
+    folder = model.save_pretrained(tmp_path / "m", training={"command": "test"})
+    loaded = ChexModel.from_pretrained(folder)
+    feats = torch.randn(1, 8, 4, 4)
+    assert model.segment(feats, ["heart"])["heart"].loc == loaded.segment(feats, ["heart"])["heart"].loc
+    assert loaded.training == {"command": "test"}
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        ChexModel.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"format": "something-else", "names": ["x"]}))
+    with pytest.raises(CheckpointError, match="not a CheXanatomy"):
+        ChexModel.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match="not a CheXanatomy model folder"):
+        ChexModel.from_pretrained(tmp_path / "nothing")
+
+
+def test_cache_roundtrip_and_batches(tmp_path, model):
+    cache = _cache()
+    save_cache(cache, tmp_path / "c.npz")
+    back = load_cache(tmp_path / "c.npz")
+    assert back.names == cache.names and np.array_equal(back.loc, cache.loc)
+    name_map = [model.config.names.index(n) for n in back.names]
+    feats, ids, ans, locm = make_batch(model, [back], [name_map], np.array([1.0]), 0, 0, 4, 2,
+                                       {"segment": 1.0, "detect": 1.0, "name": 1.0})
+    assert feats.shape == (4, 8, 4, 4) and ids.shape == ans.shape == locm.shape
+    assert bool((locm <= ans).all()) and ans.any()
+    again = make_batch(model, [back], [name_map], np.array([1.0]), 0, 0, 4, 2, {"segment": 1.0, "detect": 1.0, "name": 1.0})
+    assert torch.equal(ids, again[1])  # a batch depends only on (seed, step)
+    (tmp_path / "bad.npz").write_bytes(b"not a cache")
+    with pytest.raises(CheckpointError):
+        load_cache(tmp_path / "bad.npz")
+
+
+def _train(cache_path, out, steps, **kw):
+    return train_chex([cache_path], out, steps=steps, batch_size=4, tasks_per_seq=2, lr=3e-3, warmup=2, seed=0,
+                      config=TINY, save_every=kw.pop("save_every", 5), progress=False, device="cpu", **kw)
+
+
+def test_tiny_model_learns_and_a_killed_run_resumes_identically(tmp_path, one_torch_thread):
+    save_cache(_cache(), tmp_path / "c.npz")
+    final = _train(tmp_path / "c.npz", tmp_path / "a", 40, save_every=20)
+    losses = [h["loss"] for h in json.loads((tmp_path / "a" / "loss.json").read_text())["history"]]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert (final / "model.safetensors").is_file() and (final / "training.json").is_file()
+    # uninterrupted 10 steps vs. a run "killed" after its step-5 checkpoint and rerun
+    ref = _train(tmp_path / "c.npz", tmp_path / "b", 10)
+    _train(tmp_path / "c.npz", tmp_path / "k", 10)
+    import shutil
+
+    shutil.rmtree(tmp_path / "k" / "checkpoint-10")
+    shutil.rmtree(tmp_path / "k" / "final")
+    resumed = _train(tmp_path / "c.npz", tmp_path / "k", 10)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # same folder, other settings: refused, nothing overwritten
+    with pytest.raises(RauInputError, match="other settings"):
+        train_chex([tmp_path / "c.npz"], tmp_path / "k", steps=10, batch_size=2, config=TINY, progress=False, device="cpu")
+    # a truncated checkpoint is a clear error, not a silent restart
+    ckpt = tmp_path / "k" / "checkpoint-10" / "optimizer.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        _train(tmp_path / "c.npz", tmp_path / "k", 10)
