@@ -163,3 +163,41 @@ def test_tiny_model_learns_and_a_killed_run_resumes_identically(tmp_path, one_to
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated"):
         _train(tmp_path / "c.npz", tmp_path / "k", 10)
+
+
+def test_cli_cache_train_eval_end_to_end(folder_dataset, tmp_path, one_torch_thread):
+    """rau train chex-cache -> rau train chex (2 steps, tiny) -> rau eval --method chexanatomy."""
+    from typer.testing import CliRunner
+
+    from rau.cli import app
+
+    runner = CliRunner()
+    cache = tmp_path / "c.npz"
+    res = runner.invoke(app, ["train", "chex-cache", "--dataset", str(folder_dataset), "--out", str(cache), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert load_cache(cache).features.shape == (4, 256, 16, 16)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "chex", "--cache", str(cache), "--output-dir", str(run), "--steps", "2",
+                              "--batch-size", "2", "--tasks-per-seq", "2", "--hidden-size", "32", "--num-layers", "1",
+                              "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (run / "final" / "config.json").is_file() and (run / "loss.png").is_file()
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset), "--out", str(out),
+                              "--method", "chexanatomy", "--chex", str(run / "final"), "--limit", "1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["config"]["chex"] == str(run / "final") and set(report["per_structure"]) == {"blob", "square"}
+    res = runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset), "--out", str(out),
+                              "--method", "chexanatomy", "--no-progress"])
+    assert res.exit_code == 2 and "--chex" in res.output
+
+
+def test_token_evaluation_naming_and_detect(model, tmp_path):
+    from rau.chex.evaluate import evaluate_tokens
+
+    save_cache(_cache(4), tmp_path / "c.npz")
+    res = evaluate_tokens(model, tmp_path / "c.npz")
+    assert set(res["per_structure"]) <= {"left_lung", "heart", "vertebra_T1"} and res["images"] == 4
+    for e in res["per_structure"].values():
+        assert 0.0 <= e["naming_acc"] <= 1.0 and 0.0 <= e["detect_box_iou"] <= 1.0 and e["n"] > 0

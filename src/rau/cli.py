@@ -218,7 +218,7 @@ def drr(
     labelmap: Annotated[Optional[Path], typer.Option(help="Label volume aligned with --ct (TotalSegmentator ids).")] = None,
     label_names: Annotated[Optional[Path], typer.Option(help="CSV of label id -> name for --labelmap.")] = None,
     height: Annotated[int, typer.Option(help="Detector size in pixels (square).")] = 256,
-    projection: Annotated[str, typer.Option(help="PA or AP view.")] = "PA",
+    projection: Annotated[str, typer.Option(help="PA, AP, LAT (left lateral) or a mix such as PA,LAT (view i takes the i-th, cyclically).")] = "PA",
     gamma: Annotated[float, typer.Option(help="Intensity gamma after the percentile window.")] = 1.0,
     blur_px: Annotated[float, typer.Option(help="Realism: Gaussian blur (pixels) of the rendered image.")] = 0.0,
     noise_std: Annotated[float, typer.Option(help="Realism: Gaussian noise std in [0, 1] intensity units.")] = 0.0,

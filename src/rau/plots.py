@@ -40,3 +40,43 @@ def dice_bar_chart(reports: list[dict[str, Any]], path: str | Path, title: str =
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def prediction_grid(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Predicted vs true masks: one row per image, one column per method.
+
+    ``rows``: ``{"image": (H, W) float, "id": str, "truth": {name: mask}, "pred": {method: {name: mask | None}},
+    "dice": {method: float}}``. Truth is drawn as a white contour, the prediction as a coloured
+    contour (one colour per structure); each panel's title gives the method and its mean Dice."""
+    import matplotlib
+
+    from rau.render import contour, structure_color
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(rows[0]["pred"]) if rows else []
+    fig, axes = plt.subplots(len(rows), len(methods), figsize=(2.6 * len(methods), 2.6 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        names = sorted(row["truth"])
+        for c, method in enumerate(methods):
+            rgb = np.repeat(np.asarray(row["image"], np.float32)[..., None], 3, axis=-1)
+            for name in names:
+                rgb[contour(row["truth"][name], 2)] = 1.0
+                pred = row["pred"][method].get(name)
+                if pred is not None:
+                    rgb[contour(pred, 2)] = np.array(structure_color(name, names)) / 255.0
+            ax = axes[r][c]
+            ax.imshow(np.clip(rgb, 0, 1))
+            ax.set_axis_off()
+            ax.set_title(f"{method}\n{row['id']}  Dice {row['dice'].get(method, float('nan')):.2f}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

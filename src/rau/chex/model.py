@@ -36,6 +36,7 @@ optionally ``training.json``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -156,7 +157,28 @@ class ChexVocab:
 # ----------------------------------------------------------------------------- network
 
 
-def _build_network(config: ChexConfig, vocab_size: int):
+def _sincos_1d(n: int, dim: int):
+    """(n, dim) sine/cosine features of positions 0..n-1 (geometric frequencies, periods 2n..~4)."""
+    import torch
+
+    pos = torch.arange(n, dtype=torch.float32)[:, None] / n
+    freqs = torch.exp(torch.linspace(0.0, math.log(n / 2), dim // 2))[None] * math.pi
+    out = torch.zeros(n, dim)
+    out[:, 0 : dim // 2 * 2 : 2], out[:, 1 : dim // 2 * 2 : 2] = torch.sin(pos * freqs), torch.cos(pos * freqs)
+    return out
+
+
+def _sincos_2d(grid: int, dim: int):
+    """(grid*grid, dim) row features in the first half, column features in the second (row-major cells)."""
+    import torch
+
+    half = _sincos_1d(grid, dim // 2)
+    rows = half[:, None, :].expand(grid, grid, -1)
+    cols = half[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols, torch.zeros(grid, grid, dim - 2 * (dim // 2))], -1).reshape(grid * grid, dim)
+
+
+def _build_network(config: ChexConfig, vocab_size: int, loc_offset: int):
     import torch
     from torch import nn
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -176,6 +198,10 @@ def _build_network(config: ChexConfig, vocab_size: int):
             )
             qcfg._attn_implementation = "sdpa"
             self.lm = Qwen2ForCausalLM(qcfg)
+            with torch.no_grad():  # smooth initial geometry: neighbouring bins / image cells start similar
+                self.image_pos.copy_(_sincos_2d(c.grid, c.hidden_size) * 0.02 / 0.7)
+                emb = self.lm.get_input_embeddings().weight
+                emb[loc_offset : loc_offset + c.bins] = _sincos_1d(c.bins, c.hidden_size) * 0.02 / 0.7
 
         def image_embeds(self, features):
             x = features.flatten(2).transpose(1, 2).to(self.image_pos.dtype)  # (B, g*g, C)
@@ -289,7 +315,7 @@ class ChexModel:
 
     def __init__(self, config: ChexConfig, net=None, *, device: str = "cpu", training: dict | None = None):
         self.config, self.vocab, self.device = config, ChexVocab(config), device
-        self.net = (net if net is not None else _build_network(config, len(ChexVocab(config)))).to(device)
+        self.net = (net if net is not None else _build_network(config, len(self.vocab), self.vocab.loc_offset)).to(device)
         self.training = training or {}
 
     def __repr__(self) -> str:

@@ -120,6 +120,7 @@ def _save_checkpoint(out: Path, model: ChexModel, opt, step: int, history: list[
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     write_bytes(tmp / "optimizer.pt", buf.getvalue())
+    write_json(tmp / "config.json", asdict(model.config), indent=1)  # a checkpoint loads as a model folder too
     sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
     write_json(tmp / "state.json", {"step": step, "history": history, "run": run_key, "sizes": sizes}, indent=1)
     final = out / f"checkpoint-{step}"

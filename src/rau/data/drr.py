@@ -20,7 +20,11 @@ sits ``sid`` mm from the isocenter and the flat detector ``sdd`` mm from the sou
 1800 / 1650 mm: a PA chest radiograph with the detector against the anterior chest wall):
 ``projection="PA"`` puts the source behind the patient (beam posterior -> anterior), ``"AP"`` in
 front. Either way the image is displayed in the radiographic convention: the patient's right on
-the image LEFT, superior at the top.
+the image LEFT, superior at the top. ``projection="LAT"`` is a left lateral view: the PA geometry
+turned by 90 degrees about the superior axis, so the beam enters the patient's right side; it is
+displayed with anterior on the image LEFT and posterior (the spine) on the right, superior at the
+top. ``"PA,LAT"`` mixes the two (view i uses the i-th entry, cyclically) and records ``view`` per
+image.
 
 View ``i`` draws its pose from ``numpy.random.default_rng([seed, i])`` only, so a view never changes
 when ``n_views`` grows or when a run resumes:
@@ -521,7 +525,7 @@ def render_drr_dataset(
             chest set :data:`TOTALSEG_CURATED` (lungs, lobes, heart, aorta, trachea, clavicles,
             scapulae, ribs 2/5/8, thoracic spine, T1/T6/T12).
         height: detector pixels (square images); ``delx`` mm per pixel (default: fit the CT).
-        projection: "PA" (source posterior) or "AP".
+        projection: "PA" (source posterior), "AP", "LAT" (left lateral) or a mix such as "PA,LAT".
         rotation_deg: half-ranges of (rz, rx, ry) in degrees; translation_mm: half-ranges of
             (tx, ty, tz) in mm (see the module docstring); zeros give the plain view every time.
         sdd, sid: source-to-detector and source-to-isocenter distances, mm.
