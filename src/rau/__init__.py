@@ -25,6 +25,9 @@ __all__ = [
     "load_annotated",
     "load_dataset",
     "localize",
+    "localize_from_bank",
+    "build_bank",
+    "ReferenceBank",
 ]
 
 
@@ -46,4 +49,12 @@ def __getattr__(name: str):
         from rau.pipeline import localize
 
         return localize
+    if name == "localize_from_bank":
+        from rau.pipeline import localize_from_bank
+
+        return localize_from_bank
+    if name in ("build_bank", "ReferenceBank"):
+        import rau.bank
+
+        return getattr(rau.bank, name)
     raise AttributeError(f"module 'rau' has no attribute {name!r}")

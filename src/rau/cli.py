@@ -66,10 +66,12 @@ def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None, chex=
 
 @app.command()
 def localize(
-    reference: Annotated[Path, typer.Option(help="Reference image (PNG/JPEG/DICOM/NIfTI).")],
-    reference_masks: Annotated[Path, typer.Option(help="Folder of <structure>.png binary masks of the reference (same size as it).")],
     target: Annotated[Path, typer.Option(help="Target image to interpret; any size.")],
     out: Annotated[Path, typer.Option(help="Output folder: result.json, masks/<structure>.png, overlay.png (written atomically).")],
+    reference: Annotated[Optional[Path], typer.Option(help="Reference image (PNG/JPEG/DICOM/NIfTI). Or use --bank.")] = None,
+    reference_masks: Annotated[Optional[Path], typer.Option(help="Folder of <structure>.png binary masks of the reference (same size as it).")] = None,
+    bank: Annotated[Optional[Path], typer.Option(help="Reference bank (rau index): retrieve the reference(s) instead of --reference.")] = None,
+    k_references: Annotated[int, typer.Option(help="With --bank: fuse the results of the top K references (majority vote).")] = 1,
     structures: StructOpt = None,
     method: MethodOpt = None,
     device: DeviceOpt = "cpu",
@@ -84,15 +86,52 @@ def localize(
     try:
         from rau.data.io import load_annotated
         from rau.pipeline import localize as run
+        from rau.pipeline import localize_from_bank
 
-        ref = load_annotated(reference, reference_masks, arg="--reference")
+        options = _method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex)
+        if (bank is None) == (reference is None):
+            raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
+        if bank is None and reference_masks is None:
+            raise ValueError("--reference-masks: required with --reference (a folder of <structure>.png masks)")
         tgt = load_annotated(target, arg="--target")
-        result = run(ref, tgt, method=method, structures=_split(structures), out_dir=out,
-                     **_method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex))
+        if bank is not None:
+            result = localize_from_bank(bank, tgt, k=k_references, method=method, structures=_split(structures),
+                                        out_dir=out, **options)
+        else:
+            ref = load_annotated(reference, reference_masks, arg="--reference")
+            result = run(ref, tgt, method=method, structures=_split(structures), out_dir=out, **options)
     except USER_ERRORS as exc:
         _fail(exc)
     found = sum(r.found for r in result.structures.values())
     typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found in {result.seconds:.2f} s -> {out}/result.json")
+
+
+def _sub_bank(bank, keep: list[int]):
+    from dataclasses import replace
+
+    return replace(bank, ids=[bank.ids[i] for i in keep], sources=[bank.sources[i] for i in keep],
+                   digests=[bank.digests[i] for i in keep], vectors=bank.vectors[keep])
+
+
+@app.command()
+def index(
+    dataset: Annotated[Path, typer.Option(help="Annotated dataset folder to index (images/ + masks/, or COCO).")],
+    out: Annotated[Path, typer.Option(help="Bank file to write (.npz).")],
+    encoder: Annotated[str, typer.Option(help="litemedsam (default), thumbnail, or module:function.")] = "litemedsam",
+    id_range: Annotated[Optional[str], typer.Option(help="START:STOP slice of the id-sorted images, e.g. 0:160.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Build a reference bank: embed every annotated image once, for `localize/eval --bank`."""
+    try:
+        from rau.bank import build_bank
+        from rau.data.dataset import load_dataset
+
+        ds = load_dataset(dataset, arg="--dataset").slice(_range(id_range, "--id-range"))
+        b = build_bank(ds, encoder=encoder, progress=progress)
+        b.save(out)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"{len(b)} images indexed with {encoder} ({b.vectors.shape[1]} values each) -> {out}")
 
 
 @app.command("eval")
@@ -106,7 +145,9 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed for --limit sampling, random references and registration sampling.")] = 0,
     target_range: Annotated[Optional[str], typer.Option(help="START:STOP slice of the id-sorted targets, e.g. 160:200 (held-out part).")] = None,
     reference_range: Annotated[Optional[str], typer.Option(help="START:STOP slice of the id-sorted references, e.g. 0:160.")] = None,
-    reference_choice: Annotated[str, typer.Option(help="similar: most similar reference by thumbnail NCC; random: seeded random.")] = "similar",
+    reference_choice: Annotated[str, typer.Option(help="similar: most similar reference by thumbnail NCC (or by --bank); random: seeded random.")] = "similar",
+    bank: Annotated[Optional[Path], typer.Option(help="Reference bank over --references (rau index): retrieve references by embedding.")] = None,
+    k_references: Annotated[int, typer.Option(help="Fuse the results of K references per target (majority vote).")] = 1,
     device: DeviceOpt = "cpu",
     vlm: VlmOpt = None,
     lora: LoraOpt = None,
@@ -136,8 +177,21 @@ def eval_(
                   "vlm": str(vlm) if vlm else None, "lora": str(lora) if lora else None,
                   "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None, "chex": str(chex) if chex else None,
                   "segmenter": segmenter, "argv": sys.argv[1:]}
+        ref_bank = None
+        if bank is not None:
+            from rau.bank import ReferenceBank
+
+            ref_bank = ReferenceBank.load(bank)
+            missing = sorted({e.id for e in rset.entries} - set(ref_bank.ids))
+            if missing:
+                raise ValueError(f"--bank: {bank} does not index {len(missing)} of the --references images (e.g. {missing[0]}); "
+                                 "build it over the same folder and range")
+            rset = rset.subset([i for i in ref_bank.ids if i in {e.id for e in rset.entries}])
+            keep = [i for i, n in enumerate(ref_bank.ids) if n in {e.id for e in rset.entries}]
+            ref_bank = _sub_bank(ref_bank, keep)
+        config.update(bank=str(bank) if bank else None, k_references=k_references)
         report = evaluate(tset, rset, m, structures=_split(structures), limit=limit, seed=seed,
-                          reference=reference_choice, progress=progress, config=config)
+                          reference=reference_choice, progress=progress, config=config, bank=ref_bank, k=k_references)
         write_json_atomic(report, out)
     except USER_ERRORS as exc:
         _fail(exc)

@@ -107,8 +107,14 @@ def evaluate(
     reference: str = "similar",
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    bank=None,
+    k: int = 1,
 ) -> dict[str, Any]:
-    """Run ``method`` on every target with its chosen reference; return the RESULT.json document."""
+    """Run ``method`` on every target with its chosen reference(s); return the RESULT.json document.
+
+    ``bank``: a :class:`rau.bank.ReferenceBank` over ``references`` that picks the references by
+    embedding retrieval instead of thumbnail NCC. ``k`` > 1: the method runs once per reference
+    (the top k, or k random ones) and the results are fused (:func:`rau.bank.fuse_results`)."""
     from tqdm.auto import tqdm
 
     if reference not in ("similar", "random"):
@@ -121,21 +127,26 @@ def evaluate(
                                 f"(known: {', '.join(sorted(known))})")
     wanted = set(structures) if structures else None
     chosen = select_targets(targets, limit, seed)
-    bank = build_bank(references, progress)
+    if not isinstance(k, int) or k < 1:
+        raise RauInputError(f"--k-references: must be a positive integer, got {k!r}")
+    thumbs = build_bank(references, progress) if bank is None or reference == "random" else None
     ref_by_id = {e.id: e for e in references.entries}
     rng = np.random.default_rng(seed)
     rows, seconds, pairs = [], [], []
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
-        ranked = bank.rank(target.image, exclude_source=str(entry.image_path.resolve()))
-        if not ranked:
-            raise RauInputError("--references: no reference left once the target itself is excluded")
-        ref_id = ranked[0][0] if reference == "similar" else ranked[int(rng.integers(len(ranked)))][0]
-        ref = references.load(ref_by_id[ref_id], structures)
-        asked = [s for s in ref.structures if ref.masks[s].any()]
-        result = method.predict(ref, shown_to(method, target), asked)
+        ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
+        results, asked = [], None
+        for ref_id in ref_ids:
+            ref = references.load(ref_by_id[ref_id], structures)
+            present = [s for s in ref.structures if ref.masks[s].any()]
+            asked = present if asked is None else asked
+            results.append(method.predict(ref, shown_to(method, target), [s for s in asked if s in present]))
+        from rau.bank import fuse_results
+
+        result = fuse_results(results, method.name)
         seconds.append(result.seconds)
-        pairs.append({"target": target.id, "reference": ref_id})
+        pairs.append({"target": target.id, "reference": ref_ids[0] if k == 1 else ref_ids})
         rows.extend(score_target(result, target, asked, wanted))
     per, mean, micro = summarize(rows)
     return {
@@ -149,6 +160,19 @@ def evaluate(
                    "structures": structures, "pairs": pairs},
         "targets": rows,
     }
+
+
+def _choose_references(target, entry, thumbs, bank, reference: str, k: int, rng) -> list[str]:
+    source = str(entry.image_path.resolve())
+    if reference == "random" or bank is None:
+        ranked = thumbs.rank(target.image, exclude_source=source)
+        if not ranked:
+            raise RauInputError("--references: no reference left once the target itself is excluded")
+        if reference == "random":
+            pick = rng.choice(len(ranked), size=min(k, len(ranked)), replace=False)
+            return [ranked[int(i)][0] for i in pick]
+        return [r[0] for r in ranked[:k]]
+    return [r[0] for r in bank.search(target.image, k, exclude_source=source)]
 
 
 def shown_to(method, target):

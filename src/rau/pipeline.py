@@ -67,6 +67,43 @@ def localize(
     return result
 
 
+def localize_from_bank(
+    bank,
+    target: AnnotatedImage | str | Path,
+    *,
+    k: int = 1,
+    method=None,
+    structures: list[str] | None = None,
+    out_dir: str | Path | None = None,
+    **method_options: Any,
+) -> TargetResult:
+    """Like :func:`localize`, with the reference(s) retrieved from a :class:`rau.bank.ReferenceBank`
+    (path or object): the top ``k`` by embedding similarity; with k > 1 the method runs once per
+    reference and the results are fused (:func:`rau.bank.fuse_results`)."""
+    from rau.bank import ReferenceBank, fuse_results
+    from rau.methods import Method, create_method
+
+    bank = bank if isinstance(bank, ReferenceBank) else ReferenceBank.load(bank)
+    target_img = _as_target(target)
+    hits = bank.search(target_img.image, k)
+    ds = bank.dataset()
+    by_id = {e.id: e for e in ds.entries}
+    m = method if isinstance(method, Method) else create_method(method, **method_options)
+    results = []
+    for ref_id, _ in hits:
+        ref = ds.load(by_id[ref_id])
+        names = structures if structures is not None else ref.structures
+        unknown = [s for s in names if s not in ref.masks]
+        if unknown and not results:
+            raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} not in the retrieved reference {ref_id} "
+                                f"(it has: {', '.join(sorted(ref.masks))})")
+        results.append(m.predict(ref, target_img, [s for s in names if s in ref.masks and ref.masks[s].any()]))
+    result = fuse_results(results, m.name)
+    if out_dir is not None:
+        write_result(result, target_img, out_dir)
+    return result
+
+
 def result_to_json(result: TargetResult, target: AnnotatedImage) -> dict[str, Any]:
     """The ``result.json`` document (mask paths relative to the output folder)."""
     structures = {}
