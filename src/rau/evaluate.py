@@ -210,8 +210,15 @@ def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
 def report_label(report: dict[str, Any]) -> str:
     """Method name, plus the checkpoint folder's name for methods that load one (rau, unet, sam2, chexanatomy)."""
     config = report.get("config", {})
-    weights = [Path(config[k]).name for k in ("vlm", "unet", "sam2", "chex") if config.get(k)]
-    return f"{report['method']} ({', '.join(weights)})" if weights else report["method"]
+    tags = [Path(config[k]).name if Path(config[k]).name != "final" else Path(config[k]).parent.name
+            for k in ("vlm", "unet", "sam2", "chex") if config.get(k)]
+    if config.get("reference_choice") == "random":
+        tags.append("random ref")
+    elif config.get("bank"):
+        tags.append(f"bank {Path(config['bank']).stem}")
+    if (config.get("k_references") or 1) > 1:
+        tags.append(f"k={config['k_references']}")
+    return f"{report['method']} ({', '.join(tags)})" if tags else report["method"]
 
 
 def comparison_table(reports: list[dict[str, Any]]) -> str:
