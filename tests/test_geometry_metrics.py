@@ -55,3 +55,12 @@ def test_metrics_on_hand_drawn_masks():
     shifted = np.roll(a, 3, axis=1)
     assert hd95(a, shifted) == pytest.approx(3.0)
     assert dice(a, shifted) == pytest.approx(2 * 10 / 50)
+
+
+def test_auroc_rank_rule():
+    from rau.metrics import auroc
+
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert auroc([0.5, 0.5], [True, False]) == 0.5
+    assert np.isnan(auroc([0.5, 0.4], [True, True]))

@@ -75,6 +75,20 @@ def score_target(result, target, structures_asked: list[str], wanted: set[str] |
     return rows
 
 
+def confidence_summary(rows: list[dict[str, Any]], correct_dice: float = 0.5) -> dict[str, Any]:
+    """How well the method's per-structure score separates right from wrong answers.
+
+    Over (target, structure) pairs that were asked and are in the ground truth: a localization is
+    "correct" when its Dice >= ``correct_dice``; ``auroc`` is the AUROC of the score for that
+    (0.5 = the score says nothing, 1 = it ranks every correct answer above every wrong one)."""
+    from rau.metrics import auroc
+
+    pairs = [r for r in rows if r["in_truth"] and "score" in r]
+    correct = [r["dice"] >= correct_dice for r in pairs]
+    return {"auroc": auroc([r["score"] for r in pairs], correct), "n": len(pairs),
+            "n_correct": int(sum(correct)), "correct_if_dice_at_least": correct_dice}
+
+
 def summarize(rows: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
     """-> (per_structure, mean (macro over structures), mean_micro)."""
     per: dict[str, dict[str, Any]] = {}
@@ -154,6 +168,7 @@ def evaluate(
         "per_structure": per,
         "mean": mean,
         "mean_micro": micro,
+        "confidence": confidence_summary(rows),
         "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
         "n_targets": len(chosen),
         "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,
@@ -226,12 +241,14 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
     def fmt(v):
         return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
-    lines = ["| method | targets | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc | s/target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | targets | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc | s/target | score AUROC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         m = r["mean"]
+        conf = (r.get("confidence") or confidence_summary(r.get("targets", [])))["auroc"]
         lines.append(f"| {report_label(r)} | {r['n_targets']} | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
-                     f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {r['seconds_per_target']:.2f} |")
+                     f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {r['seconds_per_target']:.2f} | "
+                     f"{fmt(conf)} |")
     return "\n".join(lines)
 
 

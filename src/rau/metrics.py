@@ -51,3 +51,18 @@ def hd95(pred: np.ndarray, true: np.ndarray, spacing: tuple[float, float] = (1.0
 def mean_or_nan(values: list[float]) -> float:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def auroc(scores, positive) -> float:
+    """Area under the ROC curve of ``scores`` for separating ``positive`` (bool) from the rest:
+    the probability that a random positive scores above a random negative (ties count half;
+    Mann-Whitney U from average ranks). NaN when either class is empty."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positive, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
