@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from rau.data.dataset import load_dataset
-from rau.metrics import dice
 from rau.methods import create_method
+from rau.metrics import dice
 from rau.plots import prediction_grid
 
 

@@ -36,3 +36,8 @@ for k in 5 20; do
   $PY -m rau.segment.unet train --data $WS --id-range 0:160 --few-shot $k --few-shot-seed 0 --init-from runs/unet/drr \
     --out runs/unet/drr_k$k --steps 300 --batch-size 8 --lr 2e-4 --seed 0 --threads 1
 done
+
+# 5. Upper bound for the few-shot rows: the DRR model fine-tuned on all 160 Wingspan reference-part images.
+[ -f runs/chex/wingspan_0_160.npz ] || $RAU train chex-cache --dataset $WS --id-range 0:160 --out runs/chex/wingspan_0_160.npz --threads 1
+$RAU train chex --cache runs/chex/wingspan_0_160.npz --init-from runs/chex/drr/final --output-dir runs/chex/drr_ws160 \
+  --steps 600 --batch-size 8 --tasks-per-seq 3 --lr 2e-4 --warmup 20 --seed 0 --threads 1
