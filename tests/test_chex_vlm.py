@@ -4,7 +4,6 @@ generation, save/load, corrupted folders, training (loss falls) and resume after
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -147,7 +147,7 @@ def test_input_errors(phantom: tuple[Path, Path], tmp_path: Path) -> None:
     import nibabel as nib
 
     with pytest.raises(RauInputError, match="projection"):
-        _render(phantom, tmp_path / "x", projection="LAT")
+        _render(phantom, tmp_path / "x", projection="OBLIQUE")
     with pytest.raises(RauInputError, match="structures: 'liver'"):
         _render(phantom, tmp_path / "x", structures=["liver"])
     small = tmp_path / "small.nii.gz"
