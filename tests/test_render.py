@@ -28,3 +28,17 @@ def test_contour_is_inside_and_thin():
 def test_save_png_atomic(tmp_path):
     p = save_png(np.zeros((4, 4), np.uint8), tmp_path / "x" / "y.png")
     assert p.exists() and not list(p.parent.glob(".*tmp"))
+
+
+def test_prediction_grid_writes_png(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rau.plots import prediction_grid
+
+    m = np.zeros((20, 20), bool)
+    m[5:10, 5:10] = True
+    row = {"image": np.zeros((20, 20)), "id": "a", "truth": {"x": m}, "pred": {"k": {"x": m}, "j": {"x": None}},
+           "dice": {"k": 1.0, "j": 0.0}}
+    path = prediction_grid([row, row], tmp_path / "g.png")
+    assert Image.open(path).size[0] > Image.open(path).size[1] * 0.9 and not list(tmp_path.glob(".*"))

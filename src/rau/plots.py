@@ -8,6 +8,20 @@ from typing import Any
 import numpy as np
 
 
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """tight_layout, write to a temporary PNG beside ``path``, close the figure, rename."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def dice_bar_chart(reports: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Grouped bars: mean Dice per structure (x) for each method (colour); written atomically."""
     import matplotlib
@@ -32,14 +46,7 @@ def dice_bar_chart(reports: list[dict[str, Any]], path: str | Path, title: str =
     ax.set_title(title)
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1.0), loc="upper left")  # outside: bars reach the top
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def prediction_grid(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -72,11 +79,4 @@ def prediction_grid(rows: list[dict[str, Any]], path: str | Path, title: str = "
             ax.set_title(f"{method}\n{row['id']}  Dice {row['dice'].get(method, float('nan')):.2f}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path, dpi=110)
