@@ -80,3 +80,25 @@ def test_cli_index_eval_and_localize_with_bank(folder_dataset, tmp_path):
     assert image.stem not in doc["reference"]
     res = runner.invoke(app, ["localize", "--target", str(image), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--bank" in res.output and not (tmp_path / "x").exists()
+
+
+def test_fit_threshold_and_abstention(folder_dataset, tmp_path):
+    bank = build_bank(folder_dataset, encoder="thumbnail", progress=False)
+    ds = load_dataset(folder_dataset)
+    img = ds[0].image
+    assert bank.fit(img, img) > 0.99
+    t = bank.fit_threshold()
+    assert -1.0 <= t <= 1.0
+    path = bank.save(tmp_path / "bank.npz")
+    target = tmp_path / "noise.png"
+    from conftest import write_png
+
+    write_png(target, np.random.default_rng(0).random((96, 96)).astype(np.float32))
+    res = runner.invoke(app, ["localize", "--target", str(target), "--bank", str(path), "--out", str(tmp_path / "a"),
+                              "--method", "registration", "--min-fit", "0.99"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert all(s["answer"] == "no" and "fits" in s["reason"] for s in doc["structures"].values())
+    res = runner.invoke(app, ["localize", "--target", str(target), "--bank", str(path), "--out", str(tmp_path / "b"),
+                              "--min-fit", "lots"])
+    assert res.exit_code == 2 and "--min-fit" in res.output

@@ -122,6 +122,21 @@ class ReferenceBank:
             raise RauInputError("--bank: no reference left once the target itself is excluded")
         return out
 
+    def fit(self, reference: np.ndarray, target: np.ndarray) -> float:
+        """How well ``reference`` fits ``target``: centred cosine of their embeddings in this
+        bank's space (1 = same picture; a flipped chest or another modality scores low)."""
+        a, b = self.embed([reference, target])
+        return float(a @ b)
+
+    def fit_threshold(self, quantile: float = 0.05) -> float:
+        """Abstention threshold calibrated on the bank alone: the ``quantile`` of each entry's
+        best similarity to ANOTHER entry (what a matching reference typically scores)."""
+        sims = self.vectors @ self.vectors.T
+        np.fill_diagonal(sims, -np.inf)
+        same = np.array([[a == b for b in self.digests] for a in self.digests])
+        sims[same] = -np.inf
+        return float(np.quantile(sims.max(1), quantile))
+
     def _top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if len(self) > FAISS_MIN:
             try:

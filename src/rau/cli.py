@@ -72,6 +72,7 @@ def localize(
     reference_masks: Annotated[Optional[Path], typer.Option(help="Folder of <structure>.png binary masks of the reference (same size as it).")] = None,
     bank: Annotated[Optional[Path], typer.Option(help="Reference bank (rau index): retrieve the reference(s) instead of --reference.")] = None,
     k_references: Annotated[int, typer.Option(help="With --bank: fuse the results of the top K references (majority vote).")] = 1,
+    min_fit: Annotated[Optional[str], typer.Option(help="With --bank: abstain when the best reference's similarity is below this value, or 'auto' (the bank's own 5% quantile).")] = None,
     structures: StructOpt = None,
     method: MethodOpt = None,
     device: DeviceOpt = "cpu",
@@ -95,8 +96,17 @@ def localize(
             raise ValueError("--reference-masks: required with --reference (a folder of <structure>.png masks)")
         tgt = load_annotated(target, arg="--target")
         if bank is not None:
-            result = localize_from_bank(bank, tgt, k=k_references, method=method, structures=_split(structures),
-                                        out_dir=out, **options)
+            from rau.bank import ReferenceBank
+
+            b = ReferenceBank.load(bank)
+            threshold = None
+            if min_fit is not None:
+                try:
+                    threshold = b.fit_threshold() if min_fit == "auto" else float(min_fit)
+                except ValueError:
+                    raise ValueError(f"--min-fit: expected a number or 'auto', got {min_fit!r}") from None
+            result = localize_from_bank(b, tgt, k=k_references, method=method, structures=_split(structures),
+                                        out_dir=out, min_fit=threshold, **options)
         else:
             ref = load_annotated(reference, reference_masks, arg="--reference")
             result = run(ref, tgt, method=method, structures=_split(structures), out_dir=out, **options)

@@ -75,17 +75,24 @@ def localize_from_bank(
     method=None,
     structures: list[str] | None = None,
     out_dir: str | Path | None = None,
+    min_fit: float | None = None,
     **method_options: Any,
 ) -> TargetResult:
     """Like :func:`localize`, with the reference(s) retrieved from a :class:`rau.bank.ReferenceBank`
     (path or object): the top ``k`` by embedding similarity; with k > 1 the method runs once per
-    reference and the results are fused (:func:`rau.bank.fuse_results`)."""
+    reference and the results are fused (:func:`rau.bank.fuse_results`).
+
+    ``min_fit``: abstain ("no" for every structure, with the reason) when even the best reference's
+    similarity is below it, i.e. the bank holds nothing like the target (other anatomy, a mirrored
+    image); :meth:`rau.bank.ReferenceBank.fit_threshold` calibrates it on the bank alone."""
     from rau.bank import ReferenceBank, fuse_results
     from rau.methods import Method, create_method
 
     bank = bank if isinstance(bank, ReferenceBank) else ReferenceBank.load(bank)
     target_img = _as_target(target)
     hits = bank.search(target_img.image, k)
+    if min_fit is not None and hits[0][1] < min_fit:
+        return _abstain(target_img, hits[0], min_fit, structures, bank, out_dir)
     ds = bank.dataset()
     by_id = {e.id: e for e in ds.entries}
     m = method if isinstance(method, Method) else create_method(method, **method_options)
@@ -101,6 +108,17 @@ def localize_from_bank(
     result = fuse_results(results, m.name)
     if out_dir is not None:
         write_result(result, target_img, out_dir)
+    return result
+
+
+def _abstain(target: AnnotatedImage, hit: tuple[str, float], min_fit: float, structures, bank, out_dir) -> TargetResult:
+    from rau.data.annotated import StructureResult
+
+    names = structures if structures is not None else sorted({s for e in bank.dataset().entries for s in e.structures})
+    reason = f"no reference fits this target (best similarity {hit[1]:.3f} < {min_fit:.3f}, {hit[0]})"
+    result = TargetResult(target.id, hit[0], "abstain", {n: StructureResult(n, "no", None, 0.0, None, reason) for n in names})
+    if out_dir is not None:
+        write_result(result, target, out_dir)
     return result
 
 
