@@ -192,3 +192,20 @@ def test_bench_quick_on_a_tiny_arcade_layout(folder_dataset, tmp_path):
     assert (out / "overlay_arcade_registration_worst.png").exists()
     bad = runner.invoke(app, ["bench", "--out", str(out), "--splits", "nope"])
     assert bad.exit_code == 2 and "--splits" in bad.output
+
+
+def test_bench_with_k_references_uses_a_bank_and_fuses(folder_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    for part in ("val", "train"):
+        shutil.copytree(folder_dataset, data / "arcade_syntax" / part)
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", "--out", str(out), "--data", str(data), "--splits", "arcade",
+                              "--methods", "registration", "--quick", "--k-references", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "arcade_registration_k2.json").read_text())
+    assert doc["config"]["k_references"] == 2 and (out / "bank_arcade.npz").exists()
+    assert all(len(p["reference"]) == 2 and p["target"] not in p["reference"] for p in doc["config"]["pairs"])
+    assert "registration (bank bank_arcade, k=2)" in (out / "BENCH_k2.md").read_text()
+    assert (out / "overlay_arcade_registration_k2_worst.png").exists()

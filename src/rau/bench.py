@@ -86,8 +86,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def split_bank(out: Path, split: Split, rset, progress: bool = True):
+    """The LiteMedSAM reference bank of a split's reference set, built once into ``OUT/bank_<split>.npz``."""
+    from rau.bank import ReferenceBank, build_bank
+
+    path = out / f"bank_{split.name}.npz"
+    if path.is_file():
+        bank = ReferenceBank.load(path)
+        if bank.ids == [e.id for e in rset.entries]:
+            return bank
+    bank = build_bank(rset, encoder="litemedsam", progress=progress)
+    bank.save(path)
+    return bank
+
+
 def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_options: dict[str, Any],
-              seed: int = 0, progress: bool = True) -> dict[str, list[dict]]:
+              seed: int = 0, progress: bool = True, k: int = 1) -> dict[str, list[dict]]:
+    """Every method on every split; ``k`` > 1: the top-k references of a LiteMedSAM bank per target,
+    results fused by majority vote (files ``<split>_<method>_k<k>.json``)."""
     from rau.data.dataset import load_dataset
     from rau.evaluate import evaluate, write_json_atomic
     from rau.methods import create_method
@@ -98,11 +114,14 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
     for split in splits:
         tset = load_dataset(split.targets, arg="--data").slice(split.target_range)
         rset = load_dataset(split.references, arg="--data").slice(split.reference_range)
+        bank = split_bank(out, split, rset, progress) if k > 1 else None
         for name, method in built.items():
             config = {"split": split.name, "targets": str(split.targets), "references": str(split.references),
-                      "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range)}
-            doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config)
-            write_json_atomic(doc, out / f"{split.name}_{name}.json")
+                      "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range),
+                      "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k}
+            doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
+                           bank=bank, k=k)
+            write_json_atomic(doc, out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json")
             reports.setdefault(split.name, []).append(doc)
     return reports
 
@@ -114,6 +133,7 @@ def _fmt_slice(sl: slice | None) -> str | None:
 def best_worst_overlays(report: dict, split: Split, method_options: dict[str, Any], out: Path) -> list[Path]:
     """Re-run the report's method on its best and worst target (mean Dice) and save overlays
     (prediction left, ground truth right)."""
+    from rau.bank import fuse_results
     from rau.data.dataset import load_dataset
     from rau.evaluate import shown_to
     from rau.methods import create_method
@@ -133,15 +153,21 @@ def best_worst_overlays(report: dict, split: Split, method_options: dict[str, An
     method = create_method(report["method"], **method_options)
     paths = []
     for tag, target_id in (("best", max(means, key=means.get)), ("worst", min(means, key=means.get))):
-        target, ref = tset.load(tid[target_id]), rset.load(rid[pairs[target_id]])
-        asked = [s for s in ref.structures if ref.masks[s].any()]
-        result = method.predict(ref, shown_to(method, target), asked)
+        refs = pairs[target_id] if isinstance(pairs[target_id], list) else [pairs[target_id]]
+        target = tset.load(tid[target_id])
+        results, asked = [], None
+        for ref in (rset.load(rid[r]) for r in refs):  # k > 1: the same references and fusion as the report
+            present = [s for s in ref.structures if ref.masks[s].any()]
+            asked = present if asked is None else asked
+            results.append(method.predict(ref, shown_to(method, target), [s for s in asked if s in present]))
+        result = fuse_results(results, method.name)
         pred = {n: r.mask for n, r in result.structures.items() if r.mask is not None}
         palette = sorted(set(result.structures) | set(target.masks))
         left = draw_annotation(target.image, pred, boxes={n: r.box_xyxy_px for n, r in result.structures.items()},
                                palette_names=palette)
         right = draw_annotation(target.image, target.masks, palette_names=palette)
-        path = out / f"overlay_{split.name}_{report['method']}_{tag}.png"
+        k = len(refs)
+        path = out / f"overlay_{split.name}_{report['method']}{f'_k{k}' if k > 1 else ''}_{tag}.png"
         save_png(np.concatenate([left, right], axis=1), path)
         paths.append(path)
     return paths
@@ -164,7 +190,7 @@ def bench_markdown(reports: dict[str, list[dict]], figures: dict[str, Path], ove
 
 def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] | None, data: Path, drr_dir: Path,
                quick: bool, limit: int | None, seed: int, method_options: dict[str, Any], progress: bool,
-               argv: list[str]) -> Path:
+               argv: list[str], k: int = 1) -> Path:
     from rau.plots import dice_bar_chart
 
     methods = methods or list(BASELINES)
@@ -172,16 +198,18 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
     if "drr" in split_names:
         ensure_drr(drr_dir, quick)
     splits = resolve_splits(split_names, data, drr_dir, quick=quick, limit=limit)
-    reports = run_bench(out, methods=methods, splits=splits, method_options=method_options, seed=seed, progress=progress)
-    figures = {s: dice_bar_chart(docs, out / f"dice_{s}.png", title=s) for s, docs in reports.items()}
+    reports = run_bench(out, methods=methods, splits=splits, method_options=method_options, seed=seed, progress=progress,
+                        k=k)
+    tag = f"_k{k}" if k > 1 else ""
+    figures = {s: dice_bar_chart(docs, out / f"dice_{s}{tag}.png", title=s) for s, docs in reports.items()}
     overlays = []
     for split in splits:
         first = next((d for d in reports[split.name] if d["method"] != "oracle-box"), None)
         if first is not None:
             overlays += best_worst_overlays(first, split, method_options, out)
     md = bench_markdown(reports, figures, overlays, argv)
-    path = out / "BENCH.md"
-    tmp = path.with_name(".BENCH.md.tmp")
+    path = out / f"BENCH{tag}.md"
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(md)
     tmp.replace(path)
     return path

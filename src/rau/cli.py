@@ -259,6 +259,7 @@ def bench(
     segmenter: SegOpt = None,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
+    k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run every method on the same pairs of the fixed splits and write the comparison (BENCH.md)."""
@@ -266,7 +267,7 @@ def bench(
         from rau.bench import main_bench
 
         path = main_bench(out, methods=_split(methods, "--methods"), split_names=_split(splits, "--splits"), data=data, drr_dir=drr_dir,
-                          quick=quick, limit=limit, seed=seed, progress=progress, argv=sys.argv[1:],
+                          quick=quick, limit=limit, seed=seed, progress=progress, argv=sys.argv[1:], k=k_references,
                           method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex))
     except USER_ERRORS as exc:
         _fail(exc)
