@@ -200,3 +200,13 @@ def test_token_evaluation_naming_and_detect(model, tmp_path):
     assert set(res["per_structure"]) <= {"left_lung", "heart", "vertebra_T1"} and res["images"] == 4
     for e in res["per_structure"].values():
         assert 0.0 <= e["naming_acc"] <= 1.0 and 0.0 <= e["detect_box_iou"] <= 1.0 and e["n"] > 0
+
+
+def test_training_refuses_caches_without_known_structures(tmp_path):
+    cache = _cache(3)
+    cache.names = ["kidney", "liver", "spleen"]  # none of them is known to a model trained on NAMES
+    save_cache(cache, tmp_path / "c.npz")
+    folder = build_model(NAMES, seed=0, **TINY).save_pretrained(tmp_path / "m")
+    with pytest.raises(RauInputError, match="no image holds"):
+        train_chex([tmp_path / "c.npz"], tmp_path / "run", steps=2, init_from=folder, progress=False, device="cpu")
+    assert not (tmp_path / "run" / "final").exists()

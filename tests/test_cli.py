@@ -176,12 +176,19 @@ def test_localize_medical_and_odd_targets(pair_files, case):
         assert not out.exists()
 
 
-def test_bench_quick_on_a_tiny_arcade_layout(folder_dataset, tmp_path):
+@pytest.fixture
+def tiny_arcade(folder_dataset, tmp_path):
+    """A data folder with the ARCADE layout (val/ and train/ copies of the tiny dataset)."""
     import shutil
 
     data = tmp_path / "data"
     for part in ("val", "train"):
         shutil.copytree(folder_dataset, data / "arcade_syntax" / part)
+    return data
+
+
+def test_bench_quick_on_a_tiny_arcade_layout(tiny_arcade, tmp_path):
+    data = tiny_arcade
     out = tmp_path / "bench"
     res = runner.invoke(app, ["bench", "--out", str(out), "--data", str(data), "--splits", "arcade",
                               "--methods", "registration", "--quick", "--no-progress"])
@@ -194,12 +201,8 @@ def test_bench_quick_on_a_tiny_arcade_layout(folder_dataset, tmp_path):
     assert bad.exit_code == 2 and "--splits" in bad.output
 
 
-def test_bench_with_k_references_uses_a_bank_and_fuses(folder_dataset, tmp_path):
-    import shutil
-
-    data = tmp_path / "data"
-    for part in ("val", "train"):
-        shutil.copytree(folder_dataset, data / "arcade_syntax" / part)
+def test_bench_with_k_references_uses_a_bank_and_fuses(tiny_arcade, tmp_path):
+    data = tiny_arcade
     out = tmp_path / "bench"
     res = runner.invoke(app, ["bench", "--out", str(out), "--data", str(data), "--splits", "arcade",
                               "--methods", "registration", "--quick", "--k-references", "2", "--no-progress"])

@@ -131,11 +131,13 @@ class ReferenceBank:
     def fit_threshold(self, quantile: float = 0.05) -> float:
         """Abstention threshold calibrated on the bank alone: the ``quantile`` of each entry's
         best similarity to ANOTHER entry (what a matching reference typically scores)."""
-        sims = self.vectors @ self.vectors.T
-        np.fill_diagonal(sims, -np.inf)
-        same = np.array([[a == b for b in self.digests] for a in self.digests])
-        sims[same] = -np.inf
-        return float(np.quantile(sims.max(1), quantile))
+        digests = np.array(self.digests)
+        best = np.empty(len(self))
+        for start in range(0, len(self), 1024):  # blocks of rows: memory stays O(1024 x N)
+            sims = self.vectors[start : start + 1024] @ self.vectors.T
+            sims[digests[start : start + 1024, None] == digests[None, :]] = -np.inf  # itself and its copies
+            best[start : start + 1024] = sims.max(1)
+        return float(np.quantile(best, quantile))
 
     def _top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if len(self) > FAISS_MIN:

@@ -131,6 +131,8 @@ def evaluate(
     (the top k, or k random ones) and the results are fused (:func:`rau.bank.fuse_results`)."""
     from tqdm.auto import tqdm
 
+    from rau.bank import fuse_results
+
     if reference not in ("similar", "random"):
         raise RauInputError(f"--reference-choice: expected 'similar' or 'random', got {reference!r}")
     if structures:
@@ -156,8 +158,6 @@ def evaluate(
             present = [s for s in ref.structures if ref.masks[s].any()]
             asked = present if asked is None else asked
             results.append(method.predict(ref, shown_to(method, target), [s for s in asked if s in present]))
-        from rau.bank import fuse_results
-
         result = fuse_results(results, method.name)
         seconds.append(result.seconds)
         pairs.append({"target": target.id, "reference": ref_ids[0] if k == 1 else ref_ids})

@@ -181,9 +181,13 @@ def train_chex(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int,
         model = ChexModel(ChexConfig(names=names, **(config or {})))
     known = {n: k for k, n in enumerate(model.config.names)}
     name_maps = [[known.get(n) for n in c.names] for c in loaded]
-    if not any(m is not None for nm in name_maps for m in nm):
-        raise RauInputError(f"caches: none of their structures is known to the model ({model.config.names})")
+    usable = [bool((c.present()[:, [j for j, m in enumerate(nm) if m is not None]]).any()) for c, nm in zip(loaded, name_maps)]
+    if not any(usable):
+        raise RauInputError(f"caches: no image holds a structure the model knows ({', '.join(model.config.names)})")
     w = np.array(cache_weights if cache_weights is not None else [len(c) for c in loaded], float)
+    if len(w) != len(loaded) or not (w >= 0).all() or w.sum() <= 0:
+        raise RauInputError(f"cache_weights: expected {len(loaded)} non-negative weights, got {list(w)}")
+    w = w * np.array(usable, float)  # a cache without a usable structure is never drawn
     weights = w / w.sum()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
