@@ -23,7 +23,6 @@ ids, their source paths and pixel digests, and the dataset root it was built fro
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -36,6 +35,7 @@ import numpy as np
 
 from rau.atomic import write_bytes
 from rau.errors import CheckpointError, RauInputError
+from rau.retrieval import pixel_digest
 
 FORMAT = "rau-bank-v1"
 FAISS_MIN = 50_000
@@ -77,10 +77,6 @@ def get_encoder(name: str) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
         except (ImportError, AttributeError) as exc:
             raise RauInputError(f"--encoder: cannot import {name!r} ({exc.__class__.__name__})") from None
     raise RauInputError(f"--encoder: unknown {name!r}; choose {', '.join(ENCODERS)} or module:function")
-
-
-def pixel_digest(image: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 def _normalise(v: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -209,6 +205,18 @@ def build_bank(dataset, *, encoder: str = "litemedsam", batch: int = 16, progres
     mean = raw.mean(0)
     return ReferenceBank([e.id for e in entries], [str(e.image_path.resolve()) for e in entries], digests,
                          _normalise(raw, mean), mean, encoder, str(Path(ds.root).resolve()))
+
+
+def predict_with_references(method, references: list, target, structures: list[str] | None = None):
+    """Run ``method`` once per reference on ``target`` and fuse (:func:`fuse_results`).
+
+    Asked structures: ``structures``, or those the first reference annotates non-empty; each
+    reference is asked the ones it annotates non-empty. Returns (fused TargetResult, asked)."""
+    asked = list(structures) if structures is not None else [s for s in references[0].structures
+                                                             if references[0].masks[s].any()]
+    results = [method.predict(ref, target, [s for s in asked if s in ref.masks and ref.masks[s].any()])
+               for ref in references]
+    return fuse_results(results, method.name), asked
 
 
 def fuse_results(results: list, method_name: str | None = None, weights: Sequence[float] | None = None):

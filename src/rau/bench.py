@@ -133,7 +133,7 @@ def _fmt_slice(sl: slice | None) -> str | None:
 def best_worst_overlays(report: dict, split: Split, method_options: dict[str, Any], out: Path) -> list[Path]:
     """Re-run the report's method on its best and worst target (mean Dice) and save overlays
     (prediction left, ground truth right)."""
-    from rau.bank import fuse_results
+    from rau.bank import predict_with_references
     from rau.data.dataset import load_dataset
     from rau.evaluate import shown_to
     from rau.methods import create_method
@@ -155,12 +155,8 @@ def best_worst_overlays(report: dict, split: Split, method_options: dict[str, An
     for tag, target_id in (("best", max(means, key=means.get)), ("worst", min(means, key=means.get))):
         refs = pairs[target_id] if isinstance(pairs[target_id], list) else [pairs[target_id]]
         target = tset.load(tid[target_id])
-        results, asked = [], None
-        for ref in (rset.load(rid[r]) for r in refs):  # k > 1: the same references and fusion as the report
-            present = [s for s in ref.structures if ref.masks[s].any()]
-            asked = present if asked is None else asked
-            results.append(method.predict(ref, shown_to(method, target), [s for s in asked if s in present]))
-        result = fuse_results(results, method.name)
+        # k > 1: the same references and fusion as the report
+        result, _ = predict_with_references(method, [rset.load(rid[r]) for r in refs], shown_to(method, target))
         pred = {n: r.mask for n, r in result.structures.items() if r.mask is not None}
         palette = sorted(set(result.structures) | set(target.masks))
         left = draw_annotation(target.image, pred, boxes={n: r.box_xyxy_px for n, r in result.structures.items()},

@@ -131,7 +131,7 @@ def evaluate(
     (the top k, or k random ones) and the results are fused (:func:`rau.bank.fuse_results`)."""
     from tqdm.auto import tqdm
 
-    from rau.bank import fuse_results
+    from rau.bank import predict_with_references
 
     if reference not in ("similar", "random"):
         raise RauInputError(f"--reference-choice: expected 'similar' or 'random', got {reference!r}")
@@ -152,13 +152,8 @@ def evaluate(
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
         ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
-        results, asked = [], None
-        for ref_id in ref_ids:
-            ref = references.load(ref_by_id[ref_id], structures)
-            present = [s for s in ref.structures if ref.masks[s].any()]
-            asked = present if asked is None else asked
-            results.append(method.predict(ref, shown_to(method, target), [s for s in asked if s in present]))
-        result = fuse_results(results, method.name)
+        refs = [references.load(ref_by_id[r], structures) for r in ref_ids]
+        result, asked = predict_with_references(method, refs, shown_to(method, target))
         seconds.append(result.seconds)
         pairs.append({"target": target.id, "reference": ref_ids[0] if k == 1 else ref_ids})
         rows.extend(score_target(result, target, asked, wanted))

@@ -85,7 +85,7 @@ def localize_from_bank(
     ``min_fit``: abstain ("no" for every structure, with the reason) when even the best reference's
     similarity is below it, i.e. the bank holds nothing like the target (other anatomy, a mirrored
     image); :meth:`rau.bank.ReferenceBank.fit_threshold` calibrates it on the bank alone."""
-    from rau.bank import ReferenceBank, fuse_results
+    from rau.bank import ReferenceBank, predict_with_references
     from rau.methods import Method, create_method
 
     bank = bank if isinstance(bank, ReferenceBank) else ReferenceBank.load(bank)
@@ -96,16 +96,12 @@ def localize_from_bank(
     ds = bank.dataset()
     by_id = {e.id: e for e in ds.entries}
     m = method if isinstance(method, Method) else create_method(method, **method_options)
-    results = []
-    for ref_id, _ in hits:
-        ref = ds.load(by_id[ref_id])
-        names = structures if structures is not None else ref.structures
-        unknown = [s for s in names if s not in ref.masks]
-        if unknown and not results:
-            raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} not in the retrieved reference {ref_id} "
-                                f"(it has: {', '.join(sorted(ref.masks))})")
-        results.append(m.predict(ref, target_img, [s for s in names if s in ref.masks and ref.masks[s].any()]))
-    result = fuse_results(results, m.name)
+    refs = [ds.load(by_id[ref_id]) for ref_id, _ in hits]
+    unknown = [s for s in structures or [] if s not in refs[0].masks]
+    if unknown:
+        raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} not in the retrieved reference {hits[0][0]} "
+                            f"(it has: {', '.join(sorted(refs[0].masks))})")
+    result, _ = predict_with_references(m, refs, target_img, structures)
     if out_dir is not None:
         write_result(result, target_img, out_dir)
     return result

@@ -8,6 +8,7 @@ cross-correlation. The reference with the highest NCC wins; the target itself is
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,21 +31,21 @@ class ThumbnailBank:
     ids: list[str]
     sources: list[str]
     vectors: np.ndarray  # (N, size*size)
-    digests: list[int]
+    digests: list[str]
 
     @classmethod
     def build(cls, ids: list[str], sources: list[str], images, size: int = 32) -> ThumbnailBank:
         vecs, digests = [], []
         for img in images:
             vecs.append(thumbnail(img, size))
-            digests.append(_digest(img))
+            digests.append(pixel_digest(img))
         return cls(list(ids), list(sources), np.stack(vecs), digests)
 
     def rank(self, image: np.ndarray, *, exclude_id: str | None = None, exclude_source: str | None = None) -> list[tuple[str, float]]:
         """All bank entries as (id, ncc), best first, without the query image itself."""
         q = thumbnail(image, int(round(np.sqrt(self.vectors.shape[1]))))
         scores = self.vectors @ q
-        digest = _digest(image)
+        digest = pixel_digest(image)
         order = np.argsort(-scores, kind="stable")
         out = []
         for i in order:
@@ -54,5 +55,6 @@ class ThumbnailBank:
         return out
 
 
-def _digest(image: np.ndarray) -> int:
-    return hash(np.asarray(image, dtype=np.float32).tobytes())
+def pixel_digest(image: np.ndarray) -> str:
+    """Identity of an image's pixels (float32 bytes), to exclude a query's own copies."""
+    return hashlib.sha1(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()[:16]

@@ -51,6 +51,7 @@ FORMAT = "rau-chexanatomy-v1"
 SPECIALS = ("<pad>", "<img>", "<detect>", "<segment>", "<name>", "<ans>")
 TASKS = ("detect", "segment", "name")
 CONFIG_FILE, WEIGHTS_FILE, TRAINING_FILE = "config.json", "model.safetensors", "training.json"
+_TIED = "lm.lm_head.weight"  # the output head shares the input embeddings; never stored
 
 
 @dataclass
@@ -323,14 +324,29 @@ class ChexModel:
         return f"ChexModel({len(self.config.names)} structures, {n / 1e6:.2f}M parameters, vocab {len(self.vocab)})"
 
     # ---- persistence
-    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
+    def weights_bytes(self) -> bytes:
+        """The network's weights as safetensors bytes (the tied output head is not stored)."""
         from safetensors.torch import save
 
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items() if k != _TIED}
+        return save(state, metadata={"format": FORMAT})
+
+    def load_weights(self, path: Path, what: str = "--chex") -> None:
+        """Load weights written by :meth:`weights_bytes`; CheckpointError if unreadable or not this config's."""
+        try:
+            from safetensors.torch import load_file
+
+            missing, unexpected = self.net.load_state_dict(load_file(str(path)), strict=False)
+        except Exception as exc:  # noqa: BLE001 - truncated/foreign file: one line
+            raise CheckpointError(f"{what}: cannot load {path} ({exc.__class__.__name__}); it is truncated or corrupted") from None
+        if unexpected or [m for m in missing if m != _TIED]:
+            raise CheckpointError(f"{what}: {path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.net.lm.tie_weights()
+
+    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()
-                 if k != "lm.lm_head.weight"}  # tied to the input embeddings
-        write_bytes(out / WEIGHTS_FILE, save(state, metadata={"format": FORMAT}))
+        write_bytes(out / WEIGHTS_FILE, self.weights_bytes())
         write_json(out / CONFIG_FILE, asdict(self.config), indent=1)
         if training is not None or self.training:
             write_json(out / TRAINING_FILE, training if training is not None else self.training, indent=1)
@@ -346,16 +362,7 @@ class ChexModel:
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"--chex: {folder / CONFIG_FILE} is unreadable ({exc.__class__.__name__}: {exc})") from None
         model = cls(config, device="cpu")
-        try:
-            from safetensors.torch import load_file
-
-            state = load_file(str(folder / WEIGHTS_FILE))
-            missing, unexpected = model.net.load_state_dict(state, strict=False)
-        except Exception as exc:  # noqa: BLE001 - truncated/foreign file: one line
-            raise CheckpointError(f"--chex: cannot load {folder / WEIGHTS_FILE} ({exc.__class__.__name__}); it is truncated or corrupted") from None
-        if unexpected or [m for m in missing if m != "lm.lm_head.weight"]:
-            raise CheckpointError(f"--chex: {folder / WEIGHTS_FILE} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model.net.lm.tie_weights()
+        model.load_weights(folder / WEIGHTS_FILE)
         model.net.to(device).eval()
         model.device = device
         if (folder / TRAINING_FILE).is_file():

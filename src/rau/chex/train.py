@@ -110,13 +110,11 @@ def _save_checkpoint(out: Path, model: ChexModel, opt, step: int, history: list[
     import io
 
     import torch
-    from safetensors.torch import save
 
     tmp = out / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items() if k != "lm.lm_head.weight"}
-    write_bytes(tmp / "model.safetensors", save(state))
+    write_bytes(tmp / "model.safetensors", model.weights_bytes())
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     write_bytes(tmp / "optimizer.pt", buf.getvalue())
@@ -132,7 +130,6 @@ def _save_checkpoint(out: Path, model: ChexModel, opt, step: int, history: list[
 
 def _load_checkpoint(folder: Path, model: ChexModel, opt, run_key: dict) -> tuple[int, list[dict]]:
     import torch
-    from safetensors.torch import load_file
 
     try:
         state = json.loads((folder / "state.json").read_text())
@@ -144,9 +141,8 @@ def _load_checkpoint(folder: Path, model: ChexModel, opt, run_key: dict) -> tupl
     if state["run"] != run_key:
         differ = sorted(k for k in set(run_key) | set(state["run"]) if run_key.get(k) != state["run"].get(k))
         raise RauInputError(f"out_dir: {folder.parent} holds a run with other settings (differs in: {', '.join(differ)}); use a new folder")
+    model.load_weights(folder / "model.safetensors", what="checkpoint")
     try:
-        model.net.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        model.net.lm.tie_weights()
         opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"checkpoint: cannot load {folder} ({exc.__class__.__name__}); delete it to resume from the previous one") from None
