@@ -6,7 +6,9 @@
 | reg-box       | registration (boxes)           | LiteMedSAM (box prompt)   | segmenter             |
 | registration  | registration (warped masks)    | -                         | localizer             |
 | oracle-box    | ground-truth boxes (eval only) | LiteMedSAM                | segmenter             |
-| rau           | VLM (Qwen2.5-VL checkpoint)    | LiteMedSAM or SAM2-memory | segmenter             |
+| rau           | RAU VLM (shipped compact model, or a Qwen2.5-VL checkpoint) | LiteMedSAM or SAM2-memory | fused (compact VLM + LiteMedSAM) |
+| rau-box       | RAU VLM boxes                  | LiteMedSAM                | segmenter             |
+| rau-tokens    | RAU VLM (box + mask tokens)    | -                         | localizer             |
 | sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
 | unet          | -                              | U-Net (fixed classes)     | segmenter             |
 | chexanatomy   | CheXanatomy VLM (box + mask tokens) | -                    | localizer             |
@@ -67,18 +69,50 @@ def _oracle_box(**kw) -> Method:
     return Method("oracle-box", OracleLocalizer(), seg)
 
 
-def _rau(**kw) -> Method:
-    if not kw.get("vlm"):
-        raise RauInputError(
-            "--vlm: method 'rau' needs a local Qwen2.5-VL checkpoint folder (no trained VLM ships yet); "
-            "pass --vlm PATH, or use the default method 'reg-box'"
-        )
+def _is_refvlm(folder) -> bool:
+    import json
+
+    cfg = Path(folder) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("format", "").startswith("rau-refvlm")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _rau_parts(kw: dict, *, segmenter: bool = True):
+    """(localizer, segmenter) of the RAU methods: the compact RAU VLM (shipped default, or a
+    ``rau train refvlm`` folder given as ``vlm``) or a Qwen2.5-VL checkpoint folder (``vlm``)."""
+    device = kw.get("device", "cpu")
+    seg_name = kw.get("segmenter") or "medsam"
+    seg = _segmenter(seg_name, sam2=kw.get("sam2"), device=device, sam2_config=kw.get("sam2_config")) if segmenter else None
+    vlm = kw.get("vlm")
+    if vlm is None or _is_refvlm(vlm):
+        from rau.refvlm.localizer import RefVlmLocalizer, default_available
+
+        if vlm is None and not default_available():
+            raise RauInputError("--vlm: the shipped RAU VLM weights are missing from this install; pass --vlm PATH")
+        return RefVlmLocalizer(vlm, device=device, shared_segmenter=seg if seg_name == "medsam" else None), seg
     from rau.vlm.qwen import QwenLocalizer
 
-    loc = QwenLocalizer(kw["vlm"], device=kw.get("device", "cpu"), lora=kw.get("lora"))
-    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"),
-                     sam2_config=kw.get("sam2_config"))
-    return Method("rau", loc, seg)
+    return QwenLocalizer(vlm, device=device, lora=kw.get("lora")), seg
+
+
+def _rau(**kw) -> Method:
+    """RAU: the VLM's box prompts the segmenter; with LiteMedSAM the mask fuses LiteMedSAM's
+    probability with the VLM's own mask tokens (as reg-fuse does with the warped mask)."""
+    loc, seg = _rau_parts(kw)
+    fuse = FUSE_SIGMA if (kw.get("segmenter") or "medsam") == "medsam" and loc.name == "rau-vlm" else None
+    return Method("rau", loc, seg, fuse_sigma=fuse)
+
+
+def _rau_box(**kw) -> Method:
+    loc, seg = _rau_parts(kw)
+    return Method("rau-box", loc, seg)
+
+
+def _rau_tokens(**kw) -> Method:
+    loc, _ = _rau_parts(kw, segmenter=False)
+    return Method("rau-tokens", loc, None)
 
 
 def _sam2_memory(**kw) -> Method:
@@ -117,6 +151,8 @@ METHODS: dict[str, Callable[..., Method]] = {
     "registration": _registration,
     "oracle-box": _oracle_box,
     "rau": _rau,
+    "rau-box": _rau_box,
+    "rau-tokens": _rau_tokens,
     "sam2-memory": _sam2_memory,
     "unet": _unet,
     "chexanatomy": _chexanatomy,

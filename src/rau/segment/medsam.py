@@ -71,6 +71,7 @@ class MedSamSegmenter(Segmenter):
         self.device = device
         self.equalize = equalize
         self.threshold = threshold
+        self._memo = None
 
     def preprocess(self, image: np.ndarray):
         """(H, W) float in [0, 1] -> ((1, 3, 256, 256) tensor, scale) with the longest side at 256."""
@@ -89,12 +90,22 @@ class MedSamSegmenter(Segmenter):
         return t.repeat(1, 3, 1, 1).to(self.device), scale
 
     def embed(self, image: np.ndarray):
-        """Run the image encoder once: returns (embedding (1, 256, 64, 64), scale)."""
+        """Run the image encoder once: returns (embedding (1, 256, 64, 64), scale).
+
+        The last image's embedding is remembered (keyed by its pixels), so a localizer that reads
+        the same encoder's features (the compact RAU VLM) and this segmenter encode a target once."""
         import torch
 
+        from rau.retrieval import pixel_digest
+
+        key = (pixel_digest(image), image.shape, self.equalize, id(self.net))
+        if self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
         x, scale = self.preprocess(image)
         with torch.inference_mode():
-            return self.net.image_encoder(x), scale
+            result = self.net.image_encoder(x), scale
+        self._memo = (key, result)
+        return result
 
     def decode(self, embedding, scale: float, boxes: list[Box], hw: tuple[int, int]):
         """Boxes (target pixels) -> (N, H, W) logits at target size and (N,) predicted IoU."""

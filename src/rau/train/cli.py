@@ -191,3 +191,48 @@ def chex(
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"final model: {final}")
+
+
+@train_app.command("refvlm")
+def refvlm(
+    cache: Annotated[list[Path], _opt("Token cache(s) from `rau train chex-cache` (one per dataset: pairs never mix caches); repeat for several.", "--cache")],
+    output_dir: Annotated[Path, _opt("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")],
+    steps: Annotated[int, _opt("Optimizer steps.")] = 3000,
+    batch_size: Annotated[int, _opt("Reference/target pairs per step.")] = 8,
+    structures_per_pair: Annotated[int, _opt("Reference structures (blocks) per pair.")] = 6,
+    p_similar: Annotated[float, _opt("Probability that a pair's reference is one of the target's nearest images (else any).")] = 0.5,
+    lr: Annotated[float, _opt("AdamW peak learning rate (cosine to 10%).")] = 1e-3,
+    warmup: Annotated[int, _opt("Linear warmup steps.")] = 100,
+    loc_sigma: Annotated[float, _opt("Gaussian soft-label width over location bins (0 = plain cross-entropy).")] = 4.0,
+    init_from: Annotated[Optional[Path], _opt("Start from this trained model folder (fine-tuning).")] = None,
+    cache_weights: Annotated[Optional[str], _opt("Comma-separated sampling weights per cache (default: by size).")] = None,
+    hidden_size: Annotated[int, _opt("Decoder width (new models only).")] = 256,
+    num_layers: Annotated[int, _opt("Decoder layers (new models only).")] = 6,
+    seed: Annotated[int, _opt("Seed: init and data order.")] = 0,
+    save_every: Annotated[int, _opt("Checkpoint every N steps.")] = 200,
+    threads: Annotated[Optional[int], _opt("torch CPU threads.")] = None,
+    device: Annotated[str, _opt("auto, cpu or cuda.")] = "auto",
+    progress: Annotated[bool, _opt("Show a progress bar.")] = True,
+) -> None:
+    """Train the compact RAU VLM (the shipped default localizer) on reference/target pairs; resumable.
+
+    The shipped weights' recipe is scripts/rau_vlm_recipe.sh; e.g.
+
+        rau train chex-cache --dataset ../shared/datasets/wingspan_cxr --id-range 0:160 --out runs/ref/ws.npz
+        rau train refvlm --cache runs/ref/ws.npz --output-dir runs/ref/vlm --steps 3000
+
+    Several GPUs: accelerate launch --num_processes 4 -m rau.cli train refvlm ... (same options).
+    """
+    try:
+        from rau.refvlm.train import train_refvlm
+
+        weights = [float(w) for w in cache_weights.split(",")] if cache_weights else None
+        config = None if init_from else {"hidden_size": hidden_size, "num_layers": num_layers}
+        final = train_refvlm(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+                             structures_per_pair=structures_per_pair, p_similar=p_similar, loc_sigma=loc_sigma,
+                             init_from=init_from, config=config, save_every=save_every, threads=threads,
+                             device=device, cache_weights=weights, command="rau " + " ".join(sys.argv[1:]),
+                             progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"final model: {final}")

@@ -1,0 +1,1 @@
+"""The compact RAU VLM (reference + target -> per-structure answer, box and mask tokens)."""

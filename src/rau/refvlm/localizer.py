@@ -1,0 +1,101 @@
+"""The compact RAU VLM behind rau's :class:`~rau.vlm.base.Localizer` interface (method ``rau``).
+
+For each target: the target is encoded ONCE by LiteMedSAM's encoder (shared with the LiteMedSAM
+segmenter of the same method when the image is square, where both preprocessings are identical),
+the reference's encoding and annotation tokens are cached per reference image, and every
+structure is answered in one batch (:meth:`rau.refvlm.model.RefVlmModel.answer`).
+
+Each structure's :class:`~rau.vlm.base.Localization`: answer "yes"/"no" (P(yes) >= 0.5), the box
+of the 4 location tokens, the mask of the 16 codes (decoded by the shipped mask tokenizer; its soft
+version is ``prob``, for fusion with the segmenter) and score = P(yes) x the box tokens' mean
+probability. A "no" comes without a box (the structure is reported not visible).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from rau.data.annotated import AnnotatedImage
+from rau.vlm.base import Localization, Localizer
+
+#: The shipped default weights (safetensors, fp16) with their config and training record.
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "refvlm"
+
+
+def default_available() -> bool:
+    return (DEFAULT_DIR / "model.safetensors").is_file() and (DEFAULT_DIR / "config.json").is_file()
+
+
+class RefVlmLocalizer(Localizer):
+    name = "rau-vlm"
+
+    def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", shared_segmenter=None,
+                 reference_cache: int = 64):
+        from rau.chex.masktok import load_default
+        from rau.refvlm.model import RefVlmModel
+
+        self.model = RefVlmModel.from_pretrained(model_dir or DEFAULT_DIR, device=device)
+        self.model_dir = Path(model_dir or DEFAULT_DIR)
+        self.tokenizer = load_default()
+        self.shared = shared_segmenter
+        self._refs: OrderedDict[str, tuple] = OrderedDict()
+        self._ref_cache = reference_cache
+
+    # ---- encodings
+    def features(self, image: np.ndarray):
+        """(1, C, g, g) features of one image; reuses the shared segmenter's encoder pass when the
+        preprocessing is the same (square image, equalisation on)."""
+        import torch.nn.functional as F
+
+        cfg = self.model.config
+        seg = self.shared
+        if (seg is not None and getattr(seg, "equalize", False) and image.shape[0] == image.shape[1]
+                and cfg.preprocessing == "equalize" and cfg.image_size == 256):
+            emb, _ = seg.embed(image)
+            return F.adaptive_avg_pool2d(emb, cfg.grid).float()
+        return self.model.encode([image])
+
+    def _reference(self, reference: AnnotatedImage, structures: list[str]):
+        from rau.retrieval import pixel_digest
+
+        key = pixel_digest(reference.image)
+        entry = self._refs.get(key)
+        if entry is None:
+            entry = (self.features(reference.image), {})
+            self._refs[key] = entry
+            while len(self._refs) > self._ref_cache:
+                self._refs.popitem(last=False)
+        else:
+            self._refs.move_to_end(key)
+        feats, tokens = entry
+        for s in structures:
+            if s not in tokens:
+                t = self.tokenizer.encode(reference.masks[s])
+                tokens[s] = (tuple(t.loc), tuple(t.codes))
+        return feats, [tokens[s] for s in structures]
+
+    # ---- Localizer
+    def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
+        from rau.chex.masktok import loc_tokens_to_box, paste_probs
+
+        if not structures:
+            return {}
+        ref_feats, ref_tokens = self._reference(reference, structures)
+        answers = self.model.answer(ref_feats, self.features(target.image), ref_tokens)
+        out = {}
+        hw = target.shape
+        for name, a in zip(structures, answers):
+            if not a.visible:
+                out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
+                continue
+            decoded = self.tokenizer.decode(a.loc, a.codes, hw)
+            if decoded.mask is None:
+                out[name] = Localization("no", decoded.box_xyxy_px, 0.0, f"model answer does not decode: {decoded.reason}")
+                continue
+            box = loc_tokens_to_box(a.loc, hw, self.model.config.bins)
+            prob = paste_probs(self.tokenizer.decode_crop(a.codes), box, hw).astype(np.float32)
+            out[name] = Localization("yes", decoded.box_xyxy_px, a.p_yes * a.box_score, None, decoded.mask, prob)
+        return out
