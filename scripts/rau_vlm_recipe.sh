@@ -20,7 +20,7 @@ mkdir -p runs/ref
 # 2. Train on reference/target pairs of each dataset (pairs never mix datasets).
 $RAU train refvlm --cache runs/chex/wingspan_0_160.npz --cache runs/chex/drr_train.npz \
   --cache runs/chex/drr_train_lat.npz --cache runs/ref/arcade_train.npz --cache-weights 0.3,0.2,0.1,0.4 \
-  --output-dir runs/ref/vlm --steps "${STEPS:-2500}" --batch-size 8 --structures-per-pair 6 --lr 1e-3 --warmup 100 \
+  --output-dir runs/ref/vlm --steps "${STEPS:-2000}" --batch-size 8 --structures-per-pair 6 --lr 1e-3 --warmup 100 \
   --seed 0 --threads 2
 
 # 3. Ship: fp16 weights + config + training record into the package.

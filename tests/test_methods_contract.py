@@ -35,11 +35,21 @@ def tiny_chex(tmp_path_factory):
     return model.save_pretrained(tmp_path_factory.mktemp("chex"))
 
 
+@pytest.fixture(scope="module")
+def tiny_ref(tmp_path_factory):
+    from rau.refvlm.model import build_model
+
+    return build_model(seed=0, **TINY_CHEX).save_pretrained(tmp_path_factory.mktemp("refvlm"))
+
+
 TINY_CHEX = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
 
 
-def _options(name, tiny_vlm, tiny_unet, tiny_chex=None):
+def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None):
     from rau.segment.sam2_memory import tiny_sam2_config
+
+    if name in ("rau-box", "rau-tokens", "rau-ot"):
+        return {"vlm": tiny_ref}
 
     if name == "chexanatomy":
         return {"chex": tiny_chex}
@@ -53,12 +63,12 @@ def _options(name, tiny_vlm, tiny_unet, tiny_chex=None):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex):
+def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref):
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
     ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
     tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
-    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex))
+    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref))
     result = method.predict(ref, tgt)
     assert result.method == name and set(result.structures) == {"blob", "square"}
     assert result.seconds > 0
@@ -72,9 +82,37 @@ def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex):
         assert s.found or s.reason
 
 
-def test_rau_without_vlm_is_a_clear_error():
-    with pytest.raises(rau.RauInputError, match="--vlm"):
-        create_method("rau")
+def test_rau_with_a_compact_vlm_folder_encodes_the_target_once(tiny_ref):
+    """`rau` + LiteMedSAM: the VLM reads the segmenter's embedding of a square target (one encoder
+    pass), and gives the same features as encoding it separately."""
+    import torch
+
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(4, 2))
+    method = create_method("rau", vlm=tiny_ref)
+    loc, seg = method.localizer, method.segmenter
+    assert loc.shared is seg and method.fuse_sigma
+    calls = []
+    hook = seg.net.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        shared = loc.features(tgt_img)
+        assert len(calls) == 1
+        seg.embed(tgt_img)
+        assert len(calls) == 1  # remembered
+    finally:
+        hook.remove()
+    assert torch.allclose(shared, loc.model.encode([tgt_img]), atol=1e-4)
+    result = method.predict(AnnotatedImage(ref_img, ref_masks, {"id": "r"}), AnnotatedImage(tgt_img, {}, {"id": "t"}))
+    assert set(result.structures) == {"blob", "square"}
+
+
+def test_rau_default_is_the_shipped_compact_vlm():
+    from rau.refvlm.localizer import DEFAULT_DIR, default_available
+
+    if not default_available():
+        pytest.skip("no shipped RAU VLM weights in this checkout")
+    method = create_method("rau")
+    assert method.localizer.name == "rau-vlm" and method.localizer.model_dir == DEFAULT_DIR
 
 
 def test_sam2_memory_without_weights_is_a_clear_error():

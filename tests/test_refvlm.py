@@ -204,3 +204,28 @@ def test_cli_cache_train_then_rau_methods_use_the_folder(folder_dataset, tmp_pat
                               "--out", str(tmp_path / "x.json"), "--method", "rau", "--vlm", str(tmp_path / "missing"),
                               "--no-progress"])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_token_evaluation_on_caches(model, tmp_path):
+    from rau.refvlm.evaluate import evaluate_cache
+
+    res = evaluate_cache(model, _cache(8, seed=1), _cache(4, seed=2))
+    assert res["n_targets"] == 4 and set(res["per_structure"]) <= {"a", "b", "c"}
+    assert 0.0 <= res["id_acc"] <= 1.0 and 0.0 <= res["box_iou"] <= 1.0
+
+
+def test_one_to_one_assignment_never_gives_two_structures_one_box(model):
+    from rau.refvlm.model import assign_boxes
+
+    ll = np.array([[-1.0, -5.0, -9.0], [-1.5, -9.0, -2.0]])  # both prefer box 0: the second yields
+    assert list(assign_boxes(ll)) == [0, 2]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 6))
+        out = assign_boxes(rng.normal(size=(n, n + int(rng.integers(0, 3)))))
+        assert len(set(out.tolist())) == n
+    with pytest.raises(ValueError, match="N, M>=N"):
+        assign_boxes(np.zeros((3, 2)))
+    refs = [([0, 0, 500, 500], list(range(16))), ([10, 10, 900, 900], [3] * 16)]
+    ll = model.box_loglik(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4), refs, [[0, 0, 10, 10], [5, 5, 600, 700], [1, 2, 3, 4]])
+    assert ll.shape == (2, 3) and (ll < 0).all()

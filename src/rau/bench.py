@@ -29,6 +29,13 @@ SPLITS = ("wingspan", "arcade", "drr")
 BASELINES = ("registration", "reg-box", "reg-fuse", "oracle-box")
 
 
+def default_methods() -> list[str]:
+    """``rau`` (the shipped compact RAU VLM) first, then the baselines."""
+    from rau.refvlm.localizer import default_available
+
+    return (["rau"] if default_available() else []) + list(BASELINES)
+
+
 @dataclass(frozen=True)
 class Split:
     name: str
@@ -189,7 +196,7 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
                argv: list[str], k: int = 1) -> Path:
     from rau.plots import dice_bar_chart
 
-    methods = methods or list(BASELINES)
+    methods = methods or default_methods()
     split_names = split_names or list(SPLITS)
     if "drr" in split_names:
         ensure_drr(drr_dir, quick)

@@ -48,10 +48,10 @@ def _range(value: Optional[str], arg: str) -> Optional[slice]:
         raise ValueError(f"{arg}: expected START:STOP indices into the id-sorted images (e.g. 160:200), got {value!r}") from None
 
 
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: reg-fuse.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: rau (the shipped RAU VLM + LiteMedSAM).")]
 StructOpt = Annotated[Optional[str], typer.Option("--structures", "-s", help="Comma-separated structure names (default: all of the reference's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the models: cpu, cuda, cuda:1 ...")]
-VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Local VLM checkpoint folder (Qwen2.5-VL family) for method 'rau'.")]
+VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Methods rau/rau-box/rau-tokens: a `rau train refvlm` model folder, or a local Qwen2.5-VL checkpoint folder (default: the shipped compact RAU VLM).")]
 LoraOpt = Annotated[Optional[Path], typer.Option("--lora", help="Local PEFT LoRA adapter folder applied on top of --vlm.")]
 Sam2Opt = Annotated[Optional[Path], typer.Option("--sam2", help="Local SAM2 (transformers Sam2Video) checkpoint folder.")]
 UnetOpt = Annotated[Optional[Path], typer.Option("--unet", help="Trained U-Net folder for method 'unet' (python -m rau.segment.unet train).")]
@@ -245,7 +245,7 @@ def report(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Output folder: <split>_<method>.json, dice_<split>.png, overlays, BENCH.md.")] = Path("runs/bench"),
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: registration,reg-box,reg-fuse,oracle-box; add rau with --vlm, sam2-memory with --sam2).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau,registration,reg-box,reg-fuse,oracle-box; add rau-box, rau-tokens, chexanatomy with --chex, sam2-memory with --sam2).")] = None,
     splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr (default: all).")] = None,
     data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
     drr_dir: Annotated[Path, typer.Option(help="DRR train/ and test/ folders (rendered here on first use).")] = Path("runs/drr"),
@@ -303,7 +303,7 @@ def drr(
 
 from rau.train.cli import train_app  # noqa: E402 - typer only; training code loads inside the command
 
-app.add_typer(train_app, name="train", help="Train rau's models: `rau train vlm` fine-tunes the localizer (SFT).")
+app.add_typer(train_app, name="train", help="Train rau's models: `rau train refvlm` (the shipped compact RAU VLM), `rau train vlm` (SFT of a Qwen2.5-VL checkpoint), `rau train chex`.")
 
 
 @app.command()

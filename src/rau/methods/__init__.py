@@ -2,11 +2,12 @@
 
 | name          | localizer                      | segmenter                 | masks from            |
 |---------------|--------------------------------|---------------------------|-----------------------|
-| reg-fuse      | registration (boxes + masks)   | LiteMedSAM (box prompt)   | fused (DEFAULT)       |
+| reg-fuse      | registration (boxes + masks)   | LiteMedSAM (box prompt)   | fused                 |
 | reg-box       | registration (boxes)           | LiteMedSAM (box prompt)   | segmenter             |
 | registration  | registration (warped masks)    | -                         | localizer             |
 | oracle-box    | ground-truth boxes (eval only) | LiteMedSAM                | segmenter             |
-| rau           | RAU VLM (shipped compact model, or a Qwen2.5-VL checkpoint) | LiteMedSAM or SAM2-memory | fused (compact VLM + LiteMedSAM) |
+| rau           | RAU VLM (shipped compact model, or a Qwen2.5-VL checkpoint) | LiteMedSAM or SAM2-memory | fused (DEFAULT)       |
+| rau-ot        | RAU VLM, boxes assigned one-to-one (Hungarian) | LiteMedSAM | fused                 |
 | rau-box       | RAU VLM boxes                  | LiteMedSAM                | segmenter             |
 | rau-tokens    | RAU VLM (box + mask tokens)    | -                         | localizer             |
 | sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
@@ -25,7 +26,7 @@ from pathlib import Path
 from rau.errors import RauInputError
 from rau.methods.base import Method
 
-DEFAULT_METHOD = "reg-fuse"
+DEFAULT_METHOD = "rau"
 #: Blur of the warped reference mask before fusion, as a fraction of the target's longest side
 #: (4 px at 512 px; picked on 15 Wingspan targets of the reference part, see docs/BENCHMARKS.md).
 FUSE_SIGMA = 4 / 512
@@ -91,7 +92,8 @@ def _rau_parts(kw: dict, *, segmenter: bool = True):
 
         if vlm is None and not default_available():
             raise RauInputError("--vlm: the shipped RAU VLM weights are missing from this install; pass --vlm PATH")
-        return RefVlmLocalizer(vlm, device=device, shared_segmenter=seg if seg_name == "medsam" else None), seg
+        return RefVlmLocalizer(vlm, device=device, shared_segmenter=seg if seg_name == "medsam" else None,
+                               assign=bool(kw.get("assign"))), seg
     from rau.vlm.qwen import QwenLocalizer
 
     return QwenLocalizer(vlm, device=device, lora=kw.get("lora")), seg
@@ -103,6 +105,14 @@ def _rau(**kw) -> Method:
     loc, seg = _rau_parts(kw)
     fuse = FUSE_SIGMA if (kw.get("segmenter") or "medsam") == "medsam" and loc.name == "rau-vlm" else None
     return Method("rau", loc, seg, fuse_sigma=fuse)
+
+
+def _rau_ot(**kw) -> Method:
+    """``rau`` with a global one-to-one assignment of the predicted boxes to the structures
+    (Hungarian matching on the VLM's box likelihoods): two structures never claim the same box."""
+    method = _rau(**{**kw, "assign": True})
+    method.name = "rau-ot"
+    return method
 
 
 def _rau_box(**kw) -> Method:
@@ -151,6 +161,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "registration": _registration,
     "oracle-box": _oracle_box,
     "rau": _rau,
+    "rau-ot": _rau_ot,
     "rau-box": _rau_box,
     "rau-tokens": _rau_tokens,
     "sam2-memory": _sam2_memory,
@@ -160,7 +171,7 @@ METHODS: dict[str, Callable[..., Method]] = {
 
 
 def create_method(name: str | None = None, **options) -> Method:
-    """Build a method by registry name (default ``reg-fuse``).
+    """Build a method by registry name (default ``rau``: the shipped compact RAU VLM + LiteMedSAM).
 
     Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
     ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``chex`` (CheXanatomy model folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.

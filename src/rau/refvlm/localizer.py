@@ -33,7 +33,7 @@ class RefVlmLocalizer(Localizer):
     name = "rau-vlm"
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", shared_segmenter=None,
-                 reference_cache: int = 64):
+                 reference_cache: int = 64, assign: bool = False):
         from rau.chex.masktok import load_default
         from rau.refvlm.model import RefVlmModel
 
@@ -41,6 +41,7 @@ class RefVlmLocalizer(Localizer):
         self.model_dir = Path(model_dir or DEFAULT_DIR)
         self.tokenizer = load_default()
         self.shared = shared_segmenter
+        self.assign = assign
         self._refs: OrderedDict[str, tuple] = OrderedDict()
         self._ref_cache = reference_cache
 
@@ -77,6 +78,25 @@ class RefVlmLocalizer(Localizer):
                 tokens[s] = (tuple(t.loc), tuple(t.codes))
         return feats, [tokens[s] for s in structures]
 
+    def _assign(self, answers, ref_feats, tgt_feats, ref_tokens):
+        """One-to-one boxes: the visible structures' predicted boxes are the candidates, each
+        structure is scored on every candidate and the Hungarian assignment decides (a box moves
+        with the mask codes generated for it)."""
+        from dataclasses import replace
+
+        from rau.refvlm.model import assign_boxes
+
+        vis = [i for i, a in enumerate(answers) if a.visible]
+        if len(vis) < 2:
+            return answers
+        cands = [answers[i].loc for i in vis]
+        ll = self.model.box_loglik(ref_feats, tgt_feats, [ref_tokens[i] for i in vis], cands)
+        out = list(answers)
+        for row, col in zip(vis, assign_boxes(ll)):
+            src = answers[vis[col]]
+            out[row] = replace(answers[row], loc=src.loc, codes=src.codes)
+        return out
+
     # ---- Localizer
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
         from rau.chex.masktok import loc_tokens_to_box, paste_probs
@@ -84,7 +104,10 @@ class RefVlmLocalizer(Localizer):
         if not structures:
             return {}
         ref_feats, ref_tokens = self._reference(reference, structures)
-        answers = self.model.answer(ref_feats, self.features(target.image), ref_tokens)
+        tgt_feats = self.features(target.image)
+        answers = self.model.answer(ref_feats, tgt_feats, ref_tokens)
+        if self.assign:
+            answers = self._assign(answers, ref_feats, tgt_feats, ref_tokens)
         out = {}
         hw = target.shape
         for name, a in zip(structures, answers):

@@ -53,7 +53,7 @@ SPECIALS = ("<pad>", "<q>", "<ans>", "<yes>", "<no>")
 CONFIG_FILE, WEIGHTS_FILE, TRAINING_FILE = "config.json", "model.safetensors", "training.json"
 _TIED = "lm.lm_head.weight"
 
-__all__ = ["RefVlmConfig", "RefVlmModel", "RefVocab", "answer_loss", "build_model", "select_cache"]
+__all__ = ["RefVlmConfig", "RefVlmModel", "RefVocab", "answer_loss", "assign_boxes", "build_model", "select_cache"]
 
 
 @dataclass
@@ -324,6 +324,46 @@ class RefVlmModel:
             out.append(StructureAnswer(bool(py >= 0.5), float(py), tuple(int(t) - vocab.loc_offset for t in row[1:5]),
                                        tuple(int(t) - vocab.seg_offset for t in row[5:]), [float(v) for v in pr]))
         return out
+
+    def box_loglik(self, ref_features, tgt_features, ref_tokens: Sequence[tuple[Sequence[int], Sequence[int]]],
+                   candidates: Sequence[Sequence[int]]) -> np.ndarray:
+        """(N structures, M candidate boxes) log-likelihood of each candidate's 4 location tokens
+        after structure i's prompt and ``<yes>`` (teacher-forced, one batch over the shared prefix).
+        The cost matrix of :func:`assign_boxes`."""
+        import torch
+        import torch.nn.functional as F
+
+        n, m = len(ref_tokens), len(candidates)
+        if n == 0 or m == 0:
+            return np.zeros((n, m))
+        v, net = self.vocab, self.net
+        rows = [v.prompt(loc, codes) + [v.id["<yes>"], *(v.loc_offset + int(t) for t in cand)]
+                for loc, codes in ref_tokens for cand in candidates]
+        was_training = net.training
+        net.eval()
+        with torch.inference_mode():
+            rf = torch.as_tensor(ref_features, dtype=torch.float32, device=self.device)
+            tf = torch.as_tensor(tgt_features, dtype=torch.float32, device=self.device)
+            ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+            logp = F.log_softmax(net(rf, tf, ids, torch.zeros(len(rows), dtype=torch.long, device=self.device)).float(), -1)
+            ll = logp[:, -4:].gather(-1, ids[:, -4:, None])[..., 0].sum(-1)
+        net.train(was_training)
+        return ll.reshape(n, m).cpu().numpy()
+
+
+def assign_boxes(loglik: np.ndarray) -> np.ndarray:
+    """One-to-one assignment of candidate boxes to structures maximising the total log-likelihood
+    (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``): row i -> column ``out[i]``, so
+    two structures never claim the same box. Needs at least as many candidates as structures."""
+    from scipy.optimize import linear_sum_assignment
+
+    ll = np.asarray(loglik, float)
+    if ll.ndim != 2 or ll.shape[1] < ll.shape[0]:
+        raise ValueError(f"assign_boxes: need an (N, M>=N) matrix, got {ll.shape}")
+    rows, cols = linear_sum_assignment(-ll)
+    out = np.empty(ll.shape[0], int)
+    out[rows] = cols
+    return out
 
 
 def build_model(seed: int = 0, device: str = "cpu", **overrides) -> RefVlmModel:
