@@ -48,7 +48,7 @@ def _range(value: Optional[str], arg: str) -> Optional[slice]:
         raise ValueError(f"{arg}: expected START:STOP indices into the id-sorted images (e.g. 160:200), got {value!r}") from None
 
 
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: rau (the shipped RAU VLM + LiteMedSAM).")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: reg-fuse.")]
 StructOpt = Annotated[Optional[str], typer.Option("--structures", "-s", help="Comma-separated structure names (default: all of the reference's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the models: cpu, cuda, cuda:1 ...")]
 VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Methods rau/rau-box/rau-tokens: a `rau train refvlm` model folder, or a local Qwen2.5-VL checkpoint folder (default: the shipped compact RAU VLM).")]

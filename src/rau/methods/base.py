@@ -59,8 +59,7 @@ class Method:
         return TargetResult(target.id, reference.id, self.name, results, time.perf_counter() - start)
 
     def _combine(self, name: str, loc: Localization | None, seg, sigma: float | None) -> StructureResult:
-        fused = seg is not None and sigma is not None and seg.prob is not None and loc is not None and loc.prob is not None
-        if fused:
+        if seg is not None and sigma is not None and seg.prob is not None and loc is not None and loc.prob is not None:
             mask, score = fuse_probabilities(seg.prob, loc.prob, sigma), seg.score
         elif seg is not None:
             mask, score = seg.mask, seg.score
@@ -69,7 +68,7 @@ class Method:
         else:
             mask, score = None, 0.0
         box = loc.box_xyxy_px if loc is not None and loc.box_xyxy_px is not None else None
-        if mask is not None and mask.any() and (fused or box is None):  # a fused mask reports its own box
+        if box is None and mask is not None:
             box = mask_to_box(mask)
         if loc is not None and self.segmenter is not None:
             score = loc.score * score if loc.box_xyxy_px is not None else 0.0
