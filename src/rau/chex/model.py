@@ -311,28 +311,27 @@ class Answer:
         return float(np.exp(np.mean(np.log(np.clip(self.probs, 1e-9, 1.0))))) if self.probs else 0.0
 
 
-class ChexModel:
-    """The CheXanatomy VLM: config + vocabulary + network (frozen encoder loaded on demand)."""
+class DecoderFolderModel:
+    """Persistence shared by the token VLMs (CheXanatomy, the compact RAU VLM): a model folder of
+    ``config.json`` + ``model.safetensors`` (+ ``training.json``); the tied output head is never
+    stored. Subclasses set FORMAT, CONFIG, LABEL (for errors) and OPTION (the CLI option)."""
 
-    def __init__(self, config: ChexConfig, net=None, *, device: str = "cpu", training: dict | None = None):
-        self.config, self.vocab, self.device = config, ChexVocab(config), device
-        self.net = (net if net is not None else _build_network(config, len(self.vocab), self.vocab.loc_offset)).to(device)
-        self.training = training or {}
+    FORMAT: str = FORMAT
+    CONFIG: type = None  # type: ignore[assignment]
+    LABEL: str = "CheXanatomy model"
+    OPTION: str = "--chex"
 
-    def __repr__(self) -> str:
-        n = sum(p.numel() for p in self.net.parameters())
-        return f"ChexModel({len(self.config.names)} structures, {n / 1e6:.2f}M parameters, vocab {len(self.vocab)})"
-
-    # ---- persistence
-    def weights_bytes(self) -> bytes:
-        """The network's weights as safetensors bytes (the tied output head is not stored)."""
+    def weights_bytes(self, *, half: bool = False) -> bytes:
+        """The network's weights as safetensors bytes (fp16 with ``half``)."""
         from safetensors.torch import save
 
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items() if k != _TIED}
-        return save(state, metadata={"format": FORMAT})
+        state = {k: (v.detach().cpu().half() if half else v.detach().cpu()).contiguous()
+                 for k, v in self.net.state_dict().items() if k != _TIED}
+        return save(state, metadata={"format": self.FORMAT})
 
-    def load_weights(self, path: Path, what: str = "--chex") -> None:
+    def load_weights(self, path: Path, what: str | None = None) -> None:
         """Load weights written by :meth:`weights_bytes`; CheckpointError if unreadable or not this config's."""
+        what = what or self.OPTION
         try:
             from safetensors.torch import load_file
 
@@ -343,27 +342,30 @@ class ChexModel:
             raise CheckpointError(f"{what}: {path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.net.lm.tie_weights()
 
-    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, training: dict | None = None, *, half: bool = False) -> Path:
+        """Write the model folder; ``half`` stores fp16 weights (loaded back as fp32)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        write_bytes(out / WEIGHTS_FILE, self.weights_bytes())
+        write_bytes(out / WEIGHTS_FILE, self.weights_bytes(half=half))
         write_json(out / CONFIG_FILE, asdict(self.config), indent=1)
         if training is not None or self.training:
             write_json(out / TRAINING_FILE, training if training is not None else self.training, indent=1)
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str = "cpu") -> ChexModel:
+    def from_pretrained(cls, directory: str | Path, *, device: str = "cpu"):
         folder = Path(directory)
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"--chex: {folder} is not a CheXanatomy model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+            raise CheckpointError(f"{cls.OPTION}: {folder} is not a {cls.LABEL} folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
-            config = ChexConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+            config = cls.CONFIG.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
         except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"--chex: {folder / CONFIG_FILE} is unreadable ({exc.__class__.__name__}: {exc})") from None
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{cls.OPTION}: {folder / CONFIG_FILE} is unreadable ({exc.__class__.__name__}: {exc})") from None
         model = cls(config, device="cpu")
         model.load_weights(folder / WEIGHTS_FILE)
-        model.net.to(device).eval()
+        model.net.float().to(device).eval()
         model.device = device
         if (folder / TRAINING_FILE).is_file():
             try:
@@ -371,6 +373,21 @@ class ChexModel:
             except ValueError:
                 model.training = {}
         return model
+
+
+class ChexModel(DecoderFolderModel):
+    """The CheXanatomy VLM: config + vocabulary + network (frozen encoder loaded on demand)."""
+
+    CONFIG = ChexConfig
+
+    def __init__(self, config: ChexConfig, net=None, *, device: str = "cpu", training: dict | None = None):
+        self.config, self.vocab, self.device = config, ChexVocab(config), device
+        self.net = (net if net is not None else _build_network(config, len(self.vocab), self.vocab.loc_offset)).to(device)
+        self.training = training or {}
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.net.parameters())
+        return f"ChexModel({len(self.config.names)} structures, {n / 1e6:.2f}M parameters, vocab {len(self.vocab)})"
 
     # ---- inference
     def encode(self, images: Sequence[np.ndarray], progress: bool = False):

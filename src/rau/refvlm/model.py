@@ -36,16 +36,20 @@ Folder format: ``config.json`` (:class:`RefVlmConfig`), ``model.safetensors``, o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from rau.atomic import write_bytes, write_json
-from rau.chex.model import _lm_step, _sincos_1d, _sincos_2d, answer_loss, encode_images
+from rau.chex.model import (
+    DecoderFolderModel,
+    _lm_step,
+    _sincos_1d,
+    _sincos_2d,
+    answer_loss,
+    encode_images,
+)
 from rau.errors import CheckpointError, RauInputError
 
 FORMAT = "rau-refvlm-v1"
@@ -213,8 +217,11 @@ class StructureAnswer:
         return float(np.exp(np.mean(np.log(np.clip(self.probs[1:5], 1e-9, 1.0)))))
 
 
-class RefVlmModel:
-    """The compact RAU VLM: config + vocabulary + network (frozen encoder loaded on demand)."""
+class RefVlmModel(DecoderFolderModel):
+    """The compact RAU VLM: config + vocabulary + network (frozen encoder loaded on demand).
+    Persistence (model folder, fp16 option, errors) is :class:`rau.chex.model.DecoderFolderModel`'s."""
+
+    FORMAT, CONFIG, LABEL, OPTION = FORMAT, RefVlmConfig, "RAU VLM", "--vlm"
 
     def __init__(self, config: RefVlmConfig, net=None, *, device: str = "cpu", training: dict | None = None):
         self.config, self.vocab, self.device = config, RefVocab(config), device
@@ -225,60 +232,6 @@ class RefVlmModel:
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.net.parameters())
         return f"RefVlmModel({n / 1e6:.2f}M parameters, vocab {len(self.vocab)})"
-
-    # ---- persistence (the same contract as rau.chex.model.ChexModel, used by the shared training loop)
-    def weights_bytes(self) -> bytes:
-        from safetensors.torch import save
-
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items() if k != _TIED}
-        return save(state, metadata={"format": FORMAT})
-
-    def load_weights(self, path: Path, what: str = "--vlm") -> None:
-        try:
-            from safetensors.torch import load_file
-
-            missing, unexpected = self.net.load_state_dict(load_file(str(path)), strict=False)
-        except Exception as exc:  # noqa: BLE001 - truncated/foreign file: one line
-            raise CheckpointError(f"{what}: cannot load {path} ({exc.__class__.__name__}); it is truncated or corrupted") from None
-        if unexpected or [m for m in missing if m != _TIED]:
-            raise CheckpointError(f"{what}: {path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.net.lm.tie_weights()
-
-    def save_pretrained(self, directory: str | Path, training: dict | None = None, *, half: bool = False) -> Path:
-        """Write the model folder; ``half`` stores fp16 weights (the shipped default)."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        if half:
-            from safetensors.torch import save
-
-            state = {k: v.detach().cpu().half().contiguous() for k, v in self.net.state_dict().items() if k != _TIED}
-            write_bytes(out / WEIGHTS_FILE, save(state, metadata={"format": FORMAT}))
-        else:
-            write_bytes(out / WEIGHTS_FILE, self.weights_bytes())
-        write_json(out / CONFIG_FILE, asdict(self.config), indent=1)
-        if training is not None or self.training:
-            write_json(out / TRAINING_FILE, training if training is not None else self.training, indent=1)
-        return out
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str = "cpu") -> RefVlmModel:
-        folder = Path(directory)
-        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"--vlm: {folder} is not a RAU VLM folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            config = RefVlmConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"--vlm: {folder / CONFIG_FILE} is unreadable ({exc.__class__.__name__}: {exc})") from None
-        model = cls(config, device="cpu")
-        model.load_weights(folder / WEIGHTS_FILE)
-        model.net.float().to(device).eval()
-        model.device = device
-        if (folder / TRAINING_FILE).is_file():
-            try:
-                model.training = json.loads((folder / TRAINING_FILE).read_text())
-            except ValueError:
-                model.training = {}
-        return model
 
     # ---- inference
     def encode(self, images: Sequence[np.ndarray], progress: bool = False):
