@@ -156,10 +156,7 @@ def train_chex(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int,
                cache_weights: Sequence[float] | None = None, command: str | None = None, progress: bool = True) -> Path:
     """Train (or fine-tune from ``init_from``) on token caches -> ``out_dir/final``. Resumable."""
     import torch
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from rau.train.sft import write_loss_log
 
     if steps < 1 or batch_size < 1 or tasks_per_seq < 1 or not lr > 0:
         raise RauInputError("steps, batch_size and tasks_per_seq must be >= 1 and lr > 0")
@@ -191,6 +188,31 @@ def train_chex(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int,
                "warmup": warmup, "seed": seed, "tasks_per_seq": tasks_per_seq, "task_mix": task_mix, "loc_sigma": loc_sigma,
                "init_from": str(init_from) if init_from else None, "config": asdict(model.config),
                "cache_weights": [float(v) for v in weights]}
+    def step_loss(net, step, acc):
+        feats, ids, ans, locm = make_batch(model, loaded, name_maps, weights, seed, step, batch_size, tasks_per_seq,
+                                           task_mix, acc.process_index, acc.num_processes)
+        feats, ids, ans, locm = (t.to(acc.device) for t in (feats, ids, ans, locm))
+        with acc.autocast():
+            logits = net(feats, ids)
+        return answer_loss(logits, ids, ans, locm, loc_offset=model.vocab.loc_offset, bins=model.config.bins,
+                           loc_sigma=loc_sigma)
+
+    return run_training(model, out, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                        log_every=log_every, device=device, command=command, progress=progress, desc="train chex")
+
+
+def run_training(model, out: Path, run_key: dict, step_loss, *, steps: int, lr: float, warmup: int, save_every: int,
+                 log_every: int, device: str, command: str | None, progress: bool, desc: str) -> Path:
+    """The training loop shared by the token VLMs (CheXanatomy, the compact RAU VLM): accelerate
+    (bf16 on GPU), AdamW with warmup + cosine, clipping, resume from the latest checkpoint of
+    ``out`` (refused if its ``run_key`` differs), loss log, atomic checkpoints and ``out/final``.
+    ``step_loss(net, step, accelerator)`` returns the loss of step ``step``'s batch."""
+    import torch
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from rau.train.sft import write_loss_log
+
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     model.device = str(acc.device)
@@ -206,17 +228,11 @@ def train_chex(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int,
                                          "n_parameters": sum(p.numel() for p in model.net.parameters())}, indent=1)
     net.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc="train chex", unit="step", disable=not (progress and acc.is_main_process))
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not (progress and acc.is_main_process))
     for step in range(start, steps):
-        feats, ids, ans, locm = make_batch(model, loaded, name_maps, weights, seed, step, batch_size, tasks_per_seq,
-                                           task_mix, acc.process_index, acc.num_processes)
-        feats, ids, ans, locm = (t.to(acc.device) for t in (feats, ids, ans, locm))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        with acc.autocast():
-            logits = net(feats, ids)
-        loss = answer_loss(logits, ids, ans, locm, loc_offset=model.vocab.loc_offset, bins=model.config.bins,
-                           loc_sigma=loc_sigma)
+        loss = step_loss(net, step, acc)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(net.parameters(), 1.0)

@@ -17,10 +17,6 @@ Rerunning the same command resumes; a different configuration in the same folder
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from rau.chex.data import TokenCache, load_cache
-from rau.chex.train import _latest, _load_checkpoint, _save_checkpoint, lr_at
+from rau.chex.train import run_training
 from rau.errors import RauInputError
 from rau.refvlm.model import RefVlmConfig, RefVlmModel, answer_loss
 
@@ -103,10 +99,7 @@ def train_refvlm(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
                  command: str | None = None, progress: bool = True) -> Path:
     """Train (or fine-tune from ``init_from``) on token caches -> ``out_dir/final``. Resumable."""
     import torch
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from rau.train.sft import write_loss_log
 
     if steps < 1 or batch_size < 1 or structures_per_pair < 1 or not lr > 0 or not 0 <= p_similar <= 1:
         raise RauInputError("steps, batch_size and structures_per_pair must be >= 1, lr > 0 and p_similar in [0, 1]")
@@ -133,55 +126,14 @@ def train_refvlm(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
                "structures_per_pair": structures_per_pair, "p_similar": p_similar, "n_neighbours": n_neighbours,
                "loc_sigma": loc_sigma, "init_from": str(init_from) if init_from else None,
                "config": asdict(model.config), "cache_weights": [float(v) for v in weights]}
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    model.device = str(acc.device)
-    model.net.to(acc.device)
-    opt = torch.optim.AdamW([p for p in model.net.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    start, history = 0, []
-    latest = _latest(out)
-    if latest is not None:
-        start, history = _load_checkpoint(latest, model, opt, run_key)
-    net, opt = acc.prepare(model.net, opt)
-    if acc.is_main_process:
-        from rau.atomic import write_json
-
-        write_json(out / "config.json", {**run_key, "command": command or " ".join(sys.argv),
-                                         "n_parameters": sum(p.numel() for p in model.net.parameters())}, indent=1)
-    net.train()
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc="train rau vlm", unit="step", disable=not (progress and acc.is_main_process))
-    for step in range(start, steps):
+    def step_loss(net, step, acc):
         batch = make_batch(model, loaded, nears, weights, seed, step, batch_size, structures_per_pair, p_similar,
                            acc.process_index, acc.num_processes)
         rf, tf, ids, pair, ans, locm = (t.to(acc.device) for t in batch)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
         with acc.autocast():
             logits = net(rf, tf, ids, pair)
-        loss = answer_loss(logits, ids, ans, locm, loc_offset=model.vocab.loc_offset, bins=model.config.bins,
+        return answer_loss(logits, ids, ans, locm, loc_offset=model.vocab.loc_offset, bins=model.config.bins,
                            loc_sigma=loc_sigma)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        history.append({"step": step + 1, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-        done = step + 1
-        if acc.is_main_process and (done % log_every == 0 or done == steps):
-            write_loss_log(out, history)
-        if acc.is_main_process and (done % save_every == 0 or done == steps):
-            _save_checkpoint(out, model, opt, done, history, run_key)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    if acc.is_main_process:
-        training = {**run_key, "command": command or " ".join(sys.argv), "final_loss": history[-1]["loss"] if history else None,
-                    "seconds_this_call": seconds, "device": str(acc.device), "threads": torch.get_num_threads()}
-        tmp = out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(net).eval()
-        model.save_pretrained(tmp, training=training)
-        shutil.rmtree(out / "final", ignore_errors=True)
-        os.replace(tmp, out / "final")
-    return out / "final"
+
+    return run_training(model, out, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                        log_every=log_every, device=device, command=command, progress=progress, desc="train rau vlm")
