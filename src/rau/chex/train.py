@@ -206,7 +206,8 @@ def run_training(model, out: Path, run_key: dict, step_loss, *, steps: int, lr: 
     """The training loop shared by the token VLMs (CheXanatomy, the compact RAU VLM): accelerate
     (bf16 on GPU), AdamW with warmup + cosine, clipping, resume from the latest checkpoint of
     ``out`` (refused if its ``run_key`` differs), loss log, atomic checkpoints and ``out/final``.
-    ``step_loss(net, step, accelerator)`` returns the loss of step ``step``'s batch."""
+    ``step_loss(net, step, accelerator)`` returns the loss of step ``step``'s batch, or (loss, a dict
+    of floats to log with it, e.g. GRPO's mean reward)."""
     import torch
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -233,11 +234,12 @@ def run_training(model, out: Path, run_key: dict, step_loss, *, steps: int, lr: 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         loss = step_loss(net, step, acc)
+        loss, extras = loss if isinstance(loss, tuple) else (loss, {})
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        history.append({"step": step + 1, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+        history.append({"step": step + 1, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], **extras})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         done = step + 1

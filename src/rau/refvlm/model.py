@@ -57,7 +57,7 @@ SPECIALS = ("<pad>", "<q>", "<ans>", "<yes>", "<no>")
 CONFIG_FILE, WEIGHTS_FILE, TRAINING_FILE = "config.json", "model.safetensors", "training.json"
 _TIED = "lm.lm_head.weight"
 
-__all__ = ["RefVlmConfig", "RefVlmModel", "RefVocab", "answer_loss", "assign_boxes", "build_model", "select_cache"]
+__all__ = ["RefVlmConfig", "RefVlmModel", "RefVocab", "answer_loss", "assign_boxes", "answer_logprobs", "build_model", "generate", "select_cache"]
 
 
 @dataclass
@@ -246,34 +246,13 @@ class RefVlmModel(DecoderFolderModel):
         n = len(ref_tokens)
         if n == 0:
             return []
-        net, vocab = self.net, self.vocab
-        was_training = net.training
-        net.eval()
-        with torch.inference_mode():
-            rf = torch.as_tensor(ref_features, dtype=torch.float32, device=self.device)
-            tf = torch.as_tensor(tgt_features, dtype=torch.float32, device=self.device)
-            past = select_cache(net.prefix(rf, tf), torch.zeros(n, dtype=torch.long, device=self.device))
-            ids = torch.tensor([vocab.prompt(loc, codes) for loc, codes in ref_tokens], dtype=torch.long, device=self.device)
-            logits, past = _lm_step(net.lm, past, input_ids=ids)
-            chosen, probs, p_yes = [], [], None
-            for pos in range(vocab.answer_length):
-                allowed = torch.as_tensor(vocab.allowed(pos), device=self.device)
-                p = torch.softmax(logits[:, allowed].float(), dim=-1)
-                if pos == 0:
-                    p_yes = p[:, 0]
-                best = p.argmax(-1)
-                tok = allowed[best]
-                if pos == 0:  # decode the box and mask even where the answer is "no" (a ranked guess)
-                    tok = torch.full_like(tok, vocab.id["<yes>"])
-                chosen.append(tok)
-                probs.append(p.gather(-1, best[:, None])[:, 0])
-                if pos + 1 < vocab.answer_length:
-                    logits, past = _lm_step(net.lm, past, input_ids=tok[:, None])
-        net.train(was_training)
-        toks = torch.stack(chosen, 1).cpu().numpy()
-        prob = torch.stack(probs, 1).cpu().numpy()
+        vocab = self.vocab
+        rf = torch.as_tensor(ref_features, dtype=torch.float32, device=self.device)
+        tf = torch.as_tensor(tgt_features, dtype=torch.float32, device=self.device)
+        prompts = torch.tensor([vocab.prompt(loc, codes) for loc, codes in ref_tokens], dtype=torch.long, device=self.device)
+        toks, prob, p_yes = generate(self.net, vocab, rf, tf, prompts, torch.zeros(n, dtype=torch.long, device=self.device))
         out = []
-        for row, pr, py in zip(toks, prob, p_yes.cpu().numpy()):
+        for row, pr, py in zip(toks.cpu().numpy(), prob.cpu().numpy(), p_yes.cpu().numpy()):
             out.append(StructureAnswer(bool(py >= 0.5), float(py), tuple(int(t) - vocab.loc_offset for t in row[1:5]),
                                        tuple(int(t) - vocab.seg_offset for t in row[5:]), [float(v) for v in pr]))
         return out
@@ -302,6 +281,68 @@ class RefVlmModel(DecoderFolderModel):
             ll = logp[:, -4:].gather(-1, ids[:, -4:, None])[..., 0].sum(-1)
         net.train(was_training)
         return ll.reshape(n, m).cpu().numpy()
+
+
+def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_index, *, temperature: float = 0.0,
+             generator=None):
+    """Grammar-constrained answers of a batch of structure blocks (no gradients).
+
+    ``prompts`` (N, prompt_length) ids, ``pair_index`` (N,) row of the (B, C, g, g) features each
+    belongs to; the prefix of each pair is computed once. ``temperature`` 0 = greedy, else sampling
+    with ``generator``. The box and mask are always decoded (after ``<yes>``, a ranked guess where
+    the answer is ``<no>``). Returns (tokens (N, answer_length) with position 0 the chosen
+    ``<yes>``/``<no>``, the chosen tokens' probabilities (N, answer_length) under the temperature-1
+    distribution, P(yes) (N,))."""
+    import torch
+
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        past = select_cache(net.prefix(ref_features, tgt_features), pair_index)
+        logits, past = _lm_step(net.lm, past, input_ids=prompts)
+        chosen, probs, p_yes, first = [], [], None, None
+        for pos in range(vocab.answer_length):
+            allowed = torch.as_tensor(vocab.allowed(pos), device=prompts.device)
+            z = logits[:, allowed].float()
+            p = torch.softmax(z, dim=-1)
+            if temperature > 0:
+                pick = torch.multinomial(torch.softmax(z / temperature, dim=-1).cpu(), 1, generator=generator)[:, 0].to(p.device)
+            else:
+                pick = p.argmax(-1)
+            tok = allowed[pick]
+            if pos == 0:
+                p_yes, first = p[:, 0], tok
+                tok = torch.full_like(tok, vocab.id["<yes>"])  # decode the box and mask even after "no"
+            chosen.append(tok)
+            probs.append(p.gather(-1, pick[:, None])[:, 0])
+            if pos + 1 < vocab.answer_length:
+                logits, past = _lm_step(net.lm, past, input_ids=tok[:, None])
+    net.train(was_training)
+    toks = torch.stack(chosen, 1)
+    toks[:, 0] = first
+    return toks, torch.stack(probs, 1), p_yes
+
+
+def answer_logprobs(logits, ids, vocab: RefVocab):
+    """Per answer token log-probabilities under the grammar (the distribution :func:`generate`
+    samples from): ``logits`` (N, T, V) teacher-forced (logits[:, t] predicts ids[:, t]) -> (N,
+    answer_length) log p of ``ids``' answer tokens, and the mask of tokens that count (everything
+    after a ``<no>`` is padding)."""
+    import torch
+
+    p0 = vocab.prompt_length
+    z = logits[:, p0:].float()
+    a = ids[:, p0:]
+    groups = [(0, 1, vocab.allowed(0)), (1, 5, vocab.allowed(1)), (5, vocab.answer_length, vocab.allowed(5))]
+    out = []
+    for lo, hi, allowed in groups:
+        allowed = torch.as_tensor(allowed, device=ids.device)
+        lp = torch.log_softmax(z[:, lo:hi][..., allowed], dim=-1)
+        idx = torch.searchsorted(allowed, a[:, lo:hi].clamp(min=int(allowed[0]), max=int(allowed[-1])))
+        out.append(lp.gather(-1, idx[..., None])[..., 0])
+    mask = torch.ones_like(a, dtype=torch.bool)
+    mask[:, 1:] = (a[:, :1] == vocab.id["<yes>"])
+    return torch.cat(out, dim=1), mask
 
 
 def assign_boxes(loglik: np.ndarray) -> np.ndarray:

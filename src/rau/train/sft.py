@@ -511,18 +511,30 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
 
     steps = np.array([h["step"] for h in history])
     loss = np.array([h["loss"] for h in history])
-    fig = Figure(figsize=(6, 3.5), dpi=100)
+    extra = [k for k in history[-1] if k not in ("step", "loss", "lr") and isinstance(history[-1][k], (int, float))]
+    fig = Figure(figsize=(6, 3.5 * (1 + bool(extra))), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
     window = max(1, len(loss) // 20)
-    if window > 1:
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+
+    def curve(ax, values, label):
+        ax.plot(steps, values, lw=0.8, alpha=0.5, label=label)
+        if window > 1 and not np.isnan(values).any():
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"{label}, mean of {window}")
+
+    ax = fig.add_subplot(1 + bool(extra), 1, 1)
+    curve(ax, loss, "loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
+    if extra:  # e.g. GRPO: mean reward and its parts
+        ax2 = fig.add_subplot(2, 1, 2)
+        for k in extra:
+            curve(ax2, np.array([h.get(k, np.nan) for h in history], float), k)
+        ax2.set_xlabel("step")
+        ax2.grid(alpha=0.3)
+        ax2.legend(loc="best", fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".tmp-{path.name}")
     fig.savefig(tmp, format="png")
