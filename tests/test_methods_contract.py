@@ -42,12 +42,24 @@ def tiny_ref(tmp_path_factory):
     return build_model(seed=0, **TINY_CHEX).save_pretrained(tmp_path_factory.mktemp("refvlm"))
 
 
+@pytest.fixture(scope="module")
+def tiny_seg(tiny_ref, tmp_path_factory):
+    from rau.refvlm.seghead import SegHeadConfig, SegHeadModel, weights_sha256
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    head = SegHeadModel(SegHeadConfig(hidden_size=32, vlm_sha256=weights_sha256(tiny_ref)))
+    return head.save_pretrained(tmp_path_factory.mktemp("seghead"))
+
+
 TINY_CHEX = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
 
 
-def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None):
+def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None):
     from rau.segment.sam2_memory import tiny_sam2_config
 
+    if name == "rau-seg":
+        return {"vlm": tiny_ref, "seg_head": tiny_seg}
     if name in ("rau-box", "rau-tokens", "rau-ot"):
         return {"vlm": tiny_ref}
 
@@ -63,12 +75,12 @@ def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref):
+def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg):
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
     ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
     tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
-    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref))
+    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg))
     result = method.predict(ref, tgt)
     assert result.method == name and set(result.structures) == {"blob", "square"}
     assert result.seconds > 0

@@ -56,12 +56,13 @@ LoraOpt = Annotated[Optional[Path], typer.Option("--lora", help="Local PEFT LoRA
 Sam2Opt = Annotated[Optional[Path], typer.Option("--sam2", help="Local SAM2 (transformers Sam2Video) checkpoint folder.")]
 UnetOpt = Annotated[Optional[Path], typer.Option("--unet", help="Trained U-Net folder for method 'unet' (python -m rau.segment.unet train).")]
 ChexOpt = Annotated[Optional[Path], typer.Option("--chex", help="Trained CheXanatomy model folder for method 'chexanatomy' (rau train chex).")]
+SegHeadOpt = Annotated[Optional[Path], typer.Option("--seg-head", help="Method rau-seg: a `rau train seg-head` folder (default: the shipped head, if any).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 
 
-def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None, chex=None) -> dict:
+def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None, chex=None, seg_head=None) -> dict:
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
-            "unet": unet, "chex": chex}
+            "unet": unet, "chex": chex, "seg_head": seg_head}
 
 
 @app.command()
@@ -82,6 +83,7 @@ def localize(
     segmenter: SegOpt = None,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
+    seg_head: SegHeadOpt = None,
 ) -> None:
     """Identify, localize (box) and segment (mask) each reference structure in one target image."""
     try:
@@ -89,7 +91,7 @@ def localize(
         from rau.pipeline import localize as run
         from rau.pipeline import localize_from_bank
 
-        options = _method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex)
+        options = _method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head)
         if (bank is None) == (reference is None):
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:
@@ -165,6 +167,7 @@ def eval_(
     segmenter: SegOpt = None,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
+    seg_head: SegHeadOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate a method on a target dataset with references from a reference dataset; print a Markdown table."""
@@ -181,11 +184,11 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex))
+        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head))
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device,
                   "vlm": str(vlm) if vlm else None, "lora": str(lora) if lora else None,
-                  "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None, "chex": str(chex) if chex else None,
+                  "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None, "chex": str(chex) if chex else None, "seg_head": str(seg_head) if seg_head else None,
                   "segmenter": segmenter, "argv": sys.argv[1:]}
         ref_bank = None
         if bank is not None:
@@ -259,6 +262,7 @@ def bench(
     segmenter: SegOpt = None,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
+    seg_head: SegHeadOpt = None,
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -268,7 +272,7 @@ def bench(
 
         path = main_bench(out, methods=_split(methods, "--methods"), split_names=_split(splits, "--splits"), data=data, drr_dir=drr_dir,
                           quick=quick, limit=limit, seed=seed, progress=progress, argv=sys.argv[1:], k=k_references,
-                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex))
+                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head))
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(path.read_text())

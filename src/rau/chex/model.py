@@ -340,7 +340,8 @@ class DecoderFolderModel:
             raise CheckpointError(f"{what}: cannot load {path} ({exc.__class__.__name__}); it is truncated or corrupted") from None
         if unexpected or [m for m in missing if m != _TIED]:
             raise CheckpointError(f"{what}: {path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.net.lm.tie_weights()
+        if hasattr(self.net, "lm"):
+            self.net.lm.tie_weights()
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None, *, half: bool = False) -> Path:
         """Write the model folder; ``half`` stores fp16 weights (loaded back as fp32)."""

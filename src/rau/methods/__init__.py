@@ -10,6 +10,7 @@
 | rau-ot        | RAU VLM, boxes assigned one-to-one (Hungarian) | LiteMedSAM | fused                 |
 | rau-box       | RAU VLM boxes                  | LiteMedSAM                | segmenter             |
 | rau-tokens    | RAU VLM (box + mask tokens)    | -                         | localizer             |
+| rau-seg       | RAU VLM + <seg> query          | LiteMedSAM decoder (tuned) | localizer            |
 | sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
 | unet          | -                              | U-Net (fixed classes)     | segmenter             |
 | chexanatomy   | CheXanatomy VLM (box + mask tokens) | -                    | localizer             |
@@ -95,7 +96,7 @@ def _rau_parts(kw: dict, *, segmenter: bool = True):
         if vlm is None and not default_available():
             raise RauInputError("--vlm: the shipped RAU VLM weights are missing from this install; pass --vlm PATH")
         return RefVlmLocalizer(vlm, device=device, shared_segmenter=seg if seg_name == "medsam" else None,
-                               assign=bool(kw.get("assign"))), seg
+                               assign=bool(kw.get("assign")), seg_head=kw.get("seg_head_folder")), seg
     from rau.vlm.qwen import QwenLocalizer
 
     return QwenLocalizer(vlm, device=device, lora=kw.get("lora")), seg
@@ -125,6 +126,21 @@ def _rau_box(**kw) -> Method:
 def _rau_tokens(**kw) -> Method:
     loc, _ = _rau_parts(kw, segmenter=False)
     return Method("rau-tokens", loc, None)
+
+
+def _rau_seg(**kw) -> Method:
+    """RAU's <SEG> route: the VLM's ``<seg>`` hidden state, projected into prompt tokens of a
+    fine-tuned LiteMedSAM mask decoder, gives the mask (``seg_head``: a ``rau train seg-head``
+    folder; default: the shipped head)."""
+    from rau.refvlm.seghead import DEFAULT_HEAD_DIR
+
+    folder = kw.get("seg_head") or DEFAULT_HEAD_DIR
+    if not (Path(folder) / "model.safetensors").is_file():
+        raise RauInputError(f"--seg-head: method 'rau-seg' needs a trained <seg> head folder ({folder} has none; rau train seg-head)")
+    if kw.get("vlm") is not None and not _is_refvlm(kw["vlm"]):
+        raise RauInputError("--vlm: method 'rau-seg' needs a compact RAU VLM folder (rau train refvlm), not a Qwen checkpoint")
+    loc, _ = _rau_parts({**kw, "seg_head_folder": folder}, segmenter=False)
+    return Method("rau-seg", loc, None)
 
 
 def _sam2_memory(**kw) -> Method:
@@ -166,6 +182,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "rau-ot": _rau_ot,
     "rau-box": _rau_box,
     "rau-tokens": _rau_tokens,
+    "rau-seg": _rau_seg,
     "sam2-memory": _sam2_memory,
     "unet": _unet,
     "chexanatomy": _chexanatomy,
@@ -176,7 +193,7 @@ def create_method(name: str | None = None, **options) -> Method:
     """Build a method by registry name (default ``reg-fuse``; ``rau`` runs the shipped compact RAU VLM).
 
     Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
-    ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``chex`` (CheXanatomy model folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
+    ``seg_head`` (``rau-seg`` head folder), ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``chex`` (CheXanatomy model folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
     """
     name = name or DEFAULT_METHOD
     if name not in METHODS:

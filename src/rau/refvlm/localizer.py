@@ -33,7 +33,7 @@ class RefVlmLocalizer(Localizer):
     name = "rau-vlm"
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", shared_segmenter=None,
-                 reference_cache: int = 64, assign: bool = False):
+                 reference_cache: int = 64, assign: bool = False, seg_head: str | Path | None = None):
         from rau.chex.masktok import load_default
         from rau.refvlm.model import RefVlmModel
 
@@ -42,6 +42,14 @@ class RefVlmLocalizer(Localizer):
         self.tokenizer = load_default()
         self.shared = shared_segmenter
         self.assign = assign
+        self.seg_head = None
+        if seg_head is not None:  # rau-seg: masks from the <seg> query (its encoder pass is shared too)
+            from rau.refvlm.seghead import SegHeadModel
+            from rau.segment.medsam import MedSamSegmenter
+
+            self.seg_head = SegHeadModel.from_pretrained(seg_head, device=device)
+            self.seg_head.check_vlm(self.model_dir)
+            self.shared = shared_segmenter or MedSamSegmenter(device=device)
         self._refs: OrderedDict[str, tuple] = OrderedDict()
         self._ref_cache = reference_cache
 
@@ -110,7 +118,8 @@ class RefVlmLocalizer(Localizer):
             answers = self._assign(answers, ref_feats, tgt_feats, ref_tokens)
         out = {}
         hw = target.shape
-        for name, a in zip(structures, answers):
+        seg_probs = self._seg_query(target, ref_feats, tgt_feats, ref_tokens, answers) if self.seg_head else {}
+        for k, (name, a) in enumerate(zip(structures, answers)):
             if not a.visible:
                 out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
                 continue
@@ -118,7 +127,36 @@ class RefVlmLocalizer(Localizer):
             if decoded.mask is None:
                 out[name] = Localization("no", decoded.box_xyxy_px, 0.0, f"model answer does not decode: {decoded.reason}")
                 continue
+            if k in seg_probs:
+                prob = seg_probs[k]
+                mask = prob >= 0.5
+                if not mask.any():
+                    out[name] = Localization("no", decoded.box_xyxy_px, 0.0, "the <seg> query decodes to an empty mask")
+                    continue
+                out[name] = Localization("yes", decoded.box_xyxy_px, a.p_yes * a.box_score, None, mask, prob)
+                continue
             box = loc_tokens_to_box(a.loc, hw, self.model.config.bins)
             prob = paste_probs(self.tokenizer.decode_crop(a.codes), box, hw).astype(np.float32)
             out[name] = Localization("yes", decoded.box_xyxy_px, a.p_yes * a.box_score, None, decoded.mask, prob)
         return out
+
+    def _seg_query(self, target: AnnotatedImage, ref_feats, tgt_feats, ref_tokens, answers) -> dict[int, np.ndarray]:
+        """rau-seg: (H, W) probabilities of the visible structures from the <seg> head, decoded on the
+        target's LiteMedSAM embedding (the encoder pass the VLM's features came from)."""
+        import torch
+
+        from rau.segment.medsam import frame_to_image
+
+        vis = [k for k, a in enumerate(answers) if a.visible]
+        if not vis:
+            return {}
+        v = self.model.vocab
+        rows = [v.prompt(*ref_tokens[k]) + v.answer(answers[k].loc, answers[k].codes) for k in vis]
+        dev = self.model.device
+        emb, scale = self.shared.embed(target.image)
+        low, _ = self.seg_head.masks(self.model.net, torch.as_tensor(ref_feats, dtype=torch.float32, device=dev),
+                                     torch.as_tensor(tgt_feats, dtype=torch.float32, device=dev),
+                                     torch.tensor(rows, dtype=torch.long, device=dev), emb.to(dev))
+        with torch.inference_mode():
+            prob = torch.sigmoid(frame_to_image(low[:, None].float(), scale, target.shape))[:, 0].cpu().numpy()
+        return {k: prob[i].astype(np.float32) for i, k in enumerate(vis)}

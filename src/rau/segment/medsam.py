@@ -58,6 +58,16 @@ def _load_net(checkpoint: str | Path | None, device: str):
     return net.to(device).eval()
 
 
+def frame_to_image(low, scale: float, hw: tuple[int, int]):
+    """(N, 1, h, w) mask logits in the encoder's padded 256 x 256 frame (any resolution) ->
+    (N, 1, H, W) logits at the image's size (the padding cropped)."""
+    import torch.nn.functional as F
+
+    nh, nw = round(hw[0] * scale), round(hw[1] * scale)
+    low = F.interpolate(low, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return F.interpolate(low[..., :nh, :nw], size=hw, mode="bilinear", align_corners=False)
+
+
 class MedSamSegmenter(Segmenter):
     """Box -> mask with LiteMedSAM. ``equalize``: histogram-equalise the target first (default on)."""
 
@@ -110,7 +120,6 @@ class MedSamSegmenter(Segmenter):
     def decode(self, embedding, scale: float, boxes: list[Box], hw: tuple[int, int]):
         """Boxes (target pixels) -> (N, H, W) logits at target size and (N,) predicted IoU."""
         import torch
-        import torch.nn.functional as F
 
         net = self.net
         b = torch.tensor(boxes, dtype=torch.float32, device=self.device)[:, None, :] * scale
@@ -120,10 +129,7 @@ class MedSamSegmenter(Segmenter):
                 image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
             )
-            nh, nw = round(hw[0] * scale), round(hw[1] * scale)
-            low = F.interpolate(low, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-            low = low[..., :nh, :nw]
-            logits = F.interpolate(low, size=hw, mode="bilinear", align_corners=False)
+            logits = frame_to_image(low, scale, hw)
         return logits[:, 0].cpu().numpy(), iou_pred[:, 0].cpu().numpy()
 
     def segment(self, target: np.ndarray, boxes_xyxy_px: dict[str, Box | None],

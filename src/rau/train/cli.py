@@ -236,3 +236,102 @@ def refvlm(
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"final model: {final}")
+
+
+@train_app.command("grpo")
+def grpo(
+    init_from: Annotated[Path, _opt("The SFT model folder to start from (`rau train refvlm` final/ or src/rau/assets/refvlm); also the KL anchor.", "--init-from")],
+    cache: Annotated[list[Path], _opt("Token cache(s) from `rau train chex-cache`, as for `rau train refvlm`; repeat for several.", "--cache")],
+    output_dir: Annotated[Path, _opt("Run folder: checkpoints, loss.json/png (loss, reward and its parts), final/. An existing run there is resumed.")],
+    steps: Annotated[int, _opt("Optimizer steps.")] = 400,
+    pairs_per_step: Annotated[int, _opt("Reference/target pairs per step.")] = 4,
+    structures_per_pair: Annotated[int, _opt("Reference structures (groups) per pair.")] = 4,
+    group_size: Annotated[int, _opt("Sampled answers per structure (GRPO group).")] = 8,
+    temperature: Annotated[float, _opt("Sampling temperature.")] = 1.0,
+    lr: Annotated[float, _opt("AdamW peak learning rate (cosine to 10%).")] = 5e-5,
+    warmup: Annotated[int, _opt("Linear warmup steps.")] = 10,
+    beta: Annotated[float, _opt("Weight of the KL penalty to the SFT model.")] = 0.04,
+    reward_weights: Annotated[Optional[str], _opt("Override reward weights, e.g. 'box_iou=1,mask_dice=0.5' (format, identification, box_iou, mask_dice).")] = None,
+    p_similar: Annotated[float, _opt("Probability that a pair's reference is one of the target's nearest images.")] = 0.5,
+    cache_weights: Annotated[Optional[str], _opt("Comma-separated sampling weights per cache (default: by size).")] = None,
+    seed: Annotated[int, _opt("Seed: data order and sampling.")] = 0,
+    save_every: Annotated[int, _opt("Checkpoint every N steps.")] = 50,
+    threads: Annotated[Optional[int], _opt("torch CPU threads.")] = None,
+    device: Annotated[str, _opt("auto, cpu or cuda.")] = "auto",
+    progress: Annotated[bool, _opt("Show a progress bar.")] = True,
+) -> None:
+    """GRPO after SFT for the compact RAU VLM (RAU's second stage): sampled answers rewarded for
+    format, identification, box IoU and mask Dice; resumable. Recipe: scripts/rau_vlm_grpo_recipe.sh.
+
+        rau train grpo --init-from src/rau/assets/refvlm --cache runs/ref/ws.npz --output-dir runs/ref/grpo
+    """
+    try:
+        from rau.errors import RauInputError
+        from rau.refvlm.grpo import train_grpo
+
+        weights = [float(w) for w in cache_weights.split(",")] if cache_weights else None
+        rw = None
+        if reward_weights:
+            try:
+                rw = {k.strip(): float(v) for k, v in (item.split("=") for item in reward_weights.split(","))}
+            except ValueError:
+                raise RauInputError(f"--reward-weights: expected name=value pairs separated by commas, got {reward_weights!r}") from None
+        final = train_grpo(cache, output_dir, init_from=init_from, steps=steps, pairs_per_step=pairs_per_step,
+                           structures_per_pair=structures_per_pair, group_size=group_size, temperature=temperature,
+                           lr=lr, warmup=warmup, beta=beta, seed=seed, p_similar=p_similar, reward_weights=rw,
+                           cache_weights=weights, save_every=save_every, threads=threads, device=device,
+                           command="rau " + " ".join(sys.argv[1:]), progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"final model: {final}")
+
+
+@train_app.command("seg-cache")
+def seg_cache(
+    cache: Annotated[Path, _opt("Token cache (rau train chex-cache) whose images to store.", "--cache")],
+    out: Annotated[Path, _opt("Output .npz: full LiteMedSAM embeddings (fp16) + masks in the encoder frame.")],
+    dataset: Annotated[Optional[Path], _opt("Dataset folder (default: the one recorded in the cache).")] = None,
+    progress: Annotated[bool, _opt("Show a progress bar.")] = True,
+) -> None:
+    """Store what `rau train seg-head` trains on: each image's full LiteMedSAM embedding and masks."""
+    try:
+        from rau.refvlm.seghead import build_seg_cache
+
+        path = build_seg_cache(cache, out, dataset_root=dataset, progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"seg cache: {path}")
+
+
+@train_app.command("seg-head")
+def seg_head(
+    cache: Annotated[list[Path], _opt("Token cache(s) (rau train chex-cache); repeat for several.", "--cache")],
+    seg_cache: Annotated[list[Path], _opt("The matching seg cache(s) (rau train seg-cache), same order.", "--seg-cache")],
+    output_dir: Annotated[Path, _opt("Run folder: checkpoints, loss.json/png (loss and Dice), final/. An existing run there is resumed.")],
+    vlm: Annotated[Optional[Path], _opt("The compact RAU VLM the head serves (default: the shipped one); frozen.", "--vlm")] = None,
+    steps: Annotated[int, _opt("Optimizer steps.")] = 400,
+    pairs_per_step: Annotated[int, _opt("Reference/target pairs per step.")] = 4,
+    structures_per_pair: Annotated[int, _opt("Structures per pair (masks per pair).")] = 4,
+    lr: Annotated[float, _opt("AdamW peak learning rate (cosine to 10%).")] = 1e-4,
+    warmup: Annotated[int, _opt("Linear warmup steps.")] = 20,
+    cache_weights: Annotated[Optional[str], _opt("Comma-separated sampling weights per cache (default: by size).")] = None,
+    seed: Annotated[int, _opt("Seed: init and data order.")] = 0,
+    save_every: Annotated[int, _opt("Checkpoint every N steps.")] = 50,
+    threads: Annotated[Optional[int], _opt("torch CPU threads.")] = None,
+    device: Annotated[str, _opt("auto, cpu or cuda.")] = "auto",
+    progress: Annotated[bool, _opt("Show a progress bar.")] = True,
+) -> None:
+    """Train the <seg> query head of method rau-seg (the VLM's <seg> state -> LiteMedSAM mask decoder
+    prompts; decoder fine-tuned, VLM frozen); resumable. Recipe: scripts/rau_seg_recipe.sh."""
+    try:
+        from rau.refvlm.localizer import DEFAULT_DIR
+        from rau.refvlm.seghead import train_seghead
+
+        weights = [float(w) for w in cache_weights.split(",")] if cache_weights else None
+        final = train_seghead(vlm or DEFAULT_DIR, cache, seg_cache, output_dir, steps=steps, pairs_per_step=pairs_per_step,
+                              structures_per_pair=structures_per_pair, lr=lr, warmup=warmup, seed=seed,
+                              cache_weights=weights, save_every=save_every, threads=threads, device=device,
+                              command="rau " + " ".join(sys.argv[1:]), progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"final model: {final}")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The <seg> query head of method rau-seg (issue 4, item 1): the exact commands of the run measured in
+# docs/BENCHMARKS.md (2-core CPU). Resumable. Needs the token caches of scripts/rau_vlm_recipe.sh.
+set -euo pipefail
+RAU=${RAU:-.venv/bin/rau}
+VLM=${VLM:-src/rau/assets/refvlm}
+mkdir -p runs/seg
+[ -f runs/seg/wingspan_0_160.npz ] || $RAU train seg-cache --cache runs/chex/wingspan_0_160.npz --out runs/seg/wingspan_0_160.npz
+[ -f runs/seg/drr_train.npz ] || $RAU train seg-cache --cache runs/chex/drr_train.npz --out runs/seg/drr_train.npz
+$RAU train seg-head --vlm "$VLM" --cache runs/chex/wingspan_0_160.npz --cache runs/chex/drr_train.npz \
+  --seg-cache runs/seg/wingspan_0_160.npz --seg-cache runs/seg/drr_train.npz --cache-weights 0.6,0.4 \
+  --output-dir "${OUT:-runs/seg/head}" --steps "${STEPS:-400}" --pairs-per-step 4 --structures-per-pair 4 \
+  --lr 1e-4 --seed 0 --threads 2

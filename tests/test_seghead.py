@@ -1,0 +1,152 @@
+"""The <seg> query head (method rau-seg) with a tiny random-weight VLM: gradients reach exactly the
+head (the VLM and the image encoder stay frozen), output shapes, the VLM pairing check, mask
+frames, the cache builder, and a tiny training run that lowers its loss and resumes after a kill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rau.chex.data import build_cache, save_cache
+from rau.errors import RauInputError
+from rau.refvlm.model import build_model
+from rau.refvlm.seghead import (
+    FRAME,
+    SegHeadConfig,
+    SegHeadModel,
+    build_seg_cache,
+    load_seg_cache,
+    mask_to_frame,
+    seg_hidden,
+    train_seghead,
+    weights_sha256,
+)
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return build_model(seed=0, **TINY).save_pretrained(tmp_path_factory.mktemp("vlm"))
+
+
+def _head(vlm_dir):
+    torch.manual_seed(0)
+    return SegHeadModel(SegHeadConfig(hidden_size=32, vlm_sha256=weights_sha256(vlm_dir)))
+
+
+def test_gradients_reach_exactly_the_head_and_shapes(vlm_dir, one_torch_thread):
+    from rau.refvlm.model import RefVlmModel
+    from rau.refvlm.seghead import _litemedsam
+
+    vlm = RefVlmModel.from_pretrained(vlm_dir)
+    vlm.net.requires_grad_(False)
+    head = _head(vlm_dir)
+    v = vlm.vocab
+    blocks = torch.tensor([v.prompt([0, 0, 500, 500], [k] * 16) + v.answer([100, 100, 600, 600], [k] * 16) for k in range(3)])
+    rf, tf = torch.randn(2, 256, 4, 4), torch.randn(2, 256, 4, 4)
+    h = seg_hidden(vlm.net, head.net.seg_embed, rf, tf, blocks, torch.tensor([0, 1, 1]))
+    assert h.shape == (3, 32)
+    lite = _litemedsam()
+    pe = lite.prompt_encoder.get_dense_pe().detach()
+    dense = lite.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1).expand(3, -1, 64, 64)
+    low, iou = head.net(torch.randn(3, 256, 64, 64), h, pe, dense)
+    assert low.shape == (3, FRAME, FRAME) and iou.shape == (3,)
+    low.mean().backward()
+    for name, p in head.net.named_parameters():
+        if name.startswith(("mask_decoder.iou_prediction_head", "mask_decoder.output_hypernetworks_mlps.")) \
+                and not name.startswith("mask_decoder.output_hypernetworks_mlps.0."):
+            continue  # single-mask output: the IoU head and the other 3 masks' MLPs are off the path
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert head.net.seg_embed.grad.abs().sum() > 0  # through the frozen decoder
+    assert all(p.grad is None for p in vlm.net.parameters())
+    assert all(p.grad is None for p in lite.parameters())
+
+
+def test_head_refuses_another_vlm_and_roundtrips(vlm_dir, tmp_path, one_torch_thread):
+    head = _head(vlm_dir)
+    folder = head.save_pretrained(tmp_path / "h")
+    again = SegHeadModel.from_pretrained(folder)
+    a, b = head.net.state_dict(), again.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again.check_vlm(vlm_dir)
+    other = build_model(seed=1, **TINY).save_pretrained(tmp_path / "other")
+    with pytest.raises(RauInputError, match="another VLM"):
+        again.check_vlm(other)
+
+
+def test_mask_to_frame_scales_the_longest_side_and_pads():
+    m = np.zeros((512, 256), bool)
+    m[:256, :128] = True
+    f = mask_to_frame(m)
+    assert f.shape == (FRAME, FRAME) and f[:128, :64].all() and not f[128:].any() and not f[:, 64:].any()
+
+
+def test_seg_cache_from_a_dataset_and_id_check(folder_dataset, tmp_path, one_torch_thread):
+    (folder_dataset / "images" / "case_2.png").unlink()  # the one non-square image
+    for name in ("blob", "square"):
+        (folder_dataset / "masks" / name / "case_2.png").unlink()
+    tokens = build_cache(folder_dataset, tmp_path / "t.npz", progress=False)
+    out = build_seg_cache(tmp_path / "t.npz", tmp_path / "s.npz", progress=False)
+    emb, masks = load_seg_cache(out, tokens.ids)
+    assert emb.shape == (3, 256, 64, 64) and emb.dtype == np.float16
+    assert masks.shape == (3, len(tokens.names), FRAME, FRAME // 8)
+    assert np.unpackbits(masks, axis=-1).any()
+    with pytest.raises(RauInputError, match="ids differ"):
+        load_seg_cache(out, list(reversed(tokens.ids)))
+
+
+def _caches(tmp_path, n=6, seed=0):
+    """A token cache whose structure j is a bright block in channel j of the pooled features, and
+    its seg cache: embeddings with the same block (at 64 x 64) and the masks in the 256 frame."""
+    from rau.chex.data import TokenCache
+
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(0, 0.1, (n, 256, 4, 4)).astype(np.float16)
+    emb = rng.normal(0, 0.1, (n, 256, 64, 64)).astype(np.float16)
+    loc = np.full((n, 2, 4), -1, np.int64)
+    codes = np.full((n, 2, 16), -1, np.int64)
+    masks = np.zeros((n, 2, FRAME, FRAME), bool)
+    for i in range(n):
+        for j in range(2):
+            r, c = rng.integers(0, 3, 2)
+            feats[i, j, r : r + 2, c : c + 2] += 2.0
+            emb[i, j, r * 16 : (r + 2) * 16, c * 16 : (c + 2) * 16] += 2.0
+            loc[i, j] = [r * 256, c * 256, (r + 2) * 256 - 1, (c + 2) * 256 - 1]
+            codes[i, j] = (np.arange(16) + j) % 512
+            masks[i, j, r * 64 : (r + 2) * 64, c * 64 : (c + 2) * 64] = True
+    ids = [f"img{i}" for i in range(n)]
+    save_cache(TokenCache(feats, loc, codes, ids, ["a", "b"], {}), tmp_path / "t.npz")
+    np.savez(tmp_path / "s.npz", embeddings=emb, masks=np.packbits(masks, axis=-1), ids=np.array(ids))
+    return tmp_path / "t.npz", tmp_path / "s.npz"
+
+
+def _train(vlm_dir, t, s, out, steps, **kw):
+    return train_seghead(vlm_dir, [t], [s], out, steps=steps, pairs_per_step=2, structures_per_pair=2, lr=1e-3,
+                         warmup=1, progress=False, device="cpu", **kw)
+
+
+def test_tiny_head_learns_and_a_killed_run_resumes_identically(vlm_dir, tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    t, s = _caches(tmp_path)
+    final = _train(vlm_dir, t, s, tmp_path / "a", 16, save_every=8)
+    hist = json.loads((tmp_path / "a" / "loss.json").read_text())["history"]
+    assert np.mean([h["loss"] for h in hist[-4:]]) < np.mean([h["loss"] for h in hist[:4]])
+    assert all("dice" in h for h in hist)
+    ref = _train(vlm_dir, t, s, tmp_path / "b", 4, save_every=2)
+    _train(vlm_dir, t, s, tmp_path / "k", 4, save_every=2)
+    shutil.rmtree(tmp_path / "k" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "k" / "final")
+    resumed = _train(vlm_dir, t, s, tmp_path / "k", 4, save_every=2)
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    head = SegHeadModel.from_pretrained(final)
+    head.check_vlm(vlm_dir)
+    with pytest.raises(RauInputError, match="one per --cache"):
+        train_seghead(vlm_dir, [t, t], [s], tmp_path / "z", steps=1, progress=False)
