@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rau.chex.data import load_cache
 from rau.chex.train import run_training
 from rau.errors import RauInputError
 from rau.refvlm.model import RefVlmModel, RefVocab, answer_logprobs, generate
-from rau.refvlm.train import make_batch, neighbours
+from rau.refvlm.train import load_pair_caches, make_batch
 
 #: Default reward weights (total = the weighted sum).
 REWARD_WEIGHTS = {"format": 0.5, "identification": 1.0, "box_iou": 1.0, "mask_dice": 0.5}
@@ -154,11 +153,7 @@ def train_grpo(caches: Sequence[str | Path], out_dir: str | Path, *, init_from: 
         raise RauInputError("lr and temperature must be > 0, beta >= 0, clip_eps in (0, 1) and p_similar in [0, 1]")
     if threads:
         torch.set_num_threads(threads)
-    loaded = [load_cache(c) for c in caches]
-    for path, c in zip(caches, loaded):
-        if len(c) < 2 or not c.present().any():
-            raise RauInputError(f"cache: {path} needs at least 2 images with annotated structures to make pairs")
-    nears = [neighbours(c, n_neighbours) for c in loaded]
+    loaded, nears, weights = load_pair_caches(caches, n_neighbours, cache_weights)
     model = RefVlmModel.from_pretrained(init_from)
     anchor = RefVlmModel.from_pretrained(init_from).net.requires_grad_(False).eval()
     tokenizer = load_default()
@@ -167,10 +162,6 @@ def train_grpo(caches: Sequence[str | Path], out_dir: str | Path, *, init_from: 
     rw = {**REWARD_WEIGHTS, **(reward_weights or {})}
     answer_rewards(np.zeros((0, model.vocab.answer_length), int), np.zeros((0, model.vocab.answer_length), int),
                    model.vocab, tokenizer, rw)  # validates the weights' names
-    w = np.array(cache_weights if cache_weights is not None else [len(c) for c in loaded], float)
-    if len(w) != len(loaded) or not (w >= 0).all() or w.sum() <= 0:
-        raise RauInputError(f"cache_weights: expected {len(loaded)} non-negative weights, got {list(w)}")
-    weights = w / w.sum()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_key = {"kind": "refvlm-grpo", "caches": [str(Path(c).resolve()) for c in caches], "steps": steps,

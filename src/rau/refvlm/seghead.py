@@ -246,10 +246,9 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
     """Train the ``<seg>`` head for the VLM ``vlm_dir`` -> ``out_dir/final``. Resumable."""
     import torch
 
-    from rau.chex.data import load_cache
     from rau.chex.train import run_training
     from rau.refvlm.model import RefVlmModel, generate
-    from rau.refvlm.train import neighbours
+    from rau.refvlm.train import load_pair_caches, pick_reference
 
     if steps < 1 or pairs_per_step < 1 or structures_per_pair < 1 or not lr > 0 or not 0 <= p_similar <= 1:
         raise RauInputError("steps, pairs_per_step and structures_per_pair must be >= 1, lr > 0 and p_similar in [0, 1]")
@@ -259,13 +258,8 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
         torch.set_num_threads(threads)
     vlm = RefVlmModel.from_pretrained(vlm_dir)
     vlm.net.requires_grad_(False).eval()
-    loaded = [load_cache(c) for c in caches]
+    loaded, nears, weights = load_pair_caches(caches, n_neighbours, cache_weights)
     segs = [load_seg_cache(s, c.ids) for s, c in zip(seg_caches, loaded)]
-    nears = [neighbours(c, n_neighbours) for c in loaded]
-    w = np.array(cache_weights if cache_weights is not None else [len(c) for c in loaded], float)
-    if len(w) != len(loaded) or not (w >= 0).all() or w.sum() <= 0:
-        raise RauInputError(f"cache_weights: expected {len(loaded)} non-negative weights, got {list(w)}")
-    weights = w / w.sum()
     config = SegHeadConfig(hidden_size=vlm.config.hidden_size, n_queries=n_queries, vlm_sha256=weights_sha256(vlm_dir))
     torch.manual_seed(seed)
     head = SegHeadModel(config, decoder=decoder)
@@ -286,8 +280,7 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
             c = int(rng.choice(len(loaded), p=weights))
             cache, (embs, masks), near = loaded[c], segs[c], nears[c]
             t = int(rng.integers(len(cache)))
-            n = len(cache)
-            r = int(near[t, rng.integers(near.shape[1])]) if rng.random() < p_similar else int((t + 1 + rng.integers(n - 1)) % n)
+            r = pick_reference(rng, near, t, len(cache), p_similar)
             present = cache.present()
             both = np.flatnonzero(present[r] & present[t])
             if both.size == 0:

@@ -41,14 +41,31 @@ def neighbours(cache: TokenCache, k: int) -> np.ndarray:
     return np.argsort(-sim, axis=1)[:, :k]
 
 
+def load_pair_caches(caches: Sequence[str | Path], n_neighbours: int, cache_weights: Sequence[float] | None = None):
+    """Token caches to draw pairs from -> (caches, each one's neighbour table, sampling weights
+    summing to 1: ``cache_weights`` or by size). Every cache needs 2 annotated images."""
+    loaded = [load_cache(c) for c in caches]
+    for path, c in zip(caches, loaded):
+        if len(c) < 2 or not c.present().any():
+            raise RauInputError(f"cache: {path} needs at least 2 images with annotated structures to make pairs")
+    w = np.array(cache_weights if cache_weights is not None else [len(c) for c in loaded], float)
+    if len(w) != len(loaded) or not (w >= 0).all() or w.sum() <= 0:
+        raise RauInputError(f"cache_weights: expected {len(loaded)} non-negative weights, got {list(w)}")
+    return loaded, [neighbours(c, n_neighbours) for c in loaded], w / w.sum()
+
+
+def pick_reference(rng: np.random.Generator, near: np.ndarray, target: int, n: int, p_similar: float) -> int:
+    """A reference for ``target``: with probability ``p_similar`` one of its neighbours, else any
+    other of the ``n`` images (never the target itself)."""
+    if rng.random() < p_similar:
+        return int(near[target, rng.integers(near.shape[1])])
+    return int((target + 1 + rng.integers(n - 1)) % n)
+
+
 def make_pair(model: RefVlmModel, rng: np.random.Generator, cache: TokenCache, near: np.ndarray, target: int,
               structures_per_pair: int, p_similar: float) -> tuple[int, list[list[int]]]:
     """(reference index, blocks) for ``target``: each block = prompt + answer ids."""
-    n = len(cache)
-    if rng.random() < p_similar:
-        ref = int(near[target, rng.integers(near.shape[1])])
-    else:
-        ref = int((target + 1 + rng.integers(n - 1)) % n)
+    ref = pick_reference(rng, near, target, len(cache), p_similar)
     present = cache.present()
     in_ref = np.flatnonzero(present[ref])
     picks = rng.permutation(in_ref)[:structures_per_pair]
@@ -105,20 +122,12 @@ def train_refvlm(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
         raise RauInputError("steps, batch_size and structures_per_pair must be >= 1, lr > 0 and p_similar in [0, 1]")
     if threads:
         torch.set_num_threads(threads)
-    loaded = [load_cache(c) for c in caches]
-    for path, c in zip(caches, loaded):
-        if len(c) < 2 or not c.present().any():
-            raise RauInputError(f"cache: {path} needs at least 2 images with annotated structures to make pairs")
-    nears = [neighbours(c, n_neighbours) for c in loaded]
+    loaded, nears, weights = load_pair_caches(caches, n_neighbours, cache_weights)
     if init_from is not None:
         model = RefVlmModel.from_pretrained(init_from)
     else:
         torch.manual_seed(seed)
         model = RefVlmModel(RefVlmConfig(**(config or {})))
-    w = np.array(cache_weights if cache_weights is not None else [len(c) for c in loaded], float)
-    if len(w) != len(loaded) or not (w >= 0).all() or w.sum() <= 0:
-        raise RauInputError(f"cache_weights: expected {len(loaded)} non-negative weights, got {list(w)}")
-    weights = w / w.sum()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_key = {"kind": "refvlm", "caches": [str(Path(c).resolve()) for c in caches], "steps": steps,

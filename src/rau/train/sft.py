@@ -517,10 +517,12 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
     window = max(1, len(loss) // 20)
 
     def curve(ax, values, label):
-        ax.plot(steps, values, lw=0.8, alpha=0.5, label=label)
-        if window > 1 and not np.isnan(values).any():
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"{label}, mean of {window}")
+        ok = ~np.isnan(values)
+        smooth = window > 1 and ok.sum() > window
+        line = ax.plot(steps[ok], values[ok], lw=0.6, alpha=0.35, label=None if smooth else label)[0]
+        if smooth:  # the running mean over the logged steps (a figure may be missing at some steps)
+            avg = np.convolve(values[ok], np.ones(window) / window, mode="valid")
+            ax.plot(steps[ok][window - 1:], avg, lw=1.5, color=line.get_color(), label=f"{label} (mean of {window})")
 
     ax = fig.add_subplot(1 + bool(extra), 1, 1)
     curve(ax, loss, "loss")
