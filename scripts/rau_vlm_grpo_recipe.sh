@@ -8,4 +8,4 @@ INIT=${INIT:-src/rau/assets/refvlm}
 $RAU train grpo --init-from "$INIT" --cache runs/chex/wingspan_0_160.npz --cache runs/chex/drr_train.npz \
   --cache runs/chex/drr_train_lat.npz --cache runs/ref/arcade_train.npz --cache-weights 0.3,0.2,0.1,0.4 \
   --output-dir "${OUT:-runs/ref/grpo}" --steps "${STEPS:-400}" --pairs-per-step 4 --structures-per-pair 4 \
-  --group-size 8 --temperature 1.0 --lr 5e-5 --beta 0.04 --seed 0 --threads 2
+  --group-size 8 --temperature 1.0 --lr 5e-5 --beta 0.04 --seed 0 --threads "${THREADS:-2}"

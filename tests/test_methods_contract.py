@@ -1,6 +1,8 @@
 """One contract test over every registered method (tiny random-weight VLM / SAM2 where needed):
 every asked structure gets a result, masks are bool at the TARGET size, boxes lie in the target."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -125,6 +127,26 @@ def test_rau_default_is_the_shipped_compact_vlm():
         pytest.skip("no shipped RAU VLM weights in this checkout")
     method = create_method("rau")
     assert method.localizer.name == "rau-vlm" and method.localizer.model_dir == DEFAULT_DIR
+
+
+def test_shipped_seg_head_belongs_to_the_shipped_vlm_and_segments_the_sample():
+    from rau.refvlm.localizer import DEFAULT_DIR
+    from rau.refvlm.seghead import DEFAULT_HEAD_DIR
+
+    if not (DEFAULT_HEAD_DIR / "model.safetensors").is_file():
+        pytest.skip("no shipped <seg> head in this checkout")
+    method = create_method("rau-seg")  # no options: the shipped VLM + the shipped head
+    assert method.localizer.seg_head is not None and method.localizer.model_dir == DEFAULT_DIR
+    method.localizer.seg_head.check_vlm(DEFAULT_DIR)  # tied by weight hash
+    samples = Path(__file__).resolve().parent.parent / "samples" / "chest_xray"
+    ref = rau.load_annotated(samples / "reference.png", samples / "reference_masks")
+    result = method.predict(ref, rau.load_annotated(samples / "target.png"))
+    from rau.data.io import read_mask
+    from rau.metrics import dice
+
+    for name, r in result.structures.items():
+        truth = read_mask(samples / "target_masks" / f"{name}.png")
+        assert r.answer == "yes" and dice(r.mask, truth) > 0.7, name
 
 
 def test_sam2_memory_without_weights_is_a_clear_error():
