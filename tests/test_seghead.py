@@ -18,6 +18,8 @@ from rau.refvlm.seghead import (
     FRAME,
     SegHeadConfig,
     SegHeadModel,
+    answer_box_frame,
+    box_tokens,
     build_seg_cache,
     load_seg_cache,
     mask_to_frame,
@@ -66,6 +68,27 @@ def test_gradients_reach_exactly_the_head_and_shapes(vlm_dir, one_torch_thread):
     assert head.net.seg_embed.grad.abs().sum() > 0  # through the frozen decoder
     assert all(p.grad is None for p in vlm.net.parameters())
     assert all(p.grad is None for p in lite.parameters())
+
+
+def test_box_prompt_head_reads_the_answer_box_and_needs_it(vlm_dir, one_torch_thread):
+    from rau.refvlm.model import RefVlmModel
+    from rau.refvlm.seghead import _litemedsam
+
+    # (ymin, xmin, ymax, xmax) on 1024 bins of a square image -> xyxy in the 256 px frame
+    got = answer_box_frame(torch.tensor([[0, 1023, 1023, 0], [1023 // 2, 0, 1023, 1023 // 4]]), 1024)
+    assert torch.allclose(got, torch.tensor([[256.0, 0, 0, 256], [0, 127.87, 63.81, 256]]), atol=0.05)
+    vlm = RefVlmModel.from_pretrained(vlm_dir)
+    torch.manual_seed(0)
+    head = SegHeadModel(SegHeadConfig(hidden_size=32, box_prompt=True, vlm_sha256=weights_sha256(vlm_dir)))
+    v = vlm.vocab
+    blocks = torch.tensor([v.prompt([0, 0, 500, 500], [1] * 16) + v.answer([100, 100, 600, 600], [1] * 16)] * 2)
+    rf, tf, emb = torch.randn(1, 256, 4, 4), torch.randn(1, 256, 4, 4), torch.randn(1, 256, 64, 64)
+    with pytest.raises(ValueError, match="boxes_frame"):
+        head.masks(vlm.net, rf, tf, blocks, emb)
+    low, _ = head.masks(vlm.net, rf, tf, blocks, emb, boxes_frame=torch.tensor([[10.0, 10, 100, 100], [150, 150, 250, 250]]))
+    assert low.shape == (2, FRAME, FRAME) and not torch.equal(low[0], low[1])  # same query, other box
+    sparse = box_tokens(_litemedsam().prompt_encoder, torch.tensor([[10.0, 10, 100, 100]]))
+    assert sparse.shape == (1, 2, 256) and not sparse.requires_grad
 
 
 def test_head_refuses_another_vlm_and_roundtrips(vlm_dir, tmp_path, one_torch_thread):

@@ -145,6 +145,7 @@ class RefVlmLocalizer(Localizer):
         target's LiteMedSAM embedding (the encoder pass the VLM's features came from)."""
         import torch
 
+        from rau.chex.masktok import loc_tokens_to_box
         from rau.segment.medsam import frame_to_image
 
         vis = [k for k, a in enumerate(answers) if a.visible]
@@ -154,9 +155,11 @@ class RefVlmLocalizer(Localizer):
         rows = [v.prompt(*ref_tokens[k]) + v.answer(answers[k].loc, answers[k].codes) for k in vis]
         dev = self.model.device
         emb, scale = self.shared.embed(target.image)
+        boxes = [loc_tokens_to_box(answers[k].loc, target.shape, self.model.config.bins) for k in vis]
         low, _ = self.seg_head.masks(self.model.net, torch.as_tensor(ref_feats, dtype=torch.float32, device=dev),
                                      torch.as_tensor(tgt_feats, dtype=torch.float32, device=dev),
-                                     torch.tensor(rows, dtype=torch.long, device=dev), emb.to(dev))
+                                     torch.tensor(rows, dtype=torch.long, device=dev), emb.to(dev),
+                                     boxes_frame=torch.tensor(boxes, dtype=torch.float32, device=dev) * scale)
         with torch.inference_mode():
             prob = torch.sigmoid(frame_to_image(low[:, None].float(), scale, target.shape))[:, 0].cpu().numpy()
         return {k: prob[i].astype(np.float32) for i, k in enumerate(vis)}

@@ -47,6 +47,10 @@ class SegHeadConfig:
     hidden_size: int = 256
     n_queries: int = 2
     prompt_dim: int = 256
+    #: Also prompt the decoder with the VLM's own answer box (LiteMedSAM's frozen box encoding) beside
+    #: the <seg> tokens. Without it the query alone must say WHICH structure; measured on Wingspan it
+    #: then sometimes segments a lung for the heart (docs/BENCHMARKS.md). False for older heads.
+    box_prompt: bool = False
     vlm_sha256: str = ""
     format: str = FORMAT
 
@@ -85,16 +89,35 @@ def _build_head(config: SegHeadConfig, decoder=None):
             self.mask_decoder = copy.deepcopy(decoder if decoder is not None else _litemedsam().mask_decoder)
             self.mask_decoder.requires_grad_(True)
 
-        def forward(self, image_embeddings, hidden, image_pe, dense):
-            """(N, 256, 64, 64) target embeddings (one per query) + (N, hidden) ``<seg>`` states ->
-            (N, 256, 256) mask logits in the encoder frame and (N,) predicted IoU."""
+        def forward(self, image_embeddings, hidden, image_pe, dense, box_tokens=None):
+            """(N, 256, 64, 64) target embeddings (one per query) + (N, hidden) ``<seg>`` states
+            [+ (N, 2, 256) box prompt tokens] -> (N, 256, 256) mask logits in the encoder frame and
+            (N,) predicted IoU."""
             sparse = self.mlp(hidden).view(hidden.shape[0], config.n_queries, config.prompt_dim)
+            if box_tokens is not None:
+                sparse = torch.cat([box_tokens.to(sparse.dtype), sparse], dim=1)
             low, iou = self.mask_decoder(image_embeddings=image_embeddings, image_pe=image_pe,
                                          sparse_prompt_embeddings=sparse.to(image_embeddings.dtype),
                                          dense_prompt_embeddings=dense, multimask_output=False)
             return low[:, 0], iou[:, 0]
 
     return SegHead()
+
+
+def answer_box_frame(loc_values, bins: int, frame: int = FRAME):
+    """(N, 4) answer location values (ymin, xmin, ymax, xmax on ``bins`` bins of a SQUARE image) ->
+    (N, 4) float boxes ``box_xyxy`` in LiteMedSAM's ``frame`` x ``frame`` input (pixel edges)."""
+    v = loc_values.float() / (bins - 1) * frame
+    return v[:, [1, 0, 3, 2]]
+
+
+def box_tokens(prompt_encoder, boxes_frame):
+    """(N, 4) frame boxes -> (N, 2, 256) sparse prompt tokens of LiteMedSAM's frozen prompt encoder."""
+    import torch
+
+    with torch.no_grad():
+        sparse, _ = prompt_encoder(points=None, boxes=boxes_frame[:, None, :], masks=None)
+    return sparse.detach()
 
 
 def seg_hidden(vlm_net, seg_embed, ref_features, tgt_features, blocks, pair_index):
@@ -137,9 +160,10 @@ class SegHeadModel(DecoderFolderModel):
             raise RauInputError(f"--seg-head: this head was trained with another VLM than {model_dir}; "
                                 "pass the matching --vlm or train a head for this one (rau train seg-head)")
 
-    def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding):
+    def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding, boxes_frame=None):
         """Mask logits (N, 256, 256) in the encoder frame for N answered blocks of ONE pair, and
-        their predicted IoU (N,)."""
+        their predicted IoU (N,). ``boxes_frame``: (N, 4) answer boxes in the encoder frame (used by
+        heads trained with ``box_prompt``)."""
         import torch
 
         n = blocks.shape[0]
@@ -149,7 +173,12 @@ class SegHeadModel(DecoderFolderModel):
             h = seg_hidden(vlm_net, self.net.seg_embed, ref_features, tgt_features, blocks, zeros)
             pe = lite.prompt_encoder.get_dense_pe().to(blocks.device)
             dense = lite.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1).expand(n, -1, *embedding.shape[-2:])
-            low, iou = self.net(embedding.expand(n, -1, -1, -1), h, pe, dense)
+            boxes = None
+            if self.config.box_prompt:
+                if boxes_frame is None:
+                    raise ValueError("boxes_frame: this <seg> head was trained with box prompts; pass the answer boxes")
+                boxes = box_tokens(lite.prompt_encoder, boxes_frame.to(blocks.device).float())
+            low, iou = self.net(embedding.expand(n, -1, -1, -1), h, pe, dense, boxes)
         return low, iou
 
 
@@ -240,7 +269,7 @@ def seg_loss(logits, target):
 def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches: Sequence[str | Path], out_dir: str | Path,
                   *, steps: int, pairs_per_step: int = 4, structures_per_pair: int = 4, lr: float = 1e-4,
                   warmup: int = 20, seed: int = 0, p_similar: float = 0.5, n_neighbours: int = 10,
-                  n_queries: int = 2, cache_weights: Sequence[float] | None = None, save_every: int = 50,
+                  n_queries: int = 2, box_prompt: bool = True, cache_weights: Sequence[float] | None = None, save_every: int = 50,
                   log_every: int = 5, threads: int | None = None, device: str = "auto", command: str | None = None,
                   progress: bool = True, decoder=None) -> Path:
     """Train the ``<seg>`` head for the VLM ``vlm_dir`` -> ``out_dir/final``. Resumable."""
@@ -260,7 +289,8 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
     vlm.net.requires_grad_(False).eval()
     loaded, nears, weights = load_pair_caches(caches, n_neighbours, cache_weights)
     segs = [load_seg_cache(s, c.ids) for s, c in zip(seg_caches, loaded)]
-    config = SegHeadConfig(hidden_size=vlm.config.hidden_size, n_queries=n_queries, vlm_sha256=weights_sha256(vlm_dir))
+    config = SegHeadConfig(hidden_size=vlm.config.hidden_size, n_queries=n_queries, box_prompt=box_prompt,
+                           vlm_sha256=weights_sha256(vlm_dir))
     torch.manual_seed(seed)
     head = SegHeadModel(config, decoder=decoder)
     lite = _litemedsam()
@@ -306,7 +336,11 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
             h = seg_hidden(vlm.net, acc.unwrap_model(net).seg_embed, rf, tf, blocks, pair)
             pe = lite.prompt_encoder.get_dense_pe().detach().to(acc.device)
             dense = lite.prompt_encoder.no_mask_embed.weight.detach().to(acc.device).reshape(1, -1, 1, 1).expand(len(h), -1, *emb.shape[-2:])
-            low, _ = net(emb, h, pe, dense)
+            boxes = None
+            if box_prompt:  # the VLM's own answer box, as at inference
+                frame_boxes = answer_box_frame(toks[:, 1:5] - v.loc_offset, vlm.config.bins)
+                boxes = box_tokens(lite.prompt_encoder.to(acc.device), frame_boxes)
+            low, _ = net(emb, h, pe, dense, boxes)
             loss = seg_loss(low.float(), gt)
         with torch.no_grad():
             d = ((low > 0).float() * gt).flatten(1).sum(1) * 2 / ((low > 0).float().flatten(1).sum(1) + gt.flatten(1).sum(1)).clamp(min=1)
