@@ -30,10 +30,13 @@ BASELINES = ("registration", "reg-box", "reg-fuse", "oracle-box")
 
 
 def default_methods() -> list[str]:
-    """``rau`` (the shipped compact RAU VLM) first, then the baselines."""
+    """``rau-seg`` (the default: shipped VLM + <seg> head) and ``rau`` (its box route) first, then the baselines."""
     from rau.refvlm.localizer import default_available
+    from rau.refvlm.seghead import DEFAULT_HEAD_DIR
 
-    return (["rau"] if default_available() else []) + list(BASELINES)
+    if not default_available():
+        return list(BASELINES)
+    return (["rau-seg"] if (DEFAULT_HEAD_DIR / "model.safetensors").is_file() else []) + ["rau"] + list(BASELINES)
 
 
 @dataclass(frozen=True)

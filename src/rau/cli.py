@@ -48,7 +48,7 @@ def _range(value: Optional[str], arg: str) -> Optional[slice]:
         raise ValueError(f"{arg}: expected START:STOP indices into the id-sorted images (e.g. 160:200), got {value!r}") from None
 
 
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: reg-fuse.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: rau-seg.")]
 StructOpt = Annotated[Optional[str], typer.Option("--structures", "-s", help="Comma-separated structure names (default: all of the reference's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the models: cpu, cuda, cuda:1 ...")]
 VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Methods rau/rau-box/rau-tokens: a `rau train refvlm` model folder, or a local Qwen2.5-VL checkpoint folder (default: the shipped compact RAU VLM).")]
@@ -248,7 +248,7 @@ def report(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Output folder: <split>_<method>.json, dice_<split>.png, overlays, BENCH.md.")] = Path("runs/bench"),
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau,registration,reg-box,reg-fuse,oracle-box; add rau-box, rau-tokens, chexanatomy with --chex, sam2-memory with --sam2).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau-seg,rau,registration,reg-box,reg-fuse,oracle-box; add rau-box, rau-tokens, chexanatomy with --chex, sam2-memory with --sam2).")] = None,
     splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr (default: all).")] = None,
     data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
     drr_dir: Annotated[Path, typer.Option(help="DRR train/ and test/ folders (rendered here on first use).")] = Path("runs/drr"),

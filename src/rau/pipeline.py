@@ -4,7 +4,7 @@ Example::
 
     import rau
     ref = rau.load_annotated("ref.png", "ref_masks/")          # <structure>.png binary masks
-    result = rau.localize(ref, "target.png", out_dir="out/")   # default method: reg-fuse
+    result = rau.localize(ref, "target.png", out_dir="out/")   # default method: rau-seg
     result.structures["heart"].box_xyxy_px
 """
 
@@ -45,7 +45,7 @@ def localize(
     Args:
         reference: annotated reference (its masks name the structures).
         target: an AnnotatedImage or an image path (PNG/JPEG/DICOM/NIfTI); any size.
-        method: a registry name (default ``reg-fuse``) or a :class:`rau.methods.Method`.
+        method: a registry name (default ``rau-seg``) or a :class:`rau.methods.Method`.
         structures: subset of the reference's structures (default: all).
         out_dir: if given, write result.json, masks/<structure>.png and overlay.png there (atomically).
     """

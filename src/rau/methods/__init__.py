@@ -2,7 +2,7 @@
 
 | name          | localizer                      | segmenter                 | masks from            |
 |---------------|--------------------------------|---------------------------|-----------------------|
-| reg-fuse      | registration (boxes + masks)   | LiteMedSAM (box prompt)   | fused (DEFAULT)       |
+| reg-fuse      | registration (boxes + masks)   | LiteMedSAM (box prompt)   | fused                 |
 | reg-box       | registration (boxes)           | LiteMedSAM (box prompt)   | segmenter             |
 | registration  | registration (warped masks)    | -                         | localizer             |
 | oracle-box    | ground-truth boxes (eval only) | LiteMedSAM                | segmenter             |
@@ -10,7 +10,7 @@
 | rau-ot        | RAU VLM, boxes assigned one-to-one (Hungarian) | LiteMedSAM | fused                 |
 | rau-box       | RAU VLM boxes                  | LiteMedSAM                | segmenter             |
 | rau-tokens    | RAU VLM (box + mask tokens)    | -                         | localizer             |
-| rau-seg       | RAU VLM + <seg> query          | LiteMedSAM decoder (tuned) | localizer            |
+| rau-seg       | RAU VLM + <seg> query + its box | LiteMedSAM decoder (tuned) | localizer (DEFAULT) |
 | sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
 | unet          | -                              | U-Net (fixed classes)     | segmenter             |
 | chexanatomy   | CheXanatomy VLM (box + mask tokens) | -                    | localizer             |
@@ -27,9 +27,10 @@ from pathlib import Path
 from rau.errors import RauInputError
 from rau.methods.base import Method
 
-#: Measured (docs/BENCHMARKS.md, 2026-12-01): the shipped compact RAU VLM (method ``rau``) is below
-#: reg-fuse on Wingspan (Dice 0.867 vs 0.921) and no better on ARCADE, so reg-fuse stays the default.
-DEFAULT_METHOD = "reg-fuse"
+#: Measured (docs/BENCHMARKS.md, 2026-12-01, same pairs): the shipped VLM + box-prompted <seg> head
+#: (``rau-seg``) beats the former default reg-fuse on Wingspan (Dice 0.936 vs 0.921) and on held-out
+#: DRR poses (0.773 vs 0.700); on ARCADE every method fails (0.022 vs 0.036).
+DEFAULT_METHOD = "rau-seg"
 #: Blur of the warped reference mask before fusion, as a fraction of the target's longest side
 #: (4 px at 512 px; picked on 15 Wingspan targets of the reference part, see docs/BENCHMARKS.md).
 FUSE_SIGMA = 4 / 512
@@ -129,8 +130,9 @@ def _rau_tokens(**kw) -> Method:
 
 
 def _rau_seg(**kw) -> Method:
-    """RAU's <SEG> route: the VLM's ``<seg>`` hidden state, projected into prompt tokens of a
-    fine-tuned LiteMedSAM mask decoder, gives the mask (``seg_head``: a ``rau train seg-head``
+    """RAU's <SEG> route (the default method): the VLM's ``<seg>`` hidden state, projected into prompt
+    tokens of a fine-tuned LiteMedSAM mask decoder (beside the VLM's own answer box for heads trained
+    with box prompts, as the shipped one), gives the mask (``seg_head``: a ``rau train seg-head``
     folder; default: the shipped head)."""
     from rau.refvlm.seghead import DEFAULT_HEAD_DIR
 
@@ -190,7 +192,7 @@ METHODS: dict[str, Callable[..., Method]] = {
 
 
 def create_method(name: str | None = None, **options) -> Method:
-    """Build a method by registry name (default ``reg-fuse``; ``rau`` runs the shipped compact RAU VLM).
+    """Build a method by registry name (default ``rau-seg``: the shipped compact RAU VLM + <seg> head).
 
     Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
     ``seg_head`` (``rau-seg`` head folder), ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``chex`` (CheXanatomy model folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.

@@ -5,6 +5,8 @@ box + mask codes``), one more input position carries a learned ``<seg>`` embeddi
 state, which has attended to the reference image, the reference annotation, the target image and
 the answer, is projected by an MLP into ``n_queries`` prompt tokens of LiteMedSAM's mask decoder,
 which decodes the mask from the target's image embedding (the same encoder pass that fed the VLM).
+With ``box_prompt`` (the shipped head) the decoder also reads the VLM's answer box, encoded by
+LiteMedSAM's frozen prompt encoder: the spatial cue says where, the ``<seg>`` query says what.
 
 Trained: the ``<seg>`` embedding, the MLP and the mask decoder (initialised from LiteMedSAM's
 pretrained one). Frozen: the VLM (gradients reach the ``<seg>`` embedding through it) and the image
