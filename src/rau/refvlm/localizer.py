@@ -8,7 +8,8 @@ structure is answered in one batch (:meth:`rau.refvlm.model.RefVlmModel.answer`)
 Each structure's :class:`~rau.vlm.base.Localization`: answer "yes"/"no" (P(yes) >= 0.5), the box
 of the 4 location tokens, the mask of the 16 codes (decoded by the shipped mask tokenizer; its soft
 version is ``prob``, for fusion with the segmenter) and score = P(yes) x the box tokens' mean
-probability. A "no" comes without a box (the structure is reported not visible).
+probability. A "no" comes without a box (the structure is reported not visible). With a ``<seg>``
+head (method ``rau-seg``) the mask comes from the head and the box is that mask's extent.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class RefVlmLocalizer(Localizer):
     # ---- Localizer
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
         from rau.chex.masktok import loc_tokens_to_box, paste_probs
+        from rau.geometry import mask_to_box
 
         if not structures:
             return {}
@@ -133,7 +135,9 @@ class RefVlmLocalizer(Localizer):
                 if not mask.any():
                     out[name] = Localization("no", decoded.box_xyxy_px, 0.0, "the <seg> query decodes to an empty mask")
                     continue
-                out[name] = Localization("yes", decoded.box_xyxy_px, a.p_yes * a.box_score, None, mask, prob)
+                # the <seg> mask refines the VLM's box, so its extent is the better box (Wingspan held-out
+                # box IoU 0.890 vs 0.789 for the answer box; docs/BENCHMARKS.md)
+                out[name] = Localization("yes", mask_to_box(mask), a.p_yes * a.box_score, None, mask, prob)
                 continue
             box = loc_tokens_to_box(a.loc, hw, self.model.config.bins)
             prob = paste_probs(self.tokenizer.decode_crop(a.codes), box, hw).astype(np.float32)
