@@ -77,6 +77,8 @@ def test_box_prompt_head_reads_the_answer_box_and_needs_it(vlm_dir, one_torch_th
     # (ymin, xmin, ymax, xmax) on 1024 bins of a square image -> xyxy in the 256 px frame
     got = answer_box_frame(torch.tensor([[0, 1023, 1023, 0], [1023 // 2, 0, 1023, 1023 // 4]]), 1024)
     assert torch.allclose(got, torch.tensor([[256.0, 0, 0, 256], [0, 127.87, 63.81, 256]]), atol=0.05)
+    wide = answer_box_frame(torch.tensor([[1023, 1023, 1023, 1023]]), 1024, (128.0, 256.0))  # a 2:1 image
+    assert torch.allclose(wide, torch.tensor([[256.0, 128, 256, 128]]))
     vlm = RefVlmModel.from_pretrained(vlm_dir)
     torch.manual_seed(0)
     head = SegHeadModel(SegHeadConfig(hidden_size=32, box_prompt=True, vlm_sha256=weights_sha256(vlm_dir)))

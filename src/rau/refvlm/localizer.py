@@ -149,7 +149,7 @@ class RefVlmLocalizer(Localizer):
         target's LiteMedSAM embedding (the encoder pass the VLM's features came from)."""
         import torch
 
-        from rau.chex.masktok import loc_tokens_to_box
+        from rau.refvlm.seghead import answer_box_frame
         from rau.segment.medsam import frame_to_image
 
         vis = [k for k, a in enumerate(answers) if a.visible]
@@ -159,11 +159,13 @@ class RefVlmLocalizer(Localizer):
         rows = [v.prompt(*ref_tokens[k]) + v.answer(answers[k].loc, answers[k].codes) for k in vis]
         dev = self.model.device
         emb, scale = self.shared.embed(target.image)
-        boxes = [loc_tokens_to_box(answers[k].loc, target.shape, self.model.config.bins) for k in vis]
+        h, w = target.shape
+        boxes = answer_box_frame(torch.tensor([answers[k].loc for k in vis], device=dev), self.model.config.bins,
+                                 (h * scale, w * scale))
         low, _ = self.seg_head.masks(self.model.net, torch.as_tensor(ref_feats, dtype=torch.float32, device=dev),
                                      torch.as_tensor(tgt_feats, dtype=torch.float32, device=dev),
                                      torch.tensor(rows, dtype=torch.long, device=dev), emb.to(dev),
-                                     boxes_frame=torch.tensor(boxes, dtype=torch.float32, device=dev) * scale)
+                                     boxes_frame=boxes)
         with torch.inference_mode():
             prob = torch.sigmoid(frame_to_image(low[:, None].float(), scale, target.shape))[:, 0].cpu().numpy()
         return {k: prob[i].astype(np.float32) for i, k in enumerate(vis)}

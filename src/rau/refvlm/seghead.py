@@ -106,11 +106,16 @@ def _build_head(config: SegHeadConfig, decoder=None):
     return SegHead()
 
 
-def answer_box_frame(loc_values, bins: int, frame: int = FRAME):
-    """(N, 4) answer location values (ymin, xmin, ymax, xmax on ``bins`` bins of a SQUARE image) ->
-    (N, 4) float boxes ``box_xyxy`` in LiteMedSAM's ``frame`` x ``frame`` input (pixel edges)."""
-    v = loc_values.float() / (bins - 1) * frame
-    return v[:, [1, 0, 3, 2]]
+def answer_box_frame(loc_values, bins: int, frame_hw: tuple[float, float] = (FRAME, FRAME)):
+    """(N, 4) answer location values (ymin, xmin, ymax, xmax on ``bins`` bins of the image) ->
+    (N, 4) float boxes ``box_xyxy`` in LiteMedSAM's input frame, where the image covers the top-left
+    ``frame_hw`` = (h, w) x its scale pixels (the whole 256 x 256 frame for a square image). The one
+    conversion of training and inference."""
+    import torch
+
+    v = loc_values.float() / (bins - 1)
+    h, w = frame_hw
+    return v[:, [1, 0, 3, 2]] * torch.tensor([w, h, w, h], dtype=v.dtype, device=v.device)
 
 
 def box_tokens(prompt_encoder, boxes_frame):
@@ -119,7 +124,7 @@ def box_tokens(prompt_encoder, boxes_frame):
 
     with torch.no_grad():
         sparse, _ = prompt_encoder(points=None, boxes=boxes_frame[:, None, :], masks=None)
-    return sparse.detach()
+    return sparse
 
 
 def seg_hidden(vlm_net, seg_embed, ref_features, tgt_features, blocks, pair_index):
