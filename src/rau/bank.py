@@ -47,13 +47,14 @@ def _litemedsam(images: Sequence[np.ndarray]) -> np.ndarray:
     import torch.nn.functional as F
 
     from rau.chex.model import preprocess
-    from rau.segment.medsam import _load_net
+    from rau.segment.medsam import _load_net, encode, resolve_precision
 
     net = _load_net(None, "cpu")
+    precision = resolve_precision(None)
     out = []
     with torch.inference_mode():
         for image in images:
-            emb = net.image_encoder(preprocess(image, 256, "equalize"))
+            emb = encode(net, preprocess(image, 256, "equalize"), precision)
             out.append(F.adaptive_avg_pool2d(emb, 4).flatten().numpy())
     return np.stack(out).astype(np.float32)
 

@@ -83,9 +83,10 @@ def machine_line() -> str:
         import torch
 
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        threads = f", torch {torch.get_num_threads()} threads"
     except Exception:  # torch missing or broken CUDA: the line is informational only
-        gpu = "unknown GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, Python {platform.python_version()}, {platform.system()}"
+        gpu, threads = "unknown GPU", ""
+    return f"{os.cpu_count()} CPU cores ({cpu}){threads}, {gpu}, Python {platform.python_version()}, {platform.system()}"
 
 
 def git_commit() -> str:
@@ -179,12 +180,16 @@ def best_worst_overlays(report: dict, split: Split, method_options: dict[str, An
     return paths
 
 
-def bench_markdown(reports: dict[str, list[dict]], figures: dict[str, Path], overlays: list[Path], argv: list[str]) -> str:
+def bench_markdown(reports: dict[str, list[dict]], figures: dict[str, Path], overlays: list[Path], argv: list[str],
+                   precision: str | None = None) -> str:
     from rau.evaluate import comparison_table, dice_by_structure_table
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"Command: `rau {' '.join(argv)}`  ", f"Machine: {machine_line()}  ", f"Date: {now}  ",
-             f"Commit: {git_commit()}", ""]
+             f"Commit: {git_commit()}  "]
+    if precision:
+        lines.append(f"LiteMedSAM encoder precision: {precision}  ")
+    lines.append("")
     for split, docs in reports.items():
         lines += [f"### {split}", "", comparison_table(docs), "", dice_by_structure_table(docs), ""]
         if split in figures:
@@ -213,7 +218,10 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
         first = next((d for d in reports[split.name] if d["method"] != "oracle-box"), None)
         if first is not None:
             overlays += best_worst_overlays(first, split, method_options, out)
-    md = bench_markdown(reports, figures, overlays, argv)
+    from rau.segment.medsam import resolve_precision
+
+    md = bench_markdown(reports, figures, overlays, argv,
+                        resolve_precision(method_options.get("precision"), method_options.get("device", "cpu")))
     path = out / f"BENCH{tag}.md"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(md)

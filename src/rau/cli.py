@@ -58,11 +58,16 @@ UnetOpt = Annotated[Optional[Path], typer.Option("--unet", help="Trained U-Net f
 ChexOpt = Annotated[Optional[Path], typer.Option("--chex", help="Trained CheXanatomy model folder for method 'chexanatomy' (rau train chex).")]
 SegHeadOpt = Annotated[Optional[Path], typer.Option("--seg-head", help="Method rau-seg: a `rau train seg-head` folder (default: the shipped head, if any).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 
 
-def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None, chex=None, seg_head=None) -> dict:
+def _method_options(device, vlm, lora, sam2, segmenter, seed=0, unet=None, chex=None, seg_head=None,
+                    precision=None) -> dict:
+    from rau.segment.medsam import resolve_precision
+
+    resolve_precision(precision, device)  # a bad value fails here, before any model loads
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
-            "unet": unet, "chex": chex, "seg_head": seg_head}
+            "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision}
 
 
 @app.command()
@@ -84,6 +89,7 @@ def localize(
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Identify, localize (box) and segment (mask) each reference structure in one target image."""
     try:
@@ -91,7 +97,8 @@ def localize(
         from rau.pipeline import localize as run
         from rau.pipeline import localize_from_bank
 
-        options = _method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head)
+        options = _method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
+                                  precision=precision)
         if (bank is None) == (reference is None):
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:
@@ -168,6 +175,7 @@ def eval_(
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
+    precision: PrecisionOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate a method on a target dataset with references from a reference dataset; print a Markdown table."""
@@ -175,6 +183,7 @@ def eval_(
         from rau.data.dataset import load_dataset
         from rau.evaluate import evaluate, markdown_table, write_json_atomic
         from rau.methods import DEFAULT_METHOD, create_method
+        from rau.segment.medsam import resolve_precision
 
         tset = load_dataset(targets, arg="--targets")
         rset = load_dataset(references, arg="--references")
@@ -184,12 +193,12 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head))
+        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision))
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device,
                   "vlm": str(vlm) if vlm else None, "lora": str(lora) if lora else None,
                   "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None, "chex": str(chex) if chex else None, "seg_head": str(seg_head) if seg_head else None,
-                  "segmenter": segmenter, "argv": sys.argv[1:]}
+                  "segmenter": segmenter, "precision": resolve_precision(precision, device), "argv": sys.argv[1:]}
         ref_bank = None
         if bank is not None:
             from rau.bank import ReferenceBank
@@ -264,6 +273,7 @@ def bench(
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
+    precision: PrecisionOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run every method on the same pairs of the fixed splits and write the comparison (BENCH.md)."""
@@ -272,7 +282,7 @@ def bench(
 
         path = main_bench(out, methods=_split(methods, "--methods"), split_names=_split(splits, "--splits"), data=data, drr_dir=drr_dir,
                           quick=quick, limit=limit, seed=seed, progress=progress, argv=sys.argv[1:], k=k_references,
-                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head))
+                          method_options=_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision))
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(path.read_text())

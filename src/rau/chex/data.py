@@ -78,7 +78,7 @@ def build_cache(dataset_root: str | Path, out_file: str | Path, *, structures: S
         locs.append(loc_row)
         codes.append(code_row)
     with torch.no_grad():
-        feats = encode_images(images, config, device=device, progress=progress).numpy().astype(np.float16)
+        feats = encode_images(images, config, device=device, progress=progress, precision="fp32").numpy().astype(np.float16)
     cache = TokenCache(feats, np.stack(locs), np.stack(codes), img_ids, names,
                        {"dataset": str(dataset_root), "grid": config.grid, "image_size": config.image_size,
                         "preprocessing": config.preprocessing, "vision": config.vision})

@@ -274,19 +274,22 @@ def preprocess(image: np.ndarray, size: int = 256, mode: str = "equalize"):
     return t.repeat(1, 3, 1, 1)
 
 
-def encode_images(images: Sequence[np.ndarray], config: ChexConfig, *, device: str = "cpu", progress: bool = False):
-    """Images -> (N, feature_dim, grid, grid) float32 features from the frozen LiteMedSAM encoder."""
+def encode_images(images: Sequence[np.ndarray], config: ChexConfig, *, device: str = "cpu", progress: bool = False,
+                  precision: str | None = None):
+    """Images -> (N, feature_dim, grid, grid) float32 features from the frozen LiteMedSAM encoder
+    (``precision``: see :func:`rau.segment.medsam.resolve_precision`; training caches use fp32)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from rau.segment.medsam import _load_net
+    from rau.segment.medsam import _load_net, encode, resolve_precision
 
     net = _load_net(None, device)
+    precision = resolve_precision(precision, device)
     out = []
     with torch.inference_mode():
         for image in tqdm(images, desc="encode", unit="image", disable=not progress):
-            emb = net.image_encoder(preprocess(image, config.image_size, config.preprocessing).to(device))
+            emb = encode(net, preprocess(image, config.image_size, config.preprocessing).to(device), precision)
             out.append(F.adaptive_avg_pool2d(emb, config.grid).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, config.feature_dim, config.grid, config.grid)
 
@@ -391,8 +394,8 @@ class ChexModel(DecoderFolderModel):
         return f"ChexModel({len(self.config.names)} structures, {n / 1e6:.2f}M parameters, vocab {len(self.vocab)})"
 
     # ---- inference
-    def encode(self, images: Sequence[np.ndarray], progress: bool = False):
-        return encode_images(images, self.config, device=self.device, progress=progress)
+    def encode(self, images: Sequence[np.ndarray], progress: bool = False, precision: str | None = None):
+        return encode_images(images, self.config, device=self.device, progress=progress, precision=precision)
 
     def generate(self, features, prompts: list[tuple[str, list[int]]]) -> list[Answer]:
         """Greedy, grammar-constrained answers for prompts on ONE image's features (1, C, g, g).

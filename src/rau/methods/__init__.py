@@ -36,11 +36,11 @@ DEFAULT_METHOD = "rau-seg"
 FUSE_SIGMA = 4 / 512
 
 
-def _segmenter(name: str, *, sam2: str | Path | None, device: str, sam2_config=None):
+def _segmenter(name: str, *, sam2: str | Path | None, device: str, sam2_config=None, precision: str | None = None):
     if name == "medsam":
         from rau.segment.medsam import MedSamSegmenter
 
-        return MedSamSegmenter(device=device)
+        return MedSamSegmenter(device=device, precision=precision)
     if name == "sam2-memory":
         from rau.segment.sam2_memory import Sam2MemorySegmenter
 
@@ -57,7 +57,8 @@ def _registration(**kw) -> Method:
 def _reg_box(**kw) -> Method:
     from rau.methods.registration import RegistrationLocalizer
 
-    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"))
+    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"),
+                     precision=kw.get("precision"))
     return Method("reg-box", RegistrationLocalizer(seed=kw.get("seed", 0)), seg)
 
 
@@ -70,7 +71,8 @@ def _reg_fuse(**kw) -> Method:
 def _oracle_box(**kw) -> Method:
     from rau.methods.oracle import OracleLocalizer
 
-    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"))
+    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"),
+                     precision=kw.get("precision"))
     return Method("oracle-box", OracleLocalizer(), seg)
 
 
@@ -89,7 +91,8 @@ def _rau_parts(kw: dict, *, segmenter: bool = True):
     ``rau train refvlm`` folder given as ``vlm``) or a Qwen2.5-VL checkpoint folder (``vlm``)."""
     device = kw.get("device", "cpu")
     seg_name = kw.get("segmenter") or "medsam"
-    seg = _segmenter(seg_name, sam2=kw.get("sam2"), device=device, sam2_config=kw.get("sam2_config")) if segmenter else None
+    seg = _segmenter(seg_name, sam2=kw.get("sam2"), device=device, sam2_config=kw.get("sam2_config"),
+                     precision=kw.get("precision")) if segmenter else None
     vlm = kw.get("vlm")
     if vlm is None or _is_refvlm(vlm):
         from rau.refvlm.localizer import RefVlmLocalizer, default_available
@@ -97,7 +100,8 @@ def _rau_parts(kw: dict, *, segmenter: bool = True):
         if vlm is None and not default_available():
             raise RauInputError("--vlm: the shipped RAU VLM weights are missing from this install; pass --vlm PATH")
         return RefVlmLocalizer(vlm, device=device, shared_segmenter=seg if seg_name == "medsam" else None,
-                               assign=bool(kw.get("assign")), seg_head=kw.get("seg_head_folder")), seg
+                               assign=bool(kw.get("assign")), seg_head=kw.get("seg_head_folder"),
+                               precision=kw.get("precision")), seg
     from rau.vlm.qwen import QwenLocalizer
 
     return QwenLocalizer(vlm, device=device, lora=kw.get("lora")), seg

@@ -34,7 +34,10 @@ class RefVlmLocalizer(Localizer):
     name = "rau-vlm"
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", shared_segmenter=None,
-                 reference_cache: int = 64, assign: bool = False, seg_head: str | Path | None = None):
+                 reference_cache: int = 64, assign: bool = False, seg_head: str | Path | None = None,
+                 precision: str | None = None):
+        from rau.segment.medsam import resolve_precision
+
         from rau.chex.masktok import load_default
         from rau.refvlm.model import RefVlmModel
 
@@ -43,6 +46,8 @@ class RefVlmLocalizer(Localizer):
         self.tokenizer = load_default()
         self.shared = shared_segmenter
         self.assign = assign
+        #: the LiteMedSAM encoder's precision (auto/fp32/bf16, see rau.segment.medsam.resolve_precision)
+        self.precision = getattr(shared_segmenter, "precision", None) or resolve_precision(precision, device)
         self.seg_head = None
         if seg_head is not None:  # rau-seg: masks from the <seg> query (its encoder pass is shared too)
             from rau.refvlm.seghead import SegHeadModel
@@ -50,7 +55,7 @@ class RefVlmLocalizer(Localizer):
 
             self.seg_head = SegHeadModel.from_pretrained(seg_head, device=device)
             self.seg_head.check_vlm(self.model_dir)
-            self.shared = shared_segmenter or MedSamSegmenter(device=device)
+            self.shared = shared_segmenter or MedSamSegmenter(device=device, precision=self.precision)
         self._refs: OrderedDict[str, tuple] = OrderedDict()
         self._ref_cache = reference_cache
 
@@ -66,7 +71,7 @@ class RefVlmLocalizer(Localizer):
                 and cfg.preprocessing == "equalize" and cfg.image_size == 256):
             emb, _ = seg.embed(image)
             return F.adaptive_avg_pool2d(emb, cfg.grid).float()
-        return self.model.encode([image])
+        return self.model.encode([image], precision=self.precision)
 
     def _reference(self, reference: AnnotatedImage, structures: list[str]):
         from rau.retrieval import pixel_digest

@@ -234,8 +234,8 @@ class RefVlmModel(DecoderFolderModel):
         return f"RefVlmModel({n / 1e6:.2f}M parameters, vocab {len(self.vocab)})"
 
     # ---- inference
-    def encode(self, images: Sequence[np.ndarray], progress: bool = False):
-        return encode_images(images, self.config, device=self.device, progress=progress)
+    def encode(self, images: Sequence[np.ndarray], progress: bool = False, precision: str | None = None):
+        return encode_images(images, self.config, device=self.device, progress=progress, precision=precision)
 
     def answer(self, ref_features, tgt_features, ref_tokens: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[StructureAnswer]:
         """Greedy, grammar-constrained answers for every reference structure (its (loc, codes)

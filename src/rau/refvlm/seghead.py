@@ -225,7 +225,7 @@ def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_ro
     if not root:
         raise RauInputError(f"{token_cache}: the cache does not name its dataset; pass dataset_root")
     ds = load_dataset(root)
-    seg = MedSamSegmenter()
+    seg = MedSamSegmenter(precision="fp32")  # training data: always float32
     embs, masks = [], []
     items = {item.id: item for item in ds.subset(list(cache.ids))}
     for image_id in tqdm(cache.ids, desc="seg cache", unit="image", disable=not progress):
