@@ -43,7 +43,8 @@ def test_localize_default_method_with_medsam(pair_files):
     assert doc["method"] == DEFAULT_METHOD and list(doc["structures"]) == ["blob"]
 
 
-@pytest.mark.parametrize("case", ["unreadable", "size_mismatch", "empty_mask", "unknown_structure", "missing_target", "bad_method"])
+@pytest.mark.parametrize("case", ["unreadable", "size_mismatch", "empty_mask", "unknown_structure", "missing_target", "bad_method",
+                                  "bad_precision"])
 def test_localize_bad_input(pair_files, case):
     out = pair_files / "out_bad"
     extra = ["--method", "registration"]
@@ -59,6 +60,8 @@ def test_localize_bad_input(pair_files, case):
         (pair_files / "target.png").unlink()
     elif case == "bad_method":
         extra = ["--method", "nope"]
+    elif case == "bad_precision":
+        extra += ["--precision", "int4"]
     res = runner.invoke(app, localize_args(pair_files, out, *extra))
     assert res.exit_code == 2
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
@@ -99,7 +102,7 @@ def test_eval_contract(folder_dataset, tmp_path):
         for k in ("dice", "iou", "hd95", "box_iou", "box_acc50"):
             assert isinstance(e[k], float)
     assert {"dice", "iou", "box_iou"} <= set(doc["mean"])
-    assert isinstance(doc["config"], dict)
+    assert isinstance(doc["config"], dict) and doc["config"]["precision"] in ("fp32", "bf16")
     for pair in doc["config"]["pairs"]:
         assert pair["target"] != pair["reference"]
     assert "| **mean** |" in res.output

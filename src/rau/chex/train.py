@@ -202,7 +202,8 @@ def train_chex(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int,
 
 
 def run_training(model, out: Path, run_key: dict, step_loss, *, steps: int, lr: float, warmup: int, save_every: int,
-                 log_every: int, device: str, command: str | None, progress: bool, desc: str) -> Path:
+                 log_every: int, device: str, command: str | None, progress: bool, desc: str,
+                 loss_label: str = "loss (answer tokens)") -> Path:
     """The training loop shared by the token VLMs (CheXanatomy, the compact RAU VLM): accelerate
     (bf16 on GPU), AdamW with warmup + cosine, clipping, resume from the latest checkpoint of
     ``out`` (refused if its ``run_key`` differs), loss log, atomic checkpoints and ``out/final``.
@@ -244,7 +245,7 @@ def run_training(model, out: Path, run_key: dict, step_loss, *, steps: int, lr: 
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         done = step + 1
         if acc.is_main_process and (done % log_every == 0 or done == steps):
-            write_loss_log(out, history)
+            write_loss_log(out, history, loss_label)
         if acc.is_main_process and (done % save_every == 0 or done == steps):
             _save_checkpoint(out, model, opt, done, history, run_key)
     bar.close()

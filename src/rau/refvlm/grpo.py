@@ -202,4 +202,5 @@ def train_grpo(caches: Sequence[str | Path], out_dir: str | Path, *, init_from: 
         return loss, extras
 
     return run_training(model, out, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
-                        log_every=log_every, device=device, command=command, progress=progress, desc="grpo rau vlm")
+                        log_every=log_every, device=device, command=command, progress=progress, desc="grpo rau vlm",
+                        loss_label="loss (GRPO objective + KL)")

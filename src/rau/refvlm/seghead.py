@@ -354,5 +354,6 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
         return loss, {"dice": float(d.mean())}
 
     return run_training(head, out, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
-                        log_every=log_every, device=device, command=command, progress=progress, desc="train rau-seg head")
+                        log_every=log_every, device=device, command=command, progress=progress, desc="train rau-seg head",
+                        loss_label="loss (mask BCE + Dice)")
 

@@ -496,14 +496,14 @@ def _truncate_samples(path: Path, step: int) -> None:
     _write_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
-def write_loss_log(out: Path, history: list[dict[str, float]]) -> None:
-    """loss.json ([{step, loss, lr}]) and loss.png, both replaced atomically."""
+def write_loss_log(out: Path, history: list[dict[str, float]], loss_label: str = "loss (answer tokens)") -> None:
+    """loss.json ([{step, loss, lr}]) and loss.png (y axis ``loss_label``), both replaced atomically."""
     write_json_atomic(out / "loss.json", {"history": history})
     if history:
-        plot_losses(history, out / "loss.png")
+        plot_losses(history, out / "loss.png", loss_label)
 
 
-def plot_losses(history: list[dict[str, float]], path: Path) -> None:
+def plot_losses(history: list[dict[str, float]], path: Path, loss_label: str = "loss (answer tokens)") -> None:
     # Figure + Agg canvas directly: no pyplot, so the caller's matplotlib backend is left alone.
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -527,7 +527,7 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
     ax = fig.add_subplot(1 + bool(extra), 1, 1)
     curve(ax, loss, "loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
+    ax.set_ylabel(loss_label)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     if extra:  # e.g. GRPO: mean reward and its parts
