@@ -175,3 +175,24 @@ def test_tiny_head_learns_and_a_killed_run_resumes_identically(vlm_dir, tmp_path
     head.check_vlm(vlm_dir)
     with pytest.raises(RauInputError, match="one per --cache"):
         train_seghead(vlm_dir, [t, t], [s], tmp_path / "z", steps=1, progress=False)
+
+
+def test_seg_query_continuing_the_answer_cache_equals_recomputing(vlm_dir, one_torch_thread):
+    from rau.refvlm.model import RefVlmModel, select_cache
+
+    vlm = RefVlmModel.from_pretrained(vlm_dir)
+    head = _head(vlm_dir)
+    v = vlm.vocab
+    torch.manual_seed(1)
+    rf, tf = torch.randn(1, 256, 4, 4), torch.randn(1, 256, 4, 4)
+    ref_tokens = [([0, 0, 500, 500], [k] * 16) for k in range(3)]
+    answers, past = vlm.answer(rf, tf, ref_tokens, return_cache=True)
+    assert [a.loc for a in answers] == [a.loc for a in vlm.answer(rf, tf, ref_tokens)]  # same answers
+    keep = [0, 2]
+    blocks = torch.tensor([v.prompt(*ref_tokens[k]) + v.answer(answers[k].loc, answers[k].codes) for k in keep])
+    zeros = torch.zeros(len(keep), dtype=torch.long)
+    with torch.inference_mode():
+        full = seg_hidden(vlm.net, head.net.seg_embed, rf, tf, blocks, zeros)
+        cont = seg_hidden(vlm.net, head.net.seg_embed, rf, tf, blocks, zeros, past=select_cache(past, torch.tensor(keep)))
+    assert cont.shape == full.shape == (2, 32)
+    assert torch.allclose(cont, full, atol=1e-4), (cont - full).abs().max()

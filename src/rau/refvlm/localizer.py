@@ -120,12 +120,16 @@ class RefVlmLocalizer(Localizer):
             return {}
         ref_feats, ref_tokens = self._reference(reference, structures)
         tgt_feats = self.features(target.image)
-        answers = self.model.answer(ref_feats, tgt_feats, ref_tokens)
+        past = None
+        if self.seg_head is not None and not self.assign:  # the <seg> query continues the answers' cache
+            answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True)
+        else:
+            answers = self.model.answer(ref_feats, tgt_feats, ref_tokens)
         if self.assign:
             answers = self._assign(answers, ref_feats, tgt_feats, ref_tokens)
         out = {}
         hw = target.shape
-        seg_probs = self._seg_query(target, ref_feats, tgt_feats, ref_tokens, answers) if self.seg_head else {}
+        seg_probs = self._seg_query(target, ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_head else {}
         for k, (name, a) in enumerate(zip(structures, answers)):
             if not a.visible:
                 out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
@@ -149,11 +153,13 @@ class RefVlmLocalizer(Localizer):
             out[name] = Localization("yes", decoded.box_xyxy_px, a.p_yes * a.box_score, None, decoded.mask, prob)
         return out
 
-    def _seg_query(self, target: AnnotatedImage, ref_feats, tgt_feats, ref_tokens, answers) -> dict[int, np.ndarray]:
+    def _seg_query(self, target: AnnotatedImage, ref_feats, tgt_feats, ref_tokens, answers, past=None) -> dict[int, np.ndarray]:
         """rau-seg: (H, W) probabilities of the visible structures from the <seg> head, decoded on the
-        target's LiteMedSAM embedding (the encoder pass the VLM's features came from)."""
+        target's LiteMedSAM embedding (the encoder pass the VLM's features came from). ``past``: the
+        answers' decoding cache (one row per structure), continued instead of recomputed."""
         import torch
 
+        from rau.refvlm.model import select_cache
         from rau.refvlm.seghead import answer_box_frame
         from rau.segment.medsam import frame_to_image
 
@@ -163,6 +169,8 @@ class RefVlmLocalizer(Localizer):
         v = self.model.vocab
         rows = [v.prompt(*ref_tokens[k]) + v.answer(answers[k].loc, answers[k].codes) for k in vis]
         dev = self.model.device
+        if past is not None:
+            past = select_cache(past, torch.tensor(vis, dtype=torch.long, device=dev))
         emb, scale = self.shared.embed(target.image)
         h, w = target.shape
         boxes = answer_box_frame(torch.tensor([answers[k].loc for k in vis], device=dev), self.model.config.bins,
@@ -170,7 +178,7 @@ class RefVlmLocalizer(Localizer):
         low, _ = self.seg_head.masks(self.model.net, torch.as_tensor(ref_feats, dtype=torch.float32, device=dev),
                                      torch.as_tensor(tgt_feats, dtype=torch.float32, device=dev),
                                      torch.tensor(rows, dtype=torch.long, device=dev), emb.to(dev),
-                                     boxes_frame=boxes)
+                                     boxes_frame=boxes, past=past)
         with torch.inference_mode():
             prob = torch.sigmoid(frame_to_image(low[:, None].float(), scale, target.shape))[:, 0].cpu().numpy()
         return {k: prob[i].astype(np.float32) for i, k in enumerate(vis)}

@@ -237,25 +237,28 @@ class RefVlmModel(DecoderFolderModel):
     def encode(self, images: Sequence[np.ndarray], progress: bool = False, precision: str | None = None):
         return encode_images(images, self.config, device=self.device, progress=progress, precision=precision)
 
-    def answer(self, ref_features, tgt_features, ref_tokens: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[StructureAnswer]:
+    def answer(self, ref_features, tgt_features, ref_tokens: Sequence[tuple[Sequence[int], Sequence[int]]],
+               *, return_cache: bool = False):
         """Greedy, grammar-constrained answers for every reference structure (its (loc, codes)
         tokens) on one pair of (1, C, g, g) features: the prefix is computed once, all structures
-        decode in one batch."""
+        decode in one batch. ``return_cache``: -> (answers, the decoding's KV cache, one row per
+        structure; see :func:`generate`)."""
         import torch
 
         n = len(ref_tokens)
         if n == 0:
-            return []
+            return ([], None) if return_cache else []
         vocab = self.vocab
         rf = torch.as_tensor(ref_features, dtype=torch.float32, device=self.device)
         tf = torch.as_tensor(tgt_features, dtype=torch.float32, device=self.device)
         prompts = torch.tensor([vocab.prompt(loc, codes) for loc, codes in ref_tokens], dtype=torch.long, device=self.device)
-        toks, prob, p_yes = generate(self.net, vocab, rf, tf, prompts, torch.zeros(n, dtype=torch.long, device=self.device))
+        toks, prob, p_yes, *past = generate(self.net, vocab, rf, tf, prompts, torch.zeros(n, dtype=torch.long, device=self.device),
+                                            return_cache=return_cache)
         out = []
         for row, pr, py in zip(toks.cpu().numpy(), prob.cpu().numpy(), p_yes.cpu().numpy()):
             out.append(StructureAnswer(bool(py >= 0.5), float(py), tuple(int(t) - vocab.loc_offset for t in row[1:5]),
                                        tuple(int(t) - vocab.seg_offset for t in row[5:]), [float(v) for v in pr]))
-        return out
+        return (out, past[0]) if return_cache else out
 
     def box_loglik(self, ref_features, tgt_features, ref_tokens: Sequence[tuple[Sequence[int], Sequence[int]]],
                    candidates: Sequence[Sequence[int]]) -> np.ndarray:
@@ -284,7 +287,7 @@ class RefVlmModel(DecoderFolderModel):
 
 
 def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_index, *, temperature: float = 0.0,
-             generator=None):
+             generator=None, return_cache: bool = False):
     """Grammar-constrained answers of a batch of structure blocks (no gradients).
 
     ``prompts`` (N, prompt_length) ids, ``pair_index`` (N,) row of the (B, C, g, g) features each
@@ -292,7 +295,8 @@ def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_ind
     with ``generator``. The box and mask are always decoded (after ``<yes>``, a ranked guess where
     the answer is ``<no>``). Returns (tokens (N, answer_length) with position 0 the chosen
     ``<yes>``/``<no>``, the chosen tokens' probabilities (N, answer_length) under the temperature-1
-    distribution, P(yes) (N,))."""
+    distribution, P(yes) (N,)); with ``return_cache`` also the KV cache of every row's prefix, prompt
+    and answer but its last token (what a ``<seg>`` query continues from)."""
     import torch
 
     was_training = net.training
@@ -320,6 +324,8 @@ def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_ind
     net.train(was_training)
     toks = torch.stack(chosen, 1)
     toks[:, 0] = first
+    if return_cache:
+        return toks, torch.stack(probs, 1), p_yes, past
     return toks, torch.stack(probs, 1), p_yes
 
 

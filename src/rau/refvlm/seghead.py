@@ -127,18 +127,25 @@ def box_tokens(prompt_encoder, boxes_frame):
     return sparse
 
 
-def seg_hidden(vlm_net, seg_embed, ref_features, tgt_features, blocks, pair_index):
+def seg_hidden(vlm_net, seg_embed, ref_features, tgt_features, blocks, pair_index, past=None):
     """Last hidden state at the ``<seg>`` position after each block (prompt + answer ids), over the
     shared prefix (computed without gradients: it does not depend on the head). Gradients flow
-    through the frozen decoder into ``seg_embed``. -> (N, hidden)."""
+    through the frozen decoder into ``seg_embed``. -> (N, hidden).
+
+    ``past``: the KV cache the answers were decoded with (one row per block, covering the prefix
+    and each block but its last id; :func:`rau.refvlm.model.generate` with ``return_cache``): then
+    only the last id and ``<seg>`` are run (inference; the same states as recomputing everything)."""
     import inspect
 
     import torch
 
     from rau.refvlm.model import select_cache
 
-    with torch.no_grad():
-        past = select_cache(vlm_net.prefix(ref_features, tgt_features), pair_index)
+    if past is None:
+        with torch.no_grad():
+            past = select_cache(vlm_net.prefix(ref_features, tgt_features), pair_index)
+    else:
+        blocks = blocks[:, -1:]
     lm = vlm_net.lm
     x = lm.get_input_embeddings()(blocks)
     x = torch.cat([x, seg_embed.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
@@ -167,17 +174,18 @@ class SegHeadModel(DecoderFolderModel):
             raise RauInputError(f"--seg-head: this head was trained with another VLM than {model_dir}; "
                                 "pass the matching --vlm or train a head for this one (rau train seg-head)")
 
-    def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding, boxes_frame=None):
+    def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding, boxes_frame=None, past=None):
         """Mask logits (N, 256, 256) in the encoder frame for N answered blocks of ONE pair, and
         their predicted IoU (N,). ``boxes_frame``: (N, 4) answer boxes in the encoder frame (used by
-        heads trained with ``box_prompt``)."""
+        heads trained with ``box_prompt``). ``past``: the answers' decoding cache (see
+        :func:`seg_hidden`), which saves recomputing the prefix."""
         import torch
 
         n = blocks.shape[0]
         lite = _litemedsam()
         with torch.inference_mode():
             zeros = torch.zeros(n, dtype=torch.long, device=blocks.device)
-            h = seg_hidden(vlm_net, self.net.seg_embed, ref_features, tgt_features, blocks, zeros)
+            h = seg_hidden(vlm_net, self.net.seg_embed, ref_features, tgt_features, blocks, zeros, past=past)
             pe = lite.prompt_encoder.get_dense_pe().to(blocks.device)
             dense = lite.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1).expand(n, -1, *embedding.shape[-2:])
             boxes = None
