@@ -200,6 +200,8 @@ def test_bench_quick_on_a_tiny_arcade_layout(tiny_arcade, tmp_path):
     assert "| registration |" in md and "Commit:" in md and "Machine:" in md
     assert (out / "arcade_registration.json").exists() and (out / "dice_arcade.png").exists()
     assert (out / "overlay_arcade_registration_worst.png").exists()
+    config = json.loads((out / "arcade_registration.json").read_text())["config"]
+    assert config["vlm"] is None and config["precision"] in ("fp32", "bf16")  # the run's models, for its labels
     bad = runner.invoke(app, ["bench", "--out", str(out), "--splits", "nope"])
     assert bad.exit_code == 2 and "--splits" in bad.output
 

@@ -129,12 +129,22 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
         for name, method in built.items():
             config = {"split": split.name, "targets": str(split.targets), "references": str(split.references),
                       "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range),
-                      "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k}
+                      "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k,
+                      **_model_options(method_options)}
             doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
                            bank=bank, k=k)
             write_json_atomic(doc, out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json")
             reports.setdefault(split.name, []).append(doc)
     return reports
+
+
+def _model_options(method_options: dict[str, Any]) -> dict[str, Any]:
+    """The model folders and encoder precision of a run, for its JSON (and ``rau report``'s labels)."""
+    from rau.segment.medsam import resolve_precision
+
+    keys = ("vlm", "lora", "sam2", "unet", "chex", "seg_head")
+    return {**{k: str(method_options[k]) if method_options.get(k) else None for k in keys},
+            "precision": resolve_precision(method_options.get("precision"), method_options.get("device", "cpu"))}
 
 
 def _fmt_slice(sl: slice | None) -> str | None:

@@ -221,7 +221,7 @@ def report_label(report: dict[str, Any]) -> str:
     """Method name, plus the checkpoint folder's name for methods that load one (rau, unet, sam2, chexanatomy)."""
     config = report.get("config", {})
     tags = [Path(config[k]).name if Path(config[k]).name != "final" else Path(config[k]).parent.name
-            for k in ("vlm", "unet", "sam2", "chex") if config.get(k)]
+            for k in ("vlm", "unet", "sam2", "chex", "seg_head") if config.get(k)]
     if config.get("reference_choice") == "random":
         tags.append("random ref")
     elif config.get("bank"):
