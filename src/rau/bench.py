@@ -117,6 +117,7 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
     results fused by majority vote (files ``<split>_<method>_k<k>.json``)."""
     from rau.data.dataset import load_dataset
     from rau.evaluate import evaluate, write_json_atomic
+    from rau.evaluate import model_config
     from rau.methods import create_method
 
     out.mkdir(parents=True, exist_ok=True)
@@ -130,21 +131,12 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
             config = {"split": split.name, "targets": str(split.targets), "references": str(split.references),
                       "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range),
                       "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k,
-                      **_model_options(method_options)}
+                      **model_config(method_options)}
             doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
                            bank=bank, k=k)
             write_json_atomic(doc, out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json")
             reports.setdefault(split.name, []).append(doc)
     return reports
-
-
-def _model_options(method_options: dict[str, Any]) -> dict[str, Any]:
-    """The model folders and encoder precision of a run, for its JSON (and ``rau report``'s labels)."""
-    from rau.segment.medsam import resolve_precision
-
-    keys = ("vlm", "lora", "sam2", "unet", "chex", "seg_head")
-    return {**{k: str(method_options[k]) if method_options.get(k) else None for k in keys},
-            "precision": resolve_precision(method_options.get("precision"), method_options.get("device", "cpu"))}
 
 
 def _fmt_slice(sl: slice | None) -> str | None:
@@ -228,10 +220,9 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
         first = next((d for d in reports[split.name] if d["method"] != "oracle-box"), None)
         if first is not None:
             overlays += best_worst_overlays(first, split, method_options, out)
-    from rau.segment.medsam import resolve_precision
+    from rau.evaluate import model_config
 
-    md = bench_markdown(reports, figures, overlays, argv,
-                        resolve_precision(method_options.get("precision"), method_options.get("device", "cpu")))
+    md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"])
     path = out / f"BENCH{tag}.md"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(md)

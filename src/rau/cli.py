@@ -182,8 +182,8 @@ def eval_(
     try:
         from rau.data.dataset import load_dataset
         from rau.evaluate import evaluate, markdown_table, write_json_atomic
+        from rau.evaluate import model_config
         from rau.methods import DEFAULT_METHOD, create_method
-        from rau.segment.medsam import resolve_precision
 
         tset = load_dataset(targets, arg="--targets")
         rset = load_dataset(references, arg="--references")
@@ -193,12 +193,11 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        m = create_method(name, **_method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision))
+        options = _method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision)
+        m = create_method(name, **options)
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
-                  "reference_range": reference_range, "method": name, "device": device,
-                  "vlm": str(vlm) if vlm else None, "lora": str(lora) if lora else None,
-                  "sam2": str(sam2) if sam2 else None, "unet": str(unet) if unet else None, "chex": str(chex) if chex else None, "seg_head": str(seg_head) if seg_head else None,
-                  "segmenter": segmenter, "precision": resolve_precision(precision, device), "argv": sys.argv[1:]}
+                  "reference_range": reference_range, "method": name, "device": device, **model_config(options),
+                  "segmenter": segmenter, "argv": sys.argv[1:]}
         ref_bank = None
         if bank is not None:
             from rau.bank import ReferenceBank

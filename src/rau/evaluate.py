@@ -217,6 +217,16 @@ def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
     return write_json(path, doc)
 
 
+def model_config(method_options: dict[str, Any]) -> dict[str, Any]:
+    """The model folders (str or None) and the resolved encoder precision of a run's method
+    options, as its RESULT.json ``config`` records them (what :func:`report_label` reads)."""
+    from rau.segment.medsam import resolve_precision
+
+    keys = ("vlm", "lora", "sam2", "unet", "chex", "seg_head")
+    return {**{k: str(method_options[k]) if method_options.get(k) else None for k in keys},
+            "precision": resolve_precision(method_options.get("precision"), method_options.get("device", "cpu"))}
+
+
 def report_label(report: dict[str, Any]) -> str:
     """Method name, plus the checkpoint folder's name for methods that load one (rau, unet, sam2, chexanatomy)."""
     config = report.get("config", {})

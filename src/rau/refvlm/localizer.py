@@ -36,10 +36,9 @@ class RefVlmLocalizer(Localizer):
     def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", shared_segmenter=None,
                  reference_cache: int = 64, assign: bool = False, seg_head: str | Path | None = None,
                  precision: str | None = None):
-        from rau.segment.medsam import resolve_precision
-
         from rau.chex.masktok import load_default
         from rau.refvlm.model import RefVlmModel
+        from rau.segment.medsam import resolve_precision
 
         self.model = RefVlmModel.from_pretrained(model_dir or DEFAULT_DIR, device=device)
         self.model_dir = Path(model_dir or DEFAULT_DIR)
@@ -120,13 +119,10 @@ class RefVlmLocalizer(Localizer):
             return {}
         ref_feats, ref_tokens = self._reference(reference, structures)
         tgt_feats = self.features(target.image)
-        past = None
-        if self.seg_head is not None and not self.assign:  # the <seg> query continues the answers' cache
-            answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True)
-        else:
-            answers = self.model.answer(ref_feats, tgt_feats, ref_tokens)
+        answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True)
         if self.assign:
             answers = self._assign(answers, ref_feats, tgt_feats, ref_tokens)
+            past = None  # boxes moved between structures: the cache no longer matches the answers
         out = {}
         hw = target.shape
         seg_probs = self._seg_query(target, ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_head else {}

@@ -7,7 +7,9 @@ The encoder is prepared for inference when loaded (batch norms folded into their
 channels-last memory: the same function to ~1e-5, about 1.3x faster on CPU) and :func:`encode` runs
 it in the precision :func:`resolve_precision` picks: bfloat16 autocast on CPUs with native bf16
 matrix units (AMX / AVX512-BF16), float32 elsewhere (``RAU_ENCODER_PRECISION`` or ``precision=``
-overrides; training caches are always float32). Speed and accuracy of both: docs/BENCHMARKS.md. Preprocessing follows LiteMedSAM (longest side -> 256, pad bottom/right, [0, 1], 3
+overrides; training caches are always float32). Speed and accuracy of both: docs/BENCHMARKS.md.
+
+Preprocessing follows LiteMedSAM (longest side -> 256, pad bottom/right, [0, 1], 3
 channels) with global histogram equalisation first: measured on real chest X-rays, equalisation
 lifts exact-box lung Dice from ~0.70 to ~0.93-0.96 (raw 8-bit images often give a thin crescent).
 """
