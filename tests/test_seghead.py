@@ -196,3 +196,43 @@ def test_seg_query_continuing_the_answer_cache_equals_recomputing(vlm_dir, one_t
         cont = seg_hidden(vlm.net, head.net.seg_embed, rf, tf, blocks, zeros, past=select_cache(past, torch.tensor(keep)))
     assert cont.shape == full.shape == (2, 32)
     assert torch.allclose(cont, full, atol=1e-4), (cont - full).abs().max()
+
+
+def test_box_only_answers_are_the_full_answers_box_and_continue_their_cache(vlm_dir, one_torch_thread):
+    """seg_after="box": 5 decoding steps give the same <yes>/box as the full answer, no codes, and the
+    <seg> query continuing that shorter cache equals recomputing prompt + box."""
+    from rau.refvlm.model import BOX_TOKENS, RefVlmModel, generate
+
+    vlm = RefVlmModel.from_pretrained(vlm_dir)
+    head = _head(vlm_dir)
+    v = vlm.vocab
+    torch.manual_seed(2)
+    rf, tf = torch.randn(1, 256, 4, 4), torch.randn(1, 256, 4, 4)
+    ref_tokens = [([0, 0, 500, 500], [k] * 16) for k in range(3)]
+    full = vlm.answer(rf, tf, ref_tokens)
+    short, past = vlm.answer(rf, tf, ref_tokens, return_cache=True, box_only=True)
+    assert [a.loc for a in short] == [a.loc for a in full] and all(a.codes == () for a in short)
+    assert [a.p_yes for a in short] == pytest.approx([a.p_yes for a in full])
+    blocks = torch.tensor([v.prompt(*ref_tokens[k]) + v.answer(short[k].loc, short[k].codes) for k in range(3)])
+    assert blocks.shape[1] == v.prompt_length + BOX_TOKENS
+    zeros = torch.zeros(3, dtype=torch.long)
+    with torch.inference_mode():
+        again = seg_hidden(vlm.net, head.net.seg_embed, rf, tf, blocks, zeros)
+        cont = seg_hidden(vlm.net, head.net.seg_embed, rf, tf, blocks, zeros, past=past)
+    assert torch.allclose(cont, again, atol=1e-4)
+    with pytest.raises(ValueError, match="n_tokens"):
+        generate(vlm.net, v, rf, tf, blocks[:, : v.prompt_length], zeros, n_tokens=0)
+
+
+def test_tiny_box_only_head_learns_and_records_where_seg_sits(vlm_dir, tmp_path, one_torch_thread):
+    from rau.errors import CheckpointError
+
+    t, s = _caches(tmp_path)
+    final = _train(vlm_dir, t, s, tmp_path / "a", 12, save_every=6, seg_after="box")
+    hist = json.loads((tmp_path / "a" / "loss.json").read_text())["history"]
+    assert np.mean([h["loss"] for h in hist[-3:]]) < np.mean([h["loss"] for h in hist[:3]])
+    assert SegHeadModel.from_pretrained(final).config.seg_after == "box"
+    with pytest.raises(RauInputError, match="--seg-after"):
+        _train(vlm_dir, t, s, tmp_path / "z", 1, seg_after="codes")
+    with pytest.raises(CheckpointError, match="seg_after"):
+        SegHeadConfig.from_dict({**SegHeadConfig().__dict__, "seg_after": "middle"})

@@ -304,6 +304,11 @@ def _box_tokens_reason(loc: Sequence[int]) -> str | None:
     return None
 
 
+def box_tokens_reason(loc: Sequence[int], bins: int) -> str | None:
+    """Why 4 location tokens on ``bins`` bins are not a box (None when they are one)."""
+    return _int_sequence_reason(loc, N_LOC, bins, "loc") or _box_tokens_reason(loc)
+
+
 def tokens_to_string(tokens: MaskTokens) -> str:
     """``<locNNNN>`` x 4 then ``<segNNN>`` x n, no separators."""
     return "".join(f"<loc{int(v):04d}>" for v in tokens.loc) + "".join(f"<seg{int(c):03d}>" for c in tokens.codes)
@@ -623,12 +628,7 @@ class MaskTokenizer:
         on malformed tokens; ``hw`` that is not a positive (H, W) raises RauInputError)."""
         hw = _check_hw(hw)
         cfg = self.config
-        reason = (
-            _int_sequence_reason(loc, N_LOC, cfg.bins, "loc")
-            or _int_sequence_reason(codes, cfg.n_codes, cfg.codebook_size, "codes")
-        )
-        if reason is None:
-            reason = _box_tokens_reason(loc)
+        reason = box_tokens_reason(loc, cfg.bins) or _int_sequence_reason(codes, cfg.n_codes, cfg.codebook_size, "codes")
         if reason is not None:
             return DecodedMask(None, None, reason)
         box = loc_tokens_to_box(loc, hw, cfg.bins)

@@ -112,41 +112,50 @@ class RefVlmLocalizer(Localizer):
 
     # ---- Localizer
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
-        from rau.chex.masktok import loc_tokens_to_box, paste_probs
+        from rau.chex.masktok import box_tokens_reason, loc_tokens_to_box, paste_probs
         from rau.geometry import mask_to_box
 
         if not structures:
             return {}
         ref_feats, ref_tokens = self._reference(reference, structures)
         tgt_feats = self.features(target.image)
-        answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True)
+        # a box-only <seg> head reads <seg> right after the box: the 16 mask codes are not decoded
+        box_only = self.seg_head is not None and self.seg_head.config.seg_after == "box"
+        answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True, box_only=box_only)
         if self.assign:
             answers = self._assign(answers, ref_feats, tgt_feats, ref_tokens)
             past = None  # boxes moved between structures: the cache no longer matches the answers
         out = {}
         hw = target.shape
+        bins = self.model.config.bins
         seg_probs = self._seg_query(target, ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_head else {}
         for k, (name, a) in enumerate(zip(structures, answers)):
             if not a.visible:
                 out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
                 continue
+            score = a.p_yes * a.box_score
+            if self.seg_head is not None:  # rau-seg: the answer's box + the <seg> mask (mask codes unused)
+                reason = box_tokens_reason(a.loc, bins)
+                if reason is not None:
+                    out[name] = Localization("no", None, 0.0, f"model answer does not decode: {reason}")
+                    continue
+                prob = seg_probs[k]
+                mask = prob >= 0.5
+                if not mask.any():
+                    out[name] = Localization("no", loc_tokens_to_box(a.loc, hw, bins), 0.0,
+                                             "the <seg> query decodes to an empty mask")
+                    continue
+                # the <seg> mask refines the VLM's box, so its extent is the better box (Wingspan held-out
+                # box IoU 0.890 vs 0.789 for the answer box; docs/BENCHMARKS.md)
+                out[name] = Localization("yes", mask_to_box(mask), score, None, mask, prob)
+                continue
             decoded = self.tokenizer.decode(a.loc, a.codes, hw)
             if decoded.mask is None:
                 out[name] = Localization("no", decoded.box_xyxy_px, 0.0, f"model answer does not decode: {decoded.reason}")
                 continue
-            if k in seg_probs:
-                prob = seg_probs[k]
-                mask = prob >= 0.5
-                if not mask.any():
-                    out[name] = Localization("no", decoded.box_xyxy_px, 0.0, "the <seg> query decodes to an empty mask")
-                    continue
-                # the <seg> mask refines the VLM's box, so its extent is the better box (Wingspan held-out
-                # box IoU 0.890 vs 0.789 for the answer box; docs/BENCHMARKS.md)
-                out[name] = Localization("yes", mask_to_box(mask), a.p_yes * a.box_score, None, mask, prob)
-                continue
-            box = loc_tokens_to_box(a.loc, hw, self.model.config.bins)
+            box = loc_tokens_to_box(a.loc, hw, bins)
             prob = paste_probs(self.tokenizer.decode_crop(a.codes), box, hw).astype(np.float32)
-            out[name] = Localization("yes", decoded.box_xyxy_px, a.p_yes * a.box_score, None, decoded.mask, prob)
+            out[name] = Localization("yes", decoded.box_xyxy_px, score, None, decoded.mask, prob)
         return out
 
     def _seg_query(self, target: AnnotatedImage, ref_feats, tgt_feats, ref_tokens, answers, past=None) -> dict[int, np.ndarray]:

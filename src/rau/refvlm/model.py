@@ -201,6 +201,10 @@ def _forward_params(lm) -> set[str]:
     return set(inspect.signature(lm.forward).parameters)
 
 
+#: Answer tokens up to and including the box: ``<yes>``/``<no>`` + 4 location tokens.
+BOX_TOKENS = 5
+
+
 @dataclass
 class StructureAnswer:
     """One structure: visible?, P(yes), loc/codes (tokenizer numbering) and the chosen tokens' probabilities."""
@@ -238,11 +242,12 @@ class RefVlmModel(DecoderFolderModel):
         return encode_images(images, self.config, device=self.device, progress=progress, precision=precision)
 
     def answer(self, ref_features, tgt_features, ref_tokens: Sequence[tuple[Sequence[int], Sequence[int]]],
-               *, return_cache: bool = False):
+               *, return_cache: bool = False, box_only: bool = False):
         """Greedy, grammar-constrained answers for every reference structure (its (loc, codes)
         tokens) on one pair of (1, C, g, g) features: the prefix is computed once, all structures
         decode in one batch. ``return_cache``: -> (answers, the decoding's KV cache, one row per
-        structure; see :func:`generate`)."""
+        structure; see :func:`generate`). ``box_only``: stop after the box (answers' ``codes`` are
+        empty; 5 decoding steps instead of 21)."""
         import torch
 
         n = len(ref_tokens)
@@ -253,7 +258,7 @@ class RefVlmModel(DecoderFolderModel):
         tf = torch.as_tensor(tgt_features, dtype=torch.float32, device=self.device)
         prompts = torch.tensor([vocab.prompt(loc, codes) for loc, codes in ref_tokens], dtype=torch.long, device=self.device)
         toks, prob, p_yes, *past = generate(self.net, vocab, rf, tf, prompts, torch.zeros(n, dtype=torch.long, device=self.device),
-                                            return_cache=return_cache)
+                                            return_cache=return_cache, n_tokens=BOX_TOKENS if box_only else None)
         out = []
         for row, pr, py in zip(toks.cpu().numpy(), prob.cpu().numpy(), p_yes.cpu().numpy()):
             out.append(StructureAnswer(bool(py >= 0.5), float(py), tuple(int(t) - vocab.loc_offset for t in row[1:5]),
@@ -287,7 +292,7 @@ class RefVlmModel(DecoderFolderModel):
 
 
 def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_index, *, temperature: float = 0.0,
-             generator=None, return_cache: bool = False):
+             generator=None, return_cache: bool = False, n_tokens: int | None = None):
     """Grammar-constrained answers of a batch of structure blocks (no gradients).
 
     ``prompts`` (N, prompt_length) ids, ``pair_index`` (N,) row of the (B, C, g, g) features each
@@ -296,16 +301,21 @@ def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_ind
     the answer is ``<no>``). Returns (tokens (N, answer_length) with position 0 the chosen
     ``<yes>``/``<no>``, the chosen tokens' probabilities (N, answer_length) under the temperature-1
     distribution, P(yes) (N,)); with ``return_cache`` also the KV cache of every row's prefix, prompt
-    and answer but its last token (what a ``<seg>`` query continues from)."""
+    and answer but its last token (what a ``<seg>`` query continues from). ``n_tokens``: stop after
+    the first n answer tokens (5 = ``<yes>``/``<no>`` + the box: what a box-only ``<seg>`` head
+    reads); default the whole answer."""
     import torch
 
+    length = vocab.answer_length if n_tokens is None else int(n_tokens)
+    if not 1 <= length <= vocab.answer_length:
+        raise ValueError(f"n_tokens: {n_tokens} is not in 1..{vocab.answer_length}")
     was_training = net.training
     net.eval()
     with torch.inference_mode():
         past = select_cache(net.prefix(ref_features, tgt_features), pair_index)
         logits, past = _lm_step(net.lm, past, input_ids=prompts)
         chosen, probs, p_yes, first = [], [], None, None
-        for pos in range(vocab.answer_length):
+        for pos in range(length):
             allowed = torch.as_tensor(vocab.allowed(pos), device=prompts.device)
             z = logits[:, allowed].float()
             p = torch.softmax(z, dim=-1)
@@ -319,7 +329,7 @@ def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_ind
                 tok = torch.full_like(tok, vocab.id["<yes>"])  # decode the box and mask even after "no"
             chosen.append(tok)
             probs.append(p.gather(-1, pick[:, None])[:, 0])
-            if pos + 1 < vocab.answer_length:
+            if pos + 1 < length:
                 logits, past = _lm_step(net.lm, past, input_ids=tok[:, None])
     net.train(was_training)
     toks = torch.stack(chosen, 1)

@@ -39,6 +39,7 @@ from rau.chex.model import DecoderFolderModel
 from rau.errors import CheckpointError, RauInputError
 
 FORMAT = "rau-seghead-v1"
+SEG_AFTER = ("mask", "box")
 FRAME = 256  # LiteMedSAM's input side: masks live in its (padded) frame
 #: Where a shipped head lives (method ``rau-seg`` without ``--seg-head``).
 DEFAULT_HEAD_DIR = Path(__file__).resolve().parent.parent / "assets" / "refvlm_seg"
@@ -53,6 +54,9 @@ class SegHeadConfig:
     #: the <seg> tokens. Without it the query alone must say WHICH structure; measured on Wingspan it
     #: then sometimes segments a lung for the heart (docs/BENCHMARKS.md). False for older heads.
     box_prompt: bool = False
+    #: Where ``<seg>`` follows the VLM's answer: "mask" = after the box and the 16 mask codes (older
+    #: heads), "box" = right after the box, so inference decodes 5 answer tokens instead of 21.
+    seg_after: str = "mask"
     vlm_sha256: str = ""
     format: str = FORMAT
 
@@ -61,7 +65,10 @@ class SegHeadConfig:
         if values.get("format") != FORMAT:
             raise CheckpointError(f"config: format {values.get('format')!r} is not {FORMAT!r}; not a rau-seg head folder")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        if config.seg_after not in SEG_AFTER:
+            raise CheckpointError(f"config: seg_after {config.seg_after!r} is not one of {SEG_AFTER}")
+        return config
 
 
 def weights_sha256(model_dir: str | Path) -> str:
@@ -284,18 +291,20 @@ def seg_loss(logits, target):
 def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches: Sequence[str | Path], out_dir: str | Path,
                   *, steps: int, pairs_per_step: int = 4, structures_per_pair: int = 4, lr: float = 1e-4,
                   warmup: int = 20, seed: int = 0, p_similar: float = 0.5, n_neighbours: int = 10,
-                  n_queries: int = 2, box_prompt: bool = True, cache_weights: Sequence[float] | None = None, save_every: int = 50,
+                  n_queries: int = 2, box_prompt: bool = True, seg_after: str = "mask", cache_weights: Sequence[float] | None = None, save_every: int = 50,
                   log_every: int = 5, threads: int | None = None, device: str = "auto", command: str | None = None,
                   progress: bool = True, decoder=None) -> Path:
     """Train the ``<seg>`` head for the VLM ``vlm_dir`` -> ``out_dir/final``. Resumable."""
     import torch
 
     from rau.chex.train import run_training
-    from rau.refvlm.model import RefVlmModel, generate
+    from rau.refvlm.model import BOX_TOKENS, RefVlmModel, generate
     from rau.refvlm.train import load_pair_caches, pick_reference
 
     if steps < 1 or pairs_per_step < 1 or structures_per_pair < 1 or not lr > 0 or not 0 <= p_similar <= 1:
         raise RauInputError("steps, pairs_per_step and structures_per_pair must be >= 1, lr > 0 and p_similar in [0, 1]")
+    if seg_after not in SEG_AFTER:
+        raise RauInputError(f"--seg-after: {seg_after!r} is not one of {', '.join(SEG_AFTER)}")
     if len(caches) != len(seg_caches):
         raise RauInputError("--seg-cache: give one per --cache, in the same order")
     if threads:
@@ -305,7 +314,7 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
     loaded, nears, weights = load_pair_caches(caches, n_neighbours, cache_weights)
     segs = [load_seg_cache(s, c.ids) for s, c in zip(seg_caches, loaded)]
     config = SegHeadConfig(hidden_size=vlm.config.hidden_size, n_queries=n_queries, box_prompt=box_prompt,
-                           vlm_sha256=weights_sha256(vlm_dir))
+                           seg_after=seg_after, vlm_sha256=weights_sha256(vlm_dir))
     torch.manual_seed(seed)
     head = SegHeadModel(config, decoder=decoder)
     lite = _litemedsam()
@@ -343,9 +352,9 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
     def step_loss(net, step, acc):
         rf, tf, emb, prompts, pair, gt = (x.to(acc.device) for x in batch(step, acc.process_index, acc.num_processes))
         vlm.net.to(acc.device)
-        toks, _, _ = generate(vlm.net, v, rf, tf, prompts, pair)
+        toks, _, _ = generate(vlm.net, v, rf, tf, prompts, pair, n_tokens=BOX_TOKENS if seg_after == "box" else None)
         toks = toks.clone()
-        toks[:, 0] = v.id["<yes>"]  # the structure is in the target: its own box and mask answer
+        toks[:, 0] = v.id["<yes>"]  # the structure is in the target: its own box (and mask) answer
         blocks = torch.cat([prompts, toks], dim=1)
         with acc.autocast():
             h = seg_hidden(vlm.net, acc.unwrap_model(net).seg_embed, rf, tf, blocks, pair)
