@@ -12,7 +12,7 @@ mkdir -p runs/seg
 $RAU train seg-head --vlm "$VLM" --cache runs/chex/wingspan_0_160.npz --cache runs/chex/drr_train.npz \
   --seg-cache runs/seg/wingspan_0_160.npz --seg-cache runs/seg/drr_train.npz --cache-weights 0.6,0.4 \
   --output-dir "${OUT:-runs/seg/head}" --steps "${STEPS:-400}" --pairs-per-step 4 --structures-per-pair 4 \
-  --lr 1e-4 --seed 0 --threads "${THREADS:-2}" --seg-after "${SEG_AFTER:-mask}"
+  --lr 1e-4 --seed 0 --threads "${THREADS:-2}" --seg-after "${SEG_AFTER:-box}"
 
 # Ship: fp16 head + config (with the VLM's hash) + training record into the package.
 if [ "${SHIP:-1}" = 1 ]; then

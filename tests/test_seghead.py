@@ -236,3 +236,18 @@ def test_tiny_box_only_head_learns_and_records_where_seg_sits(vlm_dir, tmp_path,
         _train(vlm_dir, t, s, tmp_path / "z", 1, seg_after="codes")
     with pytest.raises(CheckpointError, match="seg_after"):
         SegHeadConfig.from_dict({**SegHeadConfig().__dict__, "seg_after": "middle"})
+
+
+def test_bf16_mask_decoder_returns_float32_logits_close_to_fp32(vlm_dir, one_torch_thread):
+    from rau.refvlm.model import RefVlmModel
+
+    vlm = RefVlmModel.from_pretrained(vlm_dir)
+    head = _head(vlm_dir)
+    v = vlm.vocab
+    torch.manual_seed(3)
+    rf, tf, emb = torch.randn(1, 256, 4, 4), torch.randn(1, 256, 4, 4), torch.randn(1, 256, 64, 64)
+    blocks = torch.tensor([v.prompt([0, 0, 500, 500], [k] * 16) + v.answer([100, 100, 600, 600], [k] * 16) for k in range(2)])
+    a, _ = head.masks(vlm.net, rf, tf, blocks, emb)
+    b, iou = head.masks(vlm.net, rf, tf, blocks, emb, precision="bf16")
+    assert b.dtype == iou.dtype == torch.float32 and b.shape == a.shape == (2, FRAME, FRAME)
+    assert ((a > 0) == (b > 0)).float().mean() > 0.95

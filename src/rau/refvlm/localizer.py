@@ -183,7 +183,7 @@ class RefVlmLocalizer(Localizer):
         low, _ = self.seg_head.masks(self.model.net, torch.as_tensor(ref_feats, dtype=torch.float32, device=dev),
                                      torch.as_tensor(tgt_feats, dtype=torch.float32, device=dev),
                                      torch.tensor(rows, dtype=torch.long, device=dev), emb.to(dev),
-                                     boxes_frame=boxes, past=past)
+                                     boxes_frame=boxes, past=past, precision=self.precision)
         with torch.inference_mode():
             prob = torch.sigmoid(frame_to_image(low[:, None].float(), scale, target.shape))[:, 0].cpu().numpy()
         return {k: prob[i].astype(np.float32) for i, k in enumerate(vis)}

@@ -7,6 +7,8 @@ the answer, is projected by an MLP into ``n_queries`` prompt tokens of LiteMedSA
 which decodes the mask from the target's image embedding (the same encoder pass that fed the VLM).
 With ``box_prompt`` (the shipped head) the decoder also reads the VLM's answer box, encoded by
 LiteMedSAM's frozen prompt encoder: the spatial cue says where, the ``<seg>`` query says what.
+With ``seg_after="box"`` the ``<seg>`` position follows the box directly (``<yes> box <seg>``): the
+VLM then decodes 5 answer tokens instead of 21 and its mask codes are never generated.
 
 Trained: the ``<seg>`` embedding, the MLP and the mask decoder (initialised from LiteMedSAM's
 pretrained one). Frozen: the VLM (gradients reach the ``<seg>`` embedding through it) and the image
@@ -181,11 +183,15 @@ class SegHeadModel(DecoderFolderModel):
             raise RauInputError(f"--seg-head: this head was trained with another VLM than {model_dir}; "
                                 "pass the matching --vlm or train a head for this one (rau train seg-head)")
 
-    def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding, boxes_frame=None, past=None):
+    def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding, boxes_frame=None, past=None,
+              precision: str = "fp32"):
         """Mask logits (N, 256, 256) in the encoder frame for N answered blocks of ONE pair, and
         their predicted IoU (N,). ``boxes_frame``: (N, 4) answer boxes in the encoder frame (used by
         heads trained with ``box_prompt``). ``past``: the answers' decoding cache (see
-        :func:`seg_hidden`), which saves recomputing the prefix."""
+        :func:`seg_hidden`), which saves recomputing the prefix. ``precision``: "bf16" runs the mask
+        decoder under bf16 autocast (as the encoder, :func:`rau.segment.medsam.resolve_precision`)."""
+        import contextlib
+
         import torch
 
         n = blocks.shape[0]
@@ -200,8 +206,10 @@ class SegHeadModel(DecoderFolderModel):
                 if boxes_frame is None:
                     raise ValueError("boxes_frame: this <seg> head was trained with box prompts; pass the answer boxes")
                 boxes = box_tokens(lite.prompt_encoder, boxes_frame.to(blocks.device).float())
-            low, iou = self.net(embedding.expand(n, -1, -1, -1), h, pe, dense, boxes)
-        return low, iou
+            amp = torch.autocast(blocks.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+            with amp:
+                low, iou = self.net(embedding.expand(n, -1, -1, -1), h, pe, dense, boxes)
+        return low.float(), iou.float()
 
 
 # ----------------------------------------------------------------------------- data
@@ -291,7 +299,7 @@ def seg_loss(logits, target):
 def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches: Sequence[str | Path], out_dir: str | Path,
                   *, steps: int, pairs_per_step: int = 4, structures_per_pair: int = 4, lr: float = 1e-4,
                   warmup: int = 20, seed: int = 0, p_similar: float = 0.5, n_neighbours: int = 10,
-                  n_queries: int = 2, box_prompt: bool = True, seg_after: str = "mask", cache_weights: Sequence[float] | None = None, save_every: int = 50,
+                  n_queries: int = 2, box_prompt: bool = True, seg_after: str = "box", cache_weights: Sequence[float] | None = None, save_every: int = 50,
                   log_every: int = 5, threads: int | None = None, device: str = "auto", command: str | None = None,
                   progress: bool = True, decoder=None) -> Path:
     """Train the ``<seg>`` head for the VLM ``vlm_dir`` -> ``out_dir/final``. Resumable."""

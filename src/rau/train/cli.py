@@ -318,7 +318,7 @@ def seg_head(
     seed: Annotated[int, _opt("Seed: init and data order.")] = 0,
     box_prompt: Annotated[bool, _opt("Also prompt the decoder with the VLM's own answer box (beside the <seg> tokens).")] = True,
     seg_after: Annotated[str, _opt("Where <seg> follows the VLM's answer: 'mask' (after box + 16 mask codes) or 'box' "
-                                   "(right after the box: 5 decoding steps at inference instead of 21).")] = "mask",
+                                   "(right after the box: 5 decoding steps at inference instead of 21; the shipped head).")] = "box",
     save_every: Annotated[int, _opt("Checkpoint every N steps.")] = 50,
     threads: Annotated[Optional[int], _opt("torch CPU threads.")] = None,
     device: Annotated[str, _opt("auto, cpu or cuda.")] = "auto",
