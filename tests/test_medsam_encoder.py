@@ -51,6 +51,7 @@ def test_prepared_encoder_is_the_vendored_network(one_torch_thread):
     assert torch.allclose(got, want, atol=1e-4)
     rel = float((low - want).norm() / want.norm())
     assert rel < 0.1, rel
+    assert not any(k.startswith("_rau") for k in net.state_dict())  # the bf16 copy is not part of the weights
 
 
 def test_segmenter_memo_is_keyed_by_precision(one_torch_thread):

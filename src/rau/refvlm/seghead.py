@@ -189,9 +189,7 @@ class SegHeadModel(DecoderFolderModel):
         their predicted IoU (N,). ``boxes_frame``: (N, 4) answer boxes in the encoder frame (used by
         heads trained with ``box_prompt``). ``past``: the answers' decoding cache (see
         :func:`seg_hidden`), which saves recomputing the prefix. ``precision``: "bf16" runs the mask
-        decoder under bf16 autocast (as the encoder, :func:`rau.segment.medsam.resolve_precision`)."""
-        import contextlib
-
+        decoder in bfloat16 (as the encoder, :func:`rau.segment.medsam.resolve_precision`)."""
         import torch
 
         n = blocks.shape[0]
@@ -206,10 +204,22 @@ class SegHeadModel(DecoderFolderModel):
                 if boxes_frame is None:
                     raise ValueError("boxes_frame: this <seg> head was trained with box prompts; pass the answer boxes")
                 boxes = box_tokens(lite.prompt_encoder, boxes_frame.to(blocks.device).float())
-            amp = torch.autocast(blocks.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-            with amp:
-                low, iou = self.net(embedding.expand(n, -1, -1, -1), h, pe, dense, boxes)
+            net, emb = self.net, embedding.expand(n, -1, -1, -1)
+            if precision == "bf16":  # a bfloat16 copy of the head (as the encoder's, rau.segment.medsam.encode)
+                net = self._bf16_net()
+                emb, h, pe, dense = (t.to(torch.bfloat16) for t in (emb, h, pe, dense))
+                boxes = None if boxes is None else boxes.to(torch.bfloat16)
+            low, iou = net(emb, h, pe, dense, boxes)
         return low.float(), iou.float()
+
+    def _bf16_net(self):
+        import copy
+
+        import torch
+
+        if getattr(self, "_net_bf16", None) is None or self._net_bf16[0] is not self.net:
+            self._net_bf16 = (self.net, copy.deepcopy(self.net).to(torch.bfloat16).eval())
+        return self._net_bf16[1]
 
 
 # ----------------------------------------------------------------------------- data
