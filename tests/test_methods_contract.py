@@ -106,15 +106,18 @@ def test_rau_with_a_compact_vlm_folder_encodes_the_target_once(tiny_ref):
     method = create_method("rau", vlm=tiny_ref)
     loc, seg = method.localizer, method.segmenter
     assert loc.shared is seg and method.fuse_sigma
+    from rau.segment.medsam import _bf16_encoder
+
     calls = []
-    hook = seg.net.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    hooks = [enc.register_forward_hook(lambda *_: calls.append(1)) for enc in (seg.net.image_encoder, _bf16_encoder(seg.net))]
     try:
         shared = loc.features(tgt_img)
         assert len(calls) == 1
         seg.embed(tgt_img)
         assert len(calls) == 1  # remembered
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert torch.allclose(shared, loc.model.encode([tgt_img]), atol=1e-4)
     result = method.predict(AnnotatedImage(ref_img, ref_masks, {"id": "r"}), AnnotatedImage(tgt_img, {}, {"id": "t"}))
     assert set(result.structures) == {"blob", "square"}
