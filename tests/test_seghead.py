@@ -232,6 +232,11 @@ def test_tiny_box_only_head_learns_and_records_where_seg_sits(vlm_dir, tmp_path,
     hist = json.loads((tmp_path / "a" / "loss.json").read_text())["history"]
     assert np.mean([h["loss"] for h in hist[-3:]]) < np.mean([h["loss"] for h in hist[:3]])
     assert SegHeadModel.from_pretrained(final).config.seg_after == "box"
+    state = json.loads((tmp_path / "a" / "checkpoint-12" / "state.json").read_text())
+    assert state["run"]["config"]["seg_after"] == "box"
+    _train(vlm_dir, t, s, tmp_path / "m", 1, save_every=1, seg_after="mask")
+    state = json.loads((tmp_path / "m" / "checkpoint-1" / "state.json").read_text())
+    assert "seg_after" not in state["run"]["config"]  # the key of runs from before the option: they resume
     with pytest.raises(RauInputError, match="--seg-after"):
         _train(vlm_dir, t, s, tmp_path / "z", 1, seg_after="codes")
     with pytest.raises(CheckpointError, match="seg_after"):

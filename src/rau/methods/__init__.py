@@ -137,7 +137,7 @@ def _rau_seg(**kw) -> Method:
     """RAU's <SEG> route (the default method): the VLM's ``<seg>`` hidden state, projected into prompt
     tokens of a fine-tuned LiteMedSAM mask decoder (beside the VLM's own answer box for heads trained
     with box prompts, as the shipped one), gives the mask (``seg_head``: a ``rau train seg-head``
-    folder; default: the shipped head)."""
+    folder; default: the shipped head, whose ``<seg>`` follows the answer box directly)."""
     from rau.refvlm.seghead import DEFAULT_HEAD_DIR
 
     folder = kw.get("seg_head") or DEFAULT_HEAD_DIR

@@ -295,6 +295,15 @@ def load_seg_cache(path: str | Path, ids: Sequence[str]) -> tuple[np.ndarray, np
 
 
 # ----------------------------------------------------------------------------- training
+def _key_config(config: SegHeadConfig) -> dict:
+    """The head config as a run's resume key: ``seg_after="mask"`` is left out, so runs started
+    before the field existed (all of them "mask") still resume."""
+    key = asdict(config)
+    if key["seg_after"] == "mask":
+        del key["seg_after"]
+    return key
+
+
 def seg_loss(logits, target):
     """BCE + soft Dice of (N, H, W) logits against (N, H, W) {0, 1} masks."""
     import torch.nn.functional as F
@@ -342,7 +351,7 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
                "caches": [str(Path(c).resolve()) for c in caches], "seg_caches": [str(Path(c).resolve()) for c in seg_caches],
                "steps": steps, "pairs_per_step": pairs_per_step, "structures_per_pair": structures_per_pair, "lr": lr,
                "warmup": warmup, "seed": seed, "p_similar": p_similar, "n_neighbours": n_neighbours,
-               "config": asdict(config), "cache_weights": [float(v) for v in weights]}
+               "config": _key_config(config), "cache_weights": [float(v) for v in weights]}
     v = vlm.vocab
 
     def batch(step, rank, n_proc):
