@@ -9,7 +9,8 @@ Each structure's :class:`~rau.vlm.base.Localization`: answer "yes"/"no" (P(yes) 
 of the 4 location tokens, the mask of the 16 codes (decoded by the shipped mask tokenizer; its soft
 version is ``prob``, for fusion with the segmenter) and score = P(yes) x the box tokens' mean
 probability. A "no" comes without a box (the structure is reported not visible). With a ``<seg>``
-head (method ``rau-seg``) the mask comes from the head and the box is that mask's extent.
+head (method ``rau-seg``) the mask comes from the head and the box is that mask's extent; the mask
+codes are not decoded (a head with ``seg_after="box"``, as the shipped one, never generates them).
 """
 
 from __future__ import annotations

@@ -213,6 +213,8 @@ class SegHeadModel(DecoderFolderModel):
         return low.float(), iou.float()
 
     def _bf16_net(self):
+        """The bfloat16 copy of the head for inference, made on first use (again if ``net`` is
+        replaced; weights changed in place on ``net`` are not seen: the copy serves inference only)."""
         import copy
 
         import torch
