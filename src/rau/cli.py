@@ -181,8 +181,7 @@ def eval_(
     """Evaluate a method on a target dataset with references from a reference dataset; print a Markdown table."""
     try:
         from rau.data.dataset import load_dataset
-        from rau.evaluate import evaluate, markdown_table, write_json_atomic
-        from rau.evaluate import model_config
+        from rau.evaluate import evaluate, markdown_table, model_config, write_json_atomic
         from rau.methods import DEFAULT_METHOD, create_method
 
         tset = load_dataset(targets, arg="--targets")

@@ -192,6 +192,8 @@ class SegHeadModel(DecoderFolderModel):
         decoder in bfloat16 (as the encoder, :func:`rau.segment.medsam.resolve_precision`)."""
         import torch
 
+        from rau.segment.medsam import bf16_copy
+
         n = blocks.shape[0]
         lite = _litemedsam()
         with torch.inference_mode():
@@ -205,23 +207,12 @@ class SegHeadModel(DecoderFolderModel):
                     raise ValueError("boxes_frame: this <seg> head was trained with box prompts; pass the answer boxes")
                 boxes = box_tokens(lite.prompt_encoder, boxes_frame.to(blocks.device).float())
             net, emb = self.net, embedding.expand(n, -1, -1, -1)
-            if precision == "bf16":  # a bfloat16 copy of the head (as the encoder's, rau.segment.medsam.encode)
-                net = self._bf16_net()
+            if precision == "bf16":  # a bfloat16 copy of the head, as the encoder's
+                net = bf16_copy(self.net)
                 emb, h, pe, dense = (t.to(torch.bfloat16) for t in (emb, h, pe, dense))
                 boxes = None if boxes is None else boxes.to(torch.bfloat16)
             low, iou = net(emb, h, pe, dense, boxes)
         return low.float(), iou.float()
-
-    def _bf16_net(self):
-        """The bfloat16 copy of the head for inference, made on first use (again if ``net`` is
-        replaced; weights changed in place on ``net`` are not seen: the copy serves inference only)."""
-        import copy
-
-        import torch
-
-        if getattr(self, "_net_bf16", None) is None or self._net_bf16[0] is not self.net:
-            self._net_bf16 = (self.net, copy.deepcopy(self.net).to(torch.bfloat16).eval())
-        return self._net_bf16[1]
 
 
 # ----------------------------------------------------------------------------- data

@@ -5,8 +5,8 @@ structure's box then costs only the prompt encoder + mask decoder (~40 ms), all 
 
 The encoder is prepared for inference when loaded (batch norms folded into their convolutions,
 channels-last memory: the same function to ~1e-5, about 1.3x faster on CPU) and :func:`encode` runs
-it in the precision :func:`resolve_precision` picks: bfloat16 autocast on CPUs with native bf16
-matrix units (AMX / AVX512-BF16), float32 elsewhere (``RAU_ENCODER_PRECISION`` or ``precision=``
+it in the precision :func:`resolve_precision` picks: a bfloat16 copy of it (:func:`bf16_copy`) on
+CPUs with native bf16 matrix units (AMX / AVX512-BF16), float32 elsewhere (``RAU_ENCODER_PRECISION`` or ``precision=``
 overrides; training caches are always float32). Speed and accuracy of both: docs/BENCHMARKS.md.
 
 Preprocessing follows LiteMedSAM (longest side -> 256, pad bottom/right, [0, 1], 3
@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -62,21 +63,25 @@ def encode(net, x, precision: str = "fp32"):
 
     x = x.contiguous(memory_format=torch.channels_last)
     if precision == "bf16":
-        return _bf16_encoder(net)(x.to(torch.bfloat16)).float().contiguous()
+        return bf16_copy(net.image_encoder)(x.to(torch.bfloat16)).float().contiguous()
     return net.image_encoder(x).contiguous()
 
 
-def _bf16_encoder(net):
-    """The bfloat16 copy of ``net``'s (prepared) image encoder, kept on the network."""
+_BF16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def bf16_copy(module):
+    """A bfloat16 copy (eval mode) of an inference-only ``module``, made on first use and kept while
+    the module lives (weights changed in place later are not seen). Not registered on ``module``, so
+    its state dict is unchanged. Used for LiteMedSAM's encoder and the rau-seg head."""
     import copy
 
     import torch
 
-    enc = getattr(net, "_rau_bf16_encoder", None)
-    if enc is None:
-        enc = copy.deepcopy(net.image_encoder).to(torch.bfloat16).eval()
-        object.__setattr__(net, "_rau_bf16_encoder", enc)  # not a submodule: state_dict stays LiteMedSAM's
-    return enc
+    twin = _BF16_COPIES.get(module)
+    if twin is None:
+        twin = _BF16_COPIES[module] = copy.deepcopy(module).to(torch.bfloat16).eval()
+    return twin
 
 
 def _prepare_encoder(encoder):
