@@ -18,7 +18,7 @@ import numpy as np
 from rau.data.dataset import load_dataset
 from rau.methods import create_method
 from rau.metrics import dice
-from rau.plots import prediction_grid
+from rau.eval.plots import prediction_grid
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Does the reference bank know when no reference fits? (issue 4, item 5, first part)
 
 For every Wingspan held-out target (160..199) and the LiteMedSAM bank over 0..159, three
-references are scored with :meth:`rau.bank.ReferenceBank.fit` (centred cosine in the bank's space):
+references are scored with :meth:`rau.references.bank.ReferenceBank.fit` (centred cosine in the bank's space):
 
 - matched: the retrieved top-1 reference (what `--bank` would use);
 - mirrored: that same reference flipped left-right (a left/right-swapped reference: its "left_lung"
@@ -23,7 +23,7 @@ import json
 import numpy as np
 
 from rau.atomic import write_json
-from rau.bank import ReferenceBank
+from rau.references.bank import ReferenceBank
 from rau.data.dataset import load_dataset
 from rau.metrics import auroc
 

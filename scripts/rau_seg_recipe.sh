@@ -16,5 +16,5 @@ $RAU train seg-head --vlm "$VLM" --cache runs/chex/wingspan_0_160.npz --cache ru
 
 # Ship: fp16 head + config (with the VLM's hash) + training record into the package.
 if [ "${SHIP:-1}" = 1 ]; then
-  ${PY:-.venv/bin/python} -c "from rau.refvlm.seghead import SegHeadModel as M, DEFAULT_HEAD_DIR as D; M.from_pretrained('${OUT:-runs/seg/head}/final').save_pretrained(D, half=True)"
+  ${PY:-.venv/bin/python} -c "from rau.models.refvlm.seghead import SegHeadModel as M, DEFAULT_HEAD_DIR as D; M.from_pretrained('${OUT:-runs/seg/head}/final').save_pretrained(D, half=True)"
 fi

@@ -24,4 +24,4 @@ $RAU train refvlm --cache runs/chex/wingspan_0_160.npz --cache runs/chex/drr_tra
   --seed 0 --threads 2
 
 # 3. Ship: fp16 weights + config + training record into the package.
-$PY -c "from rau.refvlm.model import RefVlmModel; RefVlmModel.from_pretrained('runs/ref/vlm/final').save_pretrained('src/rau/assets/refvlm', half=True)"
+$PY -c "from rau.models.refvlm.modeling import RefVlmModel; RefVlmModel.from_pretrained('runs/ref/vlm/final').save_pretrained('src/rau/assets/refvlm', half=True)"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from rau.bank import ReferenceBank, build_bank, fuse_results
-from rau.cli import app
+from rau.references.bank import ReferenceBank, build_bank, fuse_results
+from rau.cli.app import app
 from rau.data.annotated import StructureResult, TargetResult
 from rau.data.dataset import load_dataset
 from rau.errors import CheckpointError, RauInputError

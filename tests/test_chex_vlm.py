@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rau.chex.data import TokenCache, load_cache, save_cache
-from rau.chex.model import ChexConfig, ChexModel, answer_loss, build_model
-from rau.chex.train import make_batch, train_chex
+from rau.data.caches import TokenCache, load_cache, save_cache
+from rau.models.chex.modeling import ChexConfig, ChexModel, answer_loss, build_model
+from rau.training.recipes.chex import make_batch, train_chex
 from rau.errors import CheckpointError, RauInputError
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, feature_dim=8, grid=4)
@@ -168,7 +168,7 @@ def test_cli_cache_train_eval_end_to_end(folder_dataset, tmp_path, one_torch_thr
     """rau train chex-cache -> rau train chex (2 steps, tiny) -> rau eval --method chexanatomy."""
     from typer.testing import CliRunner
 
-    from rau.cli import app
+    from rau.cli.app import app
 
     runner = CliRunner()
     cache = tmp_path / "c.npz"
@@ -193,7 +193,7 @@ def test_cli_cache_train_eval_end_to_end(folder_dataset, tmp_path, one_torch_thr
 
 
 def test_token_evaluation_naming_and_detect(model, tmp_path):
-    from rau.chex.evaluate import evaluate_tokens
+    from rau.eval.chex_tokens import evaluate_tokens
 
     save_cache(_cache(4), tmp_path / "c.npz")
     res = evaluate_tokens(model, tmp_path / "c.npz")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from rau.cli import app
+from rau.cli.app import app
 
 from conftest import write_png
 

@@ -8,7 +8,7 @@ from rau.data.annotated import AnnotatedImage
 from rau.data.dataset import load_dataset, polygons_to_mask
 from rau.data.io import load_annotated, read_image, read_label_map, read_mask
 from rau.errors import RauInputError
-from rau.retrieval import ThumbnailBank
+from rau.references.thumbnails import ThumbnailBank
 
 from conftest import synthetic_pair, write_png
 

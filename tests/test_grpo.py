@@ -12,11 +12,11 @@ import pytest
 import torch
 from test_refvlm import TINY, _cache
 
-from rau.chex.data import save_cache
-from rau.chex.masktok import load_default
+from rau.data.caches import save_cache
+from rau.tokens.masktok import load_default
 from rau.errors import CheckpointError, RauInputError
-from rau.refvlm.evaluate import _box_iou
-from rau.refvlm.grpo import (
+from rau.eval.refvlm_tokens import _box_iou
+from rau.training.recipes.grpo import (
     REWARD_WEIGHTS,
     answer_rewards,
     box_iou_bins,
@@ -24,7 +24,7 @@ from rau.refvlm.grpo import (
     grpo_loss,
     train_grpo,
 )
-from rau.refvlm.model import RefVlmModel, answer_logprobs, build_model, generate
+from rau.models.refvlm.modeling import RefVlmModel, answer_logprobs, build_model, generate
 
 
 @pytest.fixture(scope="module")

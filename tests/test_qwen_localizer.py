@@ -20,9 +20,9 @@ pytest.importorskip("peft")
 from rau import AnnotatedImage, CheckpointError, RauInputError  # noqa: E402
 from rau.geometry import mask_to_box, qwen_smart_resize  # noqa: E402
 from rau.parsing import parse_box_answer  # noqa: E402
-from rau.vlm.base import Localization  # noqa: E402
-from rau.vlm.qwen import QwenLocalizer, encode_example  # noqa: E402
-from rau.vlm.tiny import TEST_MAX_PIXELS, TEST_MIN_PIXELS, save_tiny_checkpoint  # noqa: E402
+from rau.methods.interfaces import Localization  # noqa: E402
+from rau.methods.qwen import QwenLocalizer, encode_example  # noqa: E402
+from tiny_qwen import TEST_MAX_PIXELS, TEST_MIN_PIXELS, save_tiny_checkpoint  # noqa: E402
 
 
 def _image(hw: tuple[int, int], seed: int) -> np.ndarray:
@@ -155,7 +155,7 @@ def test_lora_training_step_has_finite_loss_and_lora_gradients(checkpoint, pair,
 
 
 def test_tiny_config_rope_sections_match_head_dim():
-    from rau.vlm.tiny import tiny_qwen25_vl_config
+    from tiny_qwen import tiny_qwen25_vl_config
 
     for hidden, heads in ((64, 4), (96, 4), (128, 2)):
         cfg = tiny_qwen25_vl_config(640, hidden_size=hidden, num_heads=heads, num_kv_heads=heads)
@@ -206,7 +206,7 @@ def test_bad_arguments(checkpoint, localizer, pair):
 
 def test_import_is_light():
     code = (
-        "import sys, rau.vlm.qwen, rau.parsing, rau.prompts; "
+        "import sys, rau.methods.qwen, rau.parsing, rau.prompts; "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from rau.chex.data import TokenCache, save_cache
+from rau.data.caches import TokenCache, save_cache
 from rau.errors import CheckpointError, RauInputError
-from rau.refvlm.model import RefVlmModel, answer_loss, build_model
-from rau.refvlm.train import make_batch, neighbours, train_refvlm
+from rau.models.refvlm.modeling import RefVlmModel, answer_loss, build_model
+from rau.training.recipes.refvlm import make_batch, neighbours, train_refvlm
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, feature_dim=8, grid=4)
 
@@ -180,7 +180,7 @@ def test_cli_cache_train_then_rau_methods_use_the_folder(folder_dataset, tmp_pat
     """rau train chex-cache -> rau train refvlm (2 steps, tiny) -> rau eval --method rau|rau-box|rau-tokens --vlm RUN."""
     from typer.testing import CliRunner
 
-    from rau.cli import app
+    from rau.cli.app import app
 
     runner = CliRunner()
     cache = tmp_path / "c.npz"
@@ -207,7 +207,7 @@ def test_cli_cache_train_then_rau_methods_use_the_folder(folder_dataset, tmp_pat
 
 
 def test_token_evaluation_on_caches(model, tmp_path):
-    from rau.refvlm.evaluate import evaluate_cache
+    from rau.eval.refvlm_tokens import evaluate_cache
 
     res = evaluate_cache(model, _cache(8, seed=1), _cache(4, seed=2))
     assert res["n_targets"] == 4 and set(res["per_structure"]) <= {"a", "b", "c"}
@@ -215,7 +215,7 @@ def test_token_evaluation_on_caches(model, tmp_path):
 
 
 def test_one_to_one_assignment_never_gives_two_structures_one_box(model):
-    from rau.refvlm.model import assign_boxes
+    from rau.models.refvlm.modeling import assign_boxes
 
     ll = np.array([[-1.0, -5.0, -9.0], [-1.5, -9.0, -2.0]])  # both prefer box 0: the second yields
     assert list(assign_boxes(ll)) == [0, 2]

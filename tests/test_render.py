@@ -34,7 +34,7 @@ def test_prediction_grid_writes_png(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from rau.plots import prediction_grid
+    from rau.eval.plots import prediction_grid
 
     m = np.zeros((20, 20), bool)
     m[5:10, 5:10] = True

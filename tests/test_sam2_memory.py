@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 
 from rau.data.annotated import AnnotatedImage  # noqa: E402
 from rau.errors import CheckpointError, RauInputError  # noqa: E402
-from rau.segment.sam2_memory import REFERENCE_FRAME, TARGET_FRAME, Sam2MemorySegmenter  # noqa: E402
+from rau.methods.sam2_memory import REFERENCE_FRAME, TARGET_FRAME, Sam2MemorySegmenter  # noqa: E402
 
 REF_HW = (96, 112)
 TARGET_HW = (64, 80)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from rau.chex.data import build_cache, save_cache
+from rau.data.caches import build_cache, save_cache
 from rau.errors import RauInputError
-from rau.refvlm.model import build_model
-from rau.refvlm.seghead import (
+from rau.models.refvlm.modeling import build_model
+from rau.models.refvlm.seghead import (
     FRAME,
     SegHeadConfig,
     SegHeadModel,
@@ -43,8 +43,8 @@ def _head(vlm_dir):
 
 
 def test_gradients_reach_exactly_the_head_and_shapes(vlm_dir, one_torch_thread):
-    from rau.refvlm.model import RefVlmModel
-    from rau.refvlm.seghead import _litemedsam
+    from rau.models.refvlm.modeling import RefVlmModel
+    from rau.models.refvlm.seghead import _litemedsam
 
     vlm = RefVlmModel.from_pretrained(vlm_dir)
     vlm.net.requires_grad_(False)
@@ -71,8 +71,8 @@ def test_gradients_reach_exactly_the_head_and_shapes(vlm_dir, one_torch_thread):
 
 
 def test_box_prompt_head_reads_the_answer_box_and_needs_it(vlm_dir, one_torch_thread):
-    from rau.refvlm.model import RefVlmModel
-    from rau.refvlm.seghead import _litemedsam
+    from rau.models.refvlm.modeling import RefVlmModel
+    from rau.models.refvlm.seghead import _litemedsam
 
     # (ymin, xmin, ymax, xmax) on 1024 bins of a square image -> xyxy in the 256 px frame
     got = answer_box_frame(torch.tensor([[0, 1023, 1023, 0], [1023 // 2, 0, 1023, 1023 // 4]]), 1024)
@@ -129,7 +129,7 @@ def test_seg_cache_from_a_dataset_and_id_check(folder_dataset, tmp_path, one_tor
 def _caches(tmp_path, n=6, seed=0):
     """A token cache whose structure j is a bright block in channel j of the pooled features, and
     its seg cache: embeddings with the same block (at 64 x 64) and the masks in the 256 frame."""
-    from rau.chex.data import TokenCache
+    from rau.data.caches import TokenCache
 
     rng = np.random.default_rng(seed)
     feats = rng.normal(0, 0.1, (n, 256, 4, 4)).astype(np.float16)
@@ -179,7 +179,7 @@ def test_tiny_head_learns_and_a_killed_run_resumes_identically(vlm_dir, tmp_path
 
 def _tiny_pair(vlm_dir, seed):
     """The tiny VLM, a head for it, one pair's random (1, 256, 4, 4) features and 3 reference structures."""
-    from rau.refvlm.model import RefVlmModel
+    from rau.models.refvlm.modeling import RefVlmModel
 
     vlm = RefVlmModel.from_pretrained(vlm_dir)
     torch.manual_seed(seed)
@@ -189,7 +189,7 @@ def _tiny_pair(vlm_dir, seed):
 
 
 def test_seg_query_continuing_the_answer_cache_equals_recomputing(vlm_dir, one_torch_thread):
-    from rau.refvlm.model import select_cache
+    from rau.models.refvlm.modeling import select_cache
 
     vlm, head, rf, tf, ref_tokens = _tiny_pair(vlm_dir, 1)
     v = vlm.vocab
@@ -208,7 +208,7 @@ def test_seg_query_continuing_the_answer_cache_equals_recomputing(vlm_dir, one_t
 def test_box_only_answers_are_the_full_answers_box_and_continue_their_cache(vlm_dir, one_torch_thread):
     """seg_after="box": 5 decoding steps give the same <yes>/box as the full answer, no codes, and the
     <seg> query continuing that shorter cache equals recomputing prompt + box."""
-    from rau.refvlm.model import BOX_TOKENS, generate
+    from rau.models.refvlm.modeling import BOX_TOKENS, generate
 
     vlm, head, rf, tf, ref_tokens = _tiny_pair(vlm_dir, 2)
     v = vlm.vocab
@@ -247,7 +247,7 @@ def test_tiny_box_only_head_learns_and_records_where_seg_sits(vlm_dir, tmp_path,
 
 
 def test_bf16_mask_decoder_returns_float32_logits_close_to_fp32(vlm_dir, one_torch_thread):
-    from rau.refvlm.model import RefVlmModel
+    from rau.models.refvlm.modeling import RefVlmModel
 
     vlm = RefVlmModel.from_pretrained(vlm_dir)
     head = _head(vlm_dir)

@@ -21,8 +21,8 @@ from conftest import synthetic_pair, write_png  # noqa: E402
 from rau import AnnotatedImage, CheckpointError, RauInputError  # noqa: E402
 from rau.data.dataset import load_dataset  # noqa: E402
 from rau.geometry import mask_to_box  # noqa: E402
-from rau.train.pairs import AugmentConfig, PairSampler, transform_box  # noqa: E402
-from rau.train.sft import TrainConfig, lr_factor, train  # noqa: E402
+from rau.data.pairs import AugmentConfig, PairSampler, transform_box  # noqa: E402
+from rau.training.recipes.qwen_sft import TrainConfig, lr_factor, train  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # inside peft
@@ -36,7 +36,7 @@ SMALL = 56 * 56  # 4 image tokens per image: steps take ~0.1 s on one core
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from rau.vlm.tiny import save_tiny_checkpoint
+    from tiny_qwen import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sft"), seed=0)
 
@@ -196,7 +196,7 @@ def lora_run(checkpoint, two_images, tmp_path_factory):
 
 
 def test_lora_trains_only_the_adapter(lora_run, checkpoint):
-    from rau.vlm.qwen import QwenLocalizer
+    from rau.methods.qwen import QwenLocalizer
 
     out, watch = lora_run
     trainable = watch["grad"]
@@ -242,7 +242,7 @@ def test_corrupted_or_mismatched_checkpoint_raises(checkpoint, folder_dataset, t
 
 # ------------------------------------------------------------------ (e) CLI, (f) final/ loads
 def test_cli_train_vlm_end_to_end(checkpoint, folder_dataset, tmp_path):
-    from rau.cli import app
+    from rau.cli.app import app
 
     out = tmp_path / "cli_run"
     options = tmp_path / "options.json"
@@ -265,7 +265,7 @@ def test_cli_train_vlm_end_to_end(checkpoint, folder_dataset, tmp_path):
 
 
 def test_final_folder_loads_and_localizes(lora_run, checkpoint):
-    from rau.vlm.qwen import QwenLocalizer
+    from rau.methods.qwen import QwenLocalizer
 
     out, _ = lora_run
     final = out / "final"
@@ -289,6 +289,6 @@ def test_import_is_light():
     import sys
 
     heavy = "('torch', 'transformers', 'peft', 'accelerate', 'matplotlib')"
-    code = f"import sys, rau.cli, rau.train.sft, rau.train.pairs; print([m for m in {heavy} if m in sys.modules])"
+    code = f"import sys, rau.cli.app, rau.training.recipes.qwen_sft, rau.data.pairs; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

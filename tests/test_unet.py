@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from rau.errors import CheckpointError, RauInputError  # noqa: E402
-from rau.segment.unet import (  # noqa: E402
+from rau.models.unet.modeling import (  # noqa: E402
     UNetConfig,
     UNetSegmenter,
     build_network,
@@ -154,7 +154,7 @@ def test_command_line_train_and_eval(folder_dataset, tmp_path, capsys):
                "--id-range", "0:3", "--few-shot", "2", "--no-progress"])
     assert rc == 0
     record = json.loads((out / "training.json").read_text())
-    assert record["command"].startswith("python -m rau.segment.unet train") and record["data"]["n_images"] == 2
+    assert record["command"].startswith("python -m rau.models.unet.modeling train") and record["data"]["n_images"] == 2
     rc = main(["eval", "--checkpoint", str(out), "--data", str(folder_dataset), "--id-range", "3:",
                "--out", str(tmp_path / "e.json"), "--overlays", str(tmp_path / "o.png"), "--no-progress"])
     assert rc == 0 and (tmp_path / "o.png").is_file()

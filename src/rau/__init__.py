@@ -54,7 +54,7 @@ def __getattr__(name: str):
 
         return localize_from_bank
     if name in ("build_bank", "ReferenceBank"):
-        import rau.bank
+        import rau.references.bank
 
-        return getattr(rau.bank, name)
+        return getattr(rau.references.bank, name)
     raise AttributeError(f"module 'rau' has no attribute {name!r}")

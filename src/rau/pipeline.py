@@ -78,14 +78,14 @@ def localize_from_bank(
     min_fit: float | None = None,
     **method_options: Any,
 ) -> TargetResult:
-    """Like :func:`localize`, with the reference(s) retrieved from a :class:`rau.bank.ReferenceBank`
+    """Like :func:`localize`, with the reference(s) retrieved from a :class:`rau.references.bank.ReferenceBank`
     (path or object): the top ``k`` by embedding similarity; with k > 1 the method runs once per
-    reference and the results are fused (:func:`rau.bank.fuse_results`).
+    reference and the results are fused (:func:`rau.references.bank.fuse_results`).
 
     ``min_fit``: abstain ("no" for every structure, with the reason) when even the best reference's
     similarity is below it, i.e. the bank holds nothing like the target (other anatomy, a mirrored
-    image); :meth:`rau.bank.ReferenceBank.fit_threshold` calibrates it on the bank alone."""
-    from rau.bank import ReferenceBank, predict_with_references
+    image); :meth:`rau.references.bank.ReferenceBank.fit_threshold` calibrates it on the bank alone."""
+    from rau.references.bank import ReferenceBank, predict_with_references
     from rau.methods import Method, create_method
 
     bank = bank if isinstance(bank, ReferenceBank) else ReferenceBank.load(bank)

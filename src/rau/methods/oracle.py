@@ -5,7 +5,7 @@ from __future__ import annotations
 from rau.data.annotated import AnnotatedImage
 from rau.errors import RauInputError
 from rau.geometry import mask_to_box
-from rau.vlm.base import Localization, Localizer
+from rau.methods.interfaces import Localization, Localizer
 
 
 class OracleLocalizer(Localizer):

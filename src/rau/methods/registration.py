@@ -13,7 +13,7 @@ import numpy as np
 
 from rau.data.annotated import AnnotatedImage
 from rau.geometry import mask_to_box
-from rau.vlm.base import Localization, Localizer
+from rau.methods.interfaces import Localization, Localizer
 
 
 def _sitk_image(array: np.ndarray, extent: float):

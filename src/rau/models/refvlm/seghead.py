@@ -1,0 +1,397 @@
+"""Segmentation from the VLM's own token (RAU's ``<SEG>`` query; issue 4, item 1): method ``rau-seg``.
+
+After the compact RAU VLM has answered a structure (``<q> reference box + mask tokens <ans> <yes>
+box + mask codes``), one more input position carries a learned ``<seg>`` embedding. Its last hidden
+state, which has attended to the reference image, the reference annotation, the target image and
+the answer, is projected by an MLP into ``n_queries`` prompt tokens of LiteMedSAM's mask decoder,
+which decodes the mask from the target's image embedding (the same encoder pass that fed the VLM).
+With ``box_prompt`` (the shipped head) the decoder also reads the VLM's answer box, encoded by
+LiteMedSAM's frozen prompt encoder: the spatial cue says where, the ``<seg>`` query says what.
+With ``seg_after="box"`` the ``<seg>`` position follows the box directly (``<yes> box <seg>``): the
+VLM then decodes 5 answer tokens instead of 21 and its mask codes are never generated.
+
+Trained: the ``<seg>`` embedding, the MLP and the mask decoder (initialised from LiteMedSAM's
+pretrained one). Frozen: the VLM (gradients reach the ``<seg>`` embedding through it) and the image
+encoder. The VLM's answer before ``<seg>`` is its own greedy answer, in training as at inference.
+
+The paper feeds the query to SAM2 with the reference image and mask in SAM2's memory. There are no
+SAM2 weights here, so the reference reaches the mask decoder only through the VLM: its image and
+its annotation tokens are in the context the ``<seg>`` state attends to. With a SAM2 checkpoint the
+same head would prompt SAM2's decoder; that variant is not built.
+
+Folder: ``config.json`` (:class:`SegHeadConfig`, with the SHA-256 of the VLM weights it was trained
+with: another VLM is refused), ``model.safetensors`` (head only), ``training.json``.
+
+Data: :func:`build_seg_cache` stores, per image of a token cache (:mod:`rau.data.caches`), the full
+(256, 64, 64) LiteMedSAM embedding (fp16) and every structure's mask in the encoder's 256 x 256
+frame (bit-packed). Training pairs come from the token caches as in :mod:`rau.training.recipes.refvlm`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rau.assets import ASSETS_DIR
+from rau.models.chex.modeling import DecoderFolderModel
+from rau.errors import CheckpointError, RauInputError
+
+FORMAT = "rau-seghead-v1"
+SEG_AFTER = ("mask", "box")
+FRAME = 256  # LiteMedSAM's input side: masks live in its (padded) frame
+#: Where a shipped head lives (method ``rau-seg`` without ``--seg-head``).
+DEFAULT_HEAD_DIR = ASSETS_DIR / "refvlm_seg"
+
+
+@dataclass
+class SegHeadConfig:
+    hidden_size: int = 256
+    n_queries: int = 2
+    prompt_dim: int = 256
+    #: Also prompt the decoder with the VLM's own answer box (LiteMedSAM's frozen box encoding) beside
+    #: the <seg> tokens. Without it the query alone must say WHICH structure; measured on Wingspan it
+    #: then sometimes segments a lung for the heart (docs/BENCHMARKS.md). False for older heads.
+    box_prompt: bool = False
+    #: Where ``<seg>`` follows the VLM's answer: "mask" = after the box and the 16 mask codes (older
+    #: heads), "box" = right after the box, so inference decodes 5 answer tokens instead of 21.
+    seg_after: str = "mask"
+    vlm_sha256: str = ""
+    format: str = FORMAT
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SegHeadConfig:
+        if values.get("format") != FORMAT:
+            raise CheckpointError(f"config: format {values.get('format')!r} is not {FORMAT!r}; not a rau-seg head folder")
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        if config.seg_after not in SEG_AFTER:
+            raise CheckpointError(f"config: seg_after {config.seg_after!r} is not one of {SEG_AFTER}")
+        return config
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """SHA-256 of a model folder's ``model.safetensors`` (which VLM a head belongs to)."""
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _litemedsam():
+    from rau.encoders.litemedsam import _load_net
+
+    return _load_net(None, "cpu")
+
+
+def _build_head(config: SegHeadConfig, decoder=None):
+    import copy
+
+    import torch
+    from torch import nn
+
+    class SegHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            c = config
+            self.seg_embed = nn.Parameter(torch.randn(c.hidden_size) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(c.hidden_size, c.hidden_size), nn.GELU(),
+                                     nn.Linear(c.hidden_size, c.n_queries * c.prompt_dim))
+            self.mask_decoder = copy.deepcopy(decoder if decoder is not None else _litemedsam().mask_decoder)
+            self.mask_decoder.requires_grad_(True)
+
+        def forward(self, image_embeddings, hidden, image_pe, dense, box_tokens=None):
+            """(N, 256, 64, 64) target embeddings (one per query) + (N, hidden) ``<seg>`` states
+            [+ (N, 2, 256) box prompt tokens] -> (N, 256, 256) mask logits in the encoder frame and
+            (N,) predicted IoU."""
+            sparse = self.mlp(hidden).view(hidden.shape[0], config.n_queries, config.prompt_dim)
+            if box_tokens is not None:
+                sparse = torch.cat([box_tokens.to(sparse.dtype), sparse], dim=1)
+            low, iou = self.mask_decoder(image_embeddings=image_embeddings, image_pe=image_pe,
+                                         sparse_prompt_embeddings=sparse.to(image_embeddings.dtype),
+                                         dense_prompt_embeddings=dense, multimask_output=False)
+            return low[:, 0], iou[:, 0]
+
+    return SegHead()
+
+
+def answer_box_frame(loc_values, bins: int, frame_hw: tuple[float, float] = (FRAME, FRAME)):
+    """(N, 4) answer location values (ymin, xmin, ymax, xmax on ``bins`` bins of the image) ->
+    (N, 4) float boxes ``box_xyxy`` in LiteMedSAM's input frame, where the image covers the top-left
+    ``frame_hw`` = (h, w) x its scale pixels (the whole 256 x 256 frame for a square image). The one
+    conversion of training and inference."""
+    import torch
+
+    v = loc_values.float() / (bins - 1)
+    h, w = frame_hw
+    return v[:, [1, 0, 3, 2]] * torch.tensor([w, h, w, h], dtype=v.dtype, device=v.device)
+
+
+def box_tokens(prompt_encoder, boxes_frame):
+    """(N, 4) frame boxes -> (N, 2, 256) sparse prompt tokens of LiteMedSAM's frozen prompt encoder."""
+    import torch
+
+    with torch.no_grad():
+        sparse, _ = prompt_encoder(points=None, boxes=boxes_frame[:, None, :], masks=None)
+    return sparse
+
+
+def seg_hidden(vlm_net, seg_embed, ref_features, tgt_features, blocks, pair_index, past=None):
+    """Last hidden state at the ``<seg>`` position after each block (prompt + answer ids), over the
+    shared prefix (computed without gradients: it does not depend on the head). Gradients flow
+    through the frozen decoder into ``seg_embed``. -> (N, hidden).
+
+    ``past``: the KV cache the answers were decoded with (one row per block, covering the prefix
+    and each block but its last id; :func:`rau.models.refvlm.modeling.generate` with ``return_cache``): then
+    only the last id and ``<seg>`` are run (inference; the same states as recomputing everything)."""
+    import inspect
+
+    import torch
+
+    from rau.models.refvlm.modeling import select_cache
+
+    if past is None:
+        with torch.no_grad():
+            past = select_cache(vlm_net.prefix(ref_features, tgt_features), pair_index)
+    else:
+        blocks = blocks[:, -1:]
+    lm = vlm_net.lm
+    x = lm.get_input_embeddings()(blocks)
+    x = torch.cat([x, seg_embed.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+    key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    out = lm.model(inputs_embeds=x, use_cache=True, **{key: past})
+    return out.last_hidden_state[:, -1]
+
+
+class SegHeadModel(DecoderFolderModel):
+    """The ``<seg>`` head (embedding + MLP + mask decoder); persistence as the token VLMs'."""
+
+    FORMAT, CONFIG, LABEL, OPTION = FORMAT, SegHeadConfig, "rau-seg head", "--seg-head"
+
+    def __init__(self, config: SegHeadConfig, net=None, *, device: str = "cpu", training: dict | None = None,
+                 decoder=None):
+        self.config, self.device = config, device
+        self.net = (net if net is not None else _build_head(config, decoder)).to(device)
+        self.training = training or {}
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.net.parameters())
+        return f"SegHeadModel({n / 1e6:.2f}M parameters, {self.config.n_queries} queries)"
+
+    def check_vlm(self, model_dir: str | Path) -> None:
+        if self.config.vlm_sha256 and weights_sha256(model_dir) != self.config.vlm_sha256:
+            raise RauInputError(f"--seg-head: this head was trained with another VLM than {model_dir}; "
+                                "pass the matching --vlm or train a head for this one (rau train seg-head)")
+
+    def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding, boxes_frame=None, past=None,
+              precision: str = "fp32"):
+        """Mask logits (N, 256, 256) in the encoder frame for N answered blocks of ONE pair, and
+        their predicted IoU (N,). ``boxes_frame``: (N, 4) answer boxes in the encoder frame (used by
+        heads trained with ``box_prompt``). ``past``: the answers' decoding cache (see
+        :func:`seg_hidden`), which saves recomputing the prefix. ``precision``: "bf16" runs the mask
+        decoder in bfloat16 (as the encoder, :func:`rau.encoders.litemedsam.resolve_precision`)."""
+        import torch
+
+        from rau.encoders.litemedsam import bf16_copy
+
+        n = blocks.shape[0]
+        lite = _litemedsam()
+        with torch.inference_mode():
+            zeros = torch.zeros(n, dtype=torch.long, device=blocks.device)
+            h = seg_hidden(vlm_net, self.net.seg_embed, ref_features, tgt_features, blocks, zeros, past=past)
+            pe = lite.prompt_encoder.get_dense_pe().to(blocks.device)
+            dense = lite.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1).expand(n, -1, *embedding.shape[-2:])
+            boxes = None
+            if self.config.box_prompt:
+                if boxes_frame is None:
+                    raise ValueError("boxes_frame: this <seg> head was trained with box prompts; pass the answer boxes")
+                boxes = box_tokens(lite.prompt_encoder, boxes_frame.to(blocks.device).float())
+            net, emb = self.net, embedding.expand(n, -1, -1, -1)
+            if precision == "bf16":  # a bfloat16 copy of the head, as the encoder's
+                net = bf16_copy(self.net)
+                emb, h, pe, dense = (t.to(torch.bfloat16) for t in (emb, h, pe, dense))
+                boxes = None if boxes is None else boxes.to(torch.bfloat16)
+            low, iou = net(emb, h, pe, dense, boxes)
+        return low.float(), iou.float()
+
+
+# ----------------------------------------------------------------------------- data
+def mask_to_frame(mask: np.ndarray, frame: int = FRAME) -> np.ndarray:
+    """(H, W) bool -> (frame, frame) bool in LiteMedSAM's input frame (longest side scaled to
+    ``frame``, padded bottom/right), by area resampling at 0.5."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = mask.shape
+    scale = frame / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    r = F.interpolate(t, size=(nh, nw), mode="area")[0, 0].numpy() >= 0.5
+    out = np.zeros((frame, frame), bool)
+    out[:nh, :nw] = r
+    return out
+
+
+def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_root: str | Path | None = None,
+                    progress: bool = True) -> Path:
+    """Full LiteMedSAM embeddings + frame masks of every image of ``token_cache`` (its dataset
+    folder is read from the cache unless given) -> ``out_file`` (npz, written atomically)."""
+    import io
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from rau.atomic import write_bytes
+    from rau.data.caches import load_cache
+    from rau.data.dataset import load_dataset
+    from rau.encoders.litemedsam import MedSamSegmenter
+
+    cache = load_cache(token_cache)
+    root = dataset_root or cache.meta.get("dataset")
+    if not root:
+        raise RauInputError(f"{token_cache}: the cache does not name its dataset; pass dataset_root")
+    ds = load_dataset(root)
+    seg = MedSamSegmenter(precision="fp32")  # training data: always float32
+    embs, masks = [], []
+    items = {item.id: item for item in ds.subset(list(cache.ids))}
+    for image_id in tqdm(cache.ids, desc="seg cache", unit="image", disable=not progress):
+        item = items.get(image_id)
+        if item is None:
+            raise RauInputError(f"{root}: image {image_id!r} of {token_cache} is missing")
+        if item.image.shape[0] != item.image.shape[1]:
+            raise RauInputError(f"{image_id}: rau-seg training needs square images (the VLM and LiteMedSAM then share one frame)")
+        with torch.inference_mode():
+            emb, _ = seg.embed(item.image)
+        embs.append(emb[0].numpy().astype(np.float16))
+        row = np.zeros((len(cache.names), FRAME, FRAME), bool)
+        for j, name in enumerate(cache.names):
+            m = item.masks.get(name)
+            if m is not None and m.any():
+                row[j] = mask_to_frame(m)
+        masks.append(np.packbits(row, axis=-1))
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=np.stack(embs), masks=np.stack(masks), ids=np.array(cache.ids))
+    write_bytes(Path(out_file), buf.getvalue())
+    return Path(out_file)
+
+
+def load_seg_cache(path: str | Path, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (N, 256, 64, 64) fp16, packed masks (N, S, 256, 32) uint8), checked against ``ids``."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        emb, masks, got = z["embeddings"], z["masks"], [str(v) for v in z["ids"]]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RauInputError(f"seg cache: cannot read {path} ({exc.__class__.__name__})") from None
+    if got != [str(v) for v in ids]:
+        raise RauInputError(f"seg cache: {path} does not hold the images of its token cache (ids differ)")
+    return emb, masks
+
+
+# ----------------------------------------------------------------------------- training
+def _key_config(config: SegHeadConfig) -> dict:
+    """The head config as a run's resume key: ``seg_after="mask"`` is left out, so runs started
+    before the field existed (all of them "mask") still resume."""
+    key = asdict(config)
+    if key["seg_after"] == "mask":
+        del key["seg_after"]
+    return key
+
+
+def seg_loss(logits, target):
+    """BCE + soft Dice of (N, H, W) logits against (N, H, W) {0, 1} masks."""
+    import torch.nn.functional as F
+
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = logits.sigmoid()
+    inter = (p * target).flatten(1).sum(1)
+    dice = 1 - (2 * inter + 1) / (p.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    return bce + dice.mean()
+
+
+def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches: Sequence[str | Path], out_dir: str | Path,
+                  *, steps: int, pairs_per_step: int = 4, structures_per_pair: int = 4, lr: float = 1e-4,
+                  warmup: int = 20, seed: int = 0, p_similar: float = 0.5, n_neighbours: int = 10,
+                  n_queries: int = 2, box_prompt: bool = True, seg_after: str = "box", cache_weights: Sequence[float] | None = None, save_every: int = 50,
+                  log_every: int = 5, threads: int | None = None, device: str = "auto", command: str | None = None,
+                  progress: bool = True, decoder=None) -> Path:
+    """Train the ``<seg>`` head for the VLM ``vlm_dir`` -> ``out_dir/final``. Resumable."""
+    import torch
+
+    from rau.training.recipes.chex import run_training
+    from rau.models.refvlm.modeling import BOX_TOKENS, RefVlmModel, generate
+    from rau.training.recipes.refvlm import load_pair_caches, pick_reference
+
+    if steps < 1 or pairs_per_step < 1 or structures_per_pair < 1 or not lr > 0 or not 0 <= p_similar <= 1:
+        raise RauInputError("steps, pairs_per_step and structures_per_pair must be >= 1, lr > 0 and p_similar in [0, 1]")
+    if seg_after not in SEG_AFTER:
+        raise RauInputError(f"--seg-after: {seg_after!r} is not one of {', '.join(SEG_AFTER)}")
+    if len(caches) != len(seg_caches):
+        raise RauInputError("--seg-cache: give one per --cache, in the same order")
+    if threads:
+        torch.set_num_threads(threads)
+    vlm = RefVlmModel.from_pretrained(vlm_dir)
+    vlm.net.requires_grad_(False).eval()
+    loaded, nears, weights = load_pair_caches(caches, n_neighbours, cache_weights)
+    segs = [load_seg_cache(s, c.ids) for s, c in zip(seg_caches, loaded)]
+    config = SegHeadConfig(hidden_size=vlm.config.hidden_size, n_queries=n_queries, box_prompt=box_prompt,
+                           seg_after=seg_after, vlm_sha256=weights_sha256(vlm_dir))
+    torch.manual_seed(seed)
+    head = SegHeadModel(config, decoder=decoder)
+    lite = _litemedsam()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_key = {"kind": "refvlm-seghead", "vlm": str(Path(vlm_dir).resolve()), "vlm_sha256": config.vlm_sha256,
+               "caches": [str(Path(c).resolve()) for c in caches], "seg_caches": [str(Path(c).resolve()) for c in seg_caches],
+               "steps": steps, "pairs_per_step": pairs_per_step, "structures_per_pair": structures_per_pair, "lr": lr,
+               "warmup": warmup, "seed": seed, "p_similar": p_similar, "n_neighbours": n_neighbours,
+               "config": _key_config(config), "cache_weights": [float(v) for v in weights]}
+    v = vlm.vocab
+
+    def batch(step, rank, n_proc):
+        rng = np.random.default_rng([seed, step, rank, n_proc])
+        rf, tf, emb, prompts, pair, gt = [], [], [], [], [], []
+        while len(rf) < pairs_per_step:
+            c = int(rng.choice(len(loaded), p=weights))
+            cache, (embs, masks), near = loaded[c], segs[c], nears[c]
+            t = int(rng.integers(len(cache)))
+            r = pick_reference(rng, near, t, len(cache), p_similar)
+            present = cache.present()
+            both = np.flatnonzero(present[r] & present[t])
+            if both.size == 0:
+                continue
+            for j in rng.permutation(both)[:structures_per_pair]:
+                prompts.append(v.prompt(cache.loc[r, j], cache.codes[r, j]))
+                pair.append(len(rf))
+                emb.append(embs[t])
+                gt.append(np.unpackbits(masks[t, j], axis=-1)[:, :FRAME])
+            rf.append(cache.features[r])
+            tf.append(cache.features[t])
+        f32 = lambda a: torch.from_numpy(np.stack(a).astype(np.float32))  # noqa: E731
+        return f32(rf), f32(tf), f32(emb), torch.tensor(prompts), torch.tensor(pair), f32(gt)
+
+    def step_loss(net, step, acc):
+        rf, tf, emb, prompts, pair, gt = (x.to(acc.device) for x in batch(step, acc.process_index, acc.num_processes))
+        vlm.net.to(acc.device)
+        toks, _, _ = generate(vlm.net, v, rf, tf, prompts, pair, n_tokens=BOX_TOKENS if seg_after == "box" else None)
+        toks = toks.clone()
+        toks[:, 0] = v.id["<yes>"]  # the structure is in the target: its own box (and mask) answer
+        blocks = torch.cat([prompts, toks], dim=1)
+        with acc.autocast():
+            h = seg_hidden(vlm.net, acc.unwrap_model(net).seg_embed, rf, tf, blocks, pair)
+            pe = lite.prompt_encoder.get_dense_pe().detach().to(acc.device)
+            dense = lite.prompt_encoder.no_mask_embed.weight.detach().to(acc.device).reshape(1, -1, 1, 1).expand(len(h), -1, *emb.shape[-2:])
+            boxes = None
+            if box_prompt:  # the VLM's own answer box, as at inference
+                frame_boxes = answer_box_frame(toks[:, 1:5] - v.loc_offset, vlm.config.bins)
+                boxes = box_tokens(lite.prompt_encoder.to(acc.device), frame_boxes)
+            low, _ = net(emb, h, pe, dense, boxes)
+            loss = seg_loss(low.float(), gt)
+        with torch.no_grad():
+            d = ((low > 0).float() * gt).flatten(1).sum(1) * 2 / ((low > 0).float().flatten(1).sum(1) + gt.flatten(1).sum(1)).clamp(min=1)
+        return loss, {"dice": float(d.mean())}
+
+    return run_training(head, out, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                        log_every=log_every, device=device, command=command, progress=progress, desc="train rau-seg head",
+                        loss_label="loss (mask BCE + Dice)")
+
