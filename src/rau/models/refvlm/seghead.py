@@ -318,7 +318,7 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
     """Train the ``<seg>`` head for the VLM ``vlm_dir`` -> ``out_dir/final``. Resumable."""
     import torch
 
-    from rau.training.recipes.chex import run_training
+    from rau.training.engine import run_training
     from rau.models.refvlm.modeling import BOX_TOKENS, RefVlmModel, generate
     from rau.training.recipes.refvlm import load_pair_caches, pick_reference
 

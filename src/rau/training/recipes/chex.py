@@ -20,12 +20,6 @@ under ``accelerate launch`` (data is split by process rank).
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from rau.atomic import write_bytes, write_json
 from rau.data.caches import TokenCache, load_cache
 from rau.models.chex.modeling import ChexConfig, ChexModel, answer_loss
-from rau.errors import CheckpointError, RauInputError
+from rau.errors import RauInputError
+from rau.training.engine import run_training
 
 DEFAULT_TASK_MIX = {"segment": 0.5, "detect": 0.25, "name": 0.25}
 
@@ -94,61 +88,6 @@ def make_batch(model: ChexModel, caches: list[TokenCache], name_maps: list[list[
     return torch.from_numpy(np.stack(feats).astype(np.float32)), ids, ans, locm
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
-def _latest(out: Path) -> Path | None:
-    found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
-    return found[-1][1] if found else None
-
-
-def _save_checkpoint(out: Path, model: ChexModel, opt, step: int, history: list[dict], run_key: dict, keep: int = 2) -> None:
-    import io
-
-    import torch
-
-    tmp = out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_bytes(tmp / "model.safetensors", model.weights_bytes())
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    write_bytes(tmp / "optimizer.pt", buf.getvalue())
-    write_json(tmp / "config.json", asdict(model.config), indent=1)  # a checkpoint loads as a model folder too
-    sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    write_json(tmp / "state.json", {"step": step, "history": history, "run": run_key, "sizes": sizes}, indent=1)
-    final = out / f"checkpoint-{step}"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(folder: Path, model: ChexModel, opt, run_key: dict) -> tuple[int, list[dict]]:
-    import torch
-
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        for name, size in state["sizes"].items():
-            if (folder / name).stat().st_size != size:
-                raise ValueError(f"{name} is {(folder / name).stat().st_size} bytes, expected {size}")
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint: {folder} is incomplete or truncated ({exc}); delete it to resume from the previous one") from None
-    if state["run"] != run_key:
-        differ = sorted(k for k in set(run_key) | set(state["run"]) if run_key.get(k) != state["run"].get(k))
-        raise RauInputError(f"out_dir: {folder.parent} holds a run with other settings (differs in: {', '.join(differ)}); use a new folder")
-    model.load_weights(folder / "model.safetensors", what="checkpoint")
-    try:
-        opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint: cannot load {folder} ({exc.__class__.__name__}); delete it to resume from the previous one") from None
-    return int(state["step"]), list(state["history"])
-
-
 def train_chex(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int, batch_size: int = 8, lr: float = 5e-4,
                warmup: int = 100, seed: int = 0, tasks_per_seq: int = 8, task_mix: dict[str, float] | None = None,
                loc_sigma: float = 4.0, init_from: str | Path | None = None, config: dict[str, Any] | None = None,
@@ -198,65 +137,4 @@ def train_chex(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int,
                            loc_sigma=loc_sigma)
 
     return run_training(model, out, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
-                        log_every=log_every, device=device, command=command, progress=progress, desc="train chex")
-
-
-def run_training(model, out: Path, run_key: dict, step_loss, *, steps: int, lr: float, warmup: int, save_every: int,
-                 log_every: int, device: str, command: str | None, progress: bool, desc: str,
-                 loss_label: str = "loss (answer tokens)") -> Path:
-    """The training loop shared by the token VLMs (CheXanatomy, the compact RAU VLM): accelerate
-    (bf16 on GPU), AdamW with warmup + cosine, clipping, resume from the latest checkpoint of
-    ``out`` (refused if its ``run_key`` differs), loss log, atomic checkpoints and ``out/final``.
-    ``step_loss(net, step, accelerator)`` returns the loss of step ``step``'s batch, or (loss, a dict
-    of floats to log with it, e.g. GRPO's mean reward)."""
-    import torch
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from rau.training.recipes.qwen_sft import write_loss_log
-
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    model.device = str(acc.device)
-    model.net.to(acc.device)
-    opt = torch.optim.AdamW([p for p in model.net.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    start, history = 0, []
-    latest = _latest(out)
-    if latest is not None:
-        start, history = _load_checkpoint(latest, model, opt, run_key)
-    net, opt = acc.prepare(model.net, opt)
-    if acc.is_main_process:
-        write_json(out / "config.json", {**run_key, "command": command or " ".join(sys.argv),
-                                         "n_parameters": sum(p.numel() for p in model.net.parameters())}, indent=1)
-    net.train()
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not (progress and acc.is_main_process))
-    for step in range(start, steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        loss = step_loss(net, step, acc)
-        loss, extras = loss if isinstance(loss, tuple) else (loss, {})
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        history.append({"step": step + 1, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], **extras})
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-        done = step + 1
-        if acc.is_main_process and (done % log_every == 0 or done == steps):
-            write_loss_log(out, history, loss_label)
-        if acc.is_main_process and (done % save_every == 0 or done == steps):
-            _save_checkpoint(out, model, opt, done, history, run_key)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    if acc.is_main_process:
-        training = {**run_key, "command": command or " ".join(sys.argv), "final_loss": history[-1]["loss"] if history else None,
-                    "seconds_this_call": seconds, "device": str(acc.device), "threads": torch.get_num_threads()}
-        tmp = out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(net).eval()
-        model.save_pretrained(tmp, training=training)
-        shutil.rmtree(out / "final", ignore_errors=True)
-        os.replace(tmp, out / "final")
-    return out / "final"
+                        log_every=log_every, device=device, command=command, progress=progress, desc="train chex", loss_label="loss (answer tokens)")

@@ -4,7 +4,7 @@ second training stage, arXiv 2509.22404 section 2, on the same model classes).
 Why not TRL's ``GRPOTrainer``: it drives a ``generate()``-capable causal LM on text/image
 processor inputs; the compact VLM reads two cached feature grids through its own projector and
 decodes under a grammar, which GRPOTrainer cannot express. This is the same algorithm as a small,
-tested loop on :func:`rau.training.recipes.chex.run_training` (accelerate, resume, checkpoints, loss log):
+tested loop on :func:`rau.training.engine.run_training` (accelerate, resume, checkpoints, loss log):
 
 1. Draw the step's reference/target pairs exactly as SFT does (:func:`rau.training.recipes.refvlm.make_batch`).
 2. For every structure block, sample ``group_size`` answers from the current policy under the
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rau.training.recipes.chex import run_training
+from rau.training.engine import run_training
 from rau.errors import RauInputError
 from rau.models.refvlm.modeling import RefVlmModel, RefVocab, answer_logprobs, generate
 from rau.training.recipes.refvlm import load_pair_caches, make_batch

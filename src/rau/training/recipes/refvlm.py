@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from rau.data.caches import TokenCache, load_cache
-from rau.training.recipes.chex import run_training
+from rau.training.engine import run_training
 from rau.errors import RauInputError
 from rau.models.refvlm.modeling import RefVlmConfig, RefVlmModel, answer_loss
 
@@ -145,4 +145,5 @@ def train_refvlm(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
                            loc_sigma=loc_sigma)
 
     return run_training(model, out, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
-                        log_every=log_every, device=device, command=command, progress=progress, desc="train rau vlm")
+                        log_every=log_every, device=device, command=command, progress=progress, desc="train rau vlm",
+                        loss_label="loss (answer tokens)")
