@@ -1,5 +1,6 @@
 """U-Net baseline on a tiny config (32 px, few channels) and synthetic dataset folders: shapes,
-overfitting, save/load, resume after a kill, few-shot id restriction, corrupted weights, CLI."""
+overfitting, save/load, resume after a kill on the training engine, few-shot id selection,
+corrupted weights, evaluation outputs."""
 
 import json
 
@@ -10,15 +11,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from rau.errors import CheckpointError, RauInputError  # noqa: E402
-from rau.models.unet.modeling import (  # noqa: E402
-    UNetConfig,
-    UNetSegmenter,
-    build_network,
-    evaluate_unet,
-    few_shot_ids,
-    main,
-    train_unet,
-)
+from rau.eval.unet import evaluate_unet  # noqa: E402
+from rau.methods.unet import UNetSegmenter  # noqa: E402
+from rau.models.unet.configuration import UNetConfig  # noqa: E402
+from rau.models.unet.modeling import UNetModel  # noqa: E402
+from rau.training.recipes.unet import few_shot_ids, pick_ids, train_unet  # noqa: E402
 
 TINY = dict(structures=["blob", "square"], image_size=32, channels=(4, 4, 8, 8, 16, 4))
 
@@ -52,7 +49,7 @@ def test_config_validation_names_the_argument(kw, arg):
 
 
 def test_masks_at_target_size_for_non_square_target():
-    seg = UNetSegmenter(build_network(tiny_config()), tiny_config())
+    seg = UNetSegmenter(UNetModel(tiny_config()))
     target = np.random.default_rng(0).random((50, 70)).astype(np.float32)
     out = seg.segment(target, {"blob": None, "square": (1, 2, 30, 40), "heart": None})
     assert set(out) == {"blob", "square", "heart"}
@@ -71,56 +68,68 @@ def test_tiny_model_overfits_two_images(folder_dataset, tmp_path):
                            folder_dataset, ids=ids, progress=False)
     out = train(folder_dataset, tmp_path / "fit", steps=120, lr=1e-2, train_ids=ids, augment=False,
                 checkpoint_every=1000)
-    after = evaluate_unet(out, folder_dataset, ids=ids, progress=False)
+    assert out == tmp_path / "fit" / "final"
+    after = evaluate_unet(tmp_path / "fit", folder_dataset, ids=ids, progress=False)  # a run folder loads final/
     for s in ("blob", "square"):
         assert after["per_structure"][s]["mean"] > 0.8, after["per_structure"]
         assert after["per_structure"][s]["mean"] > before["per_structure"][s]["mean"] + 0.3
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 120 and record["data"]["ids"] == ids and record["augment"] is False
-    assert (out / "loss.png").is_file() and len(json.loads((out / "loss.json").read_text())["loss"]) == 120
+    assert record["optimizer"] == "Adam" and set(record["metrics"]["train_dice_no_aug"]) == {"blob", "square"}
+    history = json.loads((out.parent / "loss.json").read_text())["history"]
+    assert (out.parent / "loss.png").is_file() and len(history) == 120
+    assert history[0]["lr"] == pytest.approx(1e-2) and history[-1]["lr"] == pytest.approx(1e-3, rel=1e-2)
 
 
 def test_save_load_identity(tmp_path):
-    seg = UNetSegmenter(build_network(tiny_config(seed=3)), tiny_config(seed=3))
-    seg.save_pretrained(tmp_path / "ck", training={"command": "test"})
-    loaded = UNetSegmenter.from_pretrained(tmp_path / "ck")
-    assert loaded.config == seg.config
+    model = UNetModel(tiny_config(seed=3))
+    model.save_pretrained(tmp_path / "ck", training={"command": "test"})
+    loaded = UNetModel.from_pretrained(tmp_path / "ck")
+    assert loaded.config == model.config and loaded.training == {"command": "test"}
     image = np.random.default_rng(1).random((40, 36)).astype(np.float32)
-    np.testing.assert_array_equal(loaded.predict_probs(image), seg.predict_probs(image))
+    np.testing.assert_array_equal(loaded.predict_probs(image), model.predict_probs(image))
+    seg = UNetSegmenter.from_pretrained(tmp_path / "ck")
+    np.testing.assert_array_equal(seg.predict_probs(image), model.predict_probs(image))
 
 
 def test_resume_after_kill_equals_uninterrupted_run(folder_dataset, tmp_path):
     full = train(folder_dataset, tmp_path / "full")
 
-    def kill(step, loss):
+    def kill(step, record):
         if step == 3:  # after the step-2 checkpoint; step 3 is lost as in a real kill
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(folder_dataset, tmp_path / "killed", callback=kill)
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_0000002"]
-    resumed = train(folder_dataset, tmp_path / "killed")
+        train(folder_dataset, tmp_path / "killed", on_step=kill)
+    killed = tmp_path / "killed"
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not (killed / "final").exists()
+    resumed = train(folder_dataset, killed)
     a, b = weights(full), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    loss = [json.loads((d / "loss.json").read_text())["loss"] for d in (full, resumed)]
+    loss = [json.loads((d.parent / "loss.json").read_text())["history"] for d in (full, resumed)]
     assert loss[0] == loss[1]
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4",
+                                                                                         "checkpoint-6"]
+    assert UNetModel.from_pretrained(killed / "checkpoint-6").config == tiny_config()  # a checkpoint is a model folder
 
 
 def test_resume_refuses_checkpoints_of_another_run(folder_dataset, tmp_path):
     train(folder_dataset, tmp_path / "run", steps=2)
-    with pytest.raises(CheckpointError, match="different run"):
+    with pytest.raises(RauInputError, match="other settings"):
         train(folder_dataset, tmp_path / "run", steps=2, lr=1e-2)
     train(folder_dataset, tmp_path / "run", steps=2, lr=1e-2, resume=False)  # starting over is allowed
 
 
 def test_fine_tuning_restricts_to_train_ids(folder_dataset, tmp_path):
     base = train(folder_dataset, tmp_path / "base", steps=2)
-    ft = train_unet(folder_dataset, tmp_path / "ft", init_from=base, train_ids=["case_2"], steps=2, batch_size=2,
-                    lr=1e-3, progress=False)
-    record = json.loads((ft / "training.json").read_text())
-    assert record["data"]["ids"] == ["case_2"] and record["data"]["n_images"] == 1
-    assert record["init_from"] == str(base.resolve())
-    assert UNetSegmenter.from_pretrained(ft).config == UNetSegmenter.from_pretrained(base).config
+    for init in (base, base.parent):  # the model folder or its run folder
+        ft = train_unet(folder_dataset, tmp_path / f"ft_{init.name}", init_from=init, train_ids=["case_2"], steps=2,
+                        batch_size=2, lr=1e-3, progress=False)
+        record = json.loads((ft / "training.json").read_text())
+        assert record["data"]["ids"] == ["case_2"] and record["data"]["n_images"] == 1
+        assert record["init_from"] == str(base.resolve())
+        assert UNetModel.from_pretrained(ft).config == UNetModel.from_pretrained(base).config
     with pytest.raises(RauInputError, match="^train_ids:"):
         train_unet(folder_dataset, tmp_path / "bad", init_from=base, train_ids=["nope"], steps=1, progress=False)
     with pytest.raises(RauInputError, match="^structures:"):
@@ -136,8 +145,19 @@ def test_few_shot_ids_are_seeded_and_nested():
         few_shot_ids(ids, 161, seed=0)
 
 
+def test_pick_ids_by_range_and_few_shot(folder_dataset):
+    assert pick_ids([folder_dataset]) is None
+    assert pick_ids([folder_dataset], "3:") == ["case_3"]
+    two = pick_ids([folder_dataset], "0:3", few_shot=2)
+    assert len(two) == 2 and set(two) <= {"case_0", "case_1", "case_2"}
+    with pytest.raises(RauInputError, match="^--id-range:"):
+        pick_ids([folder_dataset], "9:")
+    with pytest.raises(RauInputError, match="exactly one --data"):
+        pick_ids([folder_dataset, folder_dataset], "0:2")
+
+
 def test_corrupted_weights_raise_checkpoint_error(tmp_path):
-    UNetSegmenter(build_network(tiny_config()), tiny_config()).save_pretrained(tmp_path / "ck")
+    UNetModel(tiny_config()).save_pretrained(tmp_path / "ck")
     path = tmp_path / "ck" / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError) as err:
@@ -147,19 +167,9 @@ def test_corrupted_weights_raise_checkpoint_error(tmp_path):
         UNetSegmenter.from_pretrained(tmp_path / "missing")
 
 
-def test_command_line_train_and_eval(folder_dataset, tmp_path, capsys):
-    out = tmp_path / "cli"
-    rc = main(["train", "--data", str(folder_dataset), "--out", str(out), "--structures", "blob,square",
-               "--steps", "2", "--batch-size", "2", "--image-size", "32", "--channels", "4,4,8,8,16,4",
-               "--id-range", "0:3", "--few-shot", "2", "--no-progress"])
-    assert rc == 0
-    record = json.loads((out / "training.json").read_text())
-    assert record["command"].startswith("python -m rau.models.unet.modeling train") and record["data"]["n_images"] == 2
-    rc = main(["eval", "--checkpoint", str(out), "--data", str(folder_dataset), "--id-range", "3:",
-               "--out", str(tmp_path / "e.json"), "--overlays", str(tmp_path / "o.png"), "--no-progress"])
-    assert rc == 0 and (tmp_path / "o.png").is_file()
-    assert json.loads((tmp_path / "e.json").read_text())["ids"] == ["case_3"]
-    capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(folder_dataset)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint:") and "\n" not in err
+def test_evaluate_writes_results_and_overlays(folder_dataset, tmp_path):
+    UNetModel(tiny_config()).save_pretrained(tmp_path / "ck")
+    res = evaluate_unet(tmp_path / "ck", folder_dataset, ids=["case_3"], out=tmp_path / "e.json",
+                        overlays=tmp_path / "o.png", progress=False)
+    assert (tmp_path / "o.png").is_file() and json.loads((tmp_path / "e.json").read_text())["ids"] == ["case_3"]
+    assert set(res["per_structure"]) == {"blob", "square"} and 0.0 <= res["mean_dice"] <= 1.0
