@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reference retrieval and k-reference fusion on Wingspan held-out (issue 4, item 3): the commands
-# behind the table in docs/BENCHMARKS.md. References: ids 0..159; targets: 160..199.
+# behind the table in docs/HISTORY.md. References: ids 0..159; targets: 160..199.
 set -euo pipefail
 RAU=${RAU:-.venv/bin/rau}
 WS=${WS:-../shared/datasets/wingspan_cxr}

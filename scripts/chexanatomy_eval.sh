@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CheXanatomy evaluation: the commands behind the CheXanatomy tables in docs/BENCHMARKS.md
+# CheXanatomy evaluation: the commands behind the CheXanatomy tables in docs/HISTORY.md
 # (after scripts/chexanatomy_recipe.sh). Results in runs/chex/eval/.
 set -euo pipefail
 RAU=${RAU:-.venv/bin/rau}
@@ -19,8 +19,8 @@ for m in drr drr_k5 drr_k20; do  # (+ chexanatomy drr_ws160 below)
   $RAU eval --targets $WS --references $WS --target-range 160:200 --reference-range 0:160 --method unet --unet runs/unet/$m --out $E/wingspan_unet_$m.json --no-progress
 done
 # Token-level: naming a structure from its true box, and "detect X" box IoU.
-$PY -m rau.eval.chex_tokens --model runs/chex/drr/final --cache runs/chex/drr_test.npz --out $E/tokens_drr_test.json
-$PY -m rau.eval.chex_tokens --model runs/chex/drr/final --cache runs/chex/drr_test_lat.npz --out $E/tokens_drr_test_lat.json
+$RAU eval-chex-tokens --model runs/chex/drr/final --cache runs/chex/drr_test.npz --out $E/tokens_drr_test.json
+$RAU eval-chex-tokens --model runs/chex/drr/final --cache runs/chex/drr_test_lat.npz --out $E/tokens_drr_test_lat.json
 # Figure: predicted vs true masks on real radiographs.
 $PY scripts/chex_figure.py --data $WS --out docs/images/chex_wingspan.png --ids wingspan_163,wingspan_177,wingspan_191 \
   --method chexanatomy:runs/chex/drr/final --method chexanatomy:runs/chex/drr_k20/final \

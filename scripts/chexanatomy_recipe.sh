@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CheXanatomy: the exact commands behind the figures in docs/BENCHMARKS.md (2-core CPU, no GPU).
+# CheXanatomy: the exact commands behind the figures in docs/HISTORY.md (2-core CPU, no GPU).
 # Every step is resumable: rerun the script after a kill and finished work is skipped or resumed.
 set -euo pipefail
 RAU=${RAU:-.venv/bin/rau}
@@ -30,10 +30,10 @@ for k in 5 20; do
 done
 
 # 4. The U-Net baseline on the same DRRs and the same few shots.
-$PY -m rau.models.unet.modeling train --data runs/drr/train --out runs/unet/drr --structures right_lung,left_lung,heart,trachea,right_clavicle,left_clavicle \
+$RAU train unet --data runs/drr/train --out runs/unet/drr --structures right_lung,left_lung,heart,trachea,right_clavicle,left_clavicle \
   --steps 1500 --batch-size 8 --lr 1e-3 --seed 0 --image-size 128 --channels 16,16,32,64,128,16 --preprocessing equalize --threads 1
 for k in 5 20; do
-  $PY -m rau.models.unet.modeling train --data $WS --id-range 0:160 --few-shot $k --few-shot-seed 0 --init-from runs/unet/drr \
+  $RAU train unet --data $WS --id-range 0:160 --few-shot $k --few-shot-seed 0 --init-from runs/unet/drr \
     --out runs/unet/drr_k$k --steps 300 --batch-size 8 --lr 2e-4 --seed 0 --threads 1
 done
 

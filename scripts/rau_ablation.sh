@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablation table of issue 4 in docs/BENCHMARKS.md (2-core CPU): box prompt (rau-box, rau) vs
+# The ablation table of issue 4 in docs/HISTORY.md (2-core CPU): box prompt (rau-box, rau) vs
 # <seg> query (rau-seg), against registration, reg-fuse and oracle-box on the same pairs of the three
 # splits; then on Wingspan held-out: retrieved vs random reference and 1 vs 3 references.
 # Uses the shipped VLM and the shipped <seg> head (scripts/rau_seg_recipe.sh); the DRR folders are

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The <seg> query head of method rau-seg (issue 4, item 1), shipped as src/rau/assets/refvlm_seg: the
-# exact commands of the run measured in docs/BENCHMARKS.md (2-core CPU). Resumable. Needs the token
+# exact commands of the run measured in docs/HISTORY.md (2-core CPU). Resumable. Needs the token
 # caches runs/chex/wingspan_0_160.npz and runs/chex/drr_train.npz of scripts/rau_vlm_recipe.sh.
 # The head is tied to its VLM by weight hash: VLM=DIR trains one for another VLM (then SHIP=0).
 set -euo pipefail

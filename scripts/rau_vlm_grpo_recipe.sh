@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GRPO after SFT for the compact RAU VLM (issue 4, item 4): the exact command of the run measured in
-# docs/BENCHMARKS.md (2-core CPU, no GPU). Resumable: rerun after a kill. Needs the caches of
+# docs/HISTORY.md (2-core CPU, no GPU). Resumable: rerun after a kill. Needs the caches of
 # scripts/rau_vlm_recipe.sh (same training parts: the held-out test parts are never drawn).
 set -euo pipefail
 RAU=${RAU:-.venv/bin/rau}

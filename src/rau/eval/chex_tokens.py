@@ -7,20 +7,16 @@ Two questions that the mask metrics of ``rau eval --method chexanatomy`` do not 
 - **detect**: "detect X" -> 4 location tokens; box IoU against the true box (both from tokens, so
   on the same 1024-bin grid).
 
-    python -m rau.eval.chex_tokens --model runs/chex/drr/final --cache runs/chex/drr_test.npz --out naming.json
+    rau eval-chex-tokens --model runs/chex/drr/final --cache runs/chex/drr_test.npz --out naming.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rau.atomic import write_json
 from rau.data.caches import load_cache
 from rau.models.chex.modeling import ChexModel
 from rau.geometry import box_iou
@@ -59,27 +55,3 @@ def evaluate_tokens(model: ChexModel, cache_path: str | Path, *, limit: int | No
            for n, r in rows.items() if r["named"]}
     mean = {k: float(np.mean([e[k] for e in per.values()])) for k in ("naming_acc", "detect_box_iou")} if per else {}
     return {"cache": str(cache_path), "images": len(idx), "per_structure": per, "mean": mean}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rau.eval.chex_tokens", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--cache", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--limit", type=int)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    res = evaluate_tokens(ChexModel.from_pretrained(args.model), args.cache, limit=args.limit)
-    res["command"] = "python -m rau.eval.chex_tokens " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_json(Path(args.out), res, indent=1)
-    print(json.dumps(res["mean"]))
-    for n, e in res["per_structure"].items():
-        print(f"{n:20s} n={e['n']:3d} naming {e['naming_acc']:.3f} detect box IoU {e['detect_box_iou']:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

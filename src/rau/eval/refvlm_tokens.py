@@ -7,18 +7,15 @@ reference is asked. Reports per structure: identification accuracy (yes/no vs. t
 truth), box IoU and accuracy at IoU 0.5 over structures present in both (boxes compared in the
 1024-bin token space, where both images are the unit square).
 
-    python -m rau.eval.refvlm_tokens --model runs/ref/vlm/final --references runs/chex/wingspan_0_160.npz \
+    rau eval-tokens --model runs/ref/vlm/final --references runs/chex/wingspan_0_160.npz \
         --targets runs/ref/wingspan_160_200.npz [--out r.json]
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 
-from rau.data.caches import TokenCache, load_cache
+from rau.data.caches import TokenCache
 
 
 def _unit(cache: TokenCache) -> np.ndarray:
@@ -76,27 +73,3 @@ def evaluate_cache(model, references: TokenCache, targets: TokenCache, limit: in
             "box_iou": float(np.mean(ious)) if ious else float("nan"),
             "box_acc50": float(np.mean([v >= 0.5 for v in ious])) if ious else float("nan"),
             "n_targets": n, "n_rows": len(rows)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rau.models.refvlm.modeling import RefVlmModel
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--references", required=True)
-    p.add_argument("--targets", required=True)
-    p.add_argument("--limit", type=int)
-    p.add_argument("--out")
-    a = p.parse_args(argv)
-    res = evaluate_cache(RefVlmModel.from_pretrained(a.model), load_cache(a.references), load_cache(a.targets), a.limit)
-    res.update({"model": a.model, "references": a.references, "targets": a.targets})
-    print(f"{Path(a.targets).name}: id acc {res['id_acc']:.3f}  box IoU {res['box_iou']:.3f}  acc@0.5 {res['box_acc50']:.3f}"
-          f"  ({res['n_targets']} targets, {res['n_rows']} structures)")
-    if a.out:
-        from rau.atomic import write_json
-
-        write_json(Path(a.out), res, indent=1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,140 @@
+"""What every ``rau`` command shares: the error contract, option parsers, option annotations.
+
+The error contract (one for the whole tool): a user error -- :data:`USER_ERRORS`, which includes
+:class:`rau.errors.RauInputError` and :class:`rau.errors.CheckpointError` (both ``ValueError``) --
+prints ``error: <first line of the message>`` on stderr and exits with code 2::
+
+    with user_errors():
+        ...  # the command's work
+
+Only typer is imported here; every command imports its heavy code inside its body.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+
+#: Exceptions that mean "bad input" (not a bug): RauInputError/CheckpointError are ValueErrors; a
+#: FloatingPointError is a training that diverged (NaN loss) with its settings.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError, FloatingPointError,
+)
+
+#: Exit code of a user error (the same as click's usage errors).
+USER_ERROR_EXIT = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of the exception's message (its class name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def fail(exc: BaseException) -> NoReturn:
+    """Print ``error: <first line>`` on stderr and exit with code 2."""
+    typer.echo(f"error: {first_line(exc)}", err=True)
+    raise typer.Exit(code=USER_ERROR_EXIT)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a :data:`USER_ERRORS` raised inside the block into one ``error:`` line and exit code 2."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        fail(exc)
+
+
+def command_line() -> str:
+    """The command as typed (``rau ...``), recorded in the training runs it produces."""
+    return " ".join(["rau", *sys.argv[1:]])
+
+
+# ------------------------------------------------------------------------------------ parsers
+
+
+def split_names(value: Optional[str], arg: str = "--structures") -> Optional[list[str]]:
+    """``"heart, left_lung"`` -> ``["heart", "left_lung"]``; None stays None (the command's default)."""
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"{arg}: give a comma-separated list of names, e.g. heart,left_lung")
+    return names
+
+
+def parse_range(value: Optional[str], arg: str) -> Optional[slice]:
+    """``"160:200"`` -> ``slice(160, 200)`` (either end may be empty); None stays None."""
+    if value is None:
+        return None
+    try:
+        start, stop = value.split(":")
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise ValueError(f"{arg}: expected START:STOP indices into the id-sorted images (e.g. 160:200), got {value!r}") from None
+
+
+def split_numbers(value: Optional[str], arg: str, kind: type = float) -> Optional[list[Any]]:
+    """``"0.6,0.4"`` -> ``[0.6, 0.4]`` (``kind=int`` for integers); None stays None."""
+    if value is None:
+        return None
+    try:
+        numbers = [kind(v) for v in value.split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{arg}: expected comma-separated {what} (e.g. {'16,32,64' if kind is int else '0.6,0.4'}), got {value!r}") from None
+    return numbers
+
+
+def set_threads(threads: Optional[int], arg: str = "--threads") -> None:
+    """Set torch's CPU thread count (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"{arg}: expected an integer >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------- option annotations
+
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: rau-seg.")]
+StructOpt = Annotated[Optional[str], typer.Option("--structures", "-s", help="Comma-separated structure names (default: all of the reference's).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the models: cpu, cuda, cuda:1 ...")]
+VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Methods rau/rau-box/rau-tokens: a `rau train refvlm` model folder, or a local Qwen2.5-VL checkpoint folder (default: the shipped compact RAU VLM).")]
+LoraOpt = Annotated[Optional[Path], typer.Option("--lora", help="Local PEFT LoRA adapter folder applied on top of --vlm.")]
+Sam2Opt = Annotated[Optional[Path], typer.Option("--sam2", help="Local SAM2 (transformers Sam2Video) checkpoint folder.")]
+UnetOpt = Annotated[Optional[Path], typer.Option("--unet", help="Trained U-Net folder for method 'unet' (rau train unet).")]
+ChexOpt = Annotated[Optional[Path], typer.Option("--chex", help="Trained CheXanatomy model folder for method 'chexanatomy' (rau train chex).")]
+SegHeadOpt = Annotated[Optional[Path], typer.Option("--seg-head", help="Method rau-seg: a `rau train seg-head` folder (default: the shipped head, if any).")]
+SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.")]
+CacheWeightsOpt = Annotated[Optional[str], typer.Option("--cache-weights", help="Comma-separated sampling weights per cache (default: by size).")]
+TrainDeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+def option(help_text: str, *names: str) -> Any:
+    """A ``typer.Option`` with its help text first (the flag names follow, when not derived)."""
+    return typer.Option(*names, help=help_text)
+
+
+def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2: Optional[Path], segmenter: Optional[str],
+                   seed: int = 0, unet: Optional[Path] = None, chex: Optional[Path] = None,
+                   seg_head: Optional[Path] = None, precision: Optional[str] = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`rau.methods.create_method` from the shared method options.
+
+    A bad ``--precision`` fails here, before any model loads."""
+    from rau.encoders.litemedsam import resolve_precision
+
+    resolve_precision(precision, device)
+    return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
+            "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision}
