@@ -21,7 +21,8 @@ from rau import AnnotatedImage, CheckpointError, RauInputError  # noqa: E402
 from rau.geometry import mask_to_box, qwen_smart_resize  # noqa: E402
 from rau.parsing import parse_box_answer  # noqa: E402
 from rau.methods.interfaces import Localization  # noqa: E402
-from rau.methods.qwen import QwenLocalizer, encode_example  # noqa: E402
+from rau.methods.qwen import QwenLocalizer  # noqa: E402
+from rau.models.qwen.processor import encode_example  # noqa: E402
 from tiny_qwen import TEST_MAX_PIXELS, TEST_MIN_PIXELS, save_tiny_checkpoint  # noqa: E402
 
 
@@ -206,7 +207,7 @@ def test_bad_arguments(checkpoint, localizer, pair):
 
 def test_import_is_light():
     code = (
-        "import sys, rau.methods.qwen, rau.parsing, rau.prompts; "
+        "import sys, rau.methods.qwen, rau.models.qwen, rau.parsing, rau.prompts; "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,8 +1,9 @@
 """SFT of the localizer (`rau train vlm`) on a tiny random Qwen2.5-VL, on CPU.
 
 Checks the training contract rather than quality: a tiny model overfits a few pairs, a run killed
-and resumed equals the uninterrupted run, LoRA trains only its adapter, broken checkpoints fail in
-one line, the CLI writes final/ and loss.png, and final/ loads in QwenLocalizer.
+and resumed on the engine ends with exactly the weights of the uninterrupted run, LoRA trains only
+its adapter, broken or mismatched checkpoints fail in one line, the CLI writes final/ and loss.png,
+and final/ loads in QwenLocalizer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from rau import AnnotatedImage, CheckpointError, RauInputError  # noqa: E402
 from rau.data.dataset import load_dataset  # noqa: E402
 from rau.geometry import mask_to_box  # noqa: E402
 from rau.data.pairs import AugmentConfig, PairSampler, transform_box  # noqa: E402
-from rau.training.recipes.qwen_sft import TrainConfig, lr_factor, train  # noqa: E402
+from rau.training.recipes.qwen_sft import TrainConfig, train  # noqa: E402
+from rau.training.schedule import lr_at  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # inside peft
@@ -30,8 +32,6 @@ pytestmark = [
 ]
 
 SMALL = 56 * 56  # 4 image tokens per image: steps take ~0.1 s on one core
-
-
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,16 @@ def test_config_errors_name_the_field(tmp_path):
         TrainConfig.from_dict({**good, "learning_rate": 1e-4})
     with pytest.raises(RauInputError, match="--dataset"):
         TrainConfig.from_dict({"model": "m", "output_dir": "o"})
-    cfg = TrainConfig(**good, warmup_steps=2, max_steps=10)
-    assert lr_factor(0, cfg) == pytest.approx(1 / 3) and lr_factor(2, cfg) == 1.0
-    assert lr_factor(10, cfg) == pytest.approx(0.1)
+    with pytest.raises(RauInputError, match="^decay_steps: the cosine ends at max_steps"):
+        TrainConfig(**good, max_steps=10, decay_steps=20)
+    assert TrainConfig(**good, max_steps=10, decay_steps=20, lr_schedule="constant").decay_steps == 20
+    # The engine's schedule: warm-up (s + 1) / warmup, cosine to 10 % at max_steps.
+    assert lr_at(0, 10, 1.0, warmup=2) == 0.5 and lr_at(2, 10, 1.0, warmup=2) == 1.0
+    assert lr_at(10, 10, 1.0, warmup=2) == pytest.approx(0.1)
+    # The resume key: max_steps may grow under the constant schedule only.
+    cosine, constant = TrainConfig(**good), TrainConfig(**good, lr_schedule="constant")
+    assert cosine.run_key({})["max_steps"] == 1000 and constant.run_key({})["max_steps"] is None
+    assert "output_dir" not in cosine.run_key({}) and cosine.run_key({})["lr"] == 1e-4
 
 
 # ------------------------------------------------------------------ (a) overfit
@@ -128,52 +135,37 @@ def test_tiny_model_overfits_a_few_pairs(checkpoint, two_images, tmp_path):
 
 # ------------------------------------------------------------------ (b) kill / resume
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_resumed_run_equals_uninterrupted_run(checkpoint, folder_dataset, tmp_path, lora):
+def test_killed_run_resumes_to_the_same_weights(checkpoint, folder_dataset, tmp_path, lora):
     from safetensors.torch import load_file
 
-    # Batches of 2 with 2 micro-batches: exercises collate + accumulation; dropout exercises RNG state.
-    kw = dict(lora=lora, lr=1e-2 if lora else 2e-3, decay_steps=8, warmup_steps=2, batch_size=2, grad_accum=2,
-              augment=True, lora_dropout=0.1)
+    # Batches of 2 with 2 micro-batches: exercises collate + the engine's accumulate; dropout and
+    # augmentation exercise the RNG state and the (seed, index) sampler; cosine with warm-up.
+    kw = dict(lora=lora, lr=1e-2 if lora else 2e-3, warmup_steps=1, batch_size=2, grad_accum=2, augment=True,
+              lora_dropout=0.1, max_steps=4, save_every=2, log_every=1)
     a, b = tmp_path / "a", tmp_path / "b"
-    train(config(checkpoint, [folder_dataset], a, max_steps=8, **kw), progress=False)
-    first = train(config(checkpoint, [folder_dataset], b, max_steps=4, **kw), progress=False)
-    assert first["resumed_from"] is None
-    second = train(config(checkpoint, [folder_dataset], b, max_steps=8, **kw), progress=False)
-    assert second["resumed_from"].endswith("checkpoint-4") and second["start_step"] == 4
-    assert second["trained_steps"] == 4
+    first = train(config(checkpoint, [folder_dataset], a, **kw), progress=False)
+    assert first["resumed_from"] is None and first["trained_steps"] == 4
 
-    name = "adapter/adapter_model.safetensors" if lora else "model/model.safetensors"
-    wa, wb = load_file(str(a / "checkpoint-8" / name)), load_file(str(b / "checkpoint-8" / name))
-    assert set(wa) == set(wb)
-    for key in wa:
-        assert np.allclose(wa[key].numpy(), wb[key].numpy(), atol=1e-6), key
-    ha, hb = history(a), history(b)
-    assert [h["step"] for h in hb] == list(range(1, 9))
-    assert np.allclose([h["loss"] for h in ha], [h["loss"] for h in hb], atol=1e-5)
-    assert np.allclose([h["lr"] for h in ha], [h["lr"] for h in hb])
-    samples = [json.loads(line)["step"] for line in (b / "samples.jsonl").read_text().splitlines()]
-    assert samples == list(range(1, 9))
-    assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
-    doc = json.loads((b / "config.json").read_text())
-    assert [r["start_step"] for r in doc["history"]] == [0, 4] and doc["config"]["decay_steps"] == 8
-
-    # A crash between checkpoints (step 6 of 8), with a half-written checkpoint left behind.
-    c = tmp_path / "c"
-
-    def crash(step, model, loss):
-        if step == 6:
+    def kill(step, net, loss):  # after step 3: checkpoint-2 is the latest
+        if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(config(checkpoint, [folder_dataset], c, max_steps=8, **kw), progress=False, on_step=crash)
-    (c / ".tmp-checkpoint-8").mkdir()
-    assert max(json.loads(line)["step"] for line in (c / "samples.jsonl").read_text().splitlines()) == 5
-    resumed = train(config(checkpoint, [folder_dataset], c, max_steps=8, **kw), progress=False)
-    assert resumed["start_step"] == 4 and not (c / ".tmp-checkpoint-8").exists()
-    wc = load_file(str(c / "checkpoint-8" / name))
-    assert all(np.allclose(wa[k].numpy(), wc[k].numpy(), atol=1e-6) for k in wa)
-    assert [json.loads(line)["step"] for line in (c / "samples.jsonl").read_text().splitlines()] == list(range(1, 9))
-    assert np.allclose([h["loss"] for h in history(c)], [h["loss"] for h in ha], atol=1e-5)
+        train(config(checkpoint, [folder_dataset], b, **kw), progress=False, on_step=kill)
+    assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-2"] and not (b / "final").exists()
+    (b / ".tmp-checkpoint-4").mkdir()  # a checkpoint half-written by the kill
+    resumed = train(config(checkpoint, [folder_dataset], b, **kw), progress=False)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["start_step"] == 2
+    assert resumed["trained_steps"] == 2 and not (b / ".tmp-checkpoint-4").exists()
+
+    wa, wb = load_file(str(a / "checkpoint-4" / "model.safetensors")), load_file(str(b / "checkpoint-4" / "model.safetensors"))
+    assert set(wa) == set(wb) and all(("lora_" in k) == lora for k in wa)
+    assert all(wa[k].equal(wb[k]) for k in wa), [k for k in wa if not wa[k].equal(wb[k])]
+    ha, hb = history(a), history(b)
+    assert [h["step"] for h in hb] == [1, 2, 3, 4]
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb] and [h["lr"] for h in ha] == [h["lr"] for h in hb]
+    assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (b / "final" / "adapter").is_dir() == lora
 
 
 # ------------------------------------------------------------------ (c) LoRA
@@ -209,8 +201,8 @@ def test_lora_trains_only_the_adapter(lora_run, checkpoint):
     for name, value in last.items():
         plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         assert value.equal(original[plain]), name
-    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["step"] == 3 and len(state["log_history"]) == 3
+    state = json.loads((out / "checkpoint-3" / "state.json").read_text())
+    assert state["step"] == 3 and len(state["history"]) == 3
 
 
 # ------------------------------------------------------------------ (d) broken checkpoints
@@ -220,10 +212,10 @@ def test_corrupted_or_mismatched_checkpoint_raises(checkpoint, folder_dataset, t
     train(config(checkpoint, [folder_dataset], out, max_steps=4, **kw), progress=False)
     longer = config(checkpoint, [folder_dataset], out, max_steps=6, **kw)
 
-    with pytest.raises(CheckpointError, match="lr: 0.0001 -> 0.001") as info:
+    with pytest.raises(RauInputError, match=r"differs in: lr\)") as info:
         train(config(checkpoint, [folder_dataset], out, max_steps=6, lr=1e-3, lr_schedule="constant"), progress=False)
     assert "\n" not in str(info.value)
-    with pytest.raises(CheckpointError, match="decay_steps: None -> 6.*pass the old decay_steps"):
+    with pytest.raises(RauInputError, match="differs in: lr_schedule, max_steps"):
         train(config(checkpoint, [folder_dataset], out, max_steps=6), progress=False)  # cosine now
     with pytest.raises(RauInputError, match="max_steps"):
         train(config(checkpoint, [folder_dataset], out, max_steps=3, **kw), progress=False)
@@ -231,13 +223,15 @@ def test_corrupted_or_mismatched_checkpoint_raises(checkpoint, folder_dataset, t
     optimizer = out / "checkpoint-4" / "optimizer.pt"
     data = optimizer.read_bytes()
     optimizer.write_bytes(data[: len(data) // 2])  # a kill mid-copy, a full disk...
-    with pytest.raises(CheckpointError, match="checkpoint-4.*truncated") as info:
+    with pytest.raises(CheckpointError, match="checkpoint-4 is incomplete or truncated") as info:
         train(longer, progress=False)
     assert "\n" not in str(info.value)
     optimizer.write_bytes(b"\0" * len(data))  # same size, garbage: caught when loading
-    with pytest.raises(CheckpointError, match="cannot read .*optimizer.pt"):
+    with pytest.raises(CheckpointError, match="cannot load .*checkpoint-4"):
         train(longer, progress=False)
     assert not (out / "checkpoint-6").exists()  # never silently restarted
+    optimizer.write_bytes(data)  # repaired: the constant-schedule run extends to 6 steps
+    assert train(longer, progress=False)["start_step"] == 4 and (out / "checkpoint-6").is_dir()
 
 
 # ------------------------------------------------------------------ (e) CLI, (f) final/ loads
@@ -255,7 +249,10 @@ def test_cli_train_vlm_end_to_end(checkpoint, folder_dataset, tmp_path):
     assert (out / "final" / "model.safetensors").is_file() and (out / "loss.png").stat().st_size > 0
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
     doc = json.loads((out / "config.json").read_text())
-    assert doc["config"]["max_steps"] == 2 and doc["command"][0] == "rau"  # max_steps: CLI beats --config
+    assert doc["kind"] == "qwen-sft" and doc["command"].startswith("rau ")
+    assert doc["max_steps"] == 2 and len(history(out)) == 2  # max_steps: CLI beats --config
+    again = TrainConfig.from_dict({**doc, "output_dir": str(out)})  # a run's config.json as --config
+    assert again.max_steps == 2 and again.model == str(checkpoint.resolve()) and again.max_pixels == SMALL
 
     bad = runner.invoke(app, ["train", "vlm", "--config", str(options), "--output-dir", str(tmp_path / "x"),
                               "--lr", "-1"])
@@ -289,6 +286,60 @@ def test_import_is_light():
     import sys
 
     heavy = "('torch', 'transformers', 'peft', 'accelerate', 'matplotlib')"
-    code = f"import sys, rau.cli.app, rau.training.recipes.qwen_sft, rau.data.pairs; print([m for m in {heavy} if m in sys.modules])"
+    code = f"import sys, rau.cli.app, rau.training.recipes.qwen_sft, rau.models.qwen, rau.data.pairs; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------ the engine's accumulate option
+class _Linear:
+    """The engine's model protocol around a tiny torch.nn.Linear (no Qwen involved)."""
+
+    def __init__(self):
+        import torch
+
+        torch.manual_seed(0)
+        self.net, self.device = torch.nn.Linear(3, 1), "cpu"
+
+    def config_dict(self):
+        return {"in": 3}
+
+    def weights_bytes(self):
+        from safetensors.torch import save
+
+        return save({k: v.detach().contiguous() for k, v in self.net.state_dict().items()})
+
+    def load_weights(self, path, what="checkpoint"):
+        from safetensors.torch import load_file
+
+        self.net.load_state_dict(load_file(str(path)))
+
+    def save_pretrained(self, folder, training=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").write_bytes(self.weights_bytes())
+
+
+def test_engine_accumulate_equals_one_big_batch(tmp_path):
+    import torch
+
+    from rau.training.engine import run_training
+
+    x = torch.arange(24, dtype=torch.float32).reshape(8, 3) / 10
+    y = x.sum(1, keepdim=True)
+    calls = []
+
+    def whole(net, step, acc):
+        return ((net(x) - y) ** 2).mean()
+
+    def halves(net, step, acc, micro):
+        calls.append((step, micro))
+        part = slice(4 * micro, 4 * micro + 4)
+        return ((net(x[part]) - y[part]) ** 2).mean()
+
+    kw = dict(steps=3, lr=0.1, device="cpu", progress=False, command="test")
+    one, two = _Linear(), _Linear()
+    run_training(one, tmp_path / "one", {"k": 1}, whole, **kw)
+    run_training(two, tmp_path / "two", {"k": 1}, halves, accumulate=2, **kw)
+    assert calls == [(s, m) for s in range(3) for m in range(2)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one.net.parameters(), two.net.parameters()))
+    assert np.allclose([h["loss"] for h in history(tmp_path / "one")], [h["loss"] for h in history(tmp_path / "two")])

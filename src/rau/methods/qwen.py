@@ -8,7 +8,9 @@ processor actually resized the target to (``image_grid_thw`` x ``patch_size``).
 Coordinates by ``config.model_type``: ``qwen2_5_vl`` answers in absolute pixels of the resized
 image; ``qwen2_vl`` and ``qwen3_vl`` in 0..1000 (``norm1000``).
 
-torch / transformers / peft are imported inside functions: ``import rau.methods.qwen`` stays cheap.
+Checking, loading, LoRA merging and the processor inputs live in :mod:`rau.models.qwen`; this
+module is the :class:`Localizer` adapter only. torch / transformers / peft are imported inside
+functions: ``import rau.methods.qwen`` stays cheap.
 """
 
 from __future__ import annotations
@@ -19,161 +21,18 @@ from typing import Any
 import numpy as np
 
 from rau.data.annotated import AnnotatedImage
-from rau.errors import CheckpointError
 from rau.geometry import mask_to_box
+from rau.methods.interfaces import Localization, Localizer
+from rau.models.qwen.loading import COORDS_BY_MODEL_TYPE, check_checkpoint, load_qwen, resolve_dtype
+from rau.models.qwen.lora import merge_lora
+from rau.models.qwen.processor import encode_example, to_pil
 from rau.parsing import parse_box_answer
 from rau.prompts import build_messages, target_text
 from rau.render import draw_annotation, to_rgb
-from rau.methods.interfaces import Localization, Localizer
 
-COORDS_BY_MODEL_TYPE = {"qwen2_5_vl": "qwen25_abs", "qwen2_vl": "norm1000", "qwen3_vl": "norm1000"}
-WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-)
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # Tokens that only the processor may place: a generated image/video placeholder would make the next
 # step look for pixels that are not there.
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-
-
-def check_checkpoint(checkpoint: str | Path) -> Path:
-    """The checkpoint folder as a Path; CheckpointError (one line) when it cannot be a Qwen-VL folder."""
-    path = Path(checkpoint).expanduser()
-    hint = "pass a local Qwen-VL folder with config.json, weights, tokenizer and processor files"
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint: {path} is not a directory; {hint}")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"checkpoint: {path} has no config.json; {hint}")
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise CheckpointError(f"checkpoint: {path} has no weights (expected one of {', '.join(WEIGHT_FILES)})")
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            _check_shards(path, index)
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise CheckpointError(f"checkpoint: {path} has no tokenizer (expected tokenizer.json or vocab.json)")
-    if not any((path / f).is_file() for f in PROCESSOR_FILES):
-        expected = " or ".join(PROCESSOR_FILES)
-        raise CheckpointError(f"checkpoint: {path} has no image processor config (expected {expected})")
-    return path
-
-
-def _check_shards(path: Path, index: str) -> None:
-    import json
-
-    try:
-        shards = set(json.loads((path / index).read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint: {path / index} is unreadable ({exc.__class__.__name__})") from None
-    missing = sorted(s for s in shards if not (path / s).is_file())
-    if missing:
-        raise CheckpointError(f"checkpoint: {path} is incomplete, missing weight shards {missing[:3]}; re-download it")
-
-
-def _resolve_dtype(dtype: Any, device: str):
-    import torch
-
-    if dtype is None:  # bf16 on accelerators; fp32 on CPU where bf16 matmuls are slow
-        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype: expected a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
-    return resolved
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0][:200]}" if text else exc.__class__.__name__
-
-
-def _load(path: Path, device: str, dtype, max_pixels: int | None):
-    """(processor, model, model_type) from a checked folder; CheckpointError on any load failure."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any parse error is a bad checkpoint
-        raise CheckpointError(f"checkpoint: cannot read {path / 'config.json'} ({_first_line(exc)})") from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in COORDS_BY_MODEL_TYPE:
-        raise CheckpointError(
-            f"checkpoint: {path} is a {model_type!r} model; QwenLocalizer supports {sorted(COORDS_BY_MODEL_TYPE)}"
-        )
-    try:
-        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(path), local_files_only=True, dtype=dtype, device_map=device
-        )
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - truncated weights, shape mismatch...: one clear line
-        raise CheckpointError(f"checkpoint: cannot load {path} ({_first_line(exc)})") from None
-    if max_pixels is not None:
-        _set_max_pixels(processor.image_processor, max_pixels)
-    return processor, model.eval(), model_type
-
-
-def _set_max_pixels(image_processor, max_pixels: int) -> None:
-    # Set on the image processor itself: from_pretrained(max_pixels=...) works but 5.23 then warns
-    # on every call (call-time min/max_pixels are deprecated), and `size` is what smart_resize reads.
-    shortest = int(image_processor.size["shortest_edge"] or 0)
-    image_processor.size = {"shortest_edge": min(shortest, max_pixels), "longest_edge": max_pixels}
-
-
-def _apply_lora(model, lora: str | Path):
-    """Merge a PEFT LoRA adapter folder into ``model`` (merged weights: no adapter cost at inference)."""
-    path = Path(lora).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise CheckpointError(
-            f"lora: {path} has no adapter_config.json; pass a folder written by PeftModel.save_pretrained"
-        )
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-        return model.merge_and_unload().eval()
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"lora: cannot apply adapter {path} ({_first_line(exc)})") from None
-
-
-def _pil(rgb: np.ndarray):
-    # PIL, not arrays: a (H, W, 3) array with H or W == 3 makes the channel axis ambiguous.
-    from PIL import Image
-
-    return Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).convert("RGB")
-
-
-def encode_example(processor, messages: list[dict], images: list, answer_text: str | None = None) -> dict:
-    """Processor inputs for one chat turn (batch of 1); with ``answer_text`` also training ``labels``.
-
-    The prompt (with generation prompt) goes through the processor; the answer + ``<|im_end|>``
-    are tokenized separately and appended, so the label mask is exact by construction.
-    Returns a dict of tensors: input_ids / attention_mask / mm_token_type_ids (1, L), pixel_values
-    (N_patches, C*T*P*P), image_grid_thw (n_images, 3) and labels (1, L), -100 on the prompt.
-    """
-    import torch
-
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = dict(processor(text=[prompt], images=images, return_tensors="pt"))
-    if answer_text is None:
-        return inputs
-    tokenizer = processor.tokenizer
-    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [
-        tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ]
-    answer = torch.tensor([answer_ids], dtype=inputs["input_ids"].dtype)
-    n_prompt = inputs["input_ids"].shape[1]
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
-    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
-    for key in ("mm_token_type_ids", "token_type_ids"):  # 0 = text for every answer token
-        if key in inputs:
-            inputs[key] = torch.cat([inputs[key], torch.zeros_like(answer, dtype=inputs[key].dtype)], dim=1)
-    labels = inputs["input_ids"].clone()
-    labels[:, :n_prompt] = -100
-    inputs["labels"] = labels
-    return inputs
 
 
 class QwenLocalizer(Localizer):
@@ -207,11 +66,11 @@ class QwenLocalizer(Localizer):
             raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
         if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 28 * 28):
             raise ValueError(f"max_pixels: expected an int >= 784 (one 28x28 patch group), got {max_pixels!r}")
-        torch_dtype = _resolve_dtype(dtype, device)  # bad dtype: ValueError before any loading
+        torch_dtype = resolve_dtype(dtype, device)  # bad dtype: ValueError before any loading
         path = check_checkpoint(checkpoint)
-        self.processor, self.model, self.model_type = _load(path, device, torch_dtype, max_pixels)
+        self.processor, self.model, self.model_type = load_qwen(path, device, torch_dtype, max_pixels)
         if lora is not None:
-            self.model = _apply_lora(self.model, lora)
+            self.model = merge_lora(self.model, lora)
         self.coords = COORDS_BY_MODEL_TYPE[self.model_type]
         self.device = device
         self.max_new_tokens = max_new_tokens
@@ -244,7 +103,7 @@ class QwenLocalizer(Localizer):
         paraphrase. Feed to :func:`encode_example` to get tensors with labels.
         """
         reference.require_nonempty([structure])
-        images = [_pil(self.reference_rgb(reference, structure)), _pil(to_rgb(target.image))]
+        images = [to_pil(self.reference_rgb(reference, structure)), to_pil(to_rgb(target.image))]
         mask = target.masks.get(structure)
         box = mask_to_box(mask) if mask is not None else None
         # The resized size from the image processor itself (not re-derived), as at inference.
@@ -314,12 +173,12 @@ class QwenLocalizer(Localizer):
         """One generation per structure; see the module doc. Raises RauInputError when a structure
         is not annotated (or empty) in ``reference``; never raises on model output."""
         reference.require_nonempty(list(structures))
-        target_pil = _pil(to_rgb(target.image))
+        target_pil = to_pil(to_rgb(target.image))
         results: dict[str, Localization] = {}
         self.raw_answers = {}
         for structure in structures:
             messages = build_messages("localize", structure, coords=self.coords)
-            images = [_pil(self.reference_rgb(reference, structure)), target_pil]
+            images = [to_pil(self.reference_rgb(reference, structure)), target_pil]
             text, score, grid_thw = self._generate(messages, images)
             self.raw_answers[structure] = text
             # The target is the last image: its resized size is what bbox_2d pixels refer to.

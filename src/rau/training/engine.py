@@ -11,6 +11,11 @@ differ), and ``final/``. Rerunning the same command after a kill resumes and end
 weights as an uninterrupted run, provided the recipe draws step ``s``'s batch from ``(seed, s)``
 alone (every recipe here does).
 
+Gradient accumulation (``accumulate=n``): each optimizer step sums the gradients of ``n`` calls
+``step_loss(net, step, accelerator, micro)`` (``micro`` = 0..n-1; each loss scaled by 1/n, gradient
+sync across processes only on the last), and logs their mean loss; with the default ``n = 1`` the
+loop is unchanged and ``step_loss`` gets no ``micro``.
+
 The model handed in follows a small protocol (duck-typed): ``net`` (the ``torch.nn.Module`` that
 trains), ``device`` (settable str), ``weights_bytes() -> bytes`` (safetensors),
 ``load_weights(path, what=...)``, ``save_pretrained(folder, training=...)`` and either
@@ -19,6 +24,7 @@ trains), ``device`` (settable str), ``weights_bytes() -> bytes`` (safetensors),
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -32,7 +38,7 @@ from rau.training.checkpoints import latest_checkpoint, load_checkpoint, save_ch
 from rau.training.losslog import write_loss_log
 from rau.training.schedule import lr_at
 
-#: step_loss(net, step, accelerator) -> loss tensor, or (loss, {name: float} logged beside it).
+#: step_loss(net, step, accelerator[, micro]) -> loss tensor, or (loss, {name: float} logged beside it).
 StepLoss = Callable[..., Any]
 
 
@@ -52,26 +58,42 @@ def resolve_device(device: str) -> bool:
     return str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
+def _accumulate(net, step: int, acc, opt, step_loss: StepLoss, n: int):
+    """Backward of ``n`` micro-batches of step ``step`` -> (their mean loss, last extras)."""
+    opt.zero_grad(set_to_none=True)
+    total, extras = 0.0, {}
+    for micro in range(n):
+        # No gradient all-reduce before the last micro-batch (forward and backward inside no_sync).
+        with acc.no_sync(net) if micro < n - 1 else contextlib.nullcontext():
+            loss = step_loss(net, step, acc, micro)
+            loss, extras = loss if isinstance(loss, tuple) else (loss, {})
+            acc.backward(loss / n)
+        total = total + loss.detach() / n
+    return total, extras
+
+
 def run_training(model, out: str | Path, run_key: dict, step_loss: StepLoss, *, steps: int, lr: float,
                  warmup: int = 0, min_lr_ratio: float = 0.1, schedule: str = "cosine",
                  optimizer: Callable = adamw, clip_grad: float | None = 1.0, save_every: int = 200,
                  log_every: int = 10, keep: int = 2, device: str = "auto", command: str | None = None,
                  progress: bool = True, desc: str = "train", loss_label: str = "loss",
                  on_step: Callable[[int, dict], None] | None = None,
-                 extra_training: Callable[[], dict] | None = None) -> Path:
+                 extra_training: Callable[[], dict] | None = None, accumulate: int = 1) -> Path:
     """Train ``model.net`` for ``steps`` optimizer steps into ``out`` -> ``out/final``.
 
     ``step_loss(net, step, accelerator)`` returns the loss of 0-based step ``step`` (or ``(loss,
     extras)``); ``optimizer(params, lr)`` builds the optimizer over the trainable parameters;
     ``on_step(done, record)`` runs after each step on the main process (``done`` counts from 1);
-    ``extra_training()`` adds entries to ``final/training.json``.
+    ``extra_training()`` adds entries to ``final/training.json``; ``accumulate``: micro-batches per
+    step (module doc; the extras logged are those of the last micro-batch).
     """
     import torch
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    if steps < 1 or save_every < 1 or log_every < 1:
-        raise ValueError(f"steps, save_every and log_every must be >= 1, got {steps}, {save_every}, {log_every}")
+    if steps < 1 or save_every < 1 or log_every < 1 or accumulate < 1:
+        raise ValueError(f"steps, save_every, log_every and accumulate must be >= 1, "
+                         f"got {steps}, {save_every}, {log_every}, {accumulate}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = resolve_device(device)
@@ -94,10 +116,13 @@ def run_training(model, out: str | Path, run_key: dict, step_loss: StepLoss, *, 
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=warmup, min_ratio=min_lr_ratio, schedule=schedule)
-        loss = step_loss(net, step, acc)
-        loss, extras = loss if isinstance(loss, tuple) else (loss, {})
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        if accumulate == 1:
+            loss = step_loss(net, step, acc)
+            loss, extras = loss if isinstance(loss, tuple) else (loss, {})
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+        else:
+            loss, extras = _accumulate(net, step, acc, opt, step_loss, accumulate)
         if clip_grad is not None:
             acc.clip_grad_norm_(net.parameters(), clip_grad)
         opt.step()
