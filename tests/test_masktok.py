@@ -1,4 +1,5 @@
-"""CheXanatomy mask tokenizer: location tokens, crop/paste, VQ-VAE, token text, persistence, resume."""
+"""CheXanatomy mask tokenizer: location tokens, crop/paste, VQ-VAE, token text, persistence, training
+on the engine (resume after a kill), evaluation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from rau.tokens import loc as lt  # noqa: E402
 from rau.tokens import masktok as mt  # noqa: E402
+from rau.tokens.vqvae import MaskTokConfig, MaskVQVAE  # noqa: E402
+from rau.training.recipes.masktok import train_masktok  # noqa: E402
+from rau.eval.masktok import evaluate_crops, roundtrip_dice  # noqa: E402
 from rau.errors import CheckpointError, RauInputError  # noqa: E402
 from rau.metrics import dice  # noqa: E402
 
@@ -49,18 +54,18 @@ def mask_root(tmp_path_factory):
 def tiny_tok(mask_root, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("tiny_tok")
-    return mt.train_masktok([mask_root], out, steps=250, batch_size=16, lr=3e-3, seed=0, config=mt.MaskTokConfig(**TINY),
-                            jitter=0.0, flip=False, restart_until=0.5, progress=False, checkpoint_every=1000), out
+    return train_masktok([mask_root], out, steps=250, batch_size=16, lr=3e-3, seed=0, config=MaskTokConfig(**TINY),
+                         jitter=0.0, flip=False, restart_until=0.5, progress=False, save_every=1000, log_every=1000), out
 
 
 # ---------------------------------------------------------------- location tokens
 
 
 def test_loc_tokens_order_and_ends():
-    assert mt.box_to_loc_tokens((0, 0, 200, 100), (100, 200)) == (0, 0, 1023, 1023)
+    assert lt.box_to_loc_tokens((0, 0, 200, 100), (100, 200)) == (0, 0, 1023, 1023)
     # (ymin, xmin, ymax, xmax) = (10/100, 50/200, 60/100, 150/200) of 1023
-    assert mt.box_to_loc_tokens((50, 10, 150, 60), (100, 200)) == (102, 256, 614, 767)
-    assert mt.box_to_loc_tokens((-20, -5, 500, 300), (100, 200)) == (0, 0, 1023, 1023)  # clipped
+    assert lt.box_to_loc_tokens((50, 10, 150, 60), (100, 200)) == (102, 256, 614, 767)
+    assert lt.box_to_loc_tokens((-20, -5, 500, 300), (100, 200)) == (0, 0, 1023, 1023)  # clipped
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (256, 256), (512, 384), (3000, 2500)])
@@ -71,7 +76,7 @@ def test_loc_tokens_round_trip_within_one_bin(hw):
         x0, x1 = sorted(rng.uniform(0, w, 2))
         y0, y1 = sorted(rng.uniform(0, h, 2))
         box = (x0, y0, x1 + 1e-3, y1 + 1e-3)
-        back = mt.loc_tokens_to_box(mt.box_to_loc_tokens(box, hw), hw)
+        back = lt.loc_tokens_to_box(lt.box_to_loc_tokens(box, hw), hw)
         tol = np.array([w, h, w, h]) / 1023
         assert np.all(np.abs(np.subtract(back, box)) <= tol / 2 + 1e-9)
 
@@ -79,12 +84,12 @@ def test_loc_tokens_round_trip_within_one_bin(hw):
 @pytest.mark.parametrize("bad", [(0, 10), (10, -1), (10,), "ab", None, (10.5, 3)])
 def test_loc_tokens_bad_hw_raises(bad):
     with pytest.raises(RauInputError, match="hw"):
-        mt.box_to_loc_tokens((0, 0, 1, 1), bad)
+        lt.box_to_loc_tokens((0, 0, 1, 1), bad)
 
 
 def test_loc_tokens_to_box_rejects_out_of_range():
     with pytest.raises(RauInputError, match="out of range"):
-        mt.loc_tokens_to_box((0, 0, 1024, 5), (10, 10))
+        lt.loc_tokens_to_box((0, 0, 1024, 5), (10, 10))
 
 
 # ---------------------------------------------------------------- crop / paste
@@ -93,43 +98,43 @@ def test_loc_tokens_to_box_rejects_out_of_range():
 @pytest.mark.parametrize("shape, r", [((256, 200), (40, 170, 30, 90)), ((64, 64), (10, 30, 5, 60)), ((600, 500), (3, 9, 100, 480))])
 def test_crop_paste_rectangle_exact(shape, r):
     mask = rect(shape, *r)
-    loc, box = mt.mask_loc_tokens(mask)
-    crop = mt.crop_to_box(mask, box)
+    loc, box = lt.mask_loc_tokens(mask)
+    crop = lt.crop_to_box(mask, box)
     assert crop.shape == (64, 64) and crop.dtype == np.float32 and crop[2:-2, 2:-2].min() > 0.99  # edges: quantised box
-    assert np.array_equal(mt.paste_from_box(crop, box, shape), mask)
+    assert np.array_equal(lt.paste_from_box(crop, box, shape), mask)
 
 
 def test_crop_coverage_and_disk_round_trip():
     mask = rect((10, 10), 0, 10, 0, 6)  # grid cells 2.5 px wide: the third covers 1 of its 2.5 columns
-    crop = mt.crop_to_box(mask, (0, 0, 10, 10), size=4)
+    crop = lt.crop_to_box(mask, (0, 0, 10, 10), size=4)
     assert np.allclose(crop[:, :2], 1) and np.allclose(crop[:, 2], 0.4) and np.allclose(crop[:, 3], 0)
     for shape, radius in (((300, 300), 100), ((80, 90), 12), ((400, 120), 50)):
         m = disk(shape, (shape[0] // 2, shape[1] // 2), radius)
-        _, box = mt.mask_loc_tokens(m)
-        assert dice(mt.paste_from_box(mt.crop_to_box(m, box), box, shape), m) > 0.98
+        _, box = lt.mask_loc_tokens(m)
+        assert dice(lt.paste_from_box(lt.crop_to_box(m, box), box, shape), m) > 0.98
 
 
 def test_paste_outside_box_is_background():
-    out = mt.paste_from_box(np.ones((64, 64)), (10.0, 5.0, 20.0, 40.0), (50, 30))
+    out = lt.paste_from_box(np.ones((64, 64)), (10.0, 5.0, 20.0, 40.0), (50, 30))
     assert out[5:40, 10:20].all() and out.sum() == 35 * 10
 
 
 def test_empty_and_bad_masks_raise():
     with pytest.raises(RauInputError, match="empty"):
-        mt.mask_loc_tokens(np.zeros((10, 10), bool))
+        lt.mask_loc_tokens(np.zeros((10, 10), bool))
     with pytest.raises(RauInputError, match="2D"):
-        mt.crop_to_box(np.zeros((2, 10, 10), bool), (0, 0, 5, 5))
+        lt.crop_to_box(np.zeros((2, 10, 10), bool), (0, 0, 5, 5))
     with pytest.raises(RauInputError, match="box"):
-        mt.crop_to_box(np.ones((10, 10), bool), (5, 0, 5, 5))
+        lt.crop_to_box(np.ones((10, 10), bool), (5, 0, 5, 5))
 
 
 def test_config_validation():
     with pytest.raises(RauInputError, match="channels"):
-        mt.MaskTokConfig(size=64, grid=4, channels=(8, 8))
+        MaskTokConfig(size=64, grid=4, channels=(8, 8))
     with pytest.raises(RauInputError, match="codebook_size"):
-        mt.MaskTokConfig(codebook_size=1001)
-    cfg = mt.MaskTokConfig(**TINY)
-    out = mt.MaskVQVAE(cfg)(torch.rand(3, 1, 32, 32))
+        MaskTokConfig(codebook_size=1001)
+    cfg = MaskTokConfig(**TINY)
+    out = MaskVQVAE(cfg)(torch.rand(3, 1, 32, 32))
     assert out.logits.shape == (3, 1, 32, 32) and out.codes.shape == (3, 16)
 
 
@@ -146,8 +151,9 @@ def test_tiny_vqvae_overfits_eight_masks(tiny_tok):
         assert res.ok and res.reason is None
         scores.append(dice(res.mask, m))
     assert np.mean(scores) > 0.9, scores
-    info = json.loads((out / "training.json").read_text())
+    info = json.loads((out / "final" / "training.json").read_text())
     assert info["steps"] == 250 and info["n_masks"] == 8 and "final_metrics" in info
+    assert [c["step"] for c in info["loss_curve"]] == [50, 100, 150, 200, 250]
 
 
 def test_string_round_trip(tiny_tok):
@@ -296,43 +302,86 @@ def test_damaged_checkpoint_raises_one_line(tiny_tok, tmp_path, damage):
         mt.MaskTokenizer.load(tmp_path / "nowhere")
 
 
-# ---------------------------------------------------------------- resume
+# ---------------------------------------------------------------- training on the engine
 
 
 class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted(mask_root, tmp_path):
-    torch.set_num_threads(1)
-    kw = dict(steps=12, batch_size=8, lr=3e-3, seed=3, config=mt.MaskTokConfig(**TINY), progress=False, checkpoint_every=4)
-    full = mt.train_masktok([mask_root], tmp_path / "full", **kw)
+def same_weights(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
-    def kill(step, metrics):
-        if step == 7:
+
+def test_killed_run_resumes_to_the_same_weights(mask_root, tmp_path):
+    torch.set_num_threads(1)
+    kw = dict(steps=12, batch_size=8, lr=3e-3, seed=3, config=MaskTokConfig(**TINY), progress=False, log_every=100)
+    full = train_masktok([mask_root], tmp_path / "full", **kw)
+    k = 4
+
+    def kill(step, record):
+        if step == k + 1:
             raise Killed
 
     with pytest.raises(Killed):
-        mt.train_masktok([mask_root], tmp_path / "cut", callback=kill, **kw)
-    assert not (tmp_path / "cut" / "model.safetensors").exists()
+        train_masktok([mask_root], tmp_path / "cut", save_every=k, on_step=kill, **kw)
+    assert (tmp_path / "cut" / f"checkpoint-{k}").is_dir() and not (tmp_path / "cut" / "final").exists()
     seen = []
-    resumed = mt.train_masktok([mask_root], tmp_path / "cut", callback=lambda s, m: seen.append(s), **kw)
-    assert seen == list(range(5, 13))  # continued from the step-4 checkpoint
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(CheckpointError, match="other settings"):
-        mt.train_masktok([mask_root], tmp_path / "cut", **(kw | {"lr": 1e-3}))
+    resumed = train_masktok([mask_root], tmp_path / "cut", save_every=k, on_step=lambda s, r: seen.append(s), **kw)
+    assert seen == list(range(k + 1, 13))  # continued from the step-4 checkpoint
+    assert same_weights(full, resumed)
+    with pytest.raises(RauInputError, match="other settings"):
+        train_masktok([mask_root], tmp_path / "cut", **(kw | {"lr": 1e-3}))
 
 
-def test_cli_trains_and_records_command(mask_root, tmp_path, capsys):
+def test_run_folder_layout_and_loaders(mask_root, tmp_path):
     torch.set_num_threads(1)
-    argv = ["--data", str(mask_root), "--out", str(tmp_path / "o"), "--steps", "2", "--batch-size", "4",
-            "--channels", "4", "4", "4", "4", "--codebook-size", "8", "--code-dim", "4"]
-    assert mt.main(argv) == 0
-    info = json.loads((tmp_path / "o" / "training.json").read_text())
-    assert info["command"] == "python -m rau.tokens.masktok " + " ".join(argv)
-    assert mt.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
-    assert "error: --data" in capsys.readouterr().err
+    out = tmp_path / "run"
+    records = []
+    tok = train_masktok([mask_root], out, steps=4, batch_size=4, seed=1, save_every=2, progress=False, command="rau train masktok x",
+                        config=MaskTokConfig(size=32, grid=2, channels=(4, 4, 4, 4), codebook_size=8, code_dim=4),
+                        on_step=lambda s, r: records.append(r))
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4", "final"]
+    assert {"step", "loss", "lr", "dice64", "perplexity"} <= set(records[-1]) and records[-1]["step"] == 4
+    info = json.loads((out / "final" / "training.json").read_text())
+    assert info["command"] == "rau train masktok x" and info["steps"] == 4
+    for folder in (out, out / "final", out / "checkpoint-4"):  # run folder, final/ and a checkpoint: one loader
+        assert same_weights(mt.MaskTokenizer.load(folder), tok)
+    with pytest.raises(RauInputError, match="save_every"):
+        train_masktok([mask_root], tmp_path / "x", steps=2, save_every=0, progress=False)
+    with pytest.raises(FileNotFoundError, match="--data"):
+        train_masktok([tmp_path / "missing"], tmp_path / "x", steps=2, progress=False)
+
+
+def test_lr_schedule_matches_the_original():
+    import math
+
+    from rau.training.schedule import lr_at
+
+    def original(step, steps, lr):  # the mask tokenizer's own schedule before the engine
+        warm = max(1, min(100, steps // 20))
+        if step < warm:
+            return lr * (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    for steps in (1, 7, 60, 2500):
+        warm = max(1, min(100, steps // 20))
+        assert all(lr_at(s, steps, 2e-3, warmup=warm, min_ratio=0.05) == original(s, steps, 2e-3) for s in range(steps))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_evaluation_of_the_tiny_tokenizer(tiny_tok, mask_root):
+    tok, _ = tiny_tok
+    crops = np.stack([lt.crop_to_box(m, lt.mask_loc_tokens(m)[1], 32) for m in synthetic_masks()])
+    res = evaluate_crops(tok, crops)
+    assert res["dice64"] > 0.9 and 1 <= res["codes_used"] <= 32
+    rt = roundtrip_dice(tok, mask_root)
+    assert rt["images"] == 4 and rt["overall"]["n"] == 8 and set(rt["per_structure"]) == {"a", "b"}
+    assert rt["overall"]["dice"] > 0.85 and rt["overall"]["crop_dice"] > 0.95
 
 
 # ---------------------------------------------------------------- shipped weights

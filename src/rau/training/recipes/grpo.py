@@ -33,7 +33,8 @@ import numpy as np
 
 from rau.training.engine import run_training
 from rau.errors import RauInputError
-from rau.models.refvlm.modeling import RefVlmModel, RefVocab, answer_logprobs, generate
+from rau.models.refvlm.configuration import RefVocab
+from rau.models.refvlm.modeling import RefVlmModel, answer_logprobs, generate
 from rau.training.recipes.refvlm import load_pair_caches, make_batch
 
 #: Default reward weights (total = the weighted sum).
@@ -56,7 +57,7 @@ def decode_canvas(tokenizer, loc: np.ndarray, codes: np.ndarray, size: int = CAN
     (an inverted or zero-extent box gives an empty mask)."""
     import torch
 
-    from rau.tokens.masktok import loc_tokens_to_box, paste_probs
+    from rau.tokens.loc import loc_tokens_to_box, paste_probs
 
     n = len(loc)
     out = np.zeros((n, size, size), bool)
