@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from rau.data.caches import TokenCache, load_cache, save_cache
-from rau.models.chex.modeling import ChexConfig, ChexModel, answer_loss, build_model
-from rau.training.recipes.chex import make_batch, train_chex
 from rau.errors import CheckpointError, RauInputError
+from rau.models.chex.configuration import ChexConfig
+from rau.models.chex.modeling import ChexModel, build_model
+from rau.models.decoder import answer_loss
+from rau.training.recipes.chex import make_batch, train_chex
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, feature_dim=8, grid=4)
 NAMES = ["left_lung", "right_lung", "heart", "vertebra_T1"]
@@ -53,6 +55,13 @@ def test_vocab_blocks_and_unknown_names(model):
         v.name_ids("left_kidney")
     with pytest.raises(RauInputError, match="q_words"):
         ChexConfig(names=["a_b_c_d_e"])
+
+
+@pytest.mark.parametrize(("field", "value"), [("image_size", 512), ("preprocessing", "clahe"), ("vision", "tinyvit")])
+def test_vision_fields_describe_litemedsam(field, value):
+    assert ChexConfig(names=["heart"], preprocessing="minmax").preprocessing == "minmax"  # the older option
+    with pytest.raises(RauInputError, match=field):
+        ChexConfig(names=["heart"], **{field: value})
 
 
 def test_forward_shapes_loss_and_gradients_reach_exactly_the_trainable_parts(model):

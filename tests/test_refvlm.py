@@ -14,7 +14,8 @@ import torch
 
 from rau.data.caches import TokenCache, save_cache
 from rau.errors import CheckpointError, RauInputError
-from rau.models.refvlm.modeling import RefVlmModel, answer_loss, build_model
+from rau.models.decoder import answer_loss
+from rau.models.refvlm.modeling import RefVlmModel, build_model
 from rau.training.recipes.refvlm import make_batch, neighbours, train_refvlm
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, feature_dim=8, grid=4)
@@ -229,3 +230,29 @@ def test_one_to_one_assignment_never_gives_two_structures_one_box(model):
     refs = [([0, 0, 500, 500], list(range(16))), ([10, 10, 900, 900], [3] * 16)]
     ll = model.box_loglik(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4), refs, [[0, 0, 10, 10], [5, 5, 600, 700], [1, 2, 3, 4]])
     assert ll.shape == (2, 3) and (ll < 0).all()
+
+
+def test_localizer_shares_the_encoder_pass_for_any_aspect(tmp_path, one_torch_thread):
+    """One preprocessing (LiteMedSAM's padded frame) for VLM and segmenter: a non-square target is
+    encoded once too, and the shared features are the VLM's own encoding of it."""
+    from conftest import synthetic_pair
+
+    from rau.encoders.litemedsam import bf16_copy
+    from rau.methods.medsam import MedSamSegmenter
+    from rau.methods.rau_vlm import RefVlmLocalizer
+
+    folder = build_model(seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                         grid=4).save_pretrained(tmp_path / "vlm")
+    seg = MedSamSegmenter(precision="fp32")
+    loc = RefVlmLocalizer(folder, shared_segmenter=seg)
+    img, _ = synthetic_pair((64, 96))
+    calls = []
+    hooks = [enc.register_forward_hook(lambda *_: calls.append(1)) for enc in (seg.net.image_encoder, bf16_copy(seg.net.image_encoder))]
+    try:
+        shared = loc.features(img)
+        seg.embed(img)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 1
+    assert torch.equal(shared.cpu(), loc.model.encode([img], precision="fp32"))

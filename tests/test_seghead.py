@@ -43,8 +43,8 @@ def _head(vlm_dir):
 
 
 def test_gradients_reach_exactly_the_head_and_shapes(vlm_dir, one_torch_thread):
+    from rau.encoders.litemedsam import load as load_litemedsam
     from rau.models.refvlm.modeling import RefVlmModel
-    from rau.models.refvlm.seghead import _litemedsam
 
     vlm = RefVlmModel.from_pretrained(vlm_dir)
     vlm.net.requires_grad_(False)
@@ -54,7 +54,7 @@ def test_gradients_reach_exactly_the_head_and_shapes(vlm_dir, one_torch_thread):
     rf, tf = torch.randn(2, 256, 4, 4), torch.randn(2, 256, 4, 4)
     h = seg_hidden(vlm.net, head.net.seg_embed, rf, tf, blocks, torch.tensor([0, 1, 1]))
     assert h.shape == (3, 32)
-    lite = _litemedsam()
+    lite = load_litemedsam()
     pe = lite.prompt_encoder.get_dense_pe().detach()
     dense = lite.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1).expand(3, -1, 64, 64)
     low, iou = head.net(torch.randn(3, 256, 64, 64), h, pe, dense)
@@ -71,8 +71,8 @@ def test_gradients_reach_exactly_the_head_and_shapes(vlm_dir, one_torch_thread):
 
 
 def test_box_prompt_head_reads_the_answer_box_and_needs_it(vlm_dir, one_torch_thread):
+    from rau.encoders.litemedsam import load as load_litemedsam
     from rau.models.refvlm.modeling import RefVlmModel
-    from rau.models.refvlm.seghead import _litemedsam
 
     # (ymin, xmin, ymax, xmax) on 1024 bins of a square image -> xyxy in the 256 px frame
     got = answer_box_frame(torch.tensor([[0, 1023, 1023, 0], [1023 // 2, 0, 1023, 1023 // 4]]), 1024)
@@ -89,7 +89,7 @@ def test_box_prompt_head_reads_the_answer_box_and_needs_it(vlm_dir, one_torch_th
         head.masks(vlm.net, rf, tf, blocks, emb)
     low, _ = head.masks(vlm.net, rf, tf, blocks, emb, boxes_frame=torch.tensor([[10.0, 10, 100, 100], [150, 150, 250, 250]]))
     assert low.shape == (2, FRAME, FRAME) and not torch.equal(low[0], low[1])  # same query, other box
-    sparse = box_tokens(_litemedsam().prompt_encoder, torch.tensor([[10.0, 10, 100, 100]]))
+    sparse = box_tokens(load_litemedsam().prompt_encoder, torch.tensor([[10.0, 10, 100, 100]]))
     assert sparse.shape == (1, 2, 256) and not sparse.requires_grad
 
 

@@ -3,7 +3,7 @@
 The vision tower is frozen, so each image is encoded once (:func:`build_cache`) and training reads
 the cache. A cache file (``.npz``, written atomically) holds for N images and S structures:
 
-    features  (N, C, g, g) float16   pooled LiteMedSAM features (see rau.models.chex.modeling)
+    features  (N, C, g, g) float16   pooled LiteMedSAM features (rau.models.decoder.encode_features)
     loc       (N, S, 4) int16        location tokens (ymin, xmin, ymax, xmax), -1 = structure absent
     codes     (N, S, 16) int16       mask tokenizer codes, -1 = absent
     ids       (N,)                   image ids; names (S,) structure names; meta: json string
@@ -50,7 +50,8 @@ def build_cache(dataset_root: str | Path, out_file: str | Path, *, structures: S
     import torch
 
     from rau.tokens.masktok import load_default
-    from rau.models.chex.modeling import ChexConfig, encode_images
+    from rau.models.chex.configuration import ChexConfig
+    from rau.models.decoder import encode_features
     from rau.data.dataset import load_dataset
 
     ds = load_dataset(dataset_root)
@@ -78,7 +79,7 @@ def build_cache(dataset_root: str | Path, out_file: str | Path, *, structures: S
         locs.append(loc_row)
         codes.append(code_row)
     with torch.no_grad():
-        feats = encode_images(images, config, device=device, progress=progress, precision="fp32").numpy().astype(np.float16)
+        feats = encode_features(images, config, device=device, progress=progress, precision="fp32").numpy().astype(np.float16)
     cache = TokenCache(feats, np.stack(locs), np.stack(codes), img_ids, names,
                        {"dataset": str(dataset_root), "grid": config.grid, "image_size": config.image_size,
                         "preprocessing": config.preprocessing, "vision": config.vision})

@@ -1,7 +1,7 @@
 """The compact RAU VLM behind rau's :class:`~rau.methods.interfaces.Localizer` interface (method ``rau``).
 
-For each target: the target is encoded ONCE by LiteMedSAM's encoder (shared with the LiteMedSAM
-segmenter of the same method when the image is square, where both preprocessings are identical),
+For each target: the target is encoded ONCE by LiteMedSAM's encoder (:mod:`rau.encoders.litemedsam`,
+its padded 256 frame; the pass is shared with the LiteMedSAM segmenter of the same method),
 the reference's encoding and annotation tokens are cached per reference image, and every
 structure is answered in one batch (:meth:`rau.models.refvlm.modeling.RefVlmModel.answer`).
 
@@ -52,7 +52,7 @@ class RefVlmLocalizer(Localizer):
         self.seg_head = None
         if seg_head is not None:  # rau-seg: masks from the <seg> query (its encoder pass is shared too)
             from rau.models.refvlm.seghead import SegHeadModel
-            from rau.encoders.litemedsam import MedSamSegmenter
+            from rau.methods.medsam import MedSamSegmenter
 
             self.seg_head = SegHeadModel.from_pretrained(seg_head, device=device)
             self.seg_head.check_vlm(self.model_dir)
@@ -62,14 +62,13 @@ class RefVlmLocalizer(Localizer):
 
     # ---- encodings
     def features(self, image: np.ndarray):
-        """(1, C, g, g) features of one image; reuses the shared segmenter's encoder pass when the
-        preprocessing is the same (square image, equalisation on)."""
+        """(1, C, g, g) features of one image; reuses the shared segmenter's encoder pass when its
+        preprocessing is the VLM's (same equalisation; both use LiteMedSAM's padded frame)."""
         import torch.nn.functional as F
 
         cfg = self.model.config
         seg = self.shared
-        if (seg is not None and getattr(seg, "equalize", False) and image.shape[0] == image.shape[1]
-                and cfg.preprocessing == "equalize" and cfg.image_size == 256):
+        if seg is not None and getattr(seg, "equalize", None) == (cfg.preprocessing == "equalize"):
             emb, _ = seg.embed(image)
             return F.adaptive_avg_pool2d(emb, cfg.grid).float()
         return self.model.encode([image], precision=self.precision)
@@ -114,7 +113,7 @@ class RefVlmLocalizer(Localizer):
 
     # ---- Localizer
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
-        from rau.tokens.masktok import box_tokens_reason, loc_tokens_to_box, paste_probs
+        from rau.tokens.loc import box_tokens_reason, loc_tokens_to_box, paste_probs
         from rau.geometry import mask_to_box
 
         if not structures:
@@ -148,7 +147,7 @@ class RefVlmLocalizer(Localizer):
                                              "the <seg> query decodes to an empty mask")
                     continue
                 # the <seg> mask refines the VLM's box, so its extent is the better box (Wingspan held-out
-                # box IoU 0.890 vs 0.789 for the answer box; docs/BENCHMARKS.md)
+                # box IoU 0.890 vs 0.789 for the answer box; docs/HISTORY.md)
                 out[name] = Localization("yes", mask_to_box(mask), score, None, mask, prob)
                 continue
             decoded = self.tokenizer.decode(a.loc, a.codes, hw)

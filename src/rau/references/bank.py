@@ -43,20 +43,10 @@ ENCODERS = ("litemedsam", "thumbnail")
 
 
 def _litemedsam(images: Sequence[np.ndarray]) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
+    """(N, 4096): LiteMedSAM's embedding (equalised, padded 256 frame) pooled to 4 x 4 cells."""
+    from rau.encoders.litemedsam import encode_images
 
-    from rau.models.chex.modeling import preprocess
-    from rau.encoders.litemedsam import _load_net, encode, resolve_precision
-
-    net = _load_net(None, "cpu")
-    precision = resolve_precision(None)
-    out = []
-    with torch.inference_mode():
-        for image in images:
-            emb = encode(net, preprocess(image, 256, "equalize"), precision)
-            out.append(F.adaptive_avg_pool2d(emb, 4).flatten().numpy())
-    return np.stack(out).astype(np.float32)
+    return encode_images(images, grid=4).flatten(1).numpy().astype(np.float32)
 
 
 def _thumbnail(images: Sequence[np.ndarray]) -> np.ndarray:

@@ -4,8 +4,9 @@ for every structure of the reference, whether it is in the target, its box and i
 It is RAU's localizer (arXiv 2509.22404) cut to what trains and runs on a 2-core CPU:
 
 - **Vision tower**: LiteMedSAM's pretrained TinyViT encoder, FROZEN (the only pretrained medical
-  image weights available offline), exactly as in :mod:`rau.models.chex.modeling`: each image is
-  histogram-equalised, resized to 256 x 256, encoded and pooled to 16 x 16 tokens. The target's
+  image weights available offline; :func:`rau.models.decoder.encode_features`): each image is
+  histogram-equalised, put in LiteMedSAM's 256 x 256 frame (longest side 256, aspect kept, padded
+  bottom/right; a square image fills it), encoded and pooled to 16 x 16 tokens. The target's
   encoding is the one LiteMedSAM's mask decoder uses too, so one encoder pass per target serves
   localizer and segmenter (:class:`rau.methods.rau_vlm.RefVlmLocalizer`), and training runs on
   cached features.
@@ -30,105 +31,31 @@ its KV cache shared by all structures, in training (gradients flow through the c
 inference (all structures of a target decoded in one batch). Generation is greedy and constrained
 to the grammar, so every answer decodes.
 
-Folder format: ``config.json`` (:class:`RefVlmConfig`), ``model.safetensors``, optional
+Shared decoder parts: :mod:`rau.models.decoder`. Folder format: ``config.json``
+(:class:`~rau.models.refvlm.configuration.RefVlmConfig`), ``model.safetensors``, optional
 ``training.json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from rau.models.chex.modeling import (
+from rau.models.decoder import (
     DecoderFolderModel,
-    _lm_step,
-    _sincos_1d,
-    _sincos_2d,
-    answer_loss,
-    encode_images,
+    build_lm,
+    build_projector,
+    cache_key,
+    encode_features,
+    init_geometry,
+    lm_step,
 )
-from rau.errors import CheckpointError, RauInputError
+from rau.models.refvlm.configuration import FORMAT, RefVlmConfig, RefVocab
 
-FORMAT = "rau-refvlm-v1"
-SPECIALS = ("<pad>", "<q>", "<ans>", "<yes>", "<no>")
-CONFIG_FILE, WEIGHTS_FILE, TRAINING_FILE = "config.json", "model.safetensors", "training.json"
-_TIED = "lm.lm_head.weight"
-
-__all__ = ["RefVlmConfig", "RefVlmModel", "RefVocab", "answer_loss", "assign_boxes", "answer_logprobs", "build_model", "generate", "select_cache"]
-
-
-@dataclass
-class RefVlmConfig:
-    """Everything that defines a compact RAU VLM (saved as config.json)."""
-
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 768
-    feature_dim: int = 256
-    grid: int = 16
-    image_size: int = 256
-    bins: int = 1024
-    codebook_size: int = 512
-    n_codes: int = 16
-    vision: str = "litemedsam"
-    preprocessing: str = "equalize"
-    format: str = FORMAT
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise RauInputError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-        if self.vision != "litemedsam":
-            raise RauInputError(f"vision: only 'litemedsam' is supported, got {self.vision!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RefVlmConfig:
-        if values.get("format") != FORMAT:
-            raise CheckpointError(f"config: format {values.get('format')!r} is not {FORMAT!r}; not a RAU VLM folder")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-class RefVocab:
-    """Token ids: specials, ``<loc0000>``..``<loc1023>``, ``<seg000>``..``<seg511>``."""
-
-    def __init__(self, config: RefVlmConfig):
-        self.config = config
-        self.tokens = list(SPECIALS)
-        self.loc_offset = len(self.tokens)
-        self.tokens += [f"<loc{i:04d}>" for i in range(config.bins)]
-        self.seg_offset = len(self.tokens)
-        self.tokens += [f"<seg{i:03d}>" for i in range(config.codebook_size)]
-        self.id = {t: i for i, t in enumerate(self.tokens)}
-        self.prompt_length = 2 + 4 + config.n_codes
-        self.answer_length = 1 + 4 + config.n_codes
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def prompt(self, ref_loc: Sequence[int], ref_codes: Sequence[int]) -> list[int]:
-        if len(ref_loc) != 4 or len(ref_codes) != self.config.n_codes:
-            raise RauInputError(f"reference tokens: expected 4 locations and {self.config.n_codes} codes")
-        return [self.id["<q>"], *(self.loc_offset + int(v) for v in ref_loc),
-                *(self.seg_offset + int(c) for c in ref_codes), self.id["<ans>"]]
-
-    def answer(self, loc: Sequence[int] | None, codes: Sequence[int] | None) -> list[int]:
-        """The answer tokens; ``loc`` None = not visible (``<no>`` then padding)."""
-        if loc is None:
-            return [self.id["<no>"]] + [self.id["<pad>"]] * (self.answer_length - 1)
-        return [self.id["<yes>"], *(self.loc_offset + int(v) for v in loc), *(self.seg_offset + int(c) for c in codes)]
-
-    def allowed(self, position: int) -> np.ndarray:
-        """Token ids allowed at answer ``position`` (the constrained grammar)."""
-        if position == 0:
-            return np.array([self.id["<yes>"], self.id["<no>"]])
-        if position < 5:
-            return np.arange(self.loc_offset, self.loc_offset + self.config.bins)
-        return np.arange(self.seg_offset, self.seg_offset + self.config.codebook_size)
+__all__ = ["BOX_TOKENS", "RefVlmConfig", "RefVlmModel", "RefVocab", "StructureAnswer", "answer_logprobs", "assign_boxes",
+           "build_model", "generate", "select_cache"]
 
 
 def select_cache(past, index):
@@ -143,31 +70,19 @@ def select_cache(past, index):
     return past
 
 
-def _build_network(config: RefVlmConfig, vocab_size: int, loc_offset: int, seg_offset: int):
+def _build_network(config: RefVlmConfig, vocab_size: int, loc_offset: int):
     import torch
     from torch import nn
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     class RefVlmNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             c = config
-            self.projector = nn.Sequential(nn.LayerNorm(c.feature_dim), nn.Linear(c.feature_dim, c.hidden_size),
-                                           nn.GELU(), nn.Linear(c.hidden_size, c.hidden_size))
+            self.projector = build_projector(c)
             self.image_pos = nn.Parameter(torch.zeros(c.grid * c.grid, c.hidden_size))
             self.image_role = nn.Parameter(torch.randn(2, c.hidden_size) * 0.02)  # 0 reference, 1 target
-            qcfg = Qwen2Config(
-                vocab_size=vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-                max_position_embeddings=2 * c.grid * c.grid + 256, tie_word_embeddings=True, rope_theta=10000.0,
-                pad_token_id=0, bos_token_id=None, eos_token_id=None,
-            )
-            qcfg._attn_implementation = "sdpa"
-            self.lm = Qwen2ForCausalLM(qcfg)
-            with torch.no_grad():  # smooth initial geometry: neighbouring bins / image cells start similar
-                self.image_pos.copy_(_sincos_2d(c.grid, c.hidden_size) * 0.02 / 0.7)
-                emb = self.lm.get_input_embeddings().weight
-                emb[loc_offset : loc_offset + c.bins] = _sincos_1d(c.bins, c.hidden_size) * 0.02 / 0.7
+            self.lm = build_lm(c, vocab_size, 2 * c.grid * c.grid + 256)
+            init_geometry(self.image_pos, self.lm, c, loc_offset)
 
         def prefix_embeds(self, ref_features, tgt_features):
             """(B, C, g, g) x 2 -> (B, 2 g^2, hidden): reference tokens, then target tokens."""
@@ -179,7 +94,7 @@ def _build_network(config: RefVlmConfig, vocab_size: int, loc_offset: int, seg_o
 
         def prefix(self, ref_features, tgt_features):
             """The shared prefix -> its KV cache."""
-            _, past = _lm_step(self.lm, None, inputs_embeds=self.prefix_embeds(ref_features, tgt_features))
+            _, past = lm_step(self.lm, None, inputs_embeds=self.prefix_embeds(ref_features, tgt_features))
             return past
 
         def forward(self, ref_features, tgt_features, blocks, pair_index):
@@ -188,17 +103,10 @@ def _build_network(config: RefVlmConfig, vocab_size: int, loc_offset: int, seg_o
             ``blocks`` (N, T) ids, ``pair_index`` (N,) which pair (row of the features) each block
             belongs to -> (N, T, V) logits where logits[:, t] predicts blocks[:, t] (t >= 1)."""
             past = select_cache(self.prefix(ref_features, tgt_features), pair_index)
-            key = "cache" if "cache" in _forward_params(self.lm) else "past_key_values"
-            logits = self.lm(input_ids=blocks, use_cache=True, **{key: past}).logits
+            logits = self.lm(input_ids=blocks, use_cache=True, **{cache_key(self.lm.forward): past}).logits
             return torch.cat([logits[:, :1] * 0, logits[:, :-1]], dim=1)
 
     return RefVlmNet()
-
-
-def _forward_params(lm) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(lm.forward).parameters)
 
 
 #: Answer tokens up to and including the box: ``<yes>``/``<no>`` + 4 location tokens.
@@ -223,14 +131,14 @@ class StructureAnswer:
 
 class RefVlmModel(DecoderFolderModel):
     """The compact RAU VLM: config + vocabulary + network (frozen encoder loaded on demand).
-    Persistence (model folder, fp16 option, errors) is :class:`rau.models.chex.modeling.DecoderFolderModel`'s."""
+    Persistence (model folder, fp16 option, errors) is :class:`rau.models.decoder.DecoderFolderModel`'s."""
 
     FORMAT, CONFIG, LABEL, OPTION = FORMAT, RefVlmConfig, "RAU VLM", "--vlm"
 
     def __init__(self, config: RefVlmConfig, net=None, *, device: str = "cpu", training: dict | None = None):
         self.config, self.vocab, self.device = config, RefVocab(config), device
         v = self.vocab
-        self.net = (net if net is not None else _build_network(config, len(v), v.loc_offset, v.seg_offset)).to(device)
+        self.net = (net if net is not None else _build_network(config, len(v), v.loc_offset)).to(device)
         self.training = training or {}
 
     def __repr__(self) -> str:
@@ -239,7 +147,8 @@ class RefVlmModel(DecoderFolderModel):
 
     # ---- inference
     def encode(self, images: Sequence[np.ndarray], progress: bool = False, precision: str | None = None):
-        return encode_images(images, self.config, device=self.device, progress=progress, precision=precision)
+        """Images -> (N, feature_dim, grid, grid) features (:func:`rau.models.decoder.encode_features`)."""
+        return encode_features(images, self.config, device=self.device, progress=progress, precision=precision)
 
     def answer(self, ref_features, tgt_features, ref_tokens: Sequence[tuple[Sequence[int], Sequence[int]]],
                *, return_cache: bool = False, box_only: bool = False):
@@ -313,7 +222,7 @@ def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_ind
     net.eval()
     with torch.inference_mode():
         past = select_cache(net.prefix(ref_features, tgt_features), pair_index)
-        logits, past = _lm_step(net.lm, past, input_ids=prompts)
+        logits, past = lm_step(net.lm, past, input_ids=prompts)
         chosen, probs, p_yes, first = [], [], None, None
         for pos in range(length):
             allowed = torch.as_tensor(vocab.allowed(pos), device=prompts.device)
@@ -330,7 +239,7 @@ def generate(net, vocab: RefVocab, ref_features, tgt_features, prompts, pair_ind
             chosen.append(tok)
             probs.append(p.gather(-1, pick[:, None])[:, 0])
             if pos + 1 < length:
-                logits, past = _lm_step(net.lm, past, input_ids=tok[:, None])
+                logits, past = lm_step(net.lm, past, input_ids=tok[:, None])
     net.train(was_training)
     toks = torch.stack(chosen, 1)
     toks[:, 0] = first

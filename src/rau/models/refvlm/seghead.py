@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rau.assets import ASSETS_DIR
-from rau.models.chex.modeling import DecoderFolderModel
 from rau.errors import CheckpointError, RauInputError
+from rau.models.decoder import DecoderFolderModel, cache_key, config_from_dict
 
 FORMAT = "rau-seghead-v1"
 SEG_AFTER = ("mask", "box")
@@ -55,7 +55,7 @@ class SegHeadConfig:
     prompt_dim: int = 256
     #: Also prompt the decoder with the VLM's own answer box (LiteMedSAM's frozen box encoding) beside
     #: the <seg> tokens. Without it the query alone must say WHICH structure; measured on Wingspan it
-    #: then sometimes segments a lung for the heart (docs/BENCHMARKS.md). False for older heads.
+    #: then sometimes segments a lung for the heart (docs/HISTORY.md). False for older heads.
     box_prompt: bool = False
     #: Where ``<seg>`` follows the VLM's answer: "mask" = after the box and the 16 mask codes (older
     #: heads), "box" = right after the box, so inference decodes 5 answer tokens instead of 21.
@@ -65,10 +65,7 @@ class SegHeadConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SegHeadConfig:
-        if values.get("format") != FORMAT:
-            raise CheckpointError(f"config: format {values.get('format')!r} is not {FORMAT!r}; not a rau-seg head folder")
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in values.items() if k in known})
+        config = config_from_dict(cls, values, FORMAT, "rau-seg head")
         if config.seg_after not in SEG_AFTER:
             raise CheckpointError(f"config: seg_after {config.seg_after!r} is not one of {SEG_AFTER}")
         return config
@@ -79,17 +76,13 @@ def weights_sha256(model_dir: str | Path) -> str:
     return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
 
 
-def _litemedsam():
-    from rau.encoders.litemedsam import _load_net
-
-    return _load_net(None, "cpu")
-
-
 def _build_head(config: SegHeadConfig, decoder=None):
     import copy
 
     import torch
     from torch import nn
+
+    from rau.encoders.litemedsam import load
 
     class SegHead(nn.Module):
         def __init__(self) -> None:
@@ -98,7 +91,8 @@ def _build_head(config: SegHeadConfig, decoder=None):
             self.seg_embed = nn.Parameter(torch.randn(c.hidden_size) * 0.02)
             self.mlp = nn.Sequential(nn.Linear(c.hidden_size, c.hidden_size), nn.GELU(),
                                      nn.Linear(c.hidden_size, c.n_queries * c.prompt_dim))
-            self.mask_decoder = copy.deepcopy(decoder if decoder is not None else _litemedsam().mask_decoder)
+            base = decoder if decoder is not None else load().mask_decoder  # LiteMedSAM's pretrained one
+            self.mask_decoder = copy.deepcopy(base)
             self.mask_decoder.requires_grad_(True)
 
         def forward(self, image_embeddings, hidden, image_pe, dense, box_tokens=None):
@@ -145,8 +139,6 @@ def seg_hidden(vlm_net, seg_embed, ref_features, tgt_features, blocks, pair_inde
     ``past``: the KV cache the answers were decoded with (one row per block, covering the prefix
     and each block but its last id; :func:`rau.models.refvlm.modeling.generate` with ``return_cache``): then
     only the last id and ``<seg>`` are run (inference; the same states as recomputing everything)."""
-    import inspect
-
     import torch
 
     from rau.models.refvlm.modeling import select_cache
@@ -159,8 +151,7 @@ def seg_hidden(vlm_net, seg_embed, ref_features, tgt_features, blocks, pair_inde
     lm = vlm_net.lm
     x = lm.get_input_embeddings()(blocks)
     x = torch.cat([x, seg_embed.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
-    key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
-    out = lm.model(inputs_embeds=x, use_cache=True, **{key: past})
+    out = lm.model(inputs_embeds=x, use_cache=True, **{cache_key(lm.model.forward): past})
     return out.last_hidden_state[:, -1]
 
 
@@ -193,10 +184,10 @@ class SegHeadModel(DecoderFolderModel):
         decoder in bfloat16 (as the encoder, :func:`rau.encoders.litemedsam.resolve_precision`)."""
         import torch
 
-        from rau.encoders.litemedsam import bf16_copy
+        from rau.encoders.litemedsam import bf16_copy, load
 
         n = blocks.shape[0]
-        lite = _litemedsam()
+        lite = load()
         with torch.inference_mode():
             zeros = torch.zeros(n, dtype=torch.long, device=blocks.device)
             h = seg_hidden(vlm_net, self.net.seg_embed, ref_features, tgt_features, blocks, zeros, past=past)
@@ -239,20 +230,18 @@ def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_ro
     folder is read from the cache unless given) -> ``out_file`` (npz, written atomically)."""
     import io
 
-    import torch
     from tqdm.auto import tqdm
 
     from rau.atomic import write_bytes
     from rau.data.caches import load_cache
     from rau.data.dataset import load_dataset
-    from rau.encoders.litemedsam import MedSamSegmenter
+    from rau.encoders.litemedsam import encode_images
 
     cache = load_cache(token_cache)
     root = dataset_root or cache.meta.get("dataset")
     if not root:
         raise RauInputError(f"{token_cache}: the cache does not name its dataset; pass dataset_root")
     ds = load_dataset(root)
-    seg = MedSamSegmenter(precision="fp32")  # training data: always float32
     embs, masks = [], []
     items = {item.id: item for item in ds.subset(list(cache.ids))}
     for image_id in tqdm(cache.ids, desc="seg cache", unit="image", disable=not progress):
@@ -260,9 +249,8 @@ def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_ro
         if item is None:
             raise RauInputError(f"{root}: image {image_id!r} of {token_cache} is missing")
         if item.image.shape[0] != item.image.shape[1]:
-            raise RauInputError(f"{image_id}: rau-seg training needs square images (the VLM and LiteMedSAM then share one frame)")
-        with torch.inference_mode():
-            emb, _ = seg.embed(item.image)
+            raise RauInputError(f"{image_id}: rau-seg training needs square images (its answer boxes fill the whole 256 x 256 frame)")
+        emb = encode_images([item.image], precision="fp32")  # training data: always float32
         embs.append(emb[0].numpy().astype(np.float16))
         row = np.zeros((len(cache.names), FRAME, FRAME), bool)
         for j, name in enumerate(cache.names):
@@ -318,8 +306,9 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
     """Train the ``<seg>`` head for the VLM ``vlm_dir`` -> ``out_dir/final``. Resumable."""
     import torch
 
-    from rau.training.engine import run_training
+    from rau.encoders.litemedsam import load
     from rau.models.refvlm.modeling import BOX_TOKENS, RefVlmModel, generate
+    from rau.training.engine import run_training
     from rau.training.recipes.refvlm import load_pair_caches, pick_reference
 
     if steps < 1 or pairs_per_step < 1 or structures_per_pair < 1 or not lr > 0 or not 0 <= p_similar <= 1:
@@ -338,7 +327,7 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
                            seg_after=seg_after, vlm_sha256=weights_sha256(vlm_dir))
     torch.manual_seed(seed)
     head = SegHeadModel(config, decoder=decoder)
-    lite = _litemedsam()
+    lite = load()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_key = {"kind": "refvlm-seghead", "vlm": str(Path(vlm_dir).resolve()), "vlm_sha256": config.vlm_sha256,

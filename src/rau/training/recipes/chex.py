@@ -1,7 +1,7 @@
 """Train the CheXanatomy VLM by next-token prediction on cached features (resumable, accelerate).
 
 One training sequence = one image's tokens followed by ``tasks_per_seq`` task blocks (detect /
-segment / name, see :mod:`rau.models.chex.modeling`) about structures annotated in that image; only answer
+segment / name, see :mod:`rau.models.chex.configuration`) about structures annotated in that image; only answer
 tokens are supervised. Step ``s`` draws its batch from ``numpy.random.default_rng([seed, s])``
 alone, so a resumed run sees exactly the data of an uninterrupted one.
 
@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from rau.data.caches import TokenCache, load_cache
-from rau.models.chex.modeling import ChexConfig, ChexModel, answer_loss
+from rau.models.chex.configuration import ChexConfig
+from rau.models.chex.modeling import ChexModel
+from rau.models.decoder import answer_loss
 from rau.errors import RauInputError
 from rau.training.engine import run_training
 

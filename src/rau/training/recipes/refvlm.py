@@ -27,7 +27,9 @@ import numpy as np
 from rau.data.caches import TokenCache, load_cache
 from rau.training.engine import run_training
 from rau.errors import RauInputError
-from rau.models.refvlm.modeling import RefVlmConfig, RefVlmModel, answer_loss
+from rau.models.decoder import answer_loss
+from rau.models.refvlm.configuration import RefVlmConfig
+from rau.models.refvlm.modeling import RefVlmModel
 
 
 def neighbours(cache: TokenCache, k: int) -> np.ndarray:
