@@ -9,7 +9,7 @@ import pytest
 import rau
 from rau.data.annotated import AnnotatedImage
 from rau.methods import METHODS, create_method
-from rau.methods.interfaces import fuse_probabilities
+from rau.methods.interfaces import FUSE_SIGMA, fuse_probabilities
 
 from conftest import synthetic_pair
 
@@ -23,10 +23,11 @@ def tiny_vlm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_unet(tmp_path_factory):
-    from rau.models.unet.modeling import UNetConfig, UNetSegmenter, build_network
+    from rau.models.unet.configuration import UNetConfig
+    from rau.models.unet.modeling import UNetModel
 
     config = UNetConfig(structures=["blob", "square"], image_size=32, channels=(4, 4, 8, 8, 16, 4))
-    return UNetSegmenter(build_network(config), config).save_pretrained(tmp_path_factory.mktemp("unet"))
+    return UNetModel(config).save_pretrained(tmp_path_factory.mktemp("unet"))
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +58,51 @@ def tiny_seg(tiny_ref, tmp_path_factory):
 TINY_CHEX = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
 
 
+#: What the CLI passes to whichever method is chosen: every method ignores the keys it does not take.
+SHARED = dict(device="cpu", vlm=None, lora=None, sam2=None, segmenter=None, seed=0, unet=None, chex=None,
+              seg_head=None, precision=None)
+
+
 def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None):
     from rau.methods.sam2_memory import tiny_sam2_config
 
+    own = {}
     if name == "rau-seg":
-        return {"vlm": tiny_ref, "seg_head": tiny_seg}
-    if name in ("rau-box", "rau-tokens", "rau-ot"):
-        return {"vlm": tiny_ref}
+        own = {"vlm": tiny_ref, "seg_head": tiny_seg}
+    elif name in ("rau-box", "rau-tokens", "rau-ot"):
+        own = {"vlm": tiny_ref}
+    elif name == "chexanatomy":
+        own = {"chex": tiny_chex}
+    elif name == "unet":
+        own = {"unet": tiny_unet}
+    elif name == "rau":
+        own = {"vlm": tiny_vlm}
+    elif name == "sam2-memory":
+        own = {"sam2_config": tiny_sam2_config()}
+    return {**SHARED, **own}
 
-    if name == "chexanatomy":
-        return {"chex": tiny_chex}
-    if name == "unet":
-        return {"unet": tiny_unet}
-    if name == "rau":
-        return {"vlm": tiny_vlm}
-    if name == "sam2-memory":
-        return {"sam2_config": tiny_sam2_config()}
-    return {}
+
+#: What each method is built from: (localizer name, segmenter name, fuse_sigma) with the options above
+#: ("rau" gets the tiny Qwen checkpoint, so it does not fuse).
+BUILT = {
+    "reg-fuse": ("registration", "medsam", FUSE_SIGMA),
+    "reg-box": ("registration", "medsam", None),
+    "registration": ("registration", None, None),
+    "oracle-box": ("oracle", "medsam", None),
+    "rau": ("qwen", "medsam", None),
+    "rau-ot": ("rau-vlm", "medsam", FUSE_SIGMA),
+    "rau-box": ("rau-vlm", "medsam", None),
+    "rau-tokens": ("rau-vlm", None, None),
+    "rau-seg": ("rau-vlm", None, None),
+    "sam2-memory": (None, "sam2-memory", None),
+    "unet": (None, "unet", None),
+    "chexanatomy": ("chexanatomy", None, None),
+}
+
+
+def test_every_registered_method_is_described():
+    assert set(BUILT) == set(METHODS)
+    assert all(spec.name == name for name, spec in METHODS.items())
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -83,6 +112,12 @@ def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, t
     ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
     tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
     method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg))
+    built = (getattr(method.localizer, "name", None), getattr(method.segmenter, "name", None), method.fuse_sigma)
+    assert method.name == name and built == BUILT[name]
+    if name == "rau-ot":
+        assert method.localizer.assign
+    if name == "rau-seg":
+        assert method.localizer.seg_head is not None
     result = method.predict(ref, tgt)
     assert result.method == name and set(result.structures) == {"blob", "square"}
     assert result.seconds > 0

@@ -20,6 +20,11 @@ from scipy import ndimage
 from rau.data.annotated import AnnotatedImage, StructureResult, TargetResult
 from rau.geometry import Box, mask_to_box
 
+#: Blur of the localizer's soft mask before fusion (:func:`fuse_probabilities`), as a fraction of
+#: the target's longest side (4 px at 512 px; picked on 15 Wingspan targets of the reference part,
+#: see docs/HISTORY.md). The fusing methods (reg-fuse, rau) set it as ``Method.fuse_sigma``.
+FUSE_SIGMA = 4 / 512
+
 
 @dataclass
 class Localization:
@@ -110,7 +115,7 @@ def fuse_probabilities(seg_prob: np.ndarray, loc_prob: np.ndarray, sigma_px: flo
     edge becomes a ramp the segmenter's sharper boundary can win on; the two probabilities are then
     averaged and thresholded at 0.5. Where both agree the pixel stays, where only one is confident
     the other decides. Measured on Wingspan held-out lungs/heart: better than either alone
-    (docs/BENCHMARKS.md)."""
+    (docs/HISTORY.md)."""
     blurred = ndimage.gaussian_filter(np.asarray(loc_prob, np.float32), sigma_px) if sigma_px > 0 else loc_prob
     return (np.asarray(seg_prob, np.float32) + blurred) / 2.0 > 0.5
 

@@ -1,82 +1,68 @@
-"""Methods: comparable entries of one registry, each a localizer and/or a segmenter.
+"""The method registry: one :class:`MethodSpec` per name (what the user gets, its options class, its
+build function), and :func:`create_method`.
 
-| name          | localizer                      | segmenter                 | masks from            |
-|---------------|--------------------------------|---------------------------|-----------------------|
-| reg-fuse      | registration (boxes + masks)   | LiteMedSAM (box prompt)   | fused                 |
-| reg-box       | registration (boxes)           | LiteMedSAM (box prompt)   | segmenter             |
-| registration  | registration (warped masks)    | -                         | localizer             |
-| oracle-box    | ground-truth boxes (eval only) | LiteMedSAM                | segmenter             |
-| rau           | RAU VLM (shipped compact model, or a Qwen2.5-VL checkpoint) | LiteMedSAM or SAM2-memory | fused                 |
-| rau-ot        | RAU VLM, boxes assigned one-to-one (Hungarian) | LiteMedSAM | fused                 |
-| rau-box       | RAU VLM boxes                  | LiteMedSAM                | segmenter             |
-| rau-tokens    | RAU VLM (box + mask tokens)    | -                         | localizer             |
-| rau-seg       | RAU VLM + <seg> query + its box | LiteMedSAM decoder (tuned) | localizer (DEFAULT) |
-| sam2-memory   | -                              | SAM2, reference in memory | segmenter             |
-| unet          | -                              | U-Net (fixed classes)     | segmenter             |
-| chexanatomy   | CheXanatomy VLM (box + mask tokens) | -                    | localizer             |
+    method = create_method("reg-fuse", device="cpu", seed=0)   # -> rau.methods.interfaces.Method
+    for name, summary, weights in describe_methods(): ...      # what `rau methods` prints
 
-Adding a method = one factory function + one ``METHODS`` entry; the contract tests iterate over
-``METHODS``.
+Adding a method = one adapter module in :mod:`rau.methods` + one ``MethodSpec`` in ``METHODS``
+(with an options class of :mod:`rau.methods.options`); the contract tests iterate over ``METHODS``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rau.errors import RauInputError
-from rau.methods.interfaces import Method
+from rau.methods.interfaces import FUSE_SIGMA, Method
+from rau.methods.options import (
+    BoxPromptOptions,
+    ChexOptions,
+    MethodOptions,
+    RauOptions,
+    RegistrationOptions,
+    Sam2MemoryOptions,
+    UNetOptions,
+    options_for,
+)
 
-#: Measured (docs/BENCHMARKS.md, 2026-12-01, same pairs): the shipped VLM + box-prompted <seg> head
+#: Measured (docs/HISTORY.md, 2026-12-01, same pairs): the shipped VLM + box-prompted <seg> head
 #: (``rau-seg``) beats the former default reg-fuse on Wingspan (Dice 0.936 vs 0.921) and on held-out
 #: DRR poses (0.773 vs 0.700); on ARCADE every method fails (0.022 vs 0.036).
 DEFAULT_METHOD = "rau-seg"
-#: Blur of the warped reference mask before fusion, as a fraction of the target's longest side
-#: (4 px at 512 px; picked on 15 Wingspan targets of the reference part, see docs/BENCHMARKS.md).
-FUSE_SIGMA = 4 / 512
 
 
-def _segmenter(name: str, *, sam2: str | Path | None, device: str, sam2_config=None, precision: str | None = None):
-    if name == "medsam":
-        from rau.encoders.litemedsam import MedSamSegmenter
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry. ``summary``: one line on what the user gets; ``weights``: what it loads
+    (and what the user must pass); ``build``: an ``options`` instance -> :class:`Method`."""
 
-        return MedSamSegmenter(device=device, precision=precision)
-    if name == "sam2-memory":
-        from rau.methods.sam2_memory import Sam2MemorySegmenter
-
-        return Sam2MemorySegmenter(checkpoint=sam2, config=sam2_config, device=device)
-    raise RauInputError(f"segmenter: unknown {name!r}; choose 'medsam' or 'sam2-memory'")
-
-
-def _registration(**kw) -> Method:
-    from rau.methods.registration import RegistrationLocalizer
-
-    return Method("registration", RegistrationLocalizer(seed=kw.get("seed", 0)), None)
+    name: str
+    summary: str
+    weights: str
+    options: type[MethodOptions]
+    build: Callable[[Any], Method]
 
 
-def _reg_box(**kw) -> Method:
-    from rau.methods.registration import RegistrationLocalizer
-
-    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"),
-                     precision=kw.get("precision"))
-    return Method("reg-box", RegistrationLocalizer(seed=kw.get("seed", 0)), seg)
+# ---- parts shared by several methods
 
 
-def _reg_fuse(**kw) -> Method:
-    method = _reg_box(**kw)
-    method.name, method.fuse_sigma = "reg-fuse", FUSE_SIGMA
-    return method
+def _segmenter(o: BoxPromptOptions | RauOptions):
+    """The segmenter behind the boxes: LiteMedSAM (box prompt) or SAM2 with the reference in memory."""
+    if o.segmenter == "medsam":
+        from rau.methods.medsam import MedSamSegmenter
 
+        return MedSamSegmenter(device=o.device, precision=o.precision)
+    from rau.methods.sam2_memory import Sam2MemorySegmenter
 
-def _oracle_box(**kw) -> Method:
-    from rau.methods.oracle import OracleLocalizer
-
-    seg = _segmenter(kw.get("segmenter") or "medsam", sam2=kw.get("sam2"), device=kw.get("device", "cpu"),
-                     precision=kw.get("precision"))
-    return Method("oracle-box", OracleLocalizer(), seg)
+    return Sam2MemorySegmenter(checkpoint=o.sam2, config=o.sam2_config, device=o.device)
 
 
 def _is_refvlm(folder) -> bool:
+    """True when ``folder`` holds a compact RAU VLM (its config.json ``format`` is rau-refvlm...)."""
     import json
 
     cfg = Path(folder) / "config.json"
@@ -86,125 +72,166 @@ def _is_refvlm(folder) -> bool:
         return False
 
 
-def _rau_parts(kw: dict, *, segmenter: bool = True):
+def _rau_parts(o: RauOptions, *, with_segmenter: bool = True, seg_head: str | Path | None = None):
     """(localizer, segmenter) of the RAU methods: the compact RAU VLM (shipped default, or a
     ``rau train refvlm`` folder given as ``vlm``) or a Qwen2.5-VL checkpoint folder (``vlm``)."""
-    device = kw.get("device", "cpu")
-    seg_name = kw.get("segmenter") or "medsam"
-    seg = _segmenter(seg_name, sam2=kw.get("sam2"), device=device, sam2_config=kw.get("sam2_config"),
-                     precision=kw.get("precision")) if segmenter else None
-    vlm = kw.get("vlm")
-    if vlm is None or _is_refvlm(vlm):
+    seg = _segmenter(o) if with_segmenter else None
+    if o.vlm is None or _is_refvlm(o.vlm):
         from rau.methods.rau_vlm import RefVlmLocalizer, default_available
 
-        if vlm is None and not default_available():
+        if o.vlm is None and not default_available():
             raise RauInputError("--vlm: the shipped RAU VLM weights are missing from this install; pass --vlm PATH")
-        return RefVlmLocalizer(vlm, device=device, shared_segmenter=seg if seg_name == "medsam" else None,
-                               assign=bool(kw.get("assign")), seg_head=kw.get("seg_head_folder"),
-                               precision=kw.get("precision")), seg
+        return RefVlmLocalizer(o.vlm, device=o.device, shared_segmenter=seg if o.segmenter == "medsam" else None,
+                               assign=o.assign, seg_head=seg_head, precision=o.precision), seg
     from rau.methods.qwen import QwenLocalizer
 
-    return QwenLocalizer(vlm, device=device, lora=kw.get("lora")), seg
+    return QwenLocalizer(o.vlm, device=o.device, lora=o.lora), seg
 
 
-def _rau(**kw) -> Method:
-    """RAU: the VLM's box prompts the segmenter; with LiteMedSAM the mask fuses LiteMedSAM's
-    probability with the VLM's own mask tokens (as reg-fuse does with the warped mask)."""
-    loc, seg = _rau_parts(kw)
-    fuse = FUSE_SIGMA if (kw.get("segmenter") or "medsam") == "medsam" and loc.name == "rau-vlm" else None
-    return Method("rau", loc, seg, fuse_sigma=fuse)
+# ---- build functions: options -> Method
 
 
-def _rau_ot(**kw) -> Method:
-    """``rau`` with a global one-to-one assignment of the predicted boxes to the structures
-    (Hungarian matching on the VLM's box likelihoods): two structures never claim the same box."""
-    method = _rau(**{**kw, "assign": True})
-    method.name = "rau-ot"
-    return method
+def _registration(o: RegistrationOptions) -> Method:
+    from rau.methods.registration import RegistrationLocalizer
+
+    return Method("registration", RegistrationLocalizer(seed=o.seed), None)
 
 
-def _rau_box(**kw) -> Method:
-    loc, seg = _rau_parts(kw)
+def _reg_box(o: BoxPromptOptions, *, name: str = "reg-box", fuse_sigma: float | None = None) -> Method:
+    from rau.methods.registration import RegistrationLocalizer
+
+    seg = _segmenter(o)
+    return Method(name, RegistrationLocalizer(seed=o.seed), seg, fuse_sigma=fuse_sigma)
+
+
+def _reg_fuse(o: BoxPromptOptions) -> Method:
+    return _reg_box(o, name="reg-fuse", fuse_sigma=FUSE_SIGMA)
+
+
+def _oracle_box(o: BoxPromptOptions) -> Method:
+    from rau.methods.oracle import OracleLocalizer
+
+    seg = _segmenter(o)
+    return Method("oracle-box", OracleLocalizer(), seg)
+
+
+def _rau(o: RauOptions, *, name: str = "rau") -> Method:
+    """The VLM's box prompts the segmenter; with LiteMedSAM the mask fuses LiteMedSAM's probability
+    with the VLM's own mask tokens (as reg-fuse does with the warped mask)."""
+    loc, seg = _rau_parts(o)
+    fuse = FUSE_SIGMA if o.segmenter == "medsam" and loc.name == "rau-vlm" else None
+    return Method(name, loc, seg, fuse_sigma=fuse)
+
+
+def _rau_ot(o: RauOptions) -> Method:
+    return _rau(dataclasses.replace(o, assign=True), name="rau-ot")
+
+
+def _rau_box(o: RauOptions) -> Method:
+    loc, seg = _rau_parts(o)
     return Method("rau-box", loc, seg)
 
 
-def _rau_tokens(**kw) -> Method:
-    loc, _ = _rau_parts(kw, segmenter=False)
+def _rau_tokens(o: RauOptions) -> Method:
+    loc, _ = _rau_parts(o, with_segmenter=False)
     return Method("rau-tokens", loc, None)
 
 
-def _rau_seg(**kw) -> Method:
-    """RAU's <SEG> route (the default method): the VLM's ``<seg>`` hidden state, projected into prompt
-    tokens of a fine-tuned LiteMedSAM mask decoder (beside the VLM's own answer box for heads trained
-    with box prompts, as the shipped one), gives the mask (``seg_head``: a ``rau train seg-head``
-    folder; default: the shipped head, whose ``<seg>`` follows the answer box directly)."""
+def _rau_seg(o: RauOptions) -> Method:
+    """The VLM's ``<seg>`` hidden state, projected into prompt tokens of a fine-tuned LiteMedSAM mask
+    decoder (beside the VLM's answer box for heads trained with box prompts, as the shipped one),
+    gives the mask; ``seg_head``: a ``rau train seg-head`` folder (default: the shipped head)."""
     from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR
 
-    folder = kw.get("seg_head") or DEFAULT_HEAD_DIR
+    folder = o.seg_head or DEFAULT_HEAD_DIR
     if not (Path(folder) / "model.safetensors").is_file():
         raise RauInputError(f"--seg-head: method 'rau-seg' needs a trained <seg> head folder ({folder} has none; rau train seg-head)")
-    if kw.get("vlm") is not None and not _is_refvlm(kw["vlm"]):
+    if o.vlm is not None and not _is_refvlm(o.vlm):
         raise RauInputError("--vlm: method 'rau-seg' needs a compact RAU VLM folder (rau train refvlm), not a Qwen checkpoint")
-    loc, _ = _rau_parts({**kw, "seg_head_folder": folder}, segmenter=False)
+    loc, _ = _rau_parts(o, with_segmenter=False, seg_head=folder)
     return Method("rau-seg", loc, None)
 
 
-def _sam2_memory(**kw) -> Method:
-    seg = _segmenter("sam2-memory", sam2=kw.get("sam2"), device=kw.get("device", "cpu"), sam2_config=kw.get("sam2_config"))
-    return Method("sam2-memory", None, seg)
+def _sam2_memory(o: Sam2MemoryOptions) -> Method:
+    from rau.methods.sam2_memory import Sam2MemorySegmenter
+
+    return Method("sam2-memory", None, Sam2MemorySegmenter(checkpoint=o.sam2, config=o.sam2_config, device=o.device))
 
 
-def _unet(**kw) -> Method:
-    """A U-Net trained for fixed structures (CheXanatomy's baseline): the reference only names
-    what to segment; structures the U-Net was not trained on come back as not found."""
-    if not kw.get("unet"):
-        raise RauInputError(
-            "--unet: method 'unet' needs a trained U-Net folder (python -m rau.models.unet.modeling train ...); "
-            "none ships with rau"
-        )
-    from rau.models.unet.modeling import UNetSegmenter
+def _unet(o: UNetOptions) -> Method:
+    from rau.methods.unet import UNetSegmenter
 
-    return Method("unet", None, UNetSegmenter.from_pretrained(kw["unet"], device=kw.get("device", "cpu")))
+    return Method("unet", None, UNetSegmenter.from_pretrained(o.unet, device=o.device))
 
 
-def _chexanatomy(**kw) -> Method:
-    """The CheXanatomy VLM (:mod:`rau.models.chex`): reference-free, boxes and masks as tokens; the
-    reference only names the structures."""
-    if not kw.get("chex"):
-        raise RauInputError(
-            "--chex: method 'chexanatomy' needs a trained model folder (rau train chex ...; see docs/BENCHMARKS.md)"
-        )
+def _chexanatomy(o: ChexOptions) -> Method:
     from rau.methods.chexanatomy import ChexLocalizer
 
-    return Method("chexanatomy", ChexLocalizer(kw["chex"], device=kw.get("device", "cpu")), None)
+    return Method("chexanatomy", ChexLocalizer(o.chex, device=o.device), None)
 
 
-METHODS: dict[str, Callable[..., Method]] = {
-    "reg-fuse": _reg_fuse,
-    "reg-box": _reg_box,
-    "registration": _registration,
-    "oracle-box": _oracle_box,
-    "rau": _rau,
-    "rau-ot": _rau_ot,
-    "rau-box": _rau_box,
-    "rau-tokens": _rau_tokens,
-    "rau-seg": _rau_seg,
-    "sam2-memory": _sam2_memory,
-    "unet": _unet,
-    "chexanatomy": _chexanatomy,
-}
+_LITEMEDSAM = "LiteMedSAM (installed with rau)"
+_SHIPPED_VLM = "shipped RAU VLM (or --vlm FOLDER)"
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("reg-fuse", "registration's warped masks fused with LiteMedSAM's masks in their boxes",
+               _LITEMEDSAM, BoxPromptOptions, _reg_fuse),
+    MethodSpec("reg-box", "registration's boxes prompt LiteMedSAM (or --segmenter sam2-memory)",
+               _LITEMEDSAM, BoxPromptOptions, _reg_box),
+    MethodSpec("registration", "the reference's masks warped onto the target (SimpleITK affine + B-spline)",
+               "none", RegistrationOptions, _registration),
+    MethodSpec("oracle-box", "ground-truth boxes prompt LiteMedSAM: the box route's upper bound (evaluation only)",
+               _LITEMEDSAM, BoxPromptOptions, _oracle_box),
+    MethodSpec("rau", "RAU VLM boxes prompt LiteMedSAM, fused with the VLM's mask tokens (or a Qwen2.5-VL --vlm)",
+               f"{_SHIPPED_VLM} + {_LITEMEDSAM}", RauOptions, _rau),
+    MethodSpec("rau-ot", "rau with boxes assigned to structures one-to-one (Hungarian matching)",
+               f"{_SHIPPED_VLM} + {_LITEMEDSAM}", RauOptions, _rau_ot),
+    MethodSpec("rau-box", "RAU VLM boxes prompt LiteMedSAM (no fusion)",
+               f"{_SHIPPED_VLM} + {_LITEMEDSAM}", RauOptions, _rau_box),
+    MethodSpec("rau-tokens", "the RAU VLM alone: box and mask tokens", _SHIPPED_VLM, RauOptions, _rau_tokens),
+    MethodSpec("rau-seg", "the RAU VLM's <seg> query and box prompt a tuned LiteMedSAM decoder",
+               "shipped RAU VLM + <seg> head (or --vlm, --seg-head FOLDER)", RauOptions, _rau_seg),
+    MethodSpec("sam2-memory", "SAM2 segments the target with the reference's masks in its video memory",
+               "--sam2 FOLDER (none ships with rau)", Sam2MemoryOptions, _sam2_memory),
+    MethodSpec("unet", "a U-Net trained for fixed structures; the reference only names them",
+               "--unet FOLDER (none ships with rau)", UNetOptions, _unet),
+    MethodSpec("chexanatomy", "the CheXanatomy VLM (reference-free box and mask tokens); the reference only names them",
+               "--chex FOLDER (none ships with rau)", ChexOptions, _chexanatomy),
+)}
 
 
-def create_method(name: str | None = None, **options) -> Method:
-    """Build a method by registry name (default ``rau-seg``: the shipped compact RAU VLM + <seg> head).
-
-    Options: ``device`` ("cpu"), ``vlm`` (local VLM checkpoint folder, for ``rau``), ``lora``,
-    ``seg_head`` (``rau-seg`` head folder), ``sam2`` (local SAM2 checkpoint folder), ``unet`` (trained U-Net folder), ``chex`` (CheXanatomy model folder), ``segmenter`` ("medsam" | "sam2-memory"), ``seed``.
-    """
+def _spec(name: str | None) -> MethodSpec:
     name = name or DEFAULT_METHOD
     if name not in METHODS:
         raise RauInputError(f"--method: unknown {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name](**options)
+    return METHODS[name]
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "create_method"]
+def method_options(name: str | None = None, **options: Any) -> MethodOptions:
+    """The checked options of method ``name`` (default ``rau-seg``), without loading any model: call
+    it to fail early on bad input. Rules as in :func:`create_method`."""
+    return options_for(_spec(name).options, options)
+
+
+def create_method(name: str | None = None, **options: Any) -> Method:
+    """Build a method by registry name (default ``rau-seg``: the shipped compact RAU VLM + <seg> head).
+
+    Options (keywords; None means "not given"): ``device`` ("cpu"), ``precision`` (LiteMedSAM
+    encoder: auto, fp32, bf16), ``vlm`` (RAU VLM or Qwen2.5-VL folder), ``lora``, ``seg_head``
+    (``rau-seg`` head folder), ``segmenter`` ("medsam" | "sam2-memory"), ``sam2`` (SAM2 checkpoint
+    folder), ``sam2_config``, ``unet`` (U-Net folder), ``chex`` (CheXanatomy folder), ``seed``
+    (registration), ``assign``. Each method takes the options of its class in
+    :mod:`rau.methods.options` and ignores the other methods' options (callers may pass one shared
+    set); an option no method takes, or a bad value, raises RauInputError.
+    """
+    spec = _spec(name)
+    return spec.build(options_for(spec.options, options))
+
+
+def describe_methods() -> list[tuple[str, str, str]]:
+    """(name, one-line summary, weights it loads) of every registered method, in registry order
+    (``DEFAULT_METHOD`` names the default)."""
+    return [(s.name, s.summary, s.weights) for s in METHODS.values()]
+
+
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "MethodSpec", "create_method", "describe_methods", "method_options"]
