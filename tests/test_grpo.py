@@ -15,7 +15,7 @@ from test_refvlm import TINY, _cache
 from rau.data.caches import save_cache
 from rau.tokens.masktok import load_default
 from rau.errors import CheckpointError, RauInputError
-from rau.eval.refvlm_tokens import _box_iou
+from rau.eval.refvlm_tokens import bin_box_iou
 from rau.training.recipes.grpo import (
     REWARD_WEIGHTS,
     answer_rewards,
@@ -42,7 +42,7 @@ def test_box_iou_bins_matches_the_evaluation_and_inverted_boxes_score_zero():
     a = np.sort(rng.integers(0, 1024, (50, 2, 2)), axis=1).transpose(0, 2, 1).reshape(50, 4)[:, [0, 2, 1, 3]]
     b = np.sort(rng.integers(0, 1024, (50, 2, 2)), axis=1).transpose(0, 2, 1).reshape(50, 4)[:, [0, 2, 1, 3]]
     got = box_iou_bins(a, b)
-    assert np.allclose(got, [_box_iou(x, y) for x, y in zip(a, b)])
+    assert np.allclose(got, [bin_box_iou(x, y) for x, y in zip(a, b)])
     assert box_iou_bins([[10, 10, 5, 20]], [[0, 0, 30, 30]])[0] == 0.0
 
 

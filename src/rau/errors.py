@@ -17,3 +17,10 @@ class ModelOutputError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, truncated or does not match its config."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``"ErrorClass: first line of the message"`` (200 characters at most), for wrapping a foreign
+    exception (a truncated file, a failed import) into one of ours without a traceback."""
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0][:200]}" if text else exc.__class__.__name__

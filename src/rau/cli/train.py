@@ -66,7 +66,7 @@ def vlm(
     weight_decay: Annotated[Optional[float], option("AdamW weight decay (not on norms/biases) (default: 0).")] = None,
     warmup_steps: Annotated[Optional[int], option("Linear warmup steps (default: 0).")] = None,
     lr_schedule: Annotated[Optional[str], option("cosine (to 10% of lr at --decay-steps) or constant (default: cosine).")] = None,
-    decay_steps: Annotated[Optional[int], option("Step where the cosine ends (default: max-steps); set it to extend a run later.")] = None,
+    decay_steps: Annotated[Optional[int], option("Must equal --max-steps when given (the cosine ends at the last step; kept for old run configs).")] = None,
     max_grad_norm: Annotated[Optional[float], option("Gradient clipping norm, 0 = off (default: 1.0).")] = None,
     lora: Annotated[Optional[bool], option("Train a LoRA adapter (merged into final/) instead of all weights (default: --lora).", "--lora/--no-lora")] = None,
     lora_r: Annotated[Optional[int], option("LoRA rank (default: 8).")] = None,

@@ -116,7 +116,8 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
     """Every method on every split; ``k`` > 1: the top-k references of a LiteMedSAM bank per target,
     results fused by majority vote (files ``<split>_<method>_k<k>.json``)."""
     from rau.data.dataset import load_dataset
-    from rau.eval.evaluate import evaluate, model_config, write_json_atomic
+    from rau.atomic import write_json
+    from rau.eval.evaluate import evaluate, model_config
     from rau.methods import create_method
 
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,7 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
                       **model_config(method_options)}
             doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
                            bank=bank, k=k)
-            write_json_atomic(doc, out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json")
+            write_json(out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json", doc)
             reports.setdefault(split.name, []).append(doc)
     return reports
 

@@ -1,6 +1,6 @@
 """Evaluation of a method over a target set with references from a reference set (``rau eval``).
 
-Protocol (also in docs/BENCHMARKS.md):
+Protocol (also in docs/RESULTS.md):
 - targets: the target set's images (optionally a slice of the id-sorted list, optionally ``limit``
   of them drawn with ``seed``); each keeps its ground-truth masks for scoring only.
 - reference: for each target, the reference-set image with the highest thumbnail NCC
@@ -195,7 +195,7 @@ def shown_to(method, target):
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """Per-structure table + mean row, for the terminal and docs/BENCHMARKS.md."""
+    """Per-structure table + mean row, for the terminal and docs/RESULTS.md."""
     head = "| structure | n | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc |\n|---|---|---|---|---|---|---|---|"
     lines = [head]
 
@@ -209,12 +209,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines.append(f"| **mean** | {report['n_targets']} targets | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
                  f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} |")
     return "\n".join(lines)
-
-
-def write_json_atomic(doc: dict[str, Any], path: str | Path) -> Path:
-    from rau.atomic import write_json
-
-    return write_json(path, doc)
 
 
 def model_config(method_options: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def _unit(cache: TokenCache) -> np.ndarray:
     return x
 
 
-def _box_iou(a, b) -> float:
+def bin_box_iou(a, b) -> float:
     """IoU of two (ymin, xmin, ymax, xmax) inclusive bin boxes."""
     y0, x0 = max(a[0], b[0]), max(a[1], b[1])
     y1, x1 = min(a[2], b[2]), min(a[3], b[3])
@@ -57,7 +57,7 @@ def evaluate_cache(model, references: TokenCache, targets: TokenCache, limit: in
             truth = bool(targets.loc[i, col_t[s], 0] >= 0)
             row = {"target": targets.ids[i], "structure": s, "id_correct": a.visible == truth, "p_yes": a.p_yes}
             if truth:
-                row["box_iou"] = _box_iou(a.loc, targets.loc[i, col_t[s]])
+                row["box_iou"] = bin_box_iou(a.loc, targets.loc[i, col_t[s]])
             rows.append(row)
     per = {}
     for s in names:

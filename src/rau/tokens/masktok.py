@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from rau.atomic import write_bytes
-from rau.errors import CheckpointError, RauInputError
+from rau.errors import CheckpointError, RauInputError, one_line
 from rau.tokens.loc import (
     DecodedMask,
     MaskTokens,
@@ -175,7 +175,7 @@ class MaskTokenizer:
         try:
             self.model.load_state_dict(load_file(str(path)), strict=True)
         except Exception as exc:  # noqa: BLE001 - truncated or foreign file: one line
-            raise CheckpointError(f"{what}: cannot load {path} ({_one_line(exc)}); delete it or use another folder") from None
+            raise CheckpointError(f"{what}: cannot load {path} ({one_line(exc)}); delete it or use another folder") from None
 
     def save_pretrained(self, directory: str | Path, training: dict[str, Any] | None = None) -> Path:
         return self.save(directory, training)
@@ -218,11 +218,6 @@ class MaskTokenizer:
         )
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{exc.__class__.__name__}: {text[:200]}" if text else exc.__class__.__name__
-
-
 def _from_bytes(config_bytes: bytes, weights: bytes, training: bytes | None, where: str) -> MaskTokenizer:
     fix = "re-save the tokenizer or copy the folder again"
     try:
@@ -231,7 +226,7 @@ def _from_bytes(config_bytes: bytes, weights: bytes, training: bytes | None, whe
             raise ValueError(f"format {raw.get('format')!r} is not {FORMAT!r}")
         config = MaskTokConfig(**raw["config"])
     except (ValueError, TypeError, KeyError, AttributeError, RauInputError) as exc:
-        raise CheckpointError(f"tokenizer: {where}/{CONFIG_FILE} is not a valid mask tokenizer config ({_one_line(exc)}); {fix}") from None
+        raise CheckpointError(f"tokenizer: {where}/{CONFIG_FILE} is not a valid mask tokenizer config ({one_line(exc)}); {fix}") from None
     expected = raw.get("weights_sha256")
     if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
         raise CheckpointError(
@@ -244,7 +239,7 @@ def _from_bytes(config_bytes: bytes, weights: bytes, training: bytes | None, whe
         state = load(weights)
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on truncated headers
-        raise CheckpointError(f"tokenizer: cannot load {where}/{WEIGHTS_FILE} ({_one_line(exc)}); {fix}") from None
+        raise CheckpointError(f"tokenizer: cannot load {where}/{WEIGHTS_FILE} ({one_line(exc)}); {fix}") from None
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
         raise CheckpointError(f"tokenizer: {where}/{WEIGHTS_FILE} holds NaN or infinite weights; {fix}")
     info = None

@@ -7,11 +7,11 @@ The inference adapter is :class:`rau.methods.qwen.QwenLocalizer`; supervised fin
 are imported inside the functions that need them.
 """
 
-from rau.models.qwen.loading import COORDS_BY_MODEL_TYPE, check_checkpoint, first_line, load_qwen, resolve_dtype
+from rau.models.qwen.loading import COORDS_BY_MODEL_TYPE, check_checkpoint, load_qwen, resolve_dtype
 from rau.models.qwen.lora import add_lora, merge_lora, trainable_parameters
 from rau.models.qwen.processor import collate, encode_example, set_max_pixels, to_pil
 
 __all__ = [
-    "COORDS_BY_MODEL_TYPE", "add_lora", "check_checkpoint", "collate", "encode_example", "first_line", "load_qwen",
+    "COORDS_BY_MODEL_TYPE", "add_lora", "check_checkpoint", "collate", "encode_example", "load_qwen",
     "merge_lora", "resolve_dtype", "set_max_pixels", "to_pil", "trainable_parameters",
 ]

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rau.errors import CheckpointError
+from rau.errors import CheckpointError, one_line
 
 #: Box coordinates each model family answers in: absolute pixels of the resized image, or 0..1000.
 COORDS_BY_MODEL_TYPE = {"qwen2_5_vl": "qwen25_abs", "qwen2_vl": "norm1000", "qwen3_vl": "norm1000"}
@@ -18,12 +18,6 @@ WEIGHT_FILES = (
 )
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-
-
-def first_line(exc: BaseException) -> str:
-    """``"ErrorClass: first line of the message"`` (200 characters at most) for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0][:200]}" if text else exc.__class__.__name__
 
 
 def check_checkpoint(checkpoint: str | Path) -> Path:
@@ -86,7 +80,7 @@ def load_qwen(path: Path, device: str, dtype, max_pixels: int | None):
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse error is a bad checkpoint
-        raise CheckpointError(f"checkpoint: cannot read {path / 'config.json'} ({first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint: cannot read {path / 'config.json'} ({one_line(exc)})") from None
     model_type = getattr(config, "model_type", None)
     if model_type not in COORDS_BY_MODEL_TYPE:
         raise CheckpointError(
@@ -98,7 +92,7 @@ def load_qwen(path: Path, device: str, dtype, max_pixels: int | None):
             str(path), local_files_only=True, dtype=dtype, device_map=device
         )
     except Exception as exc:  # noqa: BLE001 - truncated weights, shape mismatch...: one clear line
-        raise CheckpointError(f"checkpoint: cannot load {path} ({first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint: cannot load {path} ({one_line(exc)})") from None
     if max_pixels is not None:
         set_max_pixels(processor.image_processor, max_pixels)
     return processor, model.eval(), model_type

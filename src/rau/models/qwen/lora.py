@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rau.errors import CheckpointError, RauInputError
-from rau.models.qwen.loading import first_line
+from rau.errors import CheckpointError, RauInputError, one_line
 
 # Parameter / module names of the vision tower (Qwen2/2.5/3-VL: model.visual.*, incl. the merger).
 VISION_RE = re.compile(r"(^|\.)visual\.")
@@ -32,7 +31,7 @@ def merge_lora(model, lora: str | Path):
         model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
         return model.merge_and_unload().eval()
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"lora: cannot apply adapter {path} ({first_line(exc)})") from None
+        raise CheckpointError(f"lora: cannot apply adapter {path} ({one_line(exc)})") from None
 
 
 def add_lora(model, *, r: int, alpha: int, dropout: float, targets: Sequence[str], freeze_vision: bool,
