@@ -34,7 +34,9 @@ class Localization:
     box_xyxy_px: box in ORIGINAL target pixels (pixel-edge xyxy) or None if not found;
     score: confidence in [0, 1]; reason: why there is no answer/box (e.g. malformed model output);
     mask: a (H, W) bool mask when the localizer also produces one (registration does), else None;
-    prob: (H, W) float32 soft version of ``mask`` (e.g. the linearly warped reference mask), or None.
+    prob: (H, W) float32 soft version of ``mask`` (e.g. the linearly warped reference mask), or None;
+    cue: a spatial cue beyond the box for segmenters that read cues (``Segmenter.reads_cues``), e.g.
+    RAU's ``<seg>`` query (:class:`rau.methods.rau_seg.SegCue`); None otherwise.
     """
 
     answer: str | None = None
@@ -43,6 +45,7 @@ class Localization:
     reason: str | None = None
     mask: np.ndarray | None = None
     prob: np.ndarray | None = None
+    cue: object | None = None
 
 
 class Localizer(ABC):
@@ -69,23 +72,31 @@ class Localizer(ABC):
 @dataclass
 class SegmentationOutput:
     """mask: (H, W) bool in target pixels; score: the backend's confidence in [0, 1];
-    prob: (H, W) float32 foreground probability when the backend has one (used for fusion)."""
+    prob: (H, W) float32 foreground probability when the backend has one (used for fusion);
+    box_xyxy_px: the backend's own box, replacing the localizer's (e.g. the extent of a mask that
+    refines the localizer's box), or None; reason: why the mask is empty, when the backend knows
+    (the structure is then answered "no")."""
 
     mask: np.ndarray
     score: float
     prob: np.ndarray | None = None
+    box_xyxy_px: Box | None = None
+    reason: str | None = None
 
 
 class Segmenter(ABC):
     """Backends: ``medsam`` (box prompt, LiteMedSAM) and ``sam2-memory`` (reference in SAM2 memory).
 
     ``uses_reference``: the backend reads the reference image and masks (memory route);
-    ``needs_boxes``: the backend cannot segment a structure without a box.
+    ``needs_boxes``: the backend cannot segment a structure without a box;
+    ``reads_cues``: the backend's ``segment`` also takes ``cues`` (structure -> the localizer's
+    :attr:`Localization.cue`), e.g. RAU's ``<seg>`` query.
     """
 
     name: str = "segmenter"
     uses_reference: bool = False
     needs_boxes: bool = True
+    reads_cues: bool = False
 
     @abstractmethod
     def segment(
@@ -148,7 +159,11 @@ class Method:
         if self.segmenter is not None:
             boxes = {s: locs[s].box_xyxy_px if s in locs else None for s in structures}
             ref = reference if self.segmenter.uses_reference else None
-            segs = self.segmenter.segment(target.image, boxes, ref)
+            if self.segmenter.reads_cues:
+                cues = {s: locs[s].cue for s in structures if s in locs and locs[s].cue is not None}
+                segs = self.segmenter.segment(target.image, boxes, ref, cues=cues)
+            else:
+                segs = self.segmenter.segment(target.image, boxes, ref)
         sigma = self.fuse_sigma * max(target.shape) if self.fuse_sigma else None
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         return TargetResult(target.id, reference.id, self.name, results, time.perf_counter() - start)
@@ -163,6 +178,8 @@ class Method:
         else:
             mask, score = None, 0.0
         box = loc.box_xyxy_px if loc is not None and loc.box_xyxy_px is not None else None
+        if seg is not None and seg.box_xyxy_px is not None:
+            box = seg.box_xyxy_px
         if box is None and mask is not None:
             box = mask_to_box(mask)
         if loc is not None and self.segmenter is not None:
@@ -170,6 +187,8 @@ class Method:
         found = mask is not None and bool(mask.any())
         answer = loc.answer if loc is not None and loc.answer is not None else ("yes" if found else "no")
         reason = loc.reason if loc is not None else None
+        if seg is not None and seg.reason is not None and not found:  # the segmenter knows why: not visible
+            answer, reason = "no", seg.reason
         if reason is None and not found:
             reason = "the segmenter returned an empty mask" if seg is not None else "no box to segment"
         return StructureResult(name, answer, box, float(score), mask if found else None, reason)

@@ -8,9 +8,10 @@ structure is answered in one batch (:meth:`rau.models.refvlm.modeling.RefVlmMode
 Each structure's :class:`~rau.methods.interfaces.Localization`: answer "yes"/"no" (P(yes) >= 0.5), the box
 of the 4 location tokens, the mask of the 16 codes (decoded by the shipped mask tokenizer; its soft
 version is ``prob``, for fusion with the segmenter) and score = P(yes) x the box tokens' mean
-probability. A "no" comes without a box (the structure is reported not visible). With a ``<seg>``
-head (method ``rau-seg``) the mask comes from the head and the box is that mask's extent; the mask
-codes are not decoded (a head with ``seg_after="box"``, as the shipped one, never generates them).
+probability. A "no" comes without a box (the structure is reported not visible). For method
+``rau-seg`` (``seg_cues`` set) each visible structure instead carries a ``<seg>`` cue
+(:class:`rau.methods.rau_seg.SegCue`) for the ``<seg>`` head segmenter, and the mask codes are not
+decoded (a head with ``seg_after="box"``, as the shipped one, never generates them).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ class RefVlmLocalizer(Localizer):
     name = "rau-vlm"
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", shared_segmenter=None,
-                 reference_cache: int = 64, assign: bool = False, seg_head: str | Path | None = None,
+                 reference_cache: int = 64, assign: bool = False, seg_cues: str | None = None,
                  precision: str | None = None):
+        """``shared_segmenter``: a LiteMedSAM segmenter whose encoder pass the VLM reads too;
+        ``seg_cues``: None, or the ``seg_after`` of the ``<seg>`` head that reads this localizer's
+        cues ("box": ``<seg>`` right after the answer box; "mask": after the mask codes)."""
         from rau.tokens.masktok import load_default
         from rau.models.refvlm.modeling import RefVlmModel
         from rau.encoders.litemedsam import resolve_precision
@@ -49,14 +53,11 @@ class RefVlmLocalizer(Localizer):
         self.assign = assign
         #: the LiteMedSAM encoder's precision (auto/fp32/bf16, see rau.encoders.litemedsam.resolve_precision)
         self.precision = getattr(shared_segmenter, "precision", None) or resolve_precision(precision, device)
-        self.seg_head = None
-        if seg_head is not None:  # rau-seg: masks from the <seg> query (its encoder pass is shared too)
-            from rau.models.refvlm.seghead import SegHeadModel
-            from rau.methods.medsam import MedSamSegmenter
-
-            self.seg_head = SegHeadModel.from_pretrained(seg_head, device=device)
-            self.seg_head.check_vlm(self.model_dir)
-            self.shared = shared_segmenter or MedSamSegmenter(device=device, precision=self.precision)
+        if seg_cues not in (None, "box", "mask"):
+            raise ValueError(f"seg_cues: expected None, 'box' or 'mask', got {seg_cues!r}")
+        if seg_cues is not None and shared_segmenter is None:
+            raise ValueError("seg_cues: the <seg> cues need the shared LiteMedSAM segmenter (shared_segmenter)")
+        self.seg_cues = seg_cues
         self._refs: OrderedDict[str, tuple] = OrderedDict()
         self._ref_cache = reference_cache
 
@@ -114,41 +115,32 @@ class RefVlmLocalizer(Localizer):
     # ---- Localizer
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
         from rau.tokens.loc import box_tokens_reason, loc_tokens_to_box, paste_probs
-        from rau.geometry import mask_to_box
 
         if not structures:
             return {}
         ref_feats, ref_tokens = self._reference(reference, structures)
         tgt_feats = self.features(target.image)
         # a box-only <seg> head reads <seg> right after the box: the 16 mask codes are not decoded
-        box_only = self.seg_head is not None and self.seg_head.config.seg_after == "box"
-        answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True, box_only=box_only)
+        answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True,
+                                          box_only=self.seg_cues == "box")
         if self.assign:
             answers = self._assign(answers, ref_feats, tgt_feats, ref_tokens)
             past = None  # boxes moved between structures: the cache no longer matches the answers
         out = {}
         hw = target.shape
         bins = self.model.config.bins
-        seg_probs = self._seg_query(target, ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_head else {}
+        query = self._seg_query(ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_cues else None
         for k, (name, a) in enumerate(zip(structures, answers)):
             if not a.visible:
                 out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
                 continue
             score = a.p_yes * a.box_score
-            if self.seg_head is not None:  # rau-seg: the answer's box + the <seg> mask (mask codes unused)
+            if query is not None:  # rau-seg: the answer's box + the <seg> cue (mask codes unused)
                 reason = box_tokens_reason(a.loc, bins)
                 if reason is not None:
                     out[name] = Localization("no", None, 0.0, f"model answer does not decode: {reason}")
                     continue
-                prob = seg_probs[k]
-                mask = prob >= 0.5
-                if not mask.any():
-                    out[name] = Localization("no", loc_tokens_to_box(a.loc, hw, bins), 0.0,
-                                             "the <seg> query decodes to an empty mask")
-                    continue
-                # the <seg> mask refines the VLM's box, so its extent is the better box (Wingspan held-out
-                # box IoU 0.890 vs 0.789 for the answer box; docs/HISTORY.md)
-                out[name] = Localization("yes", mask_to_box(mask), score, None, mask, prob)
+                out[name] = Localization("yes", loc_tokens_to_box(a.loc, hw, bins), score, cue=query.cue(k))
                 continue
             decoded = self.tokenizer.decode(a.loc, a.codes, hw)
             if decoded.mask is None:
@@ -159,32 +151,20 @@ class RefVlmLocalizer(Localizer):
             out[name] = Localization("yes", decoded.box_xyxy_px, score, None, decoded.mask, prob)
         return out
 
-    def _seg_query(self, target: AnnotatedImage, ref_feats, tgt_feats, ref_tokens, answers, past=None) -> dict[int, np.ndarray]:
-        """rau-seg: (H, W) probabilities of the visible structures from the <seg> head, decoded on the
-        target's LiteMedSAM embedding (the encoder pass the VLM's features came from). ``past``: the
-        answers' decoding cache (one row per structure), continued instead of recomputed."""
+    def _seg_query(self, ref_feats, tgt_feats, ref_tokens, answers, past=None):
+        """rau-seg: the ``<seg>`` query of every visible structure, batched as one
+        :class:`rau.methods.rau_seg.SegQuery` (``past``: the answers' decoding cache, one row per
+        structure, continued by the head instead of recomputed)."""
         import torch
 
+        from rau.methods.rau_seg import SegQuery
         from rau.models.refvlm.modeling import select_cache
-        from rau.models.refvlm.seghead import answer_box_frame
-        from rau.encoders.litemedsam import frame_to_image
 
         vis = [k for k, a in enumerate(answers) if a.visible]
-        if not vis:
-            return {}
         v = self.model.vocab
-        rows = [v.prompt(*ref_tokens[k]) + v.answer(answers[k].loc, answers[k].codes) for k in vis]
         dev = self.model.device
-        if past is not None:
+        rows = [v.prompt(*ref_tokens[k]) + v.answer(answers[k].loc, answers[k].codes) for k in vis]
+        if past is not None and vis:
             past = select_cache(past, torch.tensor(vis, dtype=torch.long, device=dev))
-        emb, scale = self.shared.embed(target.image)
-        h, w = target.shape
-        boxes = answer_box_frame(torch.tensor([answers[k].loc for k in vis], device=dev), self.model.config.bins,
-                                 (h * scale, w * scale))
-        low, _ = self.seg_head.masks(self.model.net, torch.as_tensor(ref_feats, dtype=torch.float32, device=dev),
-                                     torch.as_tensor(tgt_feats, dtype=torch.float32, device=dev),
-                                     torch.tensor(rows, dtype=torch.long, device=dev), emb.to(dev),
-                                     boxes_frame=boxes, past=past, precision=self.precision)
-        with torch.inference_mode():
-            prob = torch.sigmoid(frame_to_image(low[:, None].float(), scale, target.shape))[:, 0].cpu().numpy()
-        return {k: prob[i].astype(np.float32) for i, k in enumerate(vis)}
+        return SegQuery(self.model.net, self.model.config.bins, dev, vis, rows, [answers[k].loc for k in vis],
+                        ref_feats, tgt_feats, past)

@@ -72,7 +72,7 @@ def _is_refvlm(folder) -> bool:
         return False
 
 
-def _rau_parts(o: RauOptions, *, with_segmenter: bool = True, seg_head: str | Path | None = None):
+def _rau_parts(o: RauOptions, *, with_segmenter: bool = True, seg_cues: str | None = None, shared=None):
     """(localizer, segmenter) of the RAU methods: the compact RAU VLM (shipped default, or a
     ``rau train refvlm`` folder given as ``vlm``) or a Qwen2.5-VL checkpoint folder (``vlm``)."""
     seg = _segmenter(o) if with_segmenter else None
@@ -81,8 +81,8 @@ def _rau_parts(o: RauOptions, *, with_segmenter: bool = True, seg_head: str | Pa
 
         if o.vlm is None and not default_available():
             raise RauInputError("--vlm: the shipped RAU VLM weights are missing from this install; pass --vlm PATH")
-        return RefVlmLocalizer(o.vlm, device=o.device, shared_segmenter=seg if o.segmenter == "medsam" else None,
-                               assign=o.assign, seg_head=seg_head, precision=o.precision), seg
+        return RefVlmLocalizer(o.vlm, device=o.device, shared_segmenter=shared or (seg if o.segmenter == "medsam" else None),
+                               assign=o.assign, seg_cues=seg_cues, precision=o.precision), seg
     from rau.methods.qwen import QwenLocalizer
 
     return QwenLocalizer(o.vlm, device=o.device, lora=o.lora), seg
@@ -148,8 +148,13 @@ def _rau_seg(o: RauOptions) -> Method:
         raise RauInputError(f"--seg-head: method 'rau-seg' needs a trained <seg> head folder ({folder} has none; rau train seg-head)")
     if o.vlm is not None and not _is_refvlm(o.vlm):
         raise RauInputError("--vlm: method 'rau-seg' needs a compact RAU VLM folder (rau train refvlm), not a Qwen checkpoint")
-    loc, _ = _rau_parts(o, with_segmenter=False, seg_head=folder)
-    return Method("rau-seg", loc, None)
+    from rau.methods.rau_seg import SegHeadSegmenter
+
+    medsam = _segmenter(dataclasses.replace(o, segmenter="medsam"))
+    seg = SegHeadSegmenter(folder, shared=medsam, device=o.device)
+    loc, _ = _rau_parts(o, with_segmenter=False, seg_cues=seg.head.config.seg_after, shared=medsam)
+    seg.head.check_vlm(loc.model_dir)  # a head is tied to the VLM it was trained on (weight hash)
+    return Method("rau-seg", loc, seg)
 
 
 def _sam2_memory(o: Sam2MemoryOptions) -> Method:

@@ -1,0 +1,65 @@
+"""Method.predict: how a localizer's answer and box and a segmenter's mask combine (fake backends)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rau.data.annotated import AnnotatedImage
+from rau.methods.interfaces import Localization, Localizer, Method, SegmentationOutput, Segmenter
+
+
+def _pair():
+    mask = np.zeros((32, 32), bool)
+    mask[4:10, 4:12] = True
+    ref = AnnotatedImage(np.random.default_rng(0).random((32, 32), dtype=np.float32), {"a": mask, "b": mask}, {"id": "r"})
+    return ref, AnnotatedImage(ref.image, {}, {"id": "t"})
+
+
+class CueLocalizer(Localizer):
+    name = "cue"
+
+    def localize(self, reference, target, structures):
+        return {"a": Localization("yes", (0, 0, 20, 20), 0.5, cue="cue-a"),
+                "b": Localization("yes", (1, 1, 9, 9), 0.25, cue="cue-b")}
+
+
+class CueSegmenter(Segmenter):
+    name = "cue-seg"
+    reads_cues = True
+
+    def __init__(self):
+        self.seen = None
+
+    def segment(self, target, boxes_xyxy_px, reference=None, cues=None):
+        self.seen = dict(cues)
+        m = np.zeros(target.shape, bool)
+        m[2:6, 3:8] = True
+        return {"a": SegmentationOutput(m, 1.0, m.astype(np.float32), (3, 2, 8, 6)),
+                "b": SegmentationOutput(np.zeros(target.shape, bool), 0.0, None, None, "empty <seg> mask")}
+
+
+def test_cues_reach_the_segmenter_and_its_box_and_reason_win():
+    ref, tgt = _pair()
+    seg = CueSegmenter()
+    result = Method("m", CueLocalizer(), seg).predict(ref, tgt)
+    assert seg.seen == {"a": "cue-a", "b": "cue-b"}
+    a, b = result.structures["a"], result.structures["b"]
+    assert a.answer == "yes" and a.box_xyxy_px == (3, 2, 8, 6) and a.score == 0.5 and a.mask.sum() == 20
+    # an empty mask with a reason: answered "no", the localizer's box kept, score 0
+    assert b.answer == "no" and b.mask is None and b.score == 0.0 and b.reason == "empty <seg> mask"
+    assert b.box_xyxy_px == (1, 1, 9, 9)
+
+
+class BoxSegmenter(Segmenter):
+    name = "box-seg"
+
+    def segment(self, target, boxes_xyxy_px, reference=None):  # no cues argument: never given one
+        return {n: SegmentationOutput(np.zeros(target.shape, bool), 0.5) for n in boxes_xyxy_px}
+
+
+def test_segmenters_without_cues_keep_the_old_contract():
+    ref, tgt = _pair()
+    result = Method("m", CueLocalizer(), BoxSegmenter()).predict(ref, tgt)
+    a = result.structures["a"]
+    assert a.answer == "yes" and a.mask is None and a.box_xyxy_px == (0, 0, 20, 20)
+    assert a.reason == "the segmenter returned an empty mask"
