@@ -127,7 +127,7 @@ def test_eval_bad_range(folder_dataset, tmp_path):
 def test_bundled_angiogram_sample(tmp_path):
     from pathlib import Path
 
-    samples = Path(__file__).resolve().parents[1] / "samples" / "angiogram"
+    samples = Path(__file__).resolve().parents[2] / "samples" / "angiogram"
     out = tmp_path / "angio"
     res = runner.invoke(app, ["localize", "--reference", str(samples / "reference.png"), "--reference-masks",
                               str(samples / "reference_masks"), "--target", str(samples / "target.png"),

@@ -18,7 +18,7 @@ from rau.cli.common import parse_range, split_names, split_numbers, user_errors
 
 runner = CliRunner()
 TRAININGS = ("vlm", "chex-cache", "chex", "refvlm", "grpo", "seg-cache", "seg-head", "masktok", "unet")
-CLI_DIR = Path(__file__).resolve().parents[1] / "src" / "rau" / "cli"
+CLI_DIR = Path(__file__).resolve().parents[2] / "src" / "rau" / "cli"
 
 
 def one_error_line(res) -> str:

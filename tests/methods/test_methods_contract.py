@@ -93,7 +93,7 @@ BUILT = {
     "rau-ot": ("rau-vlm", "medsam", FUSE_SIGMA),
     "rau-box": ("rau-vlm", "medsam", None),
     "rau-tokens": ("rau-vlm", None, None),
-    "rau-seg": ("rau-vlm", None, None),
+    "rau-seg": ("rau-vlm", "seg-head", None),
     "sam2-memory": (None, "sam2-memory", None),
     "unet": (None, "unet", None),
     "chexanatomy": ("chexanatomy", None, None),
@@ -117,7 +117,7 @@ def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, t
     if name == "rau-ot":
         assert method.localizer.assign
     if name == "rau-seg":
-        assert method.localizer.seg_head is not None
+        assert method.localizer.seg_cues in ("box", "mask") and method.segmenter.shared is method.localizer.shared
     result = method.predict(ref, tgt)
     assert result.method == name and set(result.structures) == {"blob", "square"}
     assert result.seconds > 0
@@ -174,9 +174,9 @@ def test_shipped_seg_head_belongs_to_the_shipped_vlm_and_segments_the_sample():
     if not (DEFAULT_HEAD_DIR / "model.safetensors").is_file():
         pytest.skip("no shipped <seg> head in this checkout")
     method = create_method("rau-seg")  # no options: the shipped VLM + the shipped head
-    assert method.localizer.seg_head is not None and method.localizer.model_dir == DEFAULT_DIR
-    method.localizer.seg_head.check_vlm(DEFAULT_DIR)  # tied by weight hash
-    samples = Path(__file__).resolve().parent.parent / "samples" / "chest_xray"
+    assert method.localizer.seg_cues == "box" and method.localizer.model_dir == DEFAULT_DIR
+    method.segmenter.head.check_vlm(DEFAULT_DIR)  # tied by weight hash
+    samples = Path(__file__).resolve().parents[2] / "samples" / "chest_xray"
     ref = rau.load_annotated(samples / "reference.png", samples / "reference_masks")
     result = method.predict(ref, rau.load_annotated(samples / "target.png"))
     from rau.data.io import read_mask

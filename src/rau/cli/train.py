@@ -32,6 +32,18 @@ from rau.cli.common import (
 )
 
 
+
+# options several trainings share (help text only; each command sets its own default)
+RunDirOpt = Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")]
+StepsOpt = Annotated[int, option("Optimizer steps.")]
+WarmupOpt = Annotated[int, option("Linear warmup steps.")]
+LocSigmaOpt = Annotated[float, option("Gaussian soft-label width over location bins (0 = plain cross-entropy).")]
+HiddenOpt = Annotated[int, option("Decoder width (new models only).")]
+LayersOpt = Annotated[int, option("Decoder layers (new models only).")]
+SeedOpt = Annotated[int, option("Seed: init and data order.")]
+SaveEveryOpt = Annotated[int, option("Checkpoint every N steps.")]
+PeakLrOpt = Annotated[float, option("AdamW peak learning rate (cosine to 10%).")]
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     """TrainConfig fields from a JSON file: a plain object, or a run's config.json (its "config")."""
     if not path.is_file():
@@ -140,19 +152,19 @@ def chex_cache(
 
 def chex(
     cache: Annotated[list[Path], option("Token cache(s) from `rau train chex-cache`; repeat for several.", "--cache")],
-    output_dir: Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")],
-    steps: Annotated[int, option("Optimizer steps.")] = 2000,
+    output_dir: RunDirOpt,
+    steps: StepsOpt = 2000,
     batch_size: Annotated[int, option("Sequences (images) per step.")] = 8,
     tasks_per_seq: Annotated[int, option("Task blocks (detect/segment/name) per image sequence.")] = 8,
-    lr: Annotated[float, option("AdamW peak learning rate (cosine to 10%).")] = 5e-4,
-    warmup: Annotated[int, option("Linear warmup steps.")] = 100,
-    loc_sigma: Annotated[float, option("Gaussian soft-label width over location bins (0 = plain cross-entropy).")] = 4.0,
+    lr: PeakLrOpt = 5e-4,
+    warmup: WarmupOpt = 100,
+    loc_sigma: LocSigmaOpt = 4.0,
     init_from: Annotated[Optional[Path], option("Start from this trained model folder (fine-tuning, e.g. k-shot).")] = None,
     cache_weights: CacheWeightsOpt = None,
-    hidden_size: Annotated[int, option("Decoder width (new models only).")] = 256,
-    num_layers: Annotated[int, option("Decoder layers (new models only).")] = 6,
-    seed: Annotated[int, option("Seed: init and data order.")] = 0,
-    save_every: Annotated[int, option("Checkpoint every N steps.")] = 200,
+    hidden_size: HiddenOpt = 256,
+    num_layers: LayersOpt = 6,
+    seed: SeedOpt = 0,
+    save_every: SaveEveryOpt = 200,
     threads: ThreadsOpt = None,
     device: TrainDeviceOpt = "auto",
     progress: ProgressOpt = True,
@@ -179,20 +191,20 @@ def chex(
 
 def refvlm(
     cache: Annotated[list[Path], option("Token cache(s) from `rau train chex-cache` (one per dataset: pairs never mix caches); repeat for several.", "--cache")],
-    output_dir: Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")],
-    steps: Annotated[int, option("Optimizer steps.")] = 3000,
+    output_dir: RunDirOpt,
+    steps: StepsOpt = 3000,
     batch_size: Annotated[int, option("Reference/target pairs per step.")] = 8,
     structures_per_pair: Annotated[int, option("Reference structures (blocks) per pair.")] = 6,
     p_similar: Annotated[float, option("Probability that a pair's reference is one of the target's nearest images (else any).")] = 0.5,
-    lr: Annotated[float, option("AdamW peak learning rate (cosine to 10%).")] = 1e-3,
-    warmup: Annotated[int, option("Linear warmup steps.")] = 100,
-    loc_sigma: Annotated[float, option("Gaussian soft-label width over location bins (0 = plain cross-entropy).")] = 4.0,
+    lr: PeakLrOpt = 1e-3,
+    warmup: WarmupOpt = 100,
+    loc_sigma: LocSigmaOpt = 4.0,
     init_from: Annotated[Optional[Path], option("Start from this trained model folder (fine-tuning).")] = None,
     cache_weights: CacheWeightsOpt = None,
-    hidden_size: Annotated[int, option("Decoder width (new models only).")] = 256,
-    num_layers: Annotated[int, option("Decoder layers (new models only).")] = 6,
-    seed: Annotated[int, option("Seed: init and data order.")] = 0,
-    save_every: Annotated[int, option("Checkpoint every N steps.")] = 200,
+    hidden_size: HiddenOpt = 256,
+    num_layers: LayersOpt = 6,
+    seed: SeedOpt = 0,
+    save_every: SaveEveryOpt = 200,
     threads: ThreadsOpt = None,
     device: TrainDeviceOpt = "auto",
     progress: ProgressOpt = True,
@@ -231,19 +243,19 @@ def grpo(
     init_from: Annotated[Path, option("The SFT model folder to start from (`rau train refvlm` final/ or src/rau/assets/refvlm); also the KL anchor.", "--init-from")],
     cache: Annotated[list[Path], option("Token cache(s) from `rau train chex-cache`, as for `rau train refvlm`; repeat for several.", "--cache")],
     output_dir: Annotated[Path, option("Run folder: checkpoints, loss.json/png (loss, reward and its parts), final/. An existing run there is resumed.")],
-    steps: Annotated[int, option("Optimizer steps.")] = 400,
+    steps: StepsOpt = 400,
     pairs_per_step: Annotated[int, option("Reference/target pairs per step.")] = 4,
     structures_per_pair: Annotated[int, option("Reference structures (groups) per pair.")] = 4,
     group_size: Annotated[int, option("Sampled answers per structure (GRPO group).")] = 8,
     temperature: Annotated[float, option("Sampling temperature.")] = 1.0,
-    lr: Annotated[float, option("AdamW peak learning rate (cosine to 10%).")] = 5e-5,
-    warmup: Annotated[int, option("Linear warmup steps.")] = 10,
+    lr: PeakLrOpt = 5e-5,
+    warmup: WarmupOpt = 10,
     beta: Annotated[float, option("Weight of the KL penalty to the SFT model.")] = 0.04,
     reward_weights: Annotated[Optional[str], option("Override reward weights, e.g. 'box_iou=1,mask_dice=0.5' (format, identification, box_iou, mask_dice).")] = None,
     p_similar: Annotated[float, option("Probability that a pair's reference is one of the target's nearest images.")] = 0.5,
     cache_weights: CacheWeightsOpt = None,
     seed: Annotated[int, option("Seed: data order and sampling.")] = 0,
-    save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
+    save_every: SaveEveryOpt = 50,
     threads: ThreadsOpt = None,
     device: TrainDeviceOpt = "auto",
     progress: ProgressOpt = True,
@@ -287,17 +299,17 @@ def seg_head(
     seg_cache: Annotated[list[Path], option("The matching seg cache(s) (rau train seg-cache), same order.", "--seg-cache")],
     output_dir: Annotated[Path, option("Run folder: checkpoints, loss.json/png (loss and Dice), final/. An existing run there is resumed.")],
     vlm: Annotated[Optional[Path], option("The compact RAU VLM the head serves (default: the shipped one); frozen.", "--vlm")] = None,
-    steps: Annotated[int, option("Optimizer steps.")] = 400,
+    steps: StepsOpt = 400,
     pairs_per_step: Annotated[int, option("Reference/target pairs per step.")] = 4,
     structures_per_pair: Annotated[int, option("Structures per pair (masks per pair).")] = 4,
-    lr: Annotated[float, option("AdamW peak learning rate (cosine to 10%).")] = 1e-4,
-    warmup: Annotated[int, option("Linear warmup steps.")] = 20,
+    lr: PeakLrOpt = 1e-4,
+    warmup: WarmupOpt = 20,
     cache_weights: CacheWeightsOpt = None,
-    seed: Annotated[int, option("Seed: init and data order.")] = 0,
+    seed: SeedOpt = 0,
     box_prompt: Annotated[bool, option("Also prompt the decoder with the VLM's own answer box (beside the <seg> tokens).")] = True,
     seg_after: Annotated[str, option("Where <seg> follows the VLM's answer: 'mask' (after box + 16 mask codes) or 'box' "
                                    "(right after the box: 5 decoding steps at inference instead of 21; the shipped head).")] = "box",
-    save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
+    save_every: SaveEveryOpt = 50,
     threads: ThreadsOpt = None,
     device: TrainDeviceOpt = "auto",
     progress: ProgressOpt = True,

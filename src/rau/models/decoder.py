@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,33 @@ def check_vision(config) -> None:
                             f"not {config.image_size!r}")
     if config.preprocessing not in PREPROCESSING:
         raise RauInputError(f"preprocessing: must be one of {PREPROCESSING}, got {config.preprocessing!r}")
+
+
+@dataclass
+class DecoderConfig:
+    """The fields every token-decoder VLM shares (decoder size, LiteMedSAM features, token
+    vocabulary sizes); a family's config subclasses it and sets ``format``. Vision fields: see
+    :func:`check_vision`."""
+
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 768
+    feature_dim: int = 256
+    grid: int = 16
+    image_size: int = 256
+    bins: int = 1024
+    codebook_size: int = 512
+    n_codes: int = 16
+    vision: str = "litemedsam"
+    preprocessing: str = "equalize"
+    format: str = ""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise RauInputError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        check_vision(self)
 
 
 def encode_features(images: Sequence[np.ndarray], config, *, device: str = "cpu", progress: bool = False,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from rau.errors import RauInputError
-from rau.models.decoder import check_vision, config_from_dict
+from rau.models.decoder import DecoderConfig, config_from_dict
 
 FORMAT = "rau-chexanatomy-v1"
 SPECIALS = ("<pad>", "<img>", "<detect>", "<segment>", "<name>", "<ans>")
@@ -29,25 +29,12 @@ TASKS = ("detect", "segment", "name")
 
 
 @dataclass
-class ChexConfig:
+class ChexConfig(DecoderConfig):
     """Everything that defines a CheXanatomy model (saved as config.json). Vision fields: see
     :func:`rau.models.decoder.check_vision` (``preprocessing`` "equalize" or "minmax")."""
 
     names: list[str] = field(default_factory=list)
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 768
-    feature_dim: int = 256
-    grid: int = 16
-    image_size: int = 256
-    bins: int = 1024
-    codebook_size: int = 512
-    n_codes: int = 16
     q_words: int = 4
-    vision: str = "litemedsam"
-    preprocessing: str = "equalize"
     format: str = FORMAT
 
     def __post_init__(self) -> None:
@@ -56,9 +43,7 @@ class ChexConfig:
         for n in self.names:
             if len(n.split("_")) > self.q_words:
                 raise RauInputError(f"names: {n!r} has more than q_words={self.q_words} words")
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise RauInputError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-        check_vision(self)
+        super().__post_init__()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ChexConfig:

@@ -17,36 +17,18 @@ from typing import Any
 import numpy as np
 
 from rau.errors import RauInputError
-from rau.models.decoder import check_vision, config_from_dict
+from rau.models.decoder import DecoderConfig, config_from_dict
 
 FORMAT = "rau-refvlm-v1"
 SPECIALS = ("<pad>", "<q>", "<ans>", "<yes>", "<no>")
 
 
 @dataclass
-class RefVlmConfig:
+class RefVlmConfig(DecoderConfig):
     """Everything that defines a compact RAU VLM (saved as config.json). Vision fields: see
     :func:`rau.models.decoder.check_vision` (``preprocessing`` "equalize" or "minmax")."""
 
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 768
-    feature_dim: int = 256
-    grid: int = 16
-    image_size: int = 256
-    bins: int = 1024
-    codebook_size: int = 512
-    n_codes: int = 16
-    vision: str = "litemedsam"
-    preprocessing: str = "equalize"
     format: str = FORMAT
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise RauInputError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-        check_vision(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RefVlmConfig:
