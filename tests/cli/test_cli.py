@@ -151,7 +151,7 @@ def test_report_and_plot(folder_dataset, tmp_path):
 
 @pytest.mark.parametrize("case", ["dicom_without_pixels", "nan_tiff", "dicom_target_ok", "rgb16_target_ok"])
 def test_localize_medical_and_odd_targets(pair_files, case):
-    from test_medical_io import write_dicom
+    from tiny_data import write_dicom
 
     out = pair_files / f"out_{case}"
     target = pair_files / "t.dcm"

@@ -12,64 +12,12 @@ from rau.data.medical import apply_window, looks_like_ct, read_dicom, read_nifti
 from rau.errors import RauInputError
 
 from conftest import SHARED
+from tiny_data import write_dicom
 
 TOTALSEG = SHARED / "ct_totalseg_examples"
 
 
 # ----------------------------------------------------------------------------- DICOM helpers
-
-
-def write_dicom(
-    path: Path,
-    pixels: np.ndarray | None,
-    *,
-    photometric: str = "MONOCHROME2",
-    slope: float | None = None,
-    intercept: float | None = None,
-    window: tuple | None = None,
-    spacing: tuple[float, float] | None = (0.5, 0.25),
-    spacing_key: str = "PixelSpacing",
-    modality: str = "CT",
-    frames: int | None = None,
-) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "SECRET-123"
-    ds.Modality = modality
-    if spacing is not None:
-        setattr(ds, spacing_key, [str(spacing[0]), str(spacing[1])])
-    if slope is not None:
-        ds.RescaleSlope = str(slope)
-        ds.RescaleIntercept = str(intercept or 0)
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if pixels is not None:
-        rgb = pixels.ndim == 3 + int(frames is not None)
-        shape = pixels.shape[1:] if frames else pixels.shape
-        ds.Rows, ds.Columns = int(shape[0]), int(shape[1])
-        ds.SamplesPerPixel = 3 if rgb else 1
-        ds.PhotometricInterpretation = "RGB" if rgb else photometric
-        if rgb:
-            ds.PlanarConfiguration = 0
-        if frames:
-            ds.NumberOfFrames = frames
-        bits = pixels.dtype.itemsize * 8
-        ds.BitsAllocated = ds.BitsStored = bits
-        ds.HighBit = bits - 1
-        ds.PixelRepresentation = int(np.issubdtype(pixels.dtype, np.signedinteger))
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture()

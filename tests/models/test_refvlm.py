@@ -12,35 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from rau.data.caches import TokenCache, save_cache
+from rau.data.caches import save_cache
 from rau.errors import CheckpointError, RauInputError
 from rau.models.decoder import answer_loss
 from rau.models.refvlm.modeling import RefVlmModel, build_model
 from rau.training.recipes.refvlm import make_batch, neighbours, train_refvlm
+from tiny_data import TINY, tiny_token_cache
 
-TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, feature_dim=8, grid=4)
 
 
 @pytest.fixture
 def model(one_torch_thread) -> RefVlmModel:
     return build_model(seed=0, **TINY)
-
-
-def _cache(n: int = 12, seed: int = 0) -> TokenCache:
-    """Features whose channel j is a bright 2x2 block where structure j is: learnable pairs."""
-    rng = np.random.default_rng(seed)
-    feats = rng.normal(0, 0.1, (n, 8, 4, 4)).astype(np.float16)
-    loc = np.full((n, 3, 4), -1, np.int64)
-    codes = np.full((n, 3, 16), -1, np.int64)
-    for i in range(n):
-        for j in range(3):
-            if (i + j) % 5 == 4:
-                continue  # some structures absent: the answer is <no>
-            r, c = rng.integers(0, 3, 2)
-            feats[i, j, r : r + 2, c : c + 2] += 2.0
-            loc[i, j] = [r * 256, c * 256, (r + 2) * 256 - 1, (c + 2) * 256 - 1]
-            codes[i, j] = (np.arange(16) + j) % 512
-    return TokenCache(feats, loc, codes, [f"img{i}" for i in range(n)], ["a", "b", "c"], {})
 
 
 def test_vocab_prompt_answer_and_grammar(model):
@@ -125,7 +108,7 @@ def test_save_load_roundtrip_half_and_corrupted_folders(model, tmp_path):
 
 
 def test_pair_batches_are_deterministic_never_self_and_answer_no_for_absent(model):
-    cache = _cache()
+    cache = tiny_token_cache()
     near = neighbours(cache, 3)
     assert near.shape == (12, 3) and not any(i in row for i, row in enumerate(near))
     rf, tf, ids, pair, ans, locm = make_batch(model, [cache], [near], np.array([1.0]), 0, 0, 6, 3, 0.5)
@@ -148,7 +131,7 @@ def _train(cache_path, out, steps, **kw):
 
 
 def test_tiny_model_learns_and_a_killed_run_resumes_identically(tmp_path, one_torch_thread):
-    save_cache(_cache(), tmp_path / "c.npz")
+    save_cache(tiny_token_cache(), tmp_path / "c.npz")
     final = _train(tmp_path / "c.npz", tmp_path / "a", 40, save_every=20)
     losses = [h["loss"] for h in json.loads((tmp_path / "a" / "loss.json").read_text())["history"]]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
@@ -171,7 +154,7 @@ def test_tiny_model_learns_and_a_killed_run_resumes_identically(tmp_path, one_to
 
 
 def test_training_refuses_caches_that_cannot_make_pairs(tmp_path):
-    one = _cache(1)
+    one = tiny_token_cache(1)
     save_cache(one, tmp_path / "one.npz")
     with pytest.raises(RauInputError, match="at least 2 images"):
         train_refvlm([tmp_path / "one.npz"], tmp_path / "o", steps=2, config=TINY, progress=False, device="cpu")
@@ -210,7 +193,7 @@ def test_cli_cache_train_then_rau_methods_use_the_folder(folder_dataset, tmp_pat
 def test_token_evaluation_on_caches(model, tmp_path):
     from rau.eval.refvlm_tokens import evaluate_cache
 
-    res = evaluate_cache(model, _cache(8, seed=1), _cache(4, seed=2))
+    res = evaluate_cache(model, tiny_token_cache(8, seed=1), tiny_token_cache(4, seed=2))
     assert res["n_targets"] == 4 and set(res["per_structure"]) <= {"a", "b", "c"}
     assert 0.0 <= res["id_acc"] <= 1.0 and 0.0 <= res["box_iou"] <= 1.0
 

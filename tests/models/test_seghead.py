@@ -20,13 +20,10 @@ from rau.models.refvlm.seghead import (
     SegHeadModel,
     answer_box_frame,
     box_tokens,
-    build_seg_cache,
-    load_seg_cache,
-    mask_to_frame,
     seg_hidden,
-    train_seghead,
     weights_sha256,
 )
+from rau.training.recipes.seghead import build_seg_cache, load_seg_cache, mask_to_frame, train_seghead
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
 

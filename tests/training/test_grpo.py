@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_refvlm import TINY, _cache
+from tiny_data import TINY, tiny_token_cache
 
 from rau.data.caches import save_cache
 from rau.tokens.masktok import load_default
@@ -125,7 +125,7 @@ def _grpo(cache, out, init, steps, **kw):
 def test_grpo_runs_logs_rewards_keeps_the_anchor_and_resumes_identically(model, tmp_path):
     from safetensors.torch import load_file
 
-    save_cache(_cache(), tmp_path / "c.npz")
+    save_cache(tiny_token_cache(), tmp_path / "c.npz")
     model.save_pretrained(tmp_path / "sft")
     before = load_file(str(tmp_path / "sft" / "model.safetensors"))
     ref = _grpo(tmp_path / "c.npz", tmp_path / "a", tmp_path / "sft", 10)

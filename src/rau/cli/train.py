@@ -288,7 +288,7 @@ def seg_cache(
 ) -> None:
     """Store what `rau train seg-head` trains on: each image's full LiteMedSAM embedding and masks."""
     with user_errors():
-        from rau.models.refvlm.seghead import build_seg_cache
+        from rau.training.recipes.seghead import build_seg_cache
 
         path = build_seg_cache(cache, out, dataset_root=dataset, progress=progress)
     typer.echo(f"seg cache: {path}")
@@ -321,7 +321,7 @@ def seg_head(
     """
     with user_errors():
         from rau.methods.rau_vlm import DEFAULT_DIR
-        from rau.models.refvlm.seghead import train_seghead
+        from rau.training.recipes.seghead import train_seghead
 
         weights = split_numbers(cache_weights, "--cache-weights")
         final = train_seghead(vlm or DEFAULT_DIR, cache, seg_cache, output_dir, steps=steps, pairs_per_step=pairs_per_step,
