@@ -32,3 +32,17 @@ def _json_default(o: Any) -> Any:
 def write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
     """JSON (numpy scalars as numbers, other unknown objects as strings), atomically."""
     return write_bytes(path, (json.dumps(obj, indent=indent, default=_json_default) + "\n").encode())
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """UTF-8 text, atomically."""
+    return write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """A matplotlib figure as PNG, atomically (rendered to memory, then written and renamed)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return write_bytes(path, buf.getvalue())

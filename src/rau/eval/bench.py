@@ -224,7 +224,6 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
 
     md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"])
     path = out / f"BENCH{tag}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(md)
-    tmp.replace(path)
-    return path
+    from rau.atomic import write_text
+
+    return write_text(path, md)

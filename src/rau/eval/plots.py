@@ -9,16 +9,14 @@ import numpy as np
 
 
 def _save(fig, path: str | Path, dpi: int) -> Path:
-    """tight_layout, write to a temporary PNG beside ``path``, close the figure, rename."""
+    """tight_layout, write the PNG atomically, close the figure."""
     import matplotlib.pyplot as plt
 
+    from rau.atomic import save_figure
+
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    path = save_figure(fig, path, dpi)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -116,5 +116,6 @@ def save_overlays(shown: list[tuple], names: list[str], path: Path) -> None:
     handles += [Line2D([], [], color="k", label="truth"), Line2D([], [], color="k", ls="--", label="U-Net")]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    from rau.atomic import save_figure
+
+    save_figure(fig, path, dpi=90)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rau.atomic import write_bytes
+from rau.atomic import write_bytes, write_json
 from rau.errors import CheckpointError, RauInputError, one_line
 from rau.tokens.loc import (
     DecodedMask,
@@ -189,10 +189,10 @@ class MaskTokenizer:
         blob = self.weights_bytes()
         write_bytes(directory / WEIGHTS_FILE, blob)
         config = {**self.config_dict(), "weights_sha256": hashlib.sha256(blob).hexdigest()}
-        write_bytes(directory / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        write_json(directory / CONFIG_FILE, config)
         info = training if training is not None else self.training
         if info:
-            write_bytes(directory / TRAINING_FILE, (json.dumps(info, indent=2) + "\n").encode())
+            write_json(directory / TRAINING_FILE, info)
         return directory
 
     @classmethod

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from rau.atomic import write_json
+from rau.atomic import save_figure, write_json
 
 
 def write_loss_log(out: Path, history: list[dict[str, float]], loss_label: str = "loss") -> None:
@@ -52,6 +51,4 @@ def plot_losses(history: list[dict[str, float]], path: Path, loss_label: str = "
         ax2.grid(alpha=0.3)
         ax2.legend(loc="best", fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    save_figure(fig, path)
