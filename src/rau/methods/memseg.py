@@ -1,0 +1,114 @@
+"""Memory segmenter behind rau's :class:`~rau.methods.interfaces.Segmenter` interface (issue 15;
+not registered: the lead decides its name and defaults).
+
+Per :meth:`MemSegSegmenter.segment` call: the target and the reference are each encoded once by
+LiteMedSAM (:mod:`rau.encoders.litemedsam`; the last few images' embeddings are remembered, so a
+reference reused for many targets is encoded once); every structure's reference mask goes to the
+256 frame (:func:`rau.training.recipes.seghead.mask_to_frame`) and into memory; all structures are
+decoded in one batch (:class:`rau.models.memseg.modeling.MemSegModel`) and mapped back to target
+pixels (:func:`rau.encoders.litemedsam.frame_to_image`). :meth:`segment_k` fuses K references (K
+memory frames). No box is needed unless the model was trained with ``box_prompt``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from rau.data.annotated import AnnotatedImage
+from rau.errors import RauInputError
+from rau.geometry import Box
+from rau.methods.interfaces import SegmentationOutput, Segmenter
+
+MEMO_IMAGES = 4  # embeddings remembered (target + a few references)
+
+
+class MemSegSegmenter(Segmenter):
+    """Reference mask in memory -> target mask. ``model_dir``: a memseg model folder (or a run
+    folder with ``final/``), or pass a loaded ``model``. ``equalize``, ``precision``: the
+    encoder's, as :class:`rau.methods.medsam.MedSamSegmenter`; ``threshold`` on the logits."""
+
+    name = "memseg"
+    uses_reference = True
+    needs_boxes = False
+
+    def __init__(self, model_dir: str | Path | None = None, *, model=None, device: str = "cpu", equalize: bool = True,
+                 threshold: float = 0.0, precision: str | None = None):
+        from rau.encoders import litemedsam
+        from rau.models.memseg.modeling import MemSegModel
+        from rau.training.checkpoints import model_folder
+
+        if (model_dir is None) == (model is None):
+            raise RauInputError("model_dir: pass a memseg model folder or a loaded model (exactly one)")
+        self.model = model if model is not None else MemSegModel.from_pretrained(model_folder(model_dir), device=device)
+        self.model.net.to(device).eval()
+        self.model.device = device
+        self.net = litemedsam.load(None, device)
+        self.device, self.equalize, self.threshold = device, equalize, threshold
+        self.precision = litemedsam.resolve_precision(precision, device)
+        # A box-prompt model cannot decode without a box (the attribute tells Method callers).
+        self.needs_boxes = bool(self.model.config.box_prompt)
+        self._memo: OrderedDict = OrderedDict()
+
+    def embed(self, image: np.ndarray):
+        """(H, W) image in [0, 1] -> ((1, 256, 64, 64) float32 embedding on the device, scale =
+        frame px per image px); the last MEMO_IMAGES images are remembered by their pixels."""
+        import torch
+
+        from rau.encoders.litemedsam import encode, preprocess
+        from rau.references.thumbnails import pixel_digest
+
+        key = (pixel_digest(image), image.shape, self.equalize, self.precision)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        x, scale = preprocess(image, equalize=self.equalize)
+        with torch.inference_mode():
+            result = encode(self.net, x.to(self.device), self.precision).float(), scale
+        self._memo[key] = result
+        while len(self._memo) > MEMO_IMAGES:
+            self._memo.popitem(last=False)
+        return result
+
+    def segment(self, target: np.ndarray, boxes_xyxy_px: dict[str, Box | None],
+                reference: AnnotatedImage | None = None) -> dict[str, SegmentationOutput | None]:
+        if reference is None:
+            raise RauInputError("reference: the memseg segmenter reads the reference's masks; pass the annotated reference")
+        return self.segment_k(target, [reference], boxes_xyxy_px)
+
+    def segment_k(self, target: np.ndarray, references: list[AnnotatedImage],
+                  boxes_xyxy_px: dict[str, Box | None]) -> dict[str, SegmentationOutput | None]:
+        """As :meth:`segment` with K references fused in memory (K memory frames). A structure is
+        segmented when every reference annotates it non-empty (and, for a box-prompt model, it has
+        a box); otherwise its output is None."""
+        import torch
+
+        from rau.encoders.litemedsam import frame_to_image
+        from rau.training.recipes.seghead import mask_to_frame
+
+        if not references:
+            raise RauInputError("references: pass at least one annotated reference")
+        out: dict[str, SegmentationOutput | None] = {n: None for n in boxes_xyxy_px}
+        names = [n for n, box in boxes_xyxy_px.items()
+                 if all(n in r.masks and r.masks[n].any() for r in references)
+                 and (box is not None or not self.model.config.box_prompt)]
+        if not names:
+            return out
+        hw = target.shape
+        emb, scale = self.embed(target)
+        refs = torch.cat([self.embed(r.image)[0] for r in references])  # (K, 256, 64, 64)
+        masks = torch.from_numpy(np.stack([[mask_to_frame(r.masks[n]) for r in references] for n in names]))
+        n = len(names)
+        boxes = None
+        if self.model.config.box_prompt:
+            boxes = torch.tensor([boxes_xyxy_px[name] for name in names], dtype=torch.float32) * scale
+        low, iou = self.model.predict(emb.expand(n, -1, -1, -1), refs[None].expand(n, -1, -1, -1, -1),
+                                      masks[:, :, None].float(), boxes)
+        logits = frame_to_image(low, scale, hw)[:, 0].cpu().numpy()
+        ious = iou[:, 0].cpu().numpy()
+        for i, name in enumerate(names):
+            prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
+            out[name] = SegmentationOutput(logits[i] > self.threshold, float(np.clip(ious[i], 0.0, 1.0)), prob)
+        return out

@@ -1,0 +1,237 @@
+"""Train the memory segmenter (:mod:`rau.models.memseg`, issue 15) on the one engine.
+
+Data, in three layers:
+
+1. :func:`build_memseg_cache`: per image of any dataset folder :func:`rau.data.dataset.load_dataset`
+   reads, the full (256, 64, 64) LiteMedSAM embedding (fp16, float32 encoder) and every
+   structure's mask in the encoder's 256 x 256 frame (bit-packed), in one npz;
+2. :func:`pair_index` + :func:`draw_pairs`: (cache, target image, structure) triples and, per
+   triple, K references drawn among the OTHER images annotated with the same structure; structures
+   matching an ``exclude`` pattern are never drawn (held out to test generalisation); step ``s``
+   draws from ``(seed, s)`` alone, so a resumed run is exact;
+3. :func:`batch_tensors`: the drawn pairs as the network's tensors.
+
+Loss: BCE + Dice of the frame mask (:func:`rau.training.recipes.seghead.seg_loss`) plus, as SAM
+trains it, the MSE of the predicted IoU against the mask's actual IoU (``iou_weight``).
+
+CPU-sized run (2 cores; grid 32 keeps memory attention ~16x cheaper than the full 64)::
+
+    train_memseg(["runs/memseg/jsrt.npz"], "runs/memseg/cpu", steps=200, batch_size=2,
+                 k_references=1, config=MemSegConfig(grid=32), exclude=["clavicle*"])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rau.errors import RauInputError
+from rau.models.memseg.configuration import FRAME, MemSegConfig
+
+
+# ----------------------------------------------------------------------------- cache
+@dataclass
+class MemSegCache:
+    """embeddings (N, 256, S, S) fp16; masks (N, M, 256, 32) uint8 (bit-packed 256 x 256 frame
+    masks); present (N, M) bool (non-empty masks); names (M,) structure names; ids (N,) image ids."""
+
+    embeddings: np.ndarray
+    masks: np.ndarray
+    present: np.ndarray
+    names: list[str]
+    ids: list[str]
+    path: str = ""
+
+    def frame_mask(self, image: int, structure: int) -> np.ndarray:
+        """(256, 256) bool frame mask of one image's structure."""
+        return np.unpackbits(self.masks[image, structure], axis=-1)[:, :FRAME].astype(bool)
+
+
+def excluded(names: Sequence[str], patterns: Sequence[str]) -> np.ndarray:
+    """(M,) bool: which ``names`` match one of the shell-style ``patterns`` (case-insensitive),
+    e.g. ``["clavicle*", "*coronary*"]``."""
+    pats = [str(p).lower() for p in patterns]
+    return np.array([any(fnmatch.fnmatchcase(n.lower(), p) for p in pats) for n in names], bool)
+
+
+def build_memseg_cache(dataset_root: str | Path, out_file: str | Path, *, exclude_structures: Sequence[str] = (),
+                       progress: bool = True) -> Path:
+    """Embeddings + frame masks of every image of the dataset folder ``dataset_root`` ->
+    ``out_file`` (npz, written atomically). Structures matching ``exclude_structures`` (shell
+    patterns) are left out of the cache."""
+    from tqdm.auto import tqdm
+
+    from rau.atomic import write_bytes
+    from rau.data.dataset import load_dataset
+    from rau.encoders.litemedsam import encode_images
+    from rau.training.recipes.seghead import mask_to_frame
+
+    ds = load_dataset(dataset_root, arg="dataset_root")
+    names = [n for n, out in zip(ds.structures, excluded(ds.structures, exclude_structures)) if not out]
+    if not names or not len(ds):
+        raise RauInputError(f"dataset_root: {dataset_root} has no images or no structure left after exclude_structures")
+    embs, masks, present, ids = [], [], [], []
+    for item in tqdm(ds, total=len(ds), desc="memseg cache", unit="image", disable=not progress):
+        embs.append(encode_images([item.image], precision="fp32")[0].numpy().astype(np.float16))
+        row = np.zeros((len(names), FRAME, FRAME), bool)
+        for j, name in enumerate(names):
+            m = item.masks.get(name)
+            if m is not None and m.any():
+                row[j] = mask_to_frame(m)
+        masks.append(np.packbits(row, axis=-1))
+        present.append(row.any(axis=(1, 2)))
+        ids.append(item.id)
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=np.stack(embs), masks=np.stack(masks), present=np.stack(present),
+             names=np.array(names), ids=np.array(ids), dataset=np.array(str(Path(dataset_root).resolve())))
+    return write_bytes(Path(out_file), buf.getvalue())
+
+
+def save_memseg_cache(cache: MemSegCache, out_file: str | Path) -> Path:
+    """Write ``cache`` in :func:`build_memseg_cache`'s format (tests and converted caches)."""
+    from rau.atomic import write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=cache.embeddings, masks=cache.masks, present=cache.present,
+             names=np.array(cache.names), ids=np.array(cache.ids), dataset=np.array(""))
+    return write_bytes(Path(out_file), buf.getvalue())
+
+
+def load_memseg_cache(path: str | Path) -> MemSegCache:
+    """Read a cache written by :func:`build_memseg_cache`; RauInputError if unreadable or inconsistent."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        emb, masks, present = z["embeddings"], z["masks"], z["present"]
+        names, ids = [str(v) for v in z["names"]], [str(v) for v in z["ids"]]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RauInputError(f"caches: cannot read {path} as a memseg cache ({exc.__class__.__name__})") from None
+    n, m = len(ids), len(names)
+    if emb.ndim != 4 or emb.shape[0] != n or masks.shape != (n, m, FRAME, FRAME // 8) or present.shape != (n, m):
+        raise RauInputError(f"caches: {path} is inconsistent (embeddings {emb.shape}, masks {masks.shape}, "
+                            f"present {present.shape} for {n} images x {m} structures); rebuild it")
+    return MemSegCache(emb, masks, present.astype(bool), names, ids, str(path))
+
+
+# ----------------------------------------------------------------------------- pairs
+def pair_index(caches: Sequence[MemSegCache], exclude: Sequence[str], k: int) -> np.ndarray:
+    """(P, 3) int array of drawable (cache, target image, structure) triples: the structure is
+    present in the target and in at least ``k`` other images of its cache, and matches no
+    ``exclude`` pattern. RauInputError when nothing is drawable."""
+    rows = []
+    for c, cache in enumerate(caches):
+        ok = cache.present & ~excluded(cache.names, exclude)[None, :]
+        for s in np.flatnonzero(ok.sum(0) >= k + 1):
+            rows.extend((c, int(t), int(s)) for t in np.flatnonzero(ok[:, s]))
+    if not rows:
+        raise RauInputError(f"caches: no structure is annotated in {k + 1}+ images once exclude={list(exclude)} is "
+                            "applied; lower k_references or add images")
+    return np.array(rows, dtype=np.int64)
+
+
+def draw_pairs(caches: Sequence[MemSegCache], index: np.ndarray, rng: np.random.Generator, n: int, k: int):
+    """``n`` pairs ``(cache, target, structure, references (k,))``: triples uniform over ``index``,
+    references uniform without replacement among the other images with that structure."""
+    pairs = []
+    for row in rng.integers(len(index), size=n):
+        c, t, s = (int(v) for v in index[row])
+        others = np.flatnonzero(caches[c].present[:, s])
+        others = others[others != t]
+        pairs.append((c, t, s, np.sort(rng.choice(others, size=k, replace=False))))
+    return pairs
+
+
+def batch_tensors(caches: Sequence[MemSegCache], pairs, box_prompt: bool):
+    """Pairs -> float32 CPU tensors: target (B, 256, S, S), references (B, K, 256, S, S),
+    reference masks (B, K, 1, 256, 256), target masks (B, 256, 256) and, with ``box_prompt``, the
+    target masks' tight boxes (B, 4) xyxy in frame pixels (else None)."""
+    import torch
+
+    from rau.geometry import mask_to_box
+
+    tgt, refs, ref_masks, gts = [], [], [], []
+    for c, t, s, r in pairs:
+        cache = caches[c]
+        tgt.append(cache.embeddings[t])
+        refs.append(cache.embeddings[r])
+        ref_masks.append(np.stack([cache.frame_mask(int(i), s) for i in r])[:, None])
+        gts.append(cache.frame_mask(t, s))
+    f32 = lambda a: torch.from_numpy(np.stack(a).astype(np.float32))  # noqa: E731
+    boxes = torch.tensor([mask_to_box(g) for g in gts], dtype=torch.float32) if box_prompt else None
+    return f32(tgt), f32(refs), f32(ref_masks), f32(gts), boxes
+
+
+# ----------------------------------------------------------------------------- training
+def memseg_loss(logits, iou_pred, target, iou_weight: float = 1.0):
+    """BCE + Dice of (B, 1, 256, 256) logits against (B, 256, 256) {0, 1} masks, + ``iou_weight``
+    x MSE of the predicted (B, 1) IoU against the thresholded mask's IoU -> (loss, dice (B,))."""
+    import torch
+    import torch.nn.functional as F
+
+    from rau.training.recipes.seghead import seg_loss
+
+    low = logits[:, 0].float()
+    with torch.no_grad():
+        pred = (low > 0).float()
+        inter = (pred * target).flatten(1).sum(1)
+        union = (pred + target).clamp(max=1).flatten(1).sum(1)
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        dice = 2 * inter / (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).clamp(min=1)
+    return seg_loss(low, target) + iou_weight * F.mse_loss(iou_pred[:, 0].float(), iou), dice
+
+
+def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int, batch_size: int = 2,
+                 lr: float = 1e-4, seed: int = 0, k_references: int = 1, exclude: Sequence[str] = (),
+                 save_every: int = 50, log_every: int = 5, warmup: int = 20, iou_weight: float = 1.0,
+                 config: MemSegConfig | None = None, device: str = "auto", threads: int | None = None,
+                 command: str | None = None, progress: bool = True, lite=None,
+                 on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Train a memory segmenter on memseg caches -> ``out_dir/final``. Resumable (rerun the same
+    call); ``exclude``: structure-name patterns never drawn; ``lite``: the LiteMedSAM network whose
+    decoder initialises the model (default: the shipped one); ``on_step`` as in
+    :func:`rau.training.engine.run_training`."""
+    import torch
+
+    from rau.models.memseg.modeling import MemSegModel
+    from rau.training.engine import run_training
+
+    if steps < 1 or batch_size < 1 or k_references < 1 or not lr > 0 or iou_weight < 0:
+        raise RauInputError(f"steps, batch_size and k_references must be >= 1, lr > 0 and iou_weight >= 0; got "
+                            f"{steps}, {batch_size}, {k_references}, {lr}, {iou_weight}")
+    if isinstance(exclude, str):
+        raise RauInputError(f"exclude: expected a list of name patterns, got the string {exclude!r}")
+    if not caches:
+        raise RauInputError("caches: give at least one memseg cache (build_memseg_cache)")
+    config = config or MemSegConfig()
+    loaded = [load_memseg_cache(c) for c in caches]
+    for cache in loaded:
+        side = cache.embeddings.shape[-1]
+        if side % config.grid:
+            raise RauInputError(f"caches: {cache.path} holds {side} x {side} embeddings, not a multiple of grid {config.grid}")
+    index = pair_index(loaded, exclude, k_references)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = MemSegModel(config, lite=lite)
+    run_key = {"kind": "memseg", "caches": [str(Path(c).resolve()) for c in caches], "pairs": len(index),
+               "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
+               "k_references": k_references, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
+               "config": asdict(config)}
+
+    def step_loss(net, step, acc):
+        rng = np.random.default_rng([seed, step, acc.process_index, acc.num_processes])
+        pairs = draw_pairs(loaded, index, rng, batch_size, k_references)
+        tgt, refs, ref_masks, gt, boxes = (None if x is None else x.to(acc.device)
+                                           for x in batch_tensors(loaded, pairs, config.box_prompt))
+        with acc.autocast():
+            low, iou = net(tgt, refs, ref_masks, boxes)
+        loss, dice = memseg_loss(low, iou, gt, iou_weight)
+        return loss, {"dice": float(dice.mean())}
+
+    return run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                        log_every=log_every, device=device, command=command, progress=progress,
+                        desc="train memseg", loss_label="loss (mask BCE + Dice + IoU MSE)", on_step=on_step)

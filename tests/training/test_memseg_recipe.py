@@ -1,0 +1,101 @@
+"""The memory segmenter's recipe: cache from a dataset folder, pair drawing (same structure,
+references among other images, exclusions, seeded per step), and a tiny engine run whose killed
+twin resumes to the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rau.errors import RauInputError
+from rau.models.memseg.configuration import FRAME, MemSegConfig
+from rau.training.recipes.memseg import (
+    MemSegCache,
+    batch_tensors,
+    build_memseg_cache,
+    draw_pairs,
+    excluded,
+    load_memseg_cache,
+    pair_index,
+    save_memseg_cache,
+    train_memseg,
+)
+
+TINY = dict(grid=16, memory_layers=1, feed_forward=64, fuser_layers=1, fuser_intermediate=64, dropout=0.0)
+
+
+def _cache(n=5, names=("heart", "clavicle_left", "lung"), seed=0) -> MemSegCache:
+    """n images, 16 x 16 random embeddings; structure j a block whose place varies per image;
+    the last structure is annotated in image 0 only."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, len(names), FRAME, FRAME), bool)
+    for i in range(n):
+        for j in range(len(names)):
+            if j == len(names) - 1 and i > 0:
+                continue
+            r, c = rng.integers(0, 160, 2)
+            masks[i, j, r : r + 64, c : c + 64] = True
+    emb = rng.normal(0, 1, (n, 256, 16, 16)).astype(np.float16)
+    return MemSegCache(emb, np.packbits(masks, axis=-1), masks.any(axis=(2, 3)), list(names), [f"case_{i}" for i in range(n)])
+
+
+def test_exclusion_patterns_and_pair_drawing():
+    assert excluded(["Clavicle_L", "heart", "LAD_coronary"], ["clavicle*", "*coronary*"]).tolist() == [True, False, True]
+    caches = [_cache()]
+    index = pair_index(caches, ["clavicle*"], k=2)
+    assert set(index[:, 2].tolist()) == {0}  # lung: in one image only; clavicle: excluded
+    a = draw_pairs(caches, index, np.random.default_rng([0, 7]), 6, 2)
+    b = draw_pairs(caches, index, np.random.default_rng([0, 7]), 6, 2)
+    assert [(c, t, s, r.tolist()) for c, t, s, r in a] == [(c, t, s, r.tolist()) for c, t, s, r in b]
+    for _, t, s, refs in a:
+        assert len(set(refs.tolist())) == 2 and t not in refs.tolist() and caches[0].present[refs, s].all()
+    tgt, ref, ref_masks, gt, boxes = batch_tensors(caches, a, box_prompt=True)
+    assert tgt.shape == (6, 256, 16, 16) and ref.shape == (6, 2, 256, 16, 16)
+    assert ref_masks.shape == (6, 2, 1, FRAME, FRAME) and gt.shape == (6, FRAME, FRAME) and boxes.shape == (6, 4)
+    _, t, s, _ = a[0]
+    assert torch.equal(gt[0].bool(), torch.from_numpy(caches[0].frame_mask(t, s)))
+    with pytest.raises(RauInputError, match="k_references"):
+        pair_index(caches, ["*"], k=1)
+
+
+def test_cache_from_a_dataset_folder(folder_dataset, tmp_path, one_torch_thread):
+    out = build_memseg_cache(folder_dataset, tmp_path / "c.npz", exclude_structures=["square"], progress=False)
+    cache = load_memseg_cache(out)
+    assert cache.names == ["blob"] and len(cache.ids) == 4
+    assert cache.embeddings.shape == (4, 256, 64, 64) and cache.embeddings.dtype == np.float16
+    assert cache.present.all() and cache.frame_mask(0, 0).any()
+    (tmp_path / "bad.npz").write_bytes(b"not a cache")
+    with pytest.raises(RauInputError, match="memseg cache"):
+        load_memseg_cache(tmp_path / "bad.npz")
+
+
+def _train(caches, out, **kw):
+    from rau.encoders.litemedsam import load
+
+    return train_memseg(caches, out, steps=4, batch_size=2, lr=1e-3, seed=0, k_references=2, exclude=["clavicle*"],
+                        save_every=2, log_every=1, warmup=0, config=MemSegConfig(**TINY), device="cpu",
+                        progress=False, lite=load(), **kw)
+
+
+def test_tiny_run_resumes_after_a_kill_to_the_same_weights(tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    path = save_memseg_cache(_cache(), tmp_path / "c.npz")
+    whole = _train([path], tmp_path / "whole")
+
+    def kill(done, record):
+        if done == 3:
+            raise KeyboardInterrupt  # after the step-2 checkpoint, before the end
+
+    with pytest.raises(KeyboardInterrupt):
+        _train([path], tmp_path / "killed", on_step=kill)
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = _train([path], tmp_path / "killed")
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(str(tmp_path / "killed" / "checkpoint-2" / "model.safetensors"))
+    assert not all(torch.equal(a[k], start[k]) for k in a)  # it did train
+    with pytest.raises(RauInputError, match="other settings"):
+        train_memseg([path], tmp_path / "killed", steps=4, batch_size=2, lr=1e-3, seed=1, k_references=2,
+                     exclude=["clavicle*"], config=MemSegConfig(**TINY), device="cpu", progress=False)
