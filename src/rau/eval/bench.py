@@ -90,9 +90,10 @@ def machine_line() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit, ``-dirty`` when the tree has uncommitted changes ("unknown" outside git)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -183,12 +184,14 @@ def best_worst_overlays(report: dict, split: Split, method_options: dict[str, An
 
 
 def bench_markdown(reports: dict[str, list[dict]], figures: dict[str, Path], overlays: list[Path], argv: list[str],
-                   precision: str | None = None) -> str:
+                   precision: str | None = None, commit: str | None = None, started: str | None = None) -> str:
+    """The BENCH.md text; ``commit`` and ``started``: the code's commit and the UTC time when the
+    run began (a long run's checkout may move on before the report is written)."""
     from rau.eval.evaluate import comparison_table, dice_by_structure_table
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"Command: `rau {' '.join(argv)}`  ", f"Machine: {machine_line()}  ", f"Date: {now}  ",
-             f"Commit: {git_commit()}  "]
+    lines = [f"Command: `rau {' '.join(argv)}`  ", f"Machine: {machine_line()}  ",
+             f"Date: {started + ' to ' if started else ''}{now}  ", f"Commit: {commit or git_commit()}  "]
     if precision:
         lines.append(f"LiteMedSAM encoder precision: {precision}  ")
     lines.append("")
@@ -206,6 +209,7 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
                argv: list[str], k: int = 1) -> Path:
     from rau.eval.plots import dice_bar_chart
 
+    commit, started = git_commit(), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = methods or default_methods()
     split_names = split_names or list(SPLITS)
     if "drr" in split_names:
@@ -222,7 +226,7 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
             overlays += best_worst_overlays(first, split, method_options, out)
     from rau.eval.evaluate import model_config
 
-    md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"])
+    md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"], commit, started)
     path = out / f"BENCH{tag}.md"
     from rau.atomic import write_text
 
