@@ -17,7 +17,8 @@ from rau.cli.app import app
 from rau.cli.common import parse_range, split_names, split_numbers, user_errors
 
 runner = CliRunner()
-TRAININGS = ("vlm", "chex-cache", "chex", "refvlm", "grpo", "seg-cache", "seg-head", "masktok", "unet")
+TRAININGS = ("vlm", "chex-cache", "chex", "refvlm", "grpo", "seg-cache", "seg-head", "masktok", "unet",
+             "memseg-cache", "memseg")
 CLI_DIR = Path(__file__).resolve().parents[2] / "src" / "rau" / "cli"
 
 
@@ -36,7 +37,7 @@ def test_root_help_lists_every_command_group():
         assert f" {name} " in res.output, name
 
 
-def test_train_help_lists_all_nine_trainings():
+def test_train_help_lists_every_training():
     res = runner.invoke(app, ["train", "--help"])
     assert res.exit_code == 0, res.output
     listed = {ln.strip("│ ").split(" ")[0] for ln in res.output.splitlines()}
@@ -189,3 +190,26 @@ def test_train_unet_then_eval_unet(folder_dataset, tmp_path, one_torch_thread):
                               "--out", str(scores), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "mean_dice" in res.output and json.loads(scores.read_text())["per_structure"]
+
+
+def test_memseg_cache_then_one_training_step_end_to_end(folder_dataset, tmp_path, one_torch_thread):
+    """rau train memseg-cache (a held-out structure left out) -> rau train memseg (grid 16, 1 step)."""
+    cache = tmp_path / "m.npz"
+    res = runner.invoke(app, ["train", "memseg-cache", "--data", str(folder_dataset), "--out", str(cache),
+                              "--exclude", "square", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    from rau.training.recipes.memseg import load_memseg_cache
+
+    assert "square" not in load_memseg_cache(cache).names
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "memseg", "--cache", str(cache), "--output-dir", str(run), "--steps", "1",
+                              "--batch-size", "1", "--grid", "16", "--memory-layers", "1", "--save-every", "1",
+                              "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (run / "final" / "model.safetensors").is_file() and (run / "checkpoint-1" / "state.json").is_file()
+
+
+def test_memseg_bad_grid_is_one_error_line(tmp_path):
+    res = runner.invoke(app, ["train", "memseg", "--cache", str(tmp_path / "none.npz"), "--output-dir",
+                              str(tmp_path / "r"), "--grid", "48", "--no-progress"])
+    assert one_error_line(res).startswith("error: grid")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from rau.cli import data, evaluate, infer, train, train_masks
+from rau.cli import data, evaluate, infer, train, train_masks, train_memseg
 
 app = typer.Typer(
     add_completion=False,
@@ -58,11 +58,13 @@ for name, fn in (
     ("vlm", train.vlm),
     ("masktok", train_masks.masktok),
     ("unet", train_masks.unet),
+    ("memseg-cache", train_memseg.memseg_cache),
+    ("memseg", train_memseg.memseg),
 ):
     train_app.command(name)(fn)
 
 app.add_typer(train_app, name="train", rich_help_panel=DATA,
-              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet.")
+              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg.")
 
 
 def main() -> None:

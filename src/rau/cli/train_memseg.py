@@ -1,0 +1,69 @@
+"""Training commands of the memory segmenter (issue 15, not shipped yet): ``rau train memseg-cache``
+(full LiteMedSAM embeddings + frame masks of a dataset) and ``rau train memseg``; mounted under
+``rau train`` by :mod:`rau.cli.app`.
+
+CPU-sized example (grid 32: memory attention at LiteMedSAM's full 64 x 64 grid costs seconds per
+pair on a CPU):
+
+    rau train memseg-cache --data runs/drr/train --out runs/memseg/drr_train.npz
+    rau train memseg --cache runs/memseg/drr_train.npz --output-dir runs/memseg/run --steps 20 \\
+        --exclude '*clavicle*' --exclude '*scapula*' --grid 32
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rau.cli.common import ProgressOpt, ThreadsOpt, command_line, option, user_errors
+
+ExcludeOpt = Annotated[Optional[list[str]], option(
+    "Structure-name pattern held out (shell style, e.g. '*clavicle*'); repeat for several.", "--exclude")]
+
+
+def memseg_cache(
+    data: Annotated[Path, option("Dataset folder (images/ + masks/<structure>/, or COCO).", "--data")],
+    out: Annotated[Path, option("Output .npz: fp16 LiteMedSAM embeddings + bit-packed masks in the encoder frame.")],
+    exclude: ExcludeOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Store what `rau train memseg` trains on: each image's full LiteMedSAM embedding and masks."""
+    with user_errors():
+        from rau.training.recipes.memseg import build_memseg_cache
+
+        path = build_memseg_cache(data, out, exclude_structures=exclude or (), progress=progress)
+    typer.echo(f"memseg cache: {path}")
+
+
+def memseg(
+    cache: Annotated[list[Path], option("Memseg cache(s) (rau train memseg-cache); repeat for several.", "--cache")],
+    output_dir: Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")],
+    steps: Annotated[int, option("Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, option("Reference/target pairs per step.")] = 2,
+    k_references: Annotated[int, option("Reference frames in memory per pair.")] = 1,
+    lr: Annotated[float, option("AdamW peak learning rate (cosine to 10%).")] = 1e-4,
+    warmup: Annotated[int, option("Linear warmup steps.")] = 20,
+    exclude: ExcludeOpt = None,
+    grid: Annotated[int, option("Cells per side for memory attention and decoder: 64 (LiteMedSAM's), 32 or 16.")] = 64,
+    memory_layers: Annotated[int, option("Memory-attention layers.")] = 2,
+    box_prompt: Annotated[bool, option("The decoder also reads a target box.")] = False,
+    seed: Annotated[int, option("Seed: init and pairs.")] = 0,
+    save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
+    threads: ThreadsOpt = None,
+    device: Annotated[str, option("auto (GPU if present), cpu or cuda.")] = "auto",
+    progress: ProgressOpt = True,
+) -> None:
+    """Train the memory segmenter (reference image + mask in memory -> target mask); resumable."""
+    with user_errors():
+        from rau.models.memseg.configuration import MemSegConfig
+        from rau.training.recipes.memseg import train_memseg
+
+        config = MemSegConfig(grid=grid, memory_layers=memory_layers, box_prompt=box_prompt)
+        final = train_memseg(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                             k_references=k_references, exclude=exclude or (), save_every=save_every,
+                             warmup=warmup, config=config, device=device, threads=threads,
+                             command=command_line(), progress=progress)
+    typer.echo(f"final model: {final}")
+
