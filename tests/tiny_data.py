@@ -65,8 +65,8 @@ def write_dicom(
     return path
 
 
-def tiny_token_cache(n: int = 12, seed: int = 0) -> TokenCache:
-    """Features whose channel j is a bright 2x2 block where structure j is: learnable pairs."""
+def tiny_token_cache(n: int = 12, seed: int = 0, names: tuple[str, ...] = ("a", "b", "c")) -> TokenCache:
+    """Features whose channel j is a bright 2x2 block where structure j (of 3 ``names``) is: learnable."""
     rng = np.random.default_rng(seed)
     feats = rng.normal(0, 0.1, (n, 8, 4, 4)).astype(np.float16)
     loc = np.full((n, 3, 4), -1, np.int64)
@@ -79,4 +79,4 @@ def tiny_token_cache(n: int = 12, seed: int = 0) -> TokenCache:
             feats[i, j, r : r + 2, c : c + 2] += 2.0
             loc[i, j] = [r * 256, c * 256, (r + 2) * 256 - 1, (c + 2) * 256 - 1]
             codes[i, j] = (np.arange(16) + j) % 512
-    return TokenCache(feats, loc, codes, [f"img{i}" for i in range(n)], ["a", "b", "c"], {})
+    return TokenCache(feats, loc, codes, [f"img{i}" for i in range(n)], list(names), {})

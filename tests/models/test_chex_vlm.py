@@ -15,6 +15,7 @@ from rau.models.chex.configuration import ChexConfig
 from rau.models.chex.modeling import ChexModel, build_model
 from rau.models.decoder import answer_loss
 from rau.training.recipes.chex import make_batch, train_chex
+from tiny_data import tiny_token_cache
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, feature_dim=8, grid=4)
 NAMES = ["left_lung", "right_lung", "heart", "vertebra_T1"]
@@ -26,20 +27,8 @@ def model(one_torch_thread) -> ChexModel:
 
 
 def _cache(n: int = 12, seed: int = 0) -> TokenCache:
-    """Features whose first channel is a bright 2x2 block at the structure's place: learnable."""
-    rng = np.random.default_rng(seed)
-    feats = rng.normal(0, 0.1, (n, 8, 4, 4)).astype(np.float16)
-    loc = np.full((n, 3, 4), -1, np.int64)
-    codes = np.full((n, 3, 16), -1, np.int64)
-    for i in range(n):
-        for j in range(3):
-            if (i + j) % 5 == 4:
-                continue  # some structures absent
-            r, c = rng.integers(0, 3, 2)
-            feats[i, j, r : r + 2, c : c + 2] += 2.0
-            loc[i, j] = [r * 256, c * 256, (r + 2) * 256 - 1, (c + 2) * 256 - 1]
-            codes[i, j] = (np.arange(16) + j) % 512
-    return TokenCache(feats, loc, codes, [f"img{i}" for i in range(n)], ["left_lung", "heart", "vertebra_T1"], {})
+    """The shared tiny cache (tests/tiny_data.py) with chest structure names."""
+    return tiny_token_cache(n, seed, names=("left_lung", "heart", "vertebra_T1"))
 
 
 def test_vocab_blocks_and_unknown_names(model):
