@@ -68,8 +68,7 @@ def build_memseg_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
 
     from rau.atomic import write_bytes
     from rau.data.dataset import load_dataset
-    from rau.encoders.litemedsam import encode_images
-    from rau.training.recipes.seghead import mask_to_frame
+    from rau.training.recipes.seghead import frame_record
 
     ds = load_dataset(dataset_root, arg="dataset_root")
     names = [n for n, out in zip(ds.structures, excluded(ds.structures, exclude_structures)) if not out]
@@ -77,14 +76,10 @@ def build_memseg_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
         raise RauInputError(f"dataset_root: {dataset_root} has no images or no structure left after exclude_structures")
     embs, masks, present, ids = [], [], [], []
     for item in tqdm(ds, total=len(ds), desc="memseg cache", unit="image", disable=not progress):
-        embs.append(encode_images([item.image], precision="fp32")[0].numpy().astype(np.float16))
-        row = np.zeros((len(names), FRAME, FRAME), bool)
-        for j, name in enumerate(names):
-            m = item.masks.get(name)
-            if m is not None and m.any():
-                row[j] = mask_to_frame(m)
-        masks.append(np.packbits(row, axis=-1))
-        present.append(row.any(axis=(1, 2)))
+        emb, packed, here = frame_record(item, names)
+        embs.append(emb)
+        masks.append(packed)
+        present.append(here)
         ids.append(item.id)
     buf = io.BytesIO()
     np.savez(buf, embeddings=np.stack(embs), masks=np.stack(masks), present=np.stack(present),

@@ -40,6 +40,21 @@ def mask_to_frame(mask: np.ndarray, frame: int = FRAME) -> np.ndarray:
     return out
 
 
+def frame_record(item, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One annotated image as the full-embedding caches store it: its (256, 64, 64) fp16 LiteMedSAM
+    embedding (computed in float32, as all training data), the (S, 256, 32) bit-packed masks of
+    ``names`` in the encoder frame (empty where missing) and the (S,) bool presence."""
+    from rau.encoders.litemedsam import encode_images
+
+    emb = encode_images([item.image], precision="fp32")[0].numpy().astype(np.float16)
+    row = np.zeros((len(names), FRAME, FRAME), bool)
+    for j, name in enumerate(names):
+        m = item.masks.get(name)
+        if m is not None and m.any():
+            row[j] = mask_to_frame(m)
+    return emb, np.packbits(row, axis=-1), row.any(axis=(1, 2))
+
+
 def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_root: str | Path | None = None,
                     progress: bool = True) -> Path:
     """Full LiteMedSAM embeddings + frame masks of every image of ``token_cache`` (its dataset
@@ -51,7 +66,6 @@ def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_ro
     from rau.atomic import write_bytes
     from rau.data.caches import load_cache
     from rau.data.dataset import load_dataset
-    from rau.encoders.litemedsam import encode_images
 
     cache = load_cache(token_cache)
     root = dataset_root or cache.meta.get("dataset")
@@ -66,14 +80,9 @@ def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_ro
             raise RauInputError(f"{root}: image {image_id!r} of {token_cache} is missing")
         if item.image.shape[0] != item.image.shape[1]:
             raise RauInputError(f"{image_id}: rau-seg training needs square images (its answer boxes fill the whole 256 x 256 frame)")
-        emb = encode_images([item.image], precision="fp32")  # training data: always float32
-        embs.append(emb[0].numpy().astype(np.float16))
-        row = np.zeros((len(cache.names), FRAME, FRAME), bool)
-        for j, name in enumerate(cache.names):
-            m = item.masks.get(name)
-            if m is not None and m.any():
-                row[j] = mask_to_frame(m)
-        masks.append(np.packbits(row, axis=-1))
+        emb, packed, _ = frame_record(item, cache.names)
+        embs.append(emb)
+        masks.append(packed)
     buf = io.BytesIO()
     np.savez(buf, embeddings=np.stack(embs), masks=np.stack(masks), ids=np.array(cache.ids))
     write_bytes(Path(out_file), buf.getvalue())
