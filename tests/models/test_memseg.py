@@ -209,3 +209,21 @@ def test_follows_the_reference_on_shapes_it_never_trained_on(lite, one_torch_thr
     on_b, _ = model.predict(tgt, ref, b[:, None, None])
     assert _iou(on_a, a) > 0.25 and _iou(on_a, a) > 3 * _iou(on_a, b)  # B is what chance (either bar) would hit
     assert _iou(on_b, b) > 0.25 and _iou(on_b, b) > 3 * _iou(on_b, a)
+
+
+def test_mask_prompt_is_read_trained_and_defaults_to_the_references_mean(lite, one_torch_thread):
+    model = _model(lite, mask_prompt=True)
+    target, refs, masks = _inputs()
+    model.net.train()
+    low, iou = model.net(target, refs, masks)
+    (low.mean() + iou.mean()).backward()
+    assert all(p.grad is not None for p in model.net.prompt_encoder.mask_downscaling.parameters())
+    mean = masks.mean(1)
+    a, _ = model.predict(target, refs, masks)
+    b, _ = model.predict(target, refs, masks, prompt_masks=mean)
+    c, _ = model.predict(target, refs, masks, prompt_masks=1 - mean)
+    assert torch.allclose(a, b) and not torch.allclose(a, c, atol=1e-3)
+    with pytest.raises(RauInputError, match="prompt_masks"):
+        model.predict(target, refs, masks, prompt_masks=mean[..., :128, :128])
+    with pytest.raises(RauInputError, match="prompt_masks"):
+        _model(lite).predict(target, refs, masks, prompt_masks=mean)

@@ -14,8 +14,10 @@ from rau.training.recipes.memseg import (
     MemSegCache,
     batch_tensors,
     build_memseg_cache,
+    compose_mask,
     draw_pairs,
     excluded,
+    jitter_prompts,
     load_memseg_cache,
     pair_index,
     save_memseg_cache,
@@ -59,6 +61,29 @@ def test_exclusion_patterns_and_pair_drawing():
         pair_index(caches, ["*"], k=1)
 
 
+def test_pseudo_structures_are_built_alike_in_every_image_and_never_from_held_out_ones():
+    cache = _cache(n=6, names=("heart", "clavicle_left", "lung", "aorta"))
+    cache.present[:, 2] = True  # every image annotates every structure here
+    cache.masks[:, 2] = cache.masks[:, 0]
+    index = pair_index([cache], ["clavicle*"], k=1)
+    pairs = draw_pairs([cache], index, np.random.default_rng(3), 200, 1, pseudo=1.0, exclude=["clavicle*"])
+    kinds = {p[2][0] for p in pairs}
+    assert kinds == {"union", "part", "band"}
+    assert all(p[2][2] != 1 for p in pairs if p[2][0] == "union")  # the held-out clavicle is never mixed in
+    m = cache.frame_mask(0, 0)
+    top, right = compose_mask(cache, 0, ("part", 0, 0)), compose_mask(cache, 0, ("part", 0, 3))
+    assert 0 < top.sum() < m.sum() and not (top & ~m).any() and (top.sum(1) > 0).argmax() == (m.sum(1) > 0).argmax()
+    assert (right.sum(0) > 0).nonzero()[0].max() == (m.sum(0) > 0).nonzero()[0].max()
+    band = compose_mask(cache, 0, ("band", 0, 2))
+    assert 0 < band.sum() < m.sum() and not (band & ~m).any()
+    assert compose_mask(cache, 0, ("union", 0, 3)).sum() == (m | cache.frame_mask(0, 3)).sum()
+    assert np.array_equal(compose_mask(cache, 0, 0), m)
+    moved = jitter_prompts(torch.from_numpy(m[None, None].astype(np.float32)), np.random.default_rng(0), 0.1, 0.1, 10)
+    assert moved.shape == (1, 1, FRAME, FRAME) and not torch.equal(moved[0, 0] > 0.5, torch.from_numpy(m))
+    still = jitter_prompts(torch.from_numpy(m[None, None].astype(np.float32)), np.random.default_rng(0), 0, 0, 0)
+    assert torch.equal(still[0, 0] > 0.5, torch.from_numpy(m))
+
+
 def test_cache_from_a_dataset_folder(folder_dataset, tmp_path, one_torch_thread):
     out = build_memseg_cache(folder_dataset, tmp_path / "c.npz", exclude_structures=["square"], progress=False)
     cache = load_memseg_cache(out)
@@ -74,8 +99,8 @@ def _train(caches, out, **kw):
     from rau.encoders.litemedsam import load
 
     return train_memseg(caches, out, steps=4, batch_size=2, lr=1e-3, seed=0, k_references=2, exclude=["clavicle*"],
-                        save_every=2, log_every=1, warmup=0, config=MemSegConfig(**TINY), device="cpu",
-                        progress=False, lite=load(), **kw)
+                        save_every=2, log_every=1, warmup=0, config=MemSegConfig(**TINY, mask_prompt=True), device="cpu",
+                        pseudo=0.5, progress=False, lite=load(), **kw)
 
 
 def test_tiny_run_resumes_after_a_kill_to_the_same_weights(tmp_path, one_torch_thread):

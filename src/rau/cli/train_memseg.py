@@ -27,13 +27,16 @@ def memseg_cache(
     data: Annotated[Path, option("Dataset folder (images/ + masks/<structure>/, or COCO).", "--data")],
     out: Annotated[Path, option("Output .npz: fp16 LiteMedSAM embeddings + bit-packed masks in the encoder frame.")],
     exclude: ExcludeOpt = None,
+    images: Annotated[Optional[str], option("Id-sorted image range START:STOP (e.g. 0:160, a training part); default all.")] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Store what `rau train memseg` trains on: each image's full LiteMedSAM embedding and masks."""
     with user_errors():
+        from rau.cli.common import parse_range
         from rau.training.recipes.memseg import build_memseg_cache
 
-        path = build_memseg_cache(data, out, exclude_structures=exclude or (), progress=progress)
+        path = build_memseg_cache(data, out, exclude_structures=exclude or (), image_range=parse_range(images, "--images"),
+                                  progress=progress)
     typer.echo(f"memseg cache: {path}")
 
 
@@ -49,6 +52,8 @@ def memseg(
     grid: Annotated[int, option("Cells per side for memory attention and decoder: 64 (LiteMedSAM's), 32 or 16.")] = 64,
     memory_layers: Annotated[int, option("Memory-attention layers.")] = 2,
     box_prompt: Annotated[bool, option("The decoder also reads a target box.")] = False,
+    mask_prompt: Annotated[bool, option("The decoder also reads the references' mask as a dense prior in the target frame.")] = False,
+    pseudo: Annotated[float, option("Share of pairs on pseudo-structures (unions, halves, boundary bands of labelled ones).")] = 0.0,
     seed: Annotated[int, option("Seed: init and pairs.")] = 0,
     save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
     threads: ThreadsOpt = None,
@@ -60,9 +65,9 @@ def memseg(
         from rau.models.memseg.configuration import MemSegConfig
         from rau.training.recipes.memseg import train_memseg
 
-        config = MemSegConfig(grid=grid, memory_layers=memory_layers, box_prompt=box_prompt)
+        config = MemSegConfig(grid=grid, memory_layers=memory_layers, box_prompt=box_prompt, mask_prompt=mask_prompt)
         final = train_memseg(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                             k_references=k_references, exclude=exclude or (), save_every=save_every,
+                             k_references=k_references, exclude=exclude or (), pseudo=pseudo, save_every=save_every,
                              warmup=warmup, config=config, device=device, threads=threads,
                              command=command_line(), progress=progress)
     typer.echo(f"final model: {final}")

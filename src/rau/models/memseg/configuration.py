@@ -37,7 +37,10 @@ class MemSegConfig:
     grid: cells per side that memory attention and the decoder run on (64 = LiteMedSAM's full
     embedding; 32 or 16 average-pool the embeddings first, attention ~16x cheaper per halving);
     dropout: memory-attention dropout (SAM2: 0.1); box_prompt: the decoder also reads a target box
-    (LiteMedSAM's frozen box encoding); mask_scale / mask_bias: a {0, 1} reference mask enters the
+    (LiteMedSAM's frozen box encoding); mask_prompt: the decoder also reads a dense mask prompt in
+    the target frame (SAM's mask input through LiteMedSAM's fine-tuned mask downscaling): at
+    inference the references' mean mask placed as is, or a registration-warped one, a location
+    prior that memory attention and the image correct; mask_scale / mask_bias: a {0, 1} reference mask enters the
     memory encoder as ``mask * scale + bias`` (SAM2's sigmoid_scale/bias_for_mem_enc).
     """
 
@@ -51,6 +54,7 @@ class MemSegConfig:
     grid: int = EMBED_GRID
     dropout: float = 0.1
     box_prompt: bool = False
+    mask_prompt: bool = False
     mask_scale: float = 20.0
     mask_bias: float = -10.0
     format: str = FORMAT

@@ -76,6 +76,7 @@ def _build_net(config: MemSegConfig, lite=None):
             for head in self.mask_decoder.output_hypernetworks_mlps[1:]:
                 head.requires_grad_(False)  # multimask heads: their masks are never used
             self.prompt_encoder = copy.deepcopy(base.prompt_encoder).requires_grad_(False)
+            self.prompt_encoder.mask_downscaling.requires_grad_(config.mask_prompt)  # SAM's mask-input path
 
         def _pool(self, x):
             if x.shape[-1] == grid and x.shape[-2] == grid:
@@ -95,10 +96,11 @@ def _build_net(config: MemSegConfig, lite=None):
 
             return seq(mem), seq(pos) + self.memory_temporal_pe.to(pos.dtype)
 
-        def forward(self, target, references, reference_masks, box_xyxy=None):
+        def forward(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None):
             """target (B, 256, S, S) LiteMedSAM embedding, references (B, K, 256, S, S), reference
-            masks (B, K, 1, 256, 256) in [0, 1] in the 256 frame, [box_xyxy (B, 4) frame px] ->
-            (mask logits (B, 1, 256, 256) in the frame, predicted IoU (B, 1))."""
+            masks (B, K, 1, 256, 256) in [0, 1] in the 256 frame, [box_xyxy (B, 4) frame px],
+            [prompt_masks (B, 1, 256, 256) in [0, 1], the target-frame prior; default: the
+            references' mean mask] -> (mask logits (B, 1, 256, 256) in the frame, predicted IoU (B, 1))."""
             b = target.shape[0]
             tgt = self._pool(target)
             memory, memory_pos = self.memory(references, reference_masks)
@@ -111,7 +113,12 @@ def _build_net(config: MemSegConfig, lite=None):
                                         memory_posision_embeddings=memory_pos)
             cond = _to_batch_first(out, b, grid * grid).transpose(1, 2).reshape(b, -1, grid, grid)
             pe = self.prompt_encoder.pe_layer((grid, grid))[None].to(cond.dtype)
-            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, grid, grid).to(cond.dtype)
+            if config.mask_prompt:
+                prior = reference_masks.mean(1) if prompt_masks is None else prompt_masks
+                dense = self._pool(self.prompt_encoder.mask_downscaling(
+                    prior.to(cond.dtype) * config.mask_scale + config.mask_bias))
+            else:
+                dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, grid, grid).to(cond.dtype)
             if box_xyxy is not None:
                 sparse, _ = self.prompt_encoder(points=None, boxes=box_xyxy.float()[:, None, :], masks=None)
             else:
@@ -125,7 +132,7 @@ def _build_net(config: MemSegConfig, lite=None):
     return MemSegNet()
 
 
-def check_inputs(config: MemSegConfig, target, references, reference_masks, box_xyxy=None) -> None:
+def check_inputs(config: MemSegConfig, target, references, reference_masks, box_xyxy=None, prompt_masks=None) -> None:
     """RauInputError unless the shapes fit :meth:`MemSegModel.predict` (named, with what was got)."""
     if target.dim() != 4 or target.shape[1] != config.hidden_size or target.shape[-1] != target.shape[-2] \
             or target.shape[-1] % config.grid:
@@ -141,6 +148,10 @@ def check_inputs(config: MemSegConfig, target, references, reference_masks, box_
         raise RauInputError("box_xyxy: this model reads a target box (box_prompt=True); pass (B, 4) frame-pixel boxes")
     if not config.box_prompt and box_xyxy is not None:
         raise RauInputError("box_xyxy: this model was built without box_prompt; pass None")
+    if prompt_masks is not None and not config.mask_prompt:
+        raise RauInputError("prompt_masks: this model was built without mask_prompt; pass None")
+    if prompt_masks is not None and tuple(prompt_masks.shape) != (b, 1, FRAME, FRAME):
+        raise RauInputError(f"prompt_masks: expected ({b}, 1, {FRAME}, {FRAME}) target-frame masks, got {tuple(prompt_masks.shape)}")
     if box_xyxy is not None and tuple(box_xyxy.shape) != (b, 4):
         raise RauInputError(f"box_xyxy: expected ({b}, 4) xyxy boxes in frame pixels, got {tuple(box_xyxy.shape)}")
 
@@ -166,17 +177,19 @@ class MemSegModel(DecoderFolderModel):
     def config_dict(self) -> dict:
         return asdict(self.config)
 
-    def predict(self, target, references, reference_masks, box_xyxy=None):
+    def predict(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None):
         """Inference (eval mode, no gradients) with the shapes checked: target (B, 256, S, S),
         references (B, K, 256, S, S), reference_masks (B, K, 1, 256, 256) {0, 1} in the 256 frame,
-        box_xyxy (B, 4) frame pixels iff ``config.box_prompt`` -> (logits (B, 1, 256, 256) in the
-        frame, IoU (B, 1)), float32 on the model's device."""
+        box_xyxy (B, 4) frame pixels iff ``config.box_prompt``, prompt_masks (B, 1, 256, 256) (only
+        with ``config.mask_prompt``; default the references' mean mask) -> (logits (B, 1, 256,
+        256) in the frame, IoU (B, 1)), float32 on the model's device."""
         import torch
 
-        check_inputs(self.config, target, references, reference_masks, box_xyxy)
+        check_inputs(self.config, target, references, reference_masks, box_xyxy, prompt_masks)
         dev = self.device
         self.net.eval()
         with torch.inference_mode():
             low, iou = self.net(target.to(dev).float(), references.to(dev).float(), reference_masks.to(dev).float(),
-                                None if box_xyxy is None else box_xyxy.to(dev).float())
+                                None if box_xyxy is None else box_xyxy.to(dev).float(),
+                                None if prompt_masks is None else prompt_masks.to(dev).float())
         return low.float(), iou.float()

@@ -60,17 +60,17 @@ def excluded(names: Sequence[str], patterns: Sequence[str]) -> np.ndarray:
 
 
 def build_memseg_cache(dataset_root: str | Path, out_file: str | Path, *, exclude_structures: Sequence[str] = (),
-                       progress: bool = True) -> Path:
-    """Embeddings + frame masks of every image of the dataset folder ``dataset_root`` ->
-    ``out_file`` (npz, written atomically). Structures matching ``exclude_structures`` (shell
-    patterns) are left out of the cache."""
+                       image_range: slice | None = None, progress: bool = True) -> Path:
+    """Embeddings + frame masks of every image of the dataset folder ``dataset_root`` (or of its
+    id-sorted ``image_range``, e.g. a training part) -> ``out_file`` (npz, written atomically).
+    Structures matching ``exclude_structures`` (shell patterns) are left out of the cache."""
     from tqdm.auto import tqdm
 
     from rau.atomic import write_bytes
     from rau.data.dataset import load_dataset
     from rau.training.recipes.seghead import frame_record
 
-    ds = load_dataset(dataset_root, arg="dataset_root")
+    ds = load_dataset(dataset_root, arg="dataset_root").slice(image_range)
     names = [n for n, out in zip(ds.structures, excluded(ds.structures, exclude_structures)) if not out]
     if not names or not len(ds):
         raise RauInputError(f"dataset_root: {dataset_root} has no images or no structure left after exclude_structures")
@@ -128,16 +128,65 @@ def pair_index(caches: Sequence[MemSegCache], exclude: Sequence[str], k: int) ->
     return np.array(rows, dtype=np.int64)
 
 
-def draw_pairs(caches: Sequence[MemSegCache], index: np.ndarray, rng: np.random.Generator, n: int, k: int):
+PSEUDO_KINDS = ("union", "part", "band")
+
+
+def draw_pairs(caches: Sequence[MemSegCache], index: np.ndarray, rng: np.random.Generator, n: int, k: int,
+               pseudo: float = 0.0, exclude: Sequence[str] = ()):
     """``n`` pairs ``(cache, target, structure, references (k,))``: triples uniform over ``index``,
-    references uniform without replacement among the other images with that structure."""
+    references uniform without replacement among the other images with that structure. With
+    probability ``pseudo`` the structure becomes a pseudo-structure (:func:`compose_mask`) built
+    the same way in target and references, so the model meets shapes no label set has:
+    ``("union", s, s2)``, ``("part", s, side)`` or ``("band", s, width)``."""
     pairs = []
     for row in rng.integers(len(index), size=n):
         c, t, s = (int(v) for v in index[row])
-        others = np.flatnonzero(caches[c].present[:, s])
+        cache = caches[c]
+        others = np.flatnonzero(cache.present[:, s])
         others = others[others != t]
-        pairs.append((c, t, s, np.sort(rng.choice(others, size=k, replace=False))))
+        refs = np.sort(rng.choice(others, size=k, replace=False))
+        spec: int | tuple = s
+        if pseudo > 0 and rng.random() < pseudo:
+            kind = PSEUDO_KINDS[int(rng.integers(len(PSEUDO_KINDS)))]
+            if kind == "union":
+                both = cache.present[t] & cache.present[refs].all(0) & ~excluded(cache.names, exclude)
+                both[s] = False
+                spec = ("union", s, int(rng.choice(np.flatnonzero(both)))) if both.any() else ("part", s, 0)
+            if kind == "part":
+                spec = ("part", s, int(rng.integers(4)))
+            elif kind == "band":
+                spec = ("band", s, int(rng.choice([2, 3, 4, 6])))
+        pairs.append((c, t, spec, refs))
     return pairs
+
+
+def compose_mask(cache: MemSegCache, image: int, spec: int | tuple) -> np.ndarray:
+    """(256, 256) bool frame mask of ``spec`` in one image: a structure index, or a
+    pseudo-structure made from the image's own masks, so it corresponds across images:
+    ``("union", s, s2)`` both structures; ``("part", s, side)`` the top / bottom / left / right
+    half (side 0..3) of s by its own box; ``("band", s, w)`` s's inner boundary band, w frame
+    pixels wide (a thin structure). A part or band that comes out empty falls back to s."""
+    from scipy.ndimage import binary_erosion
+
+    if isinstance(spec, (int, np.integer)):
+        return cache.frame_mask(image, int(spec))
+    kind, s, arg = spec
+    m = cache.frame_mask(image, s)
+    if kind == "union":
+        out = m | cache.frame_mask(image, arg)
+    elif kind == "part":
+        ys, xs = np.nonzero(m)
+        if not len(ys):
+            return m
+        grid_y, grid_x = np.mgrid[:m.shape[0], :m.shape[1]]
+        cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+        half = (grid_y < cy, grid_y >= cy, grid_x < cx, grid_x >= cx)[arg]
+        out = m & half
+    elif kind == "band":
+        out = m & ~binary_erosion(m, iterations=int(arg))
+    else:
+        raise ValueError(f"unknown pseudo-structure {kind!r}")
+    return out if out.any() else m
 
 
 def batch_tensors(caches: Sequence[MemSegCache], pairs, box_prompt: bool):
@@ -153,11 +202,28 @@ def batch_tensors(caches: Sequence[MemSegCache], pairs, box_prompt: bool):
         cache = caches[c]
         tgt.append(cache.embeddings[t])
         refs.append(cache.embeddings[r])
-        ref_masks.append(np.stack([cache.frame_mask(int(i), s) for i in r])[:, None])
-        gts.append(cache.frame_mask(t, s))
+        ref_masks.append(np.stack([compose_mask(cache, int(i), s) for i in r])[:, None])
+        gts.append(compose_mask(cache, t, s))
     f32 = lambda a: torch.from_numpy(np.stack(a).astype(np.float32))  # noqa: E731
     boxes = torch.tensor([mask_to_box(g) for g in gts], dtype=torch.float32) if box_prompt else None
     return f32(tgt), f32(refs), f32(ref_masks), f32(gts), boxes
+
+
+def jitter_prompts(masks, rng: np.random.Generator, shift: float, scale: float, degrees: float):
+    """(B, 1, H, W) prompt masks each moved by a random similarity transform (shift up to
+    ``shift`` of the side, scale within 1 +- ``scale``, rotation up to ``degrees``), so a model
+    trained on them cannot just copy the prior."""
+    import torch
+    import torch.nn.functional as F
+
+    b = masks.shape[0]
+    ang = np.deg2rad(rng.uniform(-degrees, degrees, b))
+    sc = rng.uniform(1 - scale, 1 + scale, b)
+    tx, ty = rng.uniform(-shift, shift, (2, b)) * 2  # affine_grid works in [-1, 1]
+    theta = np.stack([np.stack([np.cos(ang) / sc, -np.sin(ang) / sc, tx], 1),
+                      np.stack([np.sin(ang) / sc, np.cos(ang) / sc, ty], 1)], 1)
+    grid = F.affine_grid(torch.as_tensor(theta, dtype=masks.dtype), list(masks.shape), align_corners=False)
+    return F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 # ----------------------------------------------------------------------------- training
@@ -181,6 +247,7 @@ def memseg_loss(logits, iou_pred, target, iou_weight: float = 1.0):
 
 def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int, batch_size: int = 2,
                  lr: float = 1e-4, seed: int = 0, k_references: int = 1, exclude: Sequence[str] = (),
+                 pseudo: float = 0.0, prompt_jitter: tuple[float, float, float] = (0.05, 0.1, 8.0),
                  save_every: int = 50, log_every: int = 5, warmup: int = 20, iou_weight: float = 1.0,
                  config: MemSegConfig | None = None, device: str = "auto", threads: int | None = None,
                  command: str | None = None, progress: bool = True, lite=None,
@@ -188,15 +255,17 @@ def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
     """Train a memory segmenter on memseg caches -> ``out_dir/final``. Resumable (rerun the same
     call); ``exclude``: structure-name patterns never drawn; ``lite``: the LiteMedSAM network whose
     decoder initialises the model (default: the shipped one); ``on_step`` as in
-    :func:`rau.training.engine.run_training`."""
+    :func:`rau.training.engine.run_training`. ``pseudo``: share of pairs whose structure is a
+    pseudo-structure (:func:`draw_pairs`); ``prompt_jitter``: (shift, scale, degrees) of the
+    random move of a ``mask_prompt`` model's prior (:func:`jitter_prompts`)."""
     import torch
 
     from rau.models.memseg.modeling import MemSegModel
     from rau.training.engine import run_training
 
-    if steps < 1 or batch_size < 1 or k_references < 1 or not lr > 0 or iou_weight < 0:
-        raise RauInputError(f"steps, batch_size and k_references must be >= 1, lr > 0 and iou_weight >= 0; got "
-                            f"{steps}, {batch_size}, {k_references}, {lr}, {iou_weight}")
+    if steps < 1 or batch_size < 1 or k_references < 1 or not lr > 0 or iou_weight < 0 or not 0 <= pseudo <= 1:
+        raise RauInputError(f"steps, batch_size and k_references must be >= 1, lr > 0, iou_weight >= 0 and pseudo in "
+                            f"[0, 1]; got {steps}, {batch_size}, {k_references}, {lr}, {iou_weight}, {pseudo}")
     if isinstance(exclude, str):
         raise RauInputError(f"exclude: expected a list of name patterns, got the string {exclude!r}")
     if not caches:
@@ -215,15 +284,17 @@ def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
     run_key = {"kind": "memseg", "caches": [str(Path(c).resolve()) for c in caches], "pairs": len(index),
                "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
                "k_references": k_references, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
-               "config": asdict(config)}
+               "pseudo": pseudo, "prompt_jitter": list(prompt_jitter), "config": asdict(config)}
 
     def step_loss(net, step, acc):
         rng = np.random.default_rng([seed, step, acc.process_index, acc.num_processes])
-        pairs = draw_pairs(loaded, index, rng, batch_size, k_references)
-        tgt, refs, ref_masks, gt, boxes = (None if x is None else x.to(acc.device)
-                                           for x in batch_tensors(loaded, pairs, config.box_prompt))
+        pairs = draw_pairs(loaded, index, rng, batch_size, k_references, pseudo, exclude)
+        tgt, refs, ref_masks, gt, boxes = batch_tensors(loaded, pairs, config.box_prompt)
+        prompts = jitter_prompts(ref_masks.mean(1), rng, *prompt_jitter) if config.mask_prompt else None
+        tgt, refs, ref_masks, gt, boxes, prompts = (None if x is None else x.to(acc.device)
+                                                    for x in (tgt, refs, ref_masks, gt, boxes, prompts))
         with acc.autocast():
-            low, iou = net(tgt, refs, ref_masks, boxes)
+            low, iou = net(tgt, refs, ref_masks, boxes, prompts)
         loss, dice = memseg_loss(low, iou, gt, iou_weight)
         return loss, {"dice": float(dice.mean())}
 
