@@ -13,6 +13,7 @@ from rau.methods.options import (
     OPTION_CLASSES,
     BoxPromptOptions,
     ChexOptions,
+    MemSegOptions,
     RauOptions,
     RegistrationOptions,
     Sam2MemoryOptions,
@@ -34,6 +35,9 @@ BAD = [
     (RauOptions, {"lora": "adapter"}, "--lora"),  # a LoRA adapter needs a Qwen --vlm
     (RauOptions, {"device": None}, "--device"),
     (Sam2MemoryOptions, {"sam2": ""}, "--sam2"),
+    (Sam2MemoryOptions, {"memseg": 3}, "--memseg"),
+    (MemSegOptions, {"memseg": ""}, "--memseg"),
+    (MemSegOptions, {"seed": -2}, "--seed"),
     (UNetOptions, {}, "--unet"),
     (UNetOptions, {"unet": ["a"]}, "--unet"),
     (ChexOptions, {}, "--chex"),

@@ -55,15 +55,26 @@ def tiny_seg(tiny_ref, tmp_path_factory):
     return head.save_pretrained(tmp_path_factory.mktemp("seghead"))
 
 
+@pytest.fixture(scope="module")
+def tiny_memseg(tmp_path_factory):
+    from rau.models.memseg.configuration import MemSegConfig
+    from rau.models.memseg.modeling import MemSegModel
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = MemSegConfig(grid=16, memory_layers=1, feed_forward=64, fuser_layers=1, fuser_intermediate=64, mask_prompt=True)
+    return MemSegModel(config).save_pretrained(tmp_path_factory.mktemp("memseg"))
+
+
 TINY_CHEX = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
 
 
 #: What the CLI passes to whichever method is chosen: every method ignores the keys it does not take.
 SHARED = dict(device="cpu", vlm=None, lora=None, sam2=None, segmenter=None, seed=0, unet=None, chex=None,
-              seg_head=None, precision=None)
+              seg_head=None, precision=None, memseg=None)
 
 
-def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None):
+def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None, tiny_memseg=None):
     from rau.methods.sam2_memory import tiny_sam2_config
 
     own = {}
@@ -78,7 +89,9 @@ def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=
     elif name == "rau":
         own = {"vlm": tiny_vlm}
     elif name == "sam2-memory":
-        own = {"sam2_config": tiny_sam2_config()}
+        own = {"memseg": tiny_memseg}
+    elif name == "reg-memseg":
+        own = {"memseg": tiny_memseg}
     return {**SHARED, **own}
 
 
@@ -94,7 +107,8 @@ BUILT = {
     "rau-box": ("rau-vlm", "medsam", None),
     "rau-tokens": ("rau-vlm", None, None),
     "rau-seg": ("rau-vlm", "seg-head", None),
-    "sam2-memory": (None, "sam2-memory", None),
+    "sam2-memory": (None, "memseg", None),
+    "reg-memseg": ("registration", "memseg", None),
     "unet": (None, "unet", None),
     "chexanatomy": ("chexanatomy", None, None),
 }
@@ -106,12 +120,12 @@ def test_every_registered_method_is_described():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg):
+def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg, tiny_memseg):
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
     ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
     tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
-    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg))
+    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg, tiny_memseg))
     built = (getattr(method.localizer, "name", None), getattr(method.segmenter, "name", None), method.fuse_sigma)
     assert method.name == name and built == BUILT[name]
     if name == "rau-ot":
@@ -187,9 +201,37 @@ def test_shipped_seg_head_belongs_to_the_shipped_vlm_and_segments_the_sample():
         assert r.answer == "yes" and dice(r.mask, truth) > 0.7, name
 
 
-def test_sam2_memory_without_weights_is_a_clear_error():
-    with pytest.raises(rau.CheckpointError):
-        create_method("sam2-memory")
+def test_sam2_memory_is_the_memory_segmenter_or_a_real_sam2():
+    from rau.methods.memseg import DEFAULT_MEMSEG_DIR
+    from rau.methods.sam2_memory import tiny_sam2_config
+
+    assert create_method("sam2-memory", sam2_config=tiny_sam2_config()).segmenter.name == "sam2-memory"
+    if (DEFAULT_MEMSEG_DIR / "model.safetensors").is_file():
+        assert create_method("sam2-memory").segmenter.name == "memseg"  # the shipped one, no flags
+    else:
+        with pytest.raises(rau.RauInputError, match="^--memseg: "):
+            create_method("sam2-memory")
+    with pytest.raises(rau.RauInputError, match="^--memseg: .*not both"):
+        create_method("sam2-memory", memseg="runs/m", sam2="runs/s")
+
+
+def test_reg_memseg_hands_registration_s_warped_mask_to_the_segmenter_as_its_prior(tiny_memseg, monkeypatch):
+    from rau.methods.memseg import MemSegSegmenter
+
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
+    method = create_method("reg-memseg", memseg=tiny_memseg)
+    seen = {}
+    real = MemSegSegmenter.segment_k
+
+    def spy(self, target, references, boxes, cues=None):
+        seen.update(cues or {})
+        return real(self, target, references, boxes, cues)
+
+    monkeypatch.setattr(MemSegSegmenter, "segment_k", spy)
+    method.predict(AnnotatedImage(ref_img, ref_masks), AnnotatedImage(tgt_img))
+    assert set(seen) == {"blob", "square"}
+    assert all(isinstance(v, np.ndarray) and v.shape == (96, 96) for v in seen.values())
 
 
 def test_registration_recovers_a_shift():

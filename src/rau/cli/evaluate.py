@@ -23,6 +23,7 @@ from rau.cli.common import (
     PrecisionOpt,
     ProgressOpt,
     Sam2Opt,
+    MemSegOpt,
     SegHeadOpt,
     SegOpt,
     StructOpt,
@@ -80,6 +81,7 @@ def eval_(
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
+    memseg: MemSegOpt = None,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -98,7 +100,7 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision)
+        options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg)
         m = create_method(name, **options)
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device, **model_config(options),
@@ -161,6 +163,7 @@ def bench(
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
+    memseg: MemSegOpt = None,
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
@@ -172,7 +175,7 @@ def bench(
         path = main_bench(out, methods=split_names(methods, "--methods"), split_names=split_names(splits, "--splits"),
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
                           argv=sys.argv[1:], k=k_references,
-                          method_options=method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision))
+                          method_options=method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg))
     typer.echo(path.read_text())
 
 

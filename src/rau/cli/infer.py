@@ -19,6 +19,7 @@ from rau.cli.common import (
     MethodOpt,
     PrecisionOpt,
     Sam2Opt,
+    MemSegOpt,
     SegHeadOpt,
     SegOpt,
     StructOpt,
@@ -49,6 +50,7 @@ def localize(
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
+    memseg: MemSegOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
     """Identify, localize (box) and segment (mask) each reference structure in one target image."""
@@ -58,7 +60,7 @@ def localize(
         from rau.pipeline import localize_from_bank
 
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
-                                 precision=precision)
+                                 precision=precision, memseg=memseg)
         if (bank is None) == (reference is None):
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:

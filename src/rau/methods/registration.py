@@ -106,7 +106,8 @@ class RegistrationLocalizer(Localizer):
     """Label propagation by registration; each Localization carries the warped mask and its box.
 
     ``answer`` is "yes" when the warped mask is not empty (registration cannot say "absent"),
-    ``score`` is the correlation of the registered images mapped to [0, 1]."""
+    ``score`` is the correlation of the registered images mapped to [0, 1]; ``cue`` is the warped
+    soft mask again, the prior a cue-reading segmenter (the memory segmenter) takes."""
 
     name = "registration"
 
@@ -124,7 +125,7 @@ class RegistrationLocalizer(Localizer):
             box = mask_to_box(mask)
             out[name] = Localization(
                 answer="yes" if box is not None else "no", box_xyxy_px=box, score=score if box else 0.0,
-                reason=None if box else "the warped reference mask left the target image", mask=mask, prob=prob,
+                reason=None if box else "the warped reference mask left the target image", mask=mask, prob=prob, cue=prob,
             )
         return out
 

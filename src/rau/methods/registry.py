@@ -21,6 +21,7 @@ from rau.methods.interfaces import FUSE_SIGMA, Method
 from rau.methods.options import (
     BoxPromptOptions,
     ChexOptions,
+    MemSegOptions,
     MethodOptions,
     RauOptions,
     RegistrationOptions,
@@ -157,10 +158,32 @@ def _rau_seg(o: RauOptions) -> Method:
     return Method("rau-seg", loc, seg)
 
 
-def _sam2_memory(o: Sam2MemoryOptions) -> Method:
-    from rau.methods.sam2_memory import Sam2MemorySegmenter
+def _memseg(folder, device: str, precision: str | None):
+    """The memory segmenter of ``folder`` (None: the shipped one), or a one-line error naming the fix."""
+    from rau.methods.memseg import DEFAULT_MEMSEG_DIR, MemSegSegmenter
 
-    return Method("sam2-memory", None, Sam2MemorySegmenter(checkpoint=o.sam2, config=o.sam2_config, device=o.device))
+    folder = folder or DEFAULT_MEMSEG_DIR
+    if not ((Path(folder) / "model.safetensors").is_file() or (Path(folder) / "final" / "model.safetensors").is_file()):
+        raise RauInputError(f"--memseg: {folder} holds no memory segmenter (rau train memseg; or --sam2 FOLDER for a real SAM2)")
+    return MemSegSegmenter(folder, device=device, precision=precision)
+
+
+def _sam2_memory(o: Sam2MemoryOptions) -> Method:
+    """The reference's masks in memory alone (no localizer): the trained memory segmenter, or a
+    real SAM2 when ``sam2`` (or, in tests, ``sam2_config``) is given."""
+    if o.sam2 is not None or o.sam2_config is not None:
+        from rau.methods.sam2_memory import Sam2MemorySegmenter
+
+        return Method("sam2-memory", None, Sam2MemorySegmenter(checkpoint=o.sam2, config=o.sam2_config, device=o.device))
+    return Method("sam2-memory", None, _memseg(o.memseg, o.device, o.precision))
+
+
+def _reg_memseg(o: MemSegOptions) -> Method:
+    """Registration's warped reference mask is the memory segmenter's prior; the reference image
+    and mask are in its memory."""
+    from rau.methods.registration import RegistrationLocalizer
+
+    return Method("reg-memseg", RegistrationLocalizer(seed=o.seed), _memseg(o.memseg, o.device, o.precision))
 
 
 def _unet(o: UNetOptions) -> Method:
@@ -196,8 +219,11 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("rau-tokens", "the RAU VLM alone: box and mask tokens", _SHIPPED_VLM, RauOptions, _rau_tokens),
     MethodSpec("rau-seg", "the RAU VLM's <seg> query and box prompt a tuned LiteMedSAM decoder",
                "shipped RAU VLM + <seg> head (or --vlm, --seg-head FOLDER)", RauOptions, _rau_seg),
-    MethodSpec("sam2-memory", "SAM2 segments the target with the reference's masks in its video memory",
-               "--sam2 FOLDER (none ships with rau)", Sam2MemoryOptions, _sam2_memory),
+    MethodSpec("sam2-memory", "the memory segmenter: the reference's image and masks in SAM2-style memory segment the target",
+               "shipped memory segmenter (or --memseg FOLDER, or a real SAM2 with --sam2 FOLDER)", Sam2MemoryOptions,
+               _sam2_memory),
+    MethodSpec("reg-memseg", "registration's warped masks are the memory segmenter's prior, the reference in its memory",
+               "shipped memory segmenter (or --memseg FOLDER)", MemSegOptions, _reg_memseg),
     MethodSpec("unet", "a U-Net trained for fixed structures; the reference only names them",
                "--unet FOLDER (none ships with rau)", UNetOptions, _unet),
     MethodSpec("chexanatomy", "the CheXanatomy VLM (reference-free box and mask tokens); the reference only names them",
@@ -223,7 +249,7 @@ def create_method(name: str | None = None, **options: Any) -> Method:
 
     Options (keywords; None means "not given"): ``device`` ("cpu"), ``precision`` (LiteMedSAM
     encoder: auto, fp32, bf16), ``vlm`` (RAU VLM or Qwen2.5-VL folder), ``lora``, ``seg_head``
-    (``rau-seg`` head folder), ``segmenter`` ("medsam" | "sam2-memory"), ``sam2`` (SAM2 checkpoint
+    (``rau-seg`` head folder), ``memseg`` (memory-segmenter folder), ``segmenter`` ("medsam" | "sam2-memory"), ``sam2`` (SAM2 checkpoint
     folder), ``sam2_config``, ``unet`` (U-Net folder), ``chex`` (CheXanatomy folder), ``seed``
     (registration), ``assign``. Each method takes the options of its class in
     :mod:`rau.methods.options` and ignores the other methods' options (callers may pass one shared
