@@ -22,4 +22,5 @@ HOLD=(--exclude '*clavicle*' --exclude '*scapula*')
 $RAU train memseg --cache "$OUT/drr_train.npz" --cache "$OUT/wingspan_train.npz" --cache "$OUT/arcade_train.npz" \
   --output-dir "$OUT/run" --steps "$STEPS" --batch-size 2 --grid 32 --mask-prompt --pseudo 0.4 --lr 3e-4 \
   --warmup 50 --save-every 100 "${HOLD[@]}" --threads 2 --device auto --no-progress
-# Ship (fp16):  python -m rau.models.memseg.ship "$OUT/run/final" src/rau/assets/memseg
+# Ship (fp16 weights + config + training record into the package):
+#   .venv/bin/python -c "from rau.models.memseg.modeling import MemSegModel as M; from rau.methods.memseg import DEFAULT_MEMSEG_DIR as D; M.from_pretrained('runs/memseg2/run/final').save_pretrained(D, half=True)"
