@@ -26,6 +26,7 @@ __all__ = [
     "load_dataset",
     "localize",
     "localize_from_bank",
+    "localize_many",
     "build_bank",
     "ReferenceBank",
 ]
@@ -49,10 +50,10 @@ def __getattr__(name: str):
         from rau.pipeline import localize
 
         return localize
-    if name == "localize_from_bank":
-        from rau.pipeline import localize_from_bank
+    if name in ("localize_from_bank", "localize_many"):
+        import rau.pipeline
 
-        return localize_from_bank
+        return getattr(rau.pipeline, name)
     if name in ("build_bank", "ReferenceBank"):
         import rau.references.bank
 

@@ -1,6 +1,8 @@
 """Inference commands: ``rau localize``, ``rau index``, ``rau methods``.
 
     rau localize --reference ref.png --reference-masks ref_masks/ --target tgt.png --out out/
+    rau localize --reference ref.png --reference-masks ref_masks/ --targets scans/ --targets 'more/*.dcm' --out out/
+    accelerate launch --num_processes 4 -m rau.cli.app localize ... --targets scans/ --out out/   # then add --merge-only
     rau index --dataset DATASET --id-range 0:160 --out bank.npz
     rau localize --bank bank.npz --target tgt.png --out out/
 """
@@ -16,10 +18,11 @@ from rau.cli.common import (
     ChexOpt,
     DeviceOpt,
     LoraOpt,
+    MemSegOpt,
     MethodOpt,
     PrecisionOpt,
+    ProgressOpt,
     Sam2Opt,
-    MemSegOpt,
     SegHeadOpt,
     SegOpt,
     StructOpt,
@@ -33,8 +36,13 @@ from rau.cli.common import (
 
 
 def localize(
-    target: Annotated[Path, typer.Option(help="Target image to interpret; any size.")],
-    out: Annotated[Path, typer.Option(help="Output folder: result.json, masks/<structure>.png, overlay.png (written atomically).")],
+    out: Annotated[Path, typer.Option(help="Output folder: result.json, masks/<structure>.png, overlay.png (written atomically). With --targets: one such folder per target + summary.csv.")],
+    target: Annotated[Optional[Path], typer.Option(help="Target image to interpret; any size. Or use --targets.")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(
+        "--targets", help="Batch mode (repeatable): a folder (its image files), a quoted glob pattern or a file. Models load once; "
+        "out/<target stem>/ per target (a repeated stem gets _2, _3...) and out/summary.csv (target x structure). "
+        "A target that fails is reported and skipped; exit code 1 if any failed, 0 otherwise. "
+        "Under `accelerate launch` each process takes its share and writes summary.rank<r>.csv (join them with --merge-only).")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Reference image (PNG/JPEG/DICOM/NIfTI). Or use --bank.")] = None,
     reference_masks: Annotated[Optional[Path], typer.Option(help="Folder of <structure>.png binary masks of the reference (same size as it).")] = None,
     bank: Annotated[Optional[Path], typer.Option(help="Reference bank (rau index): retrieve the reference(s) instead of --reference.")] = None,
@@ -52,37 +60,92 @@ def localize(
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
     precision: PrecisionOpt = None,
+    formats: Annotated[Optional[str], typer.Option(help="Also export each result as these comma-separated formats: nifti, coco, dicom-seg (default: none).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="With --targets: recompute targets whose folder already holds a complete result (default: skip them).")] = False,
+    merge_only: Annotated[bool, typer.Option(help="Only join the shards' summary.rank<r>.csv in --out into summary.csv (after `accelerate launch`); runs nothing.")] = False,
+    progress: ProgressOpt = True,
 ) -> None:
-    """Identify, localize (box) and segment (mask) each reference structure in one target image."""
+    """Identify, localize (box) and segment (mask) each reference structure in one target image (--target) or many (--targets)."""
     with user_errors():
         from rau.data.io import load_annotated
         from rau.pipeline import localize as run
-        from rau.pipeline import localize_from_bank
+        from rau.pipeline import localize_from_bank, merge_summaries
 
+        if merge_only:
+            typer.echo(f"shard summaries merged -> {merge_summaries(out)}")
+            return
+        if (target is None) == (not targets):
+            raise ValueError("--target/--targets: give one target (--target) or a batch (--targets), not both")
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
                                  precision=precision, memseg=memseg)
         if (bank is None) == (reference is None):
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:
             raise ValueError("--reference-masks: required with --reference (a folder of <structure>.png masks)")
-        tgt = load_annotated(target, arg="--target")
-        if bank is not None:
-            from rau.references.bank import ReferenceBank
-
-            b = ReferenceBank.load(bank)
-            threshold = None
-            if min_fit is not None:
-                try:
-                    threshold = b.fit_threshold() if min_fit == "auto" else float(min_fit)
-                except ValueError:
-                    raise ValueError(f"--min-fit: expected a number or 'auto', got {min_fit!r}") from None
-            result = localize_from_bank(b, tgt, k=k_references, method=method, structures=split_names(structures),
-                                        out_dir=out, min_fit=threshold, **options)
+        names, export = split_names(structures), split_names(formats, "--formats")
+        if targets:
+            source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
+            counts = _localize_batch(source, targets, out=out, method=method, structures=names, formats=export,
+                                    overwrite=overwrite, progress=progress, k=k_references, min_fit=threshold, **options)
         else:
-            ref = load_annotated(reference, reference_masks, arg="--reference")
-            result = run(ref, tgt, method=method, structures=split_names(structures), out_dir=out, **options)
+            tgt = load_annotated(target, arg="--target")
+            source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
+            if bank is not None:
+                result = localize_from_bank(source, tgt, k=k_references, method=method, structures=names,
+                                            out_dir=out, min_fit=threshold, formats=export, **options)
+            else:
+                result = run(source, tgt, method=method, structures=names, out_dir=out, formats=export, **options)
+    if targets:
+        _batch_report(counts, out)
+        return
     found = sum(r.found for r in result.structures.values())
     typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found in {result.seconds:.2f} s -> {out}/result.json")
+
+
+def _reference_source(reference: Optional[Path], reference_masks: Optional[Path], bank: Optional[Path], min_fit: Optional[str]):
+    """(the loaded reference or bank, the --min-fit threshold or None)."""
+    from rau.data.io import load_annotated
+
+    if bank is None:
+        return load_annotated(reference, reference_masks, arg="--reference"), None
+    from rau.references.bank import ReferenceBank
+
+    b = ReferenceBank.load(bank)
+    if min_fit is None:
+        return b, None
+    try:
+        return b, (b.fit_threshold() if min_fit == "auto" else float(min_fit))
+    except ValueError:
+        raise ValueError(f"--min-fit: expected a number or 'auto', got {min_fit!r}") from None
+
+
+def _localize_batch(source, targets: list[str], *, out: Path, **kwargs) -> dict[str, int]:
+    """Run the batch, a bad target reported on stderr as it comes -> how many targets per status."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from rau.pipeline import error_line, localize_many
+
+    counts = {"ok": 0, "skipped": 0, "error": 0}
+    for item in localize_many(source, targets, out_dir=out, **kwargs):
+        if item.status == "error":
+            tqdm.write(f"error: {error_line(item.outcome)}", file=sys.stderr)  # above the progress bar, not through it
+        counts[item.status] += 1
+    return counts
+
+
+def _batch_report(counts: dict[str, int], out: Path) -> None:
+    """One line on the batch; exit code 1 when a target failed."""
+    from rau.pipeline import shard_from_env
+
+    rank, world = shard_from_env()
+    summary = out / ("summary.csv" if world == 1 else f"summary.rank{rank}.csv")
+    shard = f" (shard {rank + 1}/{world})" if world > 1 else ""
+    typer.echo(f"{sum(counts.values())} targets{shard}: {counts['ok']} done, {counts['skipped']} skipped (already done), "
+               f"{counts['error']} failed -> {summary}")
+    if counts["error"]:
+        raise typer.Exit(code=1)
 
 
 def index(
