@@ -11,7 +11,7 @@ RAU=${RAU:-.venv/bin/rau}
 DATA=${DATA:-../shared/datasets}
 DRR=${DRR:-runs/drr_full}
 OUT=${OUT:-runs/memseg2}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-1200}
 HOLD=(--exclude '*clavicle*' --exclude '*scapula*')
 [ -f "$DRR/train/annotations.json" ] || $RAU drr --out "$DRR/train" --views 300 --seed 0 --height 256
 [ -f "$OUT/drr_train.npz" ] || $RAU train memseg-cache --data "$DRR/train" --out "$OUT/drr_train.npz" "${HOLD[@]}"
@@ -19,8 +19,16 @@ HOLD=(--exclude '*clavicle*' --exclude '*scapula*')
   --out "$OUT/wingspan_train.npz" "${HOLD[@]}"
 [ -f "$OUT/arcade_train.npz" ] || $RAU train memseg-cache --data "$DATA/arcade_syntax/train" --images 0:600 \
   --out "$OUT/arcade_train.npz" "${HOLD[@]}"
-$RAU train memseg --cache "$OUT/drr_train.npz" --cache "$OUT/wingspan_train.npz" --cache "$OUT/arcade_train.npz" \
-  --output-dir "$OUT/run" --steps "$STEPS" --batch-size 2 --grid 32 --mask-prompt --pseudo 0.4 --lr 3e-4 \
-  --warmup 50 --save-every 100 "${HOLD[@]}" --threads 2 --device auto --no-progress
+CACHES=(--cache "$OUT/drr_train.npz" --cache "$OUT/wingspan_train.npz" --cache "$OUT/arcade_train.npz")
+# Stage 1: memory attention and decoder both at grid 32 (~1 s/step on 2 idle cores), the first
+# 600 steps of a 3000-step schedule (the run was stopped there by hand when its blocky grid-32
+# masks were seen; --stop-after 600 does the same).
+$RAU train memseg "${CACHES[@]}" --output-dir "$OUT/run" --steps 3000 --stop-after 600 --batch-size 2 --grid 32 \
+  --mask-prompt --pseudo 0.4 --lr 3e-4 --warmup 50 --save-every 100 "${HOLD[@]}" --threads 2 --device auto --no-progress
+# Stage 2: the decoder at LiteMedSAM's full 64 grid (full-resolution embedding + the upsampled
+# memory-attention change), from stage 1's checkpoint-600.
+$RAU train memseg "${CACHES[@]}" --output-dir "$OUT/run64" --init-from "$OUT/run/checkpoint-600" --steps "$STEPS" \
+  --batch-size 2 --grid 32 --decoder-grid 64 --mask-prompt --pseudo 0.4 --lr 2e-4 --warmup 20 --save-every 50 \
+  "${HOLD[@]}" --threads 2 --device auto --no-progress
 # Ship (fp16 weights + config + training record into the package):
-#   .venv/bin/python -c "from rau.models.memseg.modeling import MemSegModel as M; from rau.methods.memseg import DEFAULT_MEMSEG_DIR as D; M.from_pretrained('runs/memseg2/run/final').save_pretrained(D, half=True)"
+#   .venv/bin/python -c "from rau.models.memseg.modeling import MemSegModel as M; from rau.methods.memseg import DEFAULT_MEMSEG_DIR as D; M.from_pretrained('runs/memseg2/run64/final').save_pretrained(D, half=True)"

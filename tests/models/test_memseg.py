@@ -227,3 +227,17 @@ def test_mask_prompt_is_read_trained_and_defaults_to_the_references_mean(lite, o
         model.predict(target, refs, masks, prompt_masks=mean[..., :128, :128])
     with pytest.raises(RauInputError, match="prompt_masks"):
         _model(lite).predict(target, refs, masks, prompt_masks=mean)
+
+
+def test_a_finer_decoder_grid_reads_the_full_embedding_and_adds_no_weights(lite, one_torch_thread):
+    coarse, fine = _model(lite, mask_prompt=True), _model(lite, mask_prompt=True, decoder_grid=32)
+    assert coarse.net.state_dict().keys() == fine.net.state_dict().keys()
+    fine.net.load_state_dict(coarse.net.state_dict())
+    target, refs, masks = _inputs(b=1, k=1, side=32)
+    a, _ = coarse.predict(target, refs, masks)
+    b, _ = fine.predict(target, refs, masks)
+    assert a.shape == b.shape == (1, 1, FRAME, FRAME) and not torch.allclose(a, b)
+    with pytest.raises(RauInputError, match="decoder_grid"):
+        MemSegConfig(**TINY, decoder_grid=8)
+    with pytest.raises(RauInputError, match="multiple of 32"):
+        fine.predict(*_inputs(b=1, k=1, side=16))

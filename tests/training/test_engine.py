@@ -105,6 +105,17 @@ def test_a_killed_run_resumes_to_the_same_weights_in_the_one_folder_format(tmp_p
     assert model_folder(run) == run / "final" and model_folder(run / "final") == run / "final"
 
 
+def test_stop_after_ends_a_stage_of_the_schedule_and_a_later_call_finishes_it(tmp_path, one_torch_thread):
+    import torch
+
+    whole = _train(tmp_path / "whole")
+    stage = _train(tmp_path / "staged", stop_after=3)  # not a multiple of save_every: saved anyway
+    assert stage == tmp_path / "staged" / "checkpoint-3" and not (tmp_path / "staged" / "final").exists()
+    finished = _train(tmp_path / "staged")
+    a, b = _weights(whole), _weights(finished)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_other_settings_and_truncated_checkpoints_are_refused(tmp_path, one_torch_thread):
     _train(tmp_path / "r", steps=4)
     with pytest.raises(RauInputError, match="other settings"):

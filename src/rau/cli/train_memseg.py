@@ -50,6 +50,9 @@ def memseg(
     warmup: Annotated[int, option("Linear warmup steps.")] = 20,
     exclude: ExcludeOpt = None,
     grid: Annotated[int, option("Cells per side for memory attention and decoder: 64 (LiteMedSAM's), 32 or 16.")] = 64,
+    decoder_grid: Annotated[Optional[int], option("Cells per side of the mask decoder (default: --grid); 64 with --grid 32 keeps full mask detail.")] = None,
+    stop_after: Annotated[Optional[int], option("End this call after N steps of the --steps schedule (checkpoint, no final/); rerun without it to go on.")] = None,
+    init_from: Annotated[Optional[Path], option("Memseg model or checkpoint folder whose weights start the run.")] = None,
     memory_layers: Annotated[int, option("Memory-attention layers.")] = 2,
     box_prompt: Annotated[bool, option("The decoder also reads a target box.")] = False,
     mask_prompt: Annotated[bool, option("The decoder also reads the references' mask as a dense prior in the target frame.")] = False,
@@ -65,10 +68,10 @@ def memseg(
         from rau.models.memseg.configuration import MemSegConfig
         from rau.training.recipes.memseg import train_memseg
 
-        config = MemSegConfig(grid=grid, memory_layers=memory_layers, box_prompt=box_prompt, mask_prompt=mask_prompt)
+        config = MemSegConfig(grid=grid, decoder_grid=decoder_grid, memory_layers=memory_layers, box_prompt=box_prompt, mask_prompt=mask_prompt)
         final = train_memseg(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                             k_references=k_references, exclude=exclude or (), pseudo=pseudo, save_every=save_every,
+                             k_references=k_references, exclude=exclude or (), pseudo=pseudo, init_from=init_from, stop_after=stop_after, save_every=save_every,
                              warmup=warmup, config=config, device=device, threads=threads,
                              command=command_line(), progress=progress)
-    typer.echo(f"final model: {final}")
+    typer.echo(f"{'final model' if final.name == 'final' else 'stopped at'}: {final}")
 

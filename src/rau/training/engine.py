@@ -78,14 +78,17 @@ def run_training(model, out: str | Path, run_key: dict, step_loss: StepLoss, *, 
                  log_every: int = 10, keep: int = 2, device: str = "auto", command: str | None = None,
                  progress: bool = True, desc: str = "train", loss_label: str = "loss",
                  on_step: Callable[[int, dict], None] | None = None,
-                 extra_training: Callable[[], dict] | None = None, accumulate: int = 1) -> Path:
+                 extra_training: Callable[[], dict] | None = None, accumulate: int = 1,
+                 stop_after: int | None = None) -> Path:
     """Train ``model.net`` for ``steps`` optimizer steps into ``out`` -> ``out/final``.
 
     ``step_loss(net, step, accelerator)`` returns the loss of 0-based step ``step`` (or ``(loss,
     extras)``); ``optimizer(params, lr)`` builds the optimizer over the trainable parameters;
     ``on_step(done, record)`` runs after each step on the main process (``done`` counts from 1);
     ``extra_training()`` adds entries to ``final/training.json``; ``accumulate``: micro-batches per
-    step (module doc; the extras logged are those of the last micro-batch).
+    step (module doc; the extras logged are those of the last micro-batch); ``stop_after``: end
+    this call after that many steps of the ``steps``-long schedule, with a checkpoint there and no
+    ``final/`` (-> the checkpoint folder); a later call without it resumes the schedule.
     """
     import torch
     from accelerate import Accelerator
@@ -113,7 +116,8 @@ def run_training(model, out: str | Path, run_key: dict, step_loss: StepLoss, *, 
     net.train()
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not (progress and acc.is_main_process))
-    for step in range(start, steps):
+    end = steps if stop_after is None else max(start, min(steps, stop_after))
+    for step in range(start, end):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=warmup, min_ratio=min_lr_ratio, schedule=schedule)
         if accumulate == 1:
@@ -132,11 +136,14 @@ def run_training(model, out: str | Path, run_key: dict, step_loss: StepLoss, *, 
         done = step + 1
         if acc.is_main_process and (done % log_every == 0 or done == steps):
             write_loss_log(out, history, loss_label)
-        if acc.is_main_process and (done % save_every == 0 or done == steps):
+        if acc.is_main_process and (done % save_every == 0 or done in (steps, end)):
             save_checkpoint(out, model, opt, done, history, run_key, keep=keep)
         if on_step is not None and acc.is_main_process:
             on_step(done, history[-1])
     bar.close()
+    if end < steps:
+        acc.wait_for_everyone()
+        return out / f"checkpoint-{end}"
     seconds = time.perf_counter() - t0
     if acc.is_main_process:
         training = {**run_key, "command": command, "final_loss": history[-1]["loss"] if history else None,

@@ -36,6 +36,10 @@ class MemSegConfig:
     fuser_layers / fuser_intermediate: the memory encoder's ConvNeXt fuser blocks;
     grid: cells per side that memory attention and the decoder run on (64 = LiteMedSAM's full
     embedding; 32 or 16 average-pool the embeddings first, attention ~16x cheaper per halving);
+    decoder_grid: cells per side of the mask decoder (None: ``grid``); finer than ``grid`` (e.g. 64
+    with grid 32), the decoder reads the target's full-resolution embedding plus the memory
+    attention's change to it, upsampled: SAM2's high-resolution features into the decoder, at the
+    cost of the decoder alone, so thin structures keep LiteMedSAM's 256-pixel mask detail;
     dropout: memory-attention dropout (SAM2: 0.1); box_prompt: the decoder also reads a target box
     (LiteMedSAM's frozen box encoding); mask_prompt: the decoder also reads a dense mask prompt in
     the target frame (SAM's mask input through LiteMedSAM's fine-tuned mask downscaling): at
@@ -52,6 +56,7 @@ class MemSegConfig:
     fuser_layers: int = 2
     fuser_intermediate: int = 1024
     grid: int = EMBED_GRID
+    decoder_grid: int | None = None
     dropout: float = 0.1
     box_prompt: bool = False
     mask_prompt: bool = False
@@ -76,8 +81,16 @@ class MemSegConfig:
         if self.grid not in GRIDS:
             raise RauInputError(f"grid: expected one of {GRIDS} (cells per side of LiteMedSAM's {EMBED_GRID}-cell embedding), "
                                 f"got {self.grid!r}")
+        if self.decoder_grid is not None and (self.decoder_grid not in GRIDS or self.decoder_grid < self.grid):
+            raise RauInputError(f"decoder_grid: expected None or one of {GRIDS} not coarser than grid {self.grid}, "
+                                f"got {self.decoder_grid!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise RauInputError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
+
+    @property
+    def out_grid(self) -> int:
+        """Cells per side the mask decoder runs on."""
+        return self.decoder_grid or self.grid
 
     @property
     def mask_stride(self) -> int:

@@ -78,10 +78,10 @@ def _build_net(config: MemSegConfig, lite=None):
             self.prompt_encoder = copy.deepcopy(base.prompt_encoder).requires_grad_(False)
             self.prompt_encoder.mask_downscaling.requires_grad_(config.mask_prompt)  # SAM's mask-input path
 
-        def _pool(self, x):
-            if x.shape[-1] == grid and x.shape[-2] == grid:
+        def _pool(self, x, size: int = grid):
+            if x.shape[-1] == size and x.shape[-2] == size:
                 return x
-            return F.adaptive_avg_pool2d(x, grid)
+            return F.adaptive_avg_pool2d(x, size)
 
         def memory(self, references, reference_masks):
             """(B, K, 256, S, S) + (B, K, 1, 256, 256) -> memory (K*grid^2, B, 64) and its
@@ -112,20 +112,23 @@ def _build_net(config: MemSegConfig, lite=None):
                                         current_vision_position_embeddings=current_pos,
                                         memory_posision_embeddings=memory_pos)
             cond = _to_batch_first(out, b, grid * grid).transpose(1, 2).reshape(b, -1, grid, grid)
-            pe = self.prompt_encoder.pe_layer((grid, grid))[None].to(cond.dtype)
+            dg = config.out_grid
+            if dg != grid:  # the full-resolution target embedding + memory attention's change, upsampled
+                cond = self._pool(target, dg) + F.interpolate(cond - tgt, size=(dg, dg), mode="bilinear", align_corners=False)
+            pe = self.prompt_encoder.pe_layer((dg, dg))[None].to(cond.dtype)
             if config.mask_prompt:
                 prior = reference_masks.mean(1) if prompt_masks is None else prompt_masks
                 dense = self._pool(self.prompt_encoder.mask_downscaling(
-                    prior.to(cond.dtype) * config.mask_scale + config.mask_bias))
+                    prior.to(cond.dtype) * config.mask_scale + config.mask_bias), dg)
             else:
-                dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, grid, grid).to(cond.dtype)
+                dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, dg, dg).to(cond.dtype)
             if box_xyxy is not None:
                 sparse, _ = self.prompt_encoder(points=None, boxes=box_xyxy.float()[:, None, :], masks=None)
             else:
                 sparse = cond.new_zeros(b, 0, config.hidden_size)
             low, iou = self.mask_decoder(image_embeddings=cond, image_pe=pe, sparse_prompt_embeddings=sparse.to(cond.dtype),
                                          dense_prompt_embeddings=dense, multimask_output=False)
-            if low.shape[-1] != FRAME:  # grid < 64: the decoder's 4x upscaling stops short of the frame
+            if low.shape[-1] != FRAME:  # decoder grid < 64: the decoder's 4x upscaling stops short of the frame
                 low = F.interpolate(low, size=(FRAME, FRAME), mode="bilinear", align_corners=False)
             return low, iou
 
@@ -134,10 +137,11 @@ def _build_net(config: MemSegConfig, lite=None):
 
 def check_inputs(config: MemSegConfig, target, references, reference_masks, box_xyxy=None, prompt_masks=None) -> None:
     """RauInputError unless the shapes fit :meth:`MemSegModel.predict` (named, with what was got)."""
+    side = max(config.grid, config.out_grid)
     if target.dim() != 4 or target.shape[1] != config.hidden_size or target.shape[-1] != target.shape[-2] \
-            or target.shape[-1] % config.grid:
-        raise RauInputError(f"target: expected (B, {config.hidden_size}, S, S) with S a multiple of grid {config.grid}, "
-                            f"got {tuple(target.shape)}")
+            or target.shape[-1] % side:
+        raise RauInputError(f"target: expected (B, {config.hidden_size}, S, S) with S a multiple of {side} (grid, decoder "
+                            f"grid), got {tuple(target.shape)}")
     b, s = target.shape[0], target.shape[-1]
     if references.dim() != 5 or references.shape[0] != b or references.shape[1] < 1 or references.shape[2:] != target.shape[1:]:
         raise RauInputError(f"references: expected (B={b}, K, {config.hidden_size}, {s}, {s}), got {tuple(references.shape)}")

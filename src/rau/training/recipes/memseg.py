@@ -247,7 +247,7 @@ def memseg_loss(logits, iou_pred, target, iou_weight: float = 1.0):
 
 def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int, batch_size: int = 2,
                  lr: float = 1e-4, seed: int = 0, k_references: int = 1, exclude: Sequence[str] = (),
-                 pseudo: float = 0.0, prompt_jitter: tuple[float, float, float] = (0.05, 0.1, 8.0),
+                 pseudo: float = 0.0, stop_after: int | None = None, init_from: str | Path | None = None, prompt_jitter: tuple[float, float, float] = (0.05, 0.1, 8.0),
                  save_every: int = 50, log_every: int = 5, warmup: int = 20, iou_weight: float = 1.0,
                  config: MemSegConfig | None = None, device: str = "auto", threads: int | None = None,
                  command: str | None = None, progress: bool = True, lite=None,
@@ -257,7 +257,10 @@ def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
     decoder initialises the model (default: the shipped one); ``on_step`` as in
     :func:`rau.training.engine.run_training`. ``pseudo``: share of pairs whose structure is a
     pseudo-structure (:func:`draw_pairs`); ``prompt_jitter``: (shift, scale, degrees) of the
-    random move of a ``mask_prompt`` model's prior (:func:`jitter_prompts`)."""
+    random move of a ``mask_prompt`` model's prior (:func:`jitter_prompts`); ``init_from``: a
+    memseg model or checkpoint folder whose weights start the run (its config may differ only in
+    ``decoder_grid``, which adds no weights); ``stop_after``: as in
+    :func:`rau.training.engine.run_training` (a stage of a longer schedule)."""
     import torch
 
     from rau.models.memseg.modeling import MemSegModel
@@ -274,17 +277,22 @@ def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
     loaded = [load_memseg_cache(c) for c in caches]
     for cache in loaded:
         side = cache.embeddings.shape[-1]
-        if side % config.grid:
-            raise RauInputError(f"caches: {cache.path} holds {side} x {side} embeddings, not a multiple of grid {config.grid}")
+        if side % max(config.grid, config.out_grid):
+            raise RauInputError(f"caches: {cache.path} holds {side} x {side} embeddings, not a multiple of the grids of {config}")
     index = pair_index(loaded, exclude, k_references)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = MemSegModel(config, lite=lite)
+    if init_from is not None:
+        from rau.training.checkpoints import model_folder
+
+        start = MemSegModel.from_pretrained(model_folder(init_from))
+        model.net.load_state_dict(start.net.state_dict())
     run_key = {"kind": "memseg", "caches": [str(Path(c).resolve()) for c in caches], "pairs": len(index),
                "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
                "k_references": k_references, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
-               "pseudo": pseudo, "prompt_jitter": list(prompt_jitter), "config": asdict(config)}
+               "pseudo": pseudo, "init_from": None if init_from is None else str(Path(init_from).resolve()), "prompt_jitter": list(prompt_jitter), "config": asdict(config)}
 
     def step_loss(net, step, acc):
         rng = np.random.default_rng([seed, step, acc.process_index, acc.num_processes])
@@ -300,4 +308,5 @@ def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
 
     return run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
                         log_every=log_every, device=device, command=command, progress=progress,
-                        desc="train memseg", loss_label="loss (mask BCE + Dice + IoU MSE)", on_step=on_step)
+                        desc="train memseg", loss_label="loss (mask BCE + Dice + IoU MSE)", on_step=on_step,
+                        stop_after=stop_after)
