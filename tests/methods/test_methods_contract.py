@@ -252,3 +252,24 @@ def test_fusion_rule():
     assert (fuse_probabilities(seg, loc, 0) == (seg > 0)).all()
     only_seg = fuse_probabilities(seg, np.zeros_like(loc), 0)
     assert not only_seg.any()  # one confident source alone (p = 0.5) is not enough
+
+
+def test_k_references_go_into_memory_together_and_a_structure_missing_from_one_comes_from_another(tiny_memseg):
+    from rau.references.bank import predict_with_references
+
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    other_img, other_masks = synthetic_pair((96, 96), shift=(3, 2))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
+    first = AnnotatedImage(ref_img, {"blob": ref_masks["blob"]}, {"id": "a"})  # no square here
+    second = AnnotatedImage(other_img, other_masks, {"id": "b"})
+    method = create_method("sam2-memory", memseg=tiny_memseg)
+    assert method.fuses_in_memory and not create_method("registration").fuses_in_memory
+    calls = []
+    real = method.segmenter._decode
+    method.segmenter._decode = lambda t, refs, names, *a: calls.append(([r.id for r in refs], names)) or real(t, refs, names, *a)
+    result, asked = predict_with_references(method, [first, second], AnnotatedImage(tgt_img, {}, {"id": "t"}))
+    assert asked == ["blob", "square"] and set(result.structures) == {"blob", "square"}
+    assert sorted(calls) == [(["a", "b"], ["blob"]), (["b"], ["square"])]  # one memory of both where both annotate
+    assert result.reference_id == "a+b"
+    with pytest.raises(rau.RauInputError, match="none of the references"):
+        method.predict_k([first], AnnotatedImage(tgt_img), ["square"])

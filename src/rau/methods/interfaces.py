@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from rau.data.annotated import AnnotatedImage, StructureResult, TargetResult
+from rau.errors import RauInputError
 from rau.geometry import Box, mask_to_box
 
 #: Blur of the localizer's soft mask before fusion (:func:`fuse_probabilities`), as a fraction of
@@ -167,6 +168,30 @@ class Method:
         sigma = self.fuse_sigma * max(target.shape) if self.fuse_sigma else None
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         return TargetResult(target.id, reference.id, self.name, results, time.perf_counter() - start)
+
+    @property
+    def fuses_in_memory(self) -> bool:
+        """True when k references go into the segmenter's memory together (a memory segmenter with
+        ``segment_k`` and no localizer) instead of one run per reference and a pixel vote."""
+        return self.localizer is None and callable(getattr(self.segmenter, "segment_k", None))
+
+    def predict_k(self, references: list[AnnotatedImage], target: AnnotatedImage,
+                  structures: list[str] | None = None) -> TargetResult:
+        """All ``references`` in memory at once (:attr:`fuses_in_memory` methods only): each
+        structure is read from the references that annotate it, so one missing from a reference
+        comes from the others. ``structures``: default every structure some reference annotates."""
+        if not self.fuses_in_memory:
+            raise TypeError(f"method {self.name!r} does not fuse references in memory; run it once per reference")
+        if structures is None:
+            structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
+        missing = [s for s in structures if not any(s in r.masks and r.masks[s].any() for r in references)]
+        if missing:
+            raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
+        start = time.perf_counter()
+        segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
+        results = {s: self._combine(s, None, segs.get(s), None) for s in structures}
+        ids = "+".join(str(r.id) for r in references)
+        return TargetResult(target.id, ids, self.name, results, time.perf_counter() - start)
 
     def _combine(self, name: str, loc: Localization | None, seg, sigma: float | None) -> StructureResult:
         if seg is not None and sigma is not None and seg.prob is not None and loc is not None and loc.prob is not None:

@@ -29,7 +29,7 @@ from rau.errors import RauInputError
 from rau.geometry import Box
 from rau.methods.interfaces import SegmentationOutput, Segmenter
 
-MEMO_IMAGES = 4  # embeddings remembered (target + a few references)
+MEMO_IMAGES = 12  # embeddings remembered (target + k references; 4 MB each)
 #: The shipped memory segmenter (scripts/memseg_recipe.sh reproduces it).
 DEFAULT_MEMSEG_DIR = ASSETS_DIR / "memseg"
 
@@ -92,22 +92,29 @@ class MemSegSegmenter(Segmenter):
 
     def segment_k(self, target: np.ndarray, references: list[AnnotatedImage],
                   boxes_xyxy_px: dict[str, Box | None], cues: dict | None = None) -> dict[str, SegmentationOutput | None]:
-        """As :meth:`segment` with K references fused in memory (K memory frames). A structure is
-        segmented when every reference annotates it non-empty (and, for a box-prompt model, it has
-        a box); otherwise its output is None."""
+        """As :meth:`segment` with K references fused in memory (K memory frames). Each structure
+        is read from the references that annotate it non-empty (structures with the same set share
+        one batch), so one missing from a reference comes from the others; a structure no reference
+        annotates (or, for a box-prompt model, without a box) gets None."""
+        if not references:
+            raise RauInputError("references: pass at least one annotated reference")
+        out: dict[str, SegmentationOutput | None] = {n: None for n in boxes_xyxy_px}
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for name, box in boxes_xyxy_px.items():
+            have = tuple(i for i, r in enumerate(references) if name in r.masks and r.masks[name].any())
+            if have and (box is not None or not self.model.config.box_prompt):
+                groups.setdefault(have, []).append(name)
+        for have, names in groups.items():
+            out.update(self._decode(target, [references[i] for i in have], names, boxes_xyxy_px, cues))
+        return out
+
+    def _decode(self, target, references, names, boxes_xyxy_px, cues) -> dict[str, SegmentationOutput]:
+        """``names`` (all annotated by every one of ``references``) in one batch."""
         import torch
 
         from rau.encoders.litemedsam import frame_to_image
         from rau.training.recipes.seghead import mask_to_frame
 
-        if not references:
-            raise RauInputError("references: pass at least one annotated reference")
-        out: dict[str, SegmentationOutput | None] = {n: None for n in boxes_xyxy_px}
-        names = [n for n, box in boxes_xyxy_px.items()
-                 if all(n in r.masks and r.masks[n].any() for r in references)
-                 and (box is not None or not self.model.config.box_prompt)]
-        if not names:
-            return out
         hw = target.shape
         emb, scale = self.embed(target)
         refs = torch.cat([self.embed(r.image)[0] for r in references])  # (K, 256, 64, 64)
@@ -130,6 +137,7 @@ class MemSegSegmenter(Segmenter):
                                       masks[:, :, None].float(), boxes, prompts)
         logits = frame_to_image(low, scale, hw)[:, 0].cpu().numpy()
         ious = iou[:, 0].cpu().numpy()
+        out = {}
         for i, name in enumerate(names):
             prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
             out[name] = SegmentationOutput(logits[i] > self.threshold, float(np.clip(ious[i], 0.0, 1.0)), prob)

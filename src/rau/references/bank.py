@@ -199,10 +199,17 @@ def build_bank(dataset, *, encoder: str = "litemedsam", batch: int = 16, progres
 
 
 def predict_with_references(method, references: list, target, structures: list[str] | None = None):
-    """Run ``method`` once per reference on ``target`` and fuse (:func:`fuse_results`).
+    """Run ``method`` once per reference on ``target`` and fuse (:func:`fuse_results`), or, for a
+    method that fuses references in memory (:attr:`rau.methods.interfaces.Method.fuses_in_memory`),
+    once with all of them in memory.
 
-    Asked structures: ``structures``, or those the first reference annotates non-empty; each
-    reference is asked the ones it annotates non-empty. Returns (fused TargetResult, asked)."""
+    Asked structures: ``structures``, or those the first reference annotates non-empty (for
+    memory fusion: those any reference annotates); each reference is asked the ones it annotates
+    non-empty. Returns (fused TargetResult, asked)."""
+    if len(references) > 1 and getattr(method, "fuses_in_memory", False):
+        asked = list(structures) if structures is not None else sorted(
+            {s for r in references for s in r.structures if r.masks[s].any()})
+        return method.predict_k(references, target, asked), asked
     asked = list(structures) if structures is not None else [s for s in references[0].structures
                                                              if references[0].masks[s].any()]
     results = [method.predict(ref, target, [s for s in asked if s in ref.masks and ref.masks[s].any()])
