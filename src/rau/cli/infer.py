@@ -5,6 +5,7 @@
     accelerate launch --num_processes 4 -m rau.cli.app localize ... --targets scans/ --out out/   # then add --merge-only
     rau index --dataset DATASET --id-range 0:160 --out bank.npz
     rau localize --bank bank.npz --target tgt.png --out out/
+    rau localize --reference ref.png --reference-masks ref_masks/ --target ct.nii.gz --out out/   # a volume: slice by slice
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from rau.cli.common import (
 
 def localize(
     out: Annotated[Path, typer.Option(help="Output folder: result.json, masks/<structure>.png, overlay.png (written atomically). With --targets: one such folder per target + summary.csv.")],
-    target: Annotated[Optional[Path], typer.Option(help="Target image to interpret; any size. Or use --targets.")] = None,
+    target: Annotated[Optional[Path], typer.Option(help="Target image to interpret; any size. Or use --targets. A volume (3D NIfTI, "
+        "a folder holding one DICOM series, a multi-frame DICOM) is segmented slice by slice (see --volume).")] = None,
     targets: Annotated[Optional[list[str]], typer.Option(
         "--targets", help="Batch mode (repeatable): a folder (its image files), a quoted glob pattern or a file. Models load once; "
         "out/<target stem>/ per target (a repeated stem gets _2, _3...) and out/summary.csv (target x structure). "
@@ -64,6 +66,12 @@ def localize(
     overwrite: Annotated[bool, typer.Option(help="With --targets: recompute targets whose folder already holds a complete result (default: skip them).")] = False,
     merge_only: Annotated[bool, typer.Option(help="Only join the shards' summary.rank<r>.csv in --out into summary.csv (after `accelerate launch`); runs nothing.")] = False,
     progress: ProgressOpt = True,
+    volume: Annotated[Optional[bool], typer.Option("--volume/--no-volume", help="Volume mode for --target: segment the slice (frame) "
+        "best matching the reference, then propagate slice by slice both ways; out/ also gets labels.nii.gz (+ label tables) and "
+        "slices.json. Default: on for a 3D NIfTI, a DICOM series folder or a multi-frame DICOM, off for anything else. "
+        "--no-volume: one slice as before (the middle slice, the first frame).")] = None,
+    start_slice: Annotated[Optional[int], typer.Option(help="Volume mode: segment this slice (0-based) with the reference first (default: the best match).")] = None,
+    axis: Annotated[Optional[int], typer.Option(help="Volume mode, NIfTI: slice along 2 axial (default), 1 coronal or 0 sagittal.")] = None,
 ) -> None:
     """Identify, localize (box) and segment (mask) each reference structure in one target image (--target) or many (--targets)."""
     with user_errors():
@@ -76,6 +84,7 @@ def localize(
             return
         if (target is None) == (not targets):
             raise ValueError("--target/--targets: give one target (--target) or a batch (--targets), not both")
+        vol = None
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
                                  precision=precision, memseg=memseg)
         if (bank is None) == (reference is None):
@@ -83,7 +92,10 @@ def localize(
         if bank is None and reference_masks is None:
             raise ValueError("--reference-masks: required with --reference (a folder of <structure>.png masks)")
         names, export = split_names(structures), split_names(formats, "--formats")
-        if targets:
+        if _volume_mode(target, volume, start_slice, axis):
+            vol = _localize_volume(target, reference, reference_masks, bank, export, out=out, method=method,
+                                   structures=names, start=start_slice, axis=axis, progress=progress, **options)
+        elif targets:
             source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
             counts = _localize_batch(source, targets, out=out, method=method, structures=names, formats=export,
                                     overwrite=overwrite, progress=progress, k=k_references, min_fit=threshold, **options)
@@ -98,8 +110,42 @@ def localize(
     if targets:
         _batch_report(counts, out)
         return
+    if vol is not None:
+        typer.echo(f"{vol.method}: {vol.slices_done}/{vol.volume.n_slices} slices done, {len(vol.found)}/{len(vol.structures)} "
+                   f"structures found in {vol.seconds:.2f} s -> {out / 'labels.nii.gz'}")
+        return
     found = sum(r.found for r in result.structures.values())
     typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found in {result.seconds:.2f} s -> {out}/result.json")
+
+
+def _volume_mode(target: Optional[Path], volume: Optional[bool], start_slice: Optional[int], axis: Optional[int]) -> bool:
+    """Whether --target is run as a volume: --volume/--no-volume, else what the path is
+    (:func:`rau.volume.volume_kind`); the volume options are refused outside volume mode."""
+    from rau.volume import volume_kind
+
+    if target is None:
+        if volume or start_slice is not None or axis is not None:
+            raise ValueError("--volume/--start-slice/--axis: volume mode takes one --target, not --targets")
+        return False
+    on = volume if volume is not None else volume_kind(target) is not None
+    if not on and (start_slice is not None or axis is not None):
+        why = "--no-volume is given" if volume is False else f"{target} is a 2D image"
+        raise ValueError(f"--start-slice/--axis: only for volume targets and {why}; leave them out")
+    return on
+
+
+def _localize_volume(target: Path, reference: Optional[Path], reference_masks: Optional[Path], bank: Optional[Path],
+                     formats: Optional[list[str]], *, out: Path, **kwargs):
+    """Volume mode (:func:`rau.volume.propagate`): the volume read first, then the reference."""
+    from rau.volume import propagate, read_volume
+
+    if bank is not None:
+        raise ValueError("--bank: volume mode needs --reference and --reference-masks (or --no-volume for one slice)")
+    if formats:
+        raise ValueError("--formats: volume mode writes labels.nii.gz itself; leave --formats out (or --no-volume for one slice)")
+    vol = read_volume(target, axis=kwargs.pop("axis"))
+    source, _ = _reference_source(reference, reference_masks, None, None)
+    return propagate(source, vol, out_dir=out, **kwargs)
 
 
 def _reference_source(reference: Optional[Path], reference_masks: Optional[Path], bank: Optional[Path], min_fit: Optional[str]):
