@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from rau.cli import data, evaluate, infer, train, train_masks, train_memseg
+from rau.cli import data, evaluate, infer, serve, train, train_masks, train_memseg
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +37,7 @@ for name, fn, panel in (
     ("localize", infer.localize, INFER),
     ("index", infer.index, INFER),
     ("methods", infer.methods, INFER),
+    ("serve", serve.serve, INFER),
     ("eval", evaluate.eval_, EVAL),
     ("report", evaluate.report, EVAL),
     ("bench", evaluate.bench, EVAL),
