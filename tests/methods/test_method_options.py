@@ -40,7 +40,7 @@ BAD = [
     (MemSegOptions, {"seed": -2}, "--seed"),
     (UNetOptions, {}, "--unet"),
     (UNetOptions, {"unet": ["a"]}, "--unet"),
-    (ChexOptions, {}, "--chex"),
+    (ChexOptions, {"chex": 5}, "--chex"),
     (ChexOptions, {"chex": "runs/chex", "device": 0}, "--device"),
 ]
 

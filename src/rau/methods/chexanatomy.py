@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rau.assets import ASSETS_DIR
 from rau.data.annotated import AnnotatedImage
 from rau.methods.interfaces import Localization, Localizer
+
+#: The shipped model (scripts/chexanatomy_ship.sh reproduces it).
+DEFAULT_CHEX_DIR = ASSETS_DIR / "chex"
 
 
 class ChexLocalizer(Localizer):

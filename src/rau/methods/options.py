@@ -235,7 +235,7 @@ class UNetOptions(MethodOptions):
 
 @dataclass(frozen=True)
 class ChexOptions(MethodOptions):
-    """``chex``: a trained CheXanatomy model folder (required; none ships with rau); ``device``: torch device."""
+    """``chex``: a trained CheXanatomy model folder (None: the shipped one); ``device``: torch device."""
 
     device: str = "cpu"
     chex: str | Path | None = None
@@ -243,10 +243,6 @@ class ChexOptions(MethodOptions):
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check_folder("chex", self.chex)
-        if self.chex is None:
-            raise RauInputError(
-                "--chex: method 'chexanatomy' needs a trained model folder (rau train chex ...; see docs/HISTORY.md)"
-            )
 
 
 #: Every option class, in the order of the table above.

@@ -193,9 +193,13 @@ def _unet(o: UNetOptions) -> Method:
 
 
 def _chexanatomy(o: ChexOptions) -> Method:
-    from rau.methods.chexanatomy import ChexLocalizer
+    from rau.methods.chexanatomy import DEFAULT_CHEX_DIR, ChexLocalizer
 
-    return Method("chexanatomy", ChexLocalizer(o.chex, device=o.device), None)
+    folder = o.chex or DEFAULT_CHEX_DIR
+    if o.chex is None and not (folder / "model.safetensors").is_file():
+        raise RauInputError("--chex: method 'chexanatomy' needs a trained model folder and none ships in this checkout "
+                            "(rau train chex ...; scripts/chexanatomy_ship.sh)")
+    return Method("chexanatomy", ChexLocalizer(folder, device=o.device), None)
 
 
 _LITEMEDSAM = "LiteMedSAM (installed with rau)"
@@ -227,7 +231,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("unet", "a U-Net trained for fixed structures; the reference only names them",
                "--unet FOLDER (none ships with rau)", UNetOptions, _unet),
     MethodSpec("chexanatomy", "the CheXanatomy VLM (reference-free box and mask tokens); the reference only names them",
-               "--chex FOLDER (none ships with rau)", ChexOptions, _chexanatomy),
+               "shipped CheXanatomy model (or --chex FOLDER)", ChexOptions, _chexanatomy),
 )}
 
 
