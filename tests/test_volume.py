@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from rau.cli.app import app
 from rau.data.annotated import AnnotatedImage, StructureResult, TargetResult
+from rau.data.volume_io import display_stack, read_volume, volume_kind
 from rau.errors import RauInputError
 from rau.methods import Method
-from rau.volume import best_matching_slice, display_stack, propagate, propagation_order, read_volume, volume_kind
+from rau.volume import best_matching_slice, propagate, propagation_order
 
 from conftest import disk, write_png
 from tiny_data import write_dicom

@@ -27,6 +27,7 @@ __all__ = [
     "localize",
     "localize_from_bank",
     "localize_many",
+    "propagate",
     "build_bank",
     "ReferenceBank",
 ]
@@ -50,10 +51,18 @@ def __getattr__(name: str):
         from rau.pipeline import localize
 
         return localize
-    if name in ("localize_from_bank", "localize_many"):
-        import rau.pipeline
+    if name == "localize_from_bank":
+        from rau.pipeline import localize_from_bank
 
-        return getattr(rau.pipeline, name)
+        return localize_from_bank
+    if name == "localize_many":
+        from rau.batch import localize_many
+
+        return localize_many
+    if name == "propagate":
+        from rau.volume import propagate
+
+        return propagate
     if name in ("build_bank", "ReferenceBank"):
         import rau.references.bank
 

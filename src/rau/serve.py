@@ -130,11 +130,11 @@ def load_sample_reference() -> AnnotatedImage:
 def _check_formats(formats: Sequence[str], target: AnnotatedImage) -> list[str]:
     """Checked format names; dicom-seg refused up front for a non-DICOM target (before the method runs)."""
     from rau.data.export import parse_formats
-    from rau.data.io import _kind
+    from rau.data.io import file_kind
 
     chosen = parse_formats(list(formats))
     source = target.meta.get("source")
-    if "dicom-seg" in chosen and not (source and Path(source).is_file() and _kind(Path(source)) == "dicom"):
+    if "dicom-seg" in chosen and not (source and Path(source).is_file() and file_kind(Path(source)) == "dicom"):
         got = Path(source).name if source else "an image with no source file"
         raise RauInputError(f"export formats: dicom-seg needs a DICOM target (a SEG references its source instance), "
                             f"got {got}; choose nifti or coco")

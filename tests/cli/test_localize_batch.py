@@ -1,4 +1,4 @@
-"""Batch mode: `rau localize --targets DIR|GLOB|FILE` and `rau.pipeline.localize_many`.
+"""Batch mode: `rau localize --targets DIR|GLOB|FILE` and `rau.batch.localize_many`.
 
 End to end on the bundled chest X-ray pair with `--method registration` (no model): one folder per
 target as in single-target mode, summary.csv, a corrupt file reported and skipped, a rerun skipping
@@ -123,7 +123,7 @@ def test_batch_usage_errors_are_one_line(batch_dir, tmp_path, monkeypatch, case)
 
 
 def test_expand_targets_and_output_names(tmp_path):
-    from rau.pipeline import expand_targets, output_names
+    from rau.batch import expand_targets, output_names
 
     a, b = tmp_path / "a", tmp_path / "b"
     for f in ("x.png", "y.nii.gz", "notes.txt", ".hidden.png", "sub/z.png"):
@@ -140,8 +140,8 @@ def test_expand_targets_and_output_names(tmp_path):
 
 
 def test_shard_from_env():
+    from rau.batch import shard_from_env
     from rau.errors import RauInputError
-    from rau.pipeline import shard_from_env
 
     assert shard_from_env({}) == (0, 1)
     assert shard_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4)
@@ -176,11 +176,11 @@ def reference():
 
 
 def test_localize_many_updates_the_summary_as_it_goes_and_skips_finished_targets(batch_dir, tmp_path, reference, monkeypatch):
-    from rau import pipeline
+    from rau import batch
 
-    monkeypatch.setattr(pipeline, "SUMMARY_EVERY_S", 0.0)
+    monkeypatch.setattr(batch, "SUMMARY_EVERY_S", 0.0)
     out, stub = tmp_path / "out", StubMethod()
-    items = pipeline.localize_many(reference, [batch_dir], method=stub, out_dir=out, structures=["heart"])
+    items = batch.localize_many(reference, [batch_dir], method=stub, out_dir=out, structures=["heart"])
     first = next(items)  # bad.png sorts first
     assert first.status == "error" and isinstance(first.outcome, ValueError) and read_csv(out / "summary.csv")[0]["status"] == "error"
     second = next(items)
@@ -188,14 +188,14 @@ def test_localize_many_updates_the_summary_as_it_goes_and_skips_finished_targets
     assert [r["target"] for r in read_csv(out / "summary.csv")] == [str(batch_dir / "bad.png"), str(batch_dir / "t1.png")]
     assert [i.status for i in items] == ["ok"] and stub.calls == 2
 
-    rerun = list(pipeline.localize_many(reference, [batch_dir], method=stub, out_dir=out, structures=["heart"]))
+    rerun = list(batch.localize_many(reference, [batch_dir], method=stub, out_dir=out, structures=["heart"]))
     assert [i.status for i in rerun] == ["error", "skipped", "skipped"] and stub.calls == 2
     back = rerun[1].outcome
     assert back.structures["heart"].box_xyxy_px == (0.0, 0.0, 4.0, 4.0) and back.structures["heart"].mask.sum() == 16
 
-    other = list(pipeline.localize_many(reference, [batch_dir], method=StubMethod("other"), out_dir=out, structures=["heart"]))
+    other = list(batch.localize_many(reference, [batch_dir], method=StubMethod("other"), out_dir=out, structures=["heart"]))
     assert [i.status for i in other][1:] == ["ok", "ok"]  # another method's result is not this one's
-    forced = list(pipeline.localize_many(reference, [batch_dir], method=stub, out_dir=out, structures=["heart"], overwrite=True))
+    forced = list(batch.localize_many(reference, [batch_dir], method=stub, out_dir=out, structures=["heart"], overwrite=True))
     assert [i.status for i in forced][1:] == ["ok", "ok"] and stub.calls == 4
 
 
@@ -227,22 +227,22 @@ def fake_exporter(monkeypatch):
 
 
 def test_formats_are_written_with_the_result_in_both_modes(batch_dir, tmp_path, reference, fake_exporter):
-    from rau import pipeline
+    from rau import batch, pipeline
     from rau.errors import RauInputError
 
     pipeline.localize(reference, batch_dir / "t1.png", method=StubMethod(), out_dir=tmp_path / "one", formats=["coco"])
     assert (tmp_path / "one" / "coco.json").is_file() and (tmp_path / "one" / "result.json").is_file()
     many, stub = tmp_path / "many", StubMethod()
-    run = lambda formats: [i.status for i in pipeline.localize_many(
+    run = lambda formats: [i.status for i in batch.localize_many(
         reference, [batch_dir / "t2.png"], method=stub, out_dir=many, formats=formats)]
     assert run(["nifti"]) == ["ok"] and (many / "t2" / "labels.nii.gz").is_file()
     assert run(["nifti"]) == ["skipped"]
     assert run(["nifti", "coco"]) == ["ok"] and (many / "t2" / "coco.json").is_file()  # a file asked for now is missing
-    refused = list(pipeline.localize_many(reference, [batch_dir / "t1.png"], method=stub, out_dir=tmp_path / "seg",
+    refused = list(batch.localize_many(reference, [batch_dir / "t1.png"], method=stub, out_dir=tmp_path / "seg",
                                           formats=["dicom-seg"]))
     assert refused[0].status == "error" and not (tmp_path / "seg" / "t1").exists()  # all or nothing, as single mode
     with pytest.raises(RauInputError, match="--formats"):
-        pipeline.localize_many(reference, [batch_dir], method=StubMethod(), out_dir=tmp_path / "x", formats=["stl"])
+        batch.localize_many(reference, [batch_dir], method=StubMethod(), out_dir=tmp_path / "x", formats=["stl"])
     res = runner.invoke(app, batch_args(tmp_path / "cli", batch_dir, extra=["--formats", "stl"]))
     assert res.exit_code == 2 and res.output.startswith("error: --formats") and not (tmp_path / "cli").exists()
 

@@ -172,7 +172,7 @@ def test_nifti_volume_slice_lands_on_its_source_voxels(tmp_path: Path, axis: int
     """Every output pixel's world position is the source voxel rau displayed at that pixel."""
     import nibabel as nib
 
-    from rau.data.medical import _load_nifti, _slice_2d, read_nifti
+    from rau.data.medical import display_slice, load_nifti, read_nifti
 
     shape = (5, 6, 7)
     # voxel axes run towards Inferior, Left, Anterior: far from canonical RAS
@@ -183,8 +183,8 @@ def test_nifti_volume_slice_lands_on_its_source_voxels(tmp_path: Path, axis: int
     image, meta = read_nifti(source, slice_index=1, axis=axis)
     meta["source"] = str(source)
     target = AnnotatedImage(image, {}, meta)
-    data, zooms, _, _ = _load_nifti(source, "image")
-    shown_ids, _, _ = _slice_2d(data, zooms, 1, axis, source, "image")  # voxel id at each pixel
+    data, zooms, _, _ = load_nifti(source, "image")
+    shown_ids, _, _ = display_slice(data, zooms, 1, axis, source, "image")  # voxel id at each pixel
 
     out_affine, code = nifti_affine(target)
     assert code > 0

@@ -75,9 +75,10 @@ def localize(
 ) -> None:
     """Identify, localize (box) and segment (mask) each reference structure in one target image (--target) or many (--targets)."""
     with user_errors():
+        from rau.batch import merge_summaries
         from rau.data.io import load_annotated
         from rau.pipeline import localize as run
-        from rau.pipeline import localize_from_bank, merge_summaries
+        from rau.pipeline import localize_from_bank
 
         if merge_only:
             typer.echo(f"shard summaries merged -> {merge_summaries(out)}")
@@ -120,8 +121,8 @@ def localize(
 
 def _volume_mode(target: Optional[Path], volume: Optional[bool], start_slice: Optional[int], axis: Optional[int]) -> bool:
     """Whether --target is run as a volume: --volume/--no-volume, else what the path is
-    (:func:`rau.volume.volume_kind`); the volume options are refused outside volume mode."""
-    from rau.volume import volume_kind
+    (:func:`rau.data.volume_io.volume_kind`); the volume options are refused outside volume mode."""
+    from rau.data.volume_io import volume_kind
 
     if target is None:
         if volume or start_slice is not None or axis is not None:
@@ -137,7 +138,8 @@ def _volume_mode(target: Optional[Path], volume: Optional[bool], start_slice: Op
 def _localize_volume(target: Path, reference: Optional[Path], reference_masks: Optional[Path], bank: Optional[Path],
                      formats: Optional[list[str]], *, out: Path, **kwargs):
     """Volume mode (:func:`rau.volume.propagate`): the volume read first, then the reference."""
-    from rau.volume import propagate, read_volume
+    from rau.data.volume_io import read_volume
+    from rau.volume import propagate
 
     if bank is not None:
         raise ValueError("--bank: volume mode needs --reference and --reference-masks (or --no-volume for one slice)")
@@ -171,7 +173,7 @@ def _localize_batch(source, targets: list[str], *, out: Path, **kwargs) -> dict[
 
     from tqdm.auto import tqdm
 
-    from rau.pipeline import error_line, localize_many
+    from rau.batch import error_line, localize_many
 
     counts = {"ok": 0, "skipped": 0, "error": 0}
     for item in localize_many(source, targets, out_dir=out, **kwargs):
@@ -183,7 +185,7 @@ def _localize_batch(source, targets: list[str], *, out: Path, **kwargs) -> dict[
 
 def _batch_report(counts: dict[str, int], out: Path) -> None:
     """One line on the batch; exit code 1 when a target failed."""
-    from rau.pipeline import shard_from_env
+    from rau.batch import shard_from_env
 
     rank, world = shard_from_env()
     summary = out / ("summary.csv" if world == 1 else f"summary.rank{rank}.csv")

@@ -20,7 +20,8 @@ RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MASK_SUFFIXES = RASTER_SUFFIXES | {".nii", ".gz"}
 
 
-def _kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
+    """``"nifti"``, ``"dicom"`` or ``"raster"``: by suffix, else by the DICM preamble (reads 132 bytes)."""
     name = path.name.lower()
     if name.endswith(".nii") or name.endswith(".nii.gz"):
         return "nifti"
@@ -31,6 +32,8 @@ def _kind(path: Path) -> str:
     with path.open("rb") as fh:
         head = fh.read(132)
     return "dicom" if head[128:132] == b"DICM" else "raster"
+
+
 
 
 def _check_file(path: str | Path, arg: str) -> Path:
@@ -97,7 +100,7 @@ def read_image(path: str | Path, *, arg: str = "image", slice_index: int | None 
 
     ``slice_index`` picks a slice of a 3D NIfTI volume (default: the middle one)."""
     path = _check_file(path, arg)
-    kind = _kind(path)
+    kind = file_kind(path)
     if kind == "dicom":
         from rau.data.medical import read_dicom
 
@@ -113,12 +116,13 @@ def read_image(path: str | Path, *, arg: str = "image", slice_index: int | None 
         except RauInputError as exc:
             raise RauInputError(f"{arg} {path}: {str(exc).split(': ', 1)[-1]}") from None
         meta = {"modality": None, "bit_depth": int(raw.dtype.itemsize * 8)}
-    meta.setdefault("id", _stem(path))
+    meta.setdefault("id", file_stem(path))
     meta["source"] = str(path)
     return image, meta
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
+    """A file's name without its image suffix: ``a.nii.gz`` -> ``a``, ``b.dcm`` -> ``b``, ``c.png`` -> ``c``."""
     name = path.name
     for suffix in (".nii.gz", ".nii", ".dcm"):
         if name.lower().endswith(suffix):
@@ -131,7 +135,7 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None, *, arg: st
 
     ``shape``: the image's (H, W); a mask of another size raises RauInputError."""
     path = _check_file(path, arg)
-    if _kind(path) == "nifti":
+    if file_kind(path) == "nifti":
         from rau.data.medical import read_nifti_labels
 
         labels = read_nifti_labels(path, slice_index=slice_index)
@@ -172,7 +176,7 @@ def read_mask_dir(mask_dir: str | Path, shape: tuple[int, int], *, arg: str = "-
     files = sorted(p for p in mask_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     masks = {}
     for p in files:
-        name = _stem(p)
+        name = file_stem(p)
         masks[name] = read_mask(p, shape, arg=f"{arg} {p.name}")
     if not masks:
         raise RauInputError(f"{arg}: {mask_dir} holds no mask files; expected <structure>.png binary masks")

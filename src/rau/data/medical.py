@@ -50,7 +50,7 @@ SOFT_TISSUE_WINDOW = (40.0, 400.0)
 """Default CT window (center, width) in HU for NIfTI CT volumes."""
 
 _LUMA = np.array([0.299, 0.587, 0.114])
-_AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
+AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -105,7 +105,8 @@ def _dicom_first(value: Any) -> float | None:
         return None
 
 
-def _dicom_spacing(ds: Any) -> tuple[float, float] | None:
+def dicom_spacing(ds: Any) -> tuple[float, float] | None:
+    """(row, col) pixel spacing in mm of a pydicom dataset (PixelSpacing, else ImagerPixelSpacing), or None."""
     for key in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(key)
         if value is not None:
@@ -117,7 +118,9 @@ def _dicom_spacing(ds: Any) -> tuple[float, float] | None:
     return None
 
 
-def _dicom_pixels(ds: Any, path: Path, arg: str, warned: list[str]) -> np.ndarray:
+def dicom_pixels(ds: Any, path: Path, arg: str, warned: list[str]) -> np.ndarray:
+    """The stored pixel array of ``ds`` (frames first for multi-frame); ``warned``: pydicom's read warnings,
+    naming the corruption when the pixel data element is missing. Raises RauInputError."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         if warned:  # pydicom stopped early: the pixel data element was lost to corruption
             raise RauInputError(
@@ -173,7 +176,7 @@ def read_dicom(
         raise RauInputError(
             f"{arg}: cannot read {path} as DICOM, the file looks corrupted ({exc.__class__.__name__}: {exc})"
         ) from None
-    pixels = _dicom_pixels(ds, path, arg, [str(w.message) for w in caught])
+    pixels = dicom_pixels(ds, path, arg, [str(w.message) for w in caught])
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = int(_dicom_first(ds.get("NumberOfFrames")) or 1)
@@ -182,17 +185,17 @@ def read_dicom(
         "photometric": photometric,
         "frames": frames,
     }
-    spacing = _dicom_spacing(ds)
+    spacing = dicom_spacing(ds)
     if spacing is not None:
         meta["spacing_mm"] = spacing
     if frames > 1:
         pixels = pixels[0]
         meta["note"] = f"multi-frame DICOM with {frames} frames: the first frame is used"
     if samples == 3 or (pixels.ndim == 3 and pixels.shape[-1] == 3):
-        image = _dicom_rgb(pixels)
+        image = dicom_rgb(pixels)
         meta.update(window=None, rescale=None)
     else:
-        image, used_window, rescale = _dicom_gray(ds, pixels, window)
+        image, used_window, rescale = dicom_gray(ds, pixels, window)
         if photometric == "MONOCHROME1":
             image = (1.0 - image).astype(np.float32)
         meta.update(window=used_window, rescale=rescale)
@@ -203,16 +206,19 @@ def read_dicom(
     return image, meta
 
 
-def _dicom_rgb(pixels: np.ndarray) -> np.ndarray:
+def dicom_rgb(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3+) RGB pixels -> (H, W) float32 luminance in [0, 1] (8-bit: /255, else min-max)."""
     luma = pixels[..., :3].astype(np.float64) @ _LUMA
     if pixels.dtype == np.uint8:
         return (luma / 255.0).astype(np.float32)
     return apply_window(luma, None)
 
 
-def _dicom_gray(
+def dicom_gray(
     ds: Any, pixels: np.ndarray, window: tuple[float, float] | None
 ) -> tuple[np.ndarray, tuple[float, float] | None, tuple[float, float]]:
+    """Gray pixels -> (image (H, W) float32 in [0, 1] after rescale and ``window`` (else the file's, else
+    min-max), the window used, (slope, intercept)); MONOCHROME1 is not inverted here."""
     slope = _dicom_first(ds.get("RescaleSlope"))
     intercept = _dicom_first(ds.get("RescaleIntercept"))
     slope = 1.0 if slope is None or slope == 0 else slope
@@ -250,7 +256,7 @@ def looks_like_ct(volume: np.ndarray, header: Any = None) -> bool:
     return bool(np.all(np.abs(sample - np.round(sample)) < 1e-3))
 
 
-def _load_nifti(path: str | Path, arg: str) -> tuple[np.ndarray, tuple[float, ...], Any, str | None]:
+def load_nifti(path: str | Path, arg: str) -> tuple[np.ndarray, tuple[float, ...], Any, str | None]:
     """-> (canonical RAS data (>= 2D), zooms of the canonical axes, header, note)."""
     import nibabel as nib
 
@@ -277,7 +283,7 @@ def _load_nifti(path: str | Path, arg: str) -> tuple[np.ndarray, tuple[float, ..
     return data, zooms, img.header, note
 
 
-def _slice_2d(
+def display_slice(
     data: np.ndarray, zooms: tuple[float, ...], slice_index: int | None, axis: int, path: Path, arg: str
 ) -> tuple[np.ndarray, tuple[float, float], dict[str, Any]]:
     """Canonical data -> (display-oriented 2D array, (row, col) spacing, meta about the slice)."""
@@ -286,14 +292,14 @@ def _slice_2d(
         if slice_index not in (None, 0):
             raise RauInputError(f"slice_index: {path} is a 2D image; pass slice_index=None or 0, got {slice_index}")
         return plane.T, (zooms[1], zooms[0]), {"slice_index": None, "axis": None}
-    if axis not in _AXIS_NAMES:
+    if axis not in AXIS_NAMES:
         raise RauInputError(f"axis: expected 0 (sagittal), 1 (coronal) or 2 (axial), got {axis!r}")
     n = data.shape[axis]
     index = n // 2 if slice_index is None else slice_index
     if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < n:
         raise RauInputError(
             f"slice_index: {slice_index!r} is outside the valid range 0..{n - 1} along axis {axis} "
-            f"({_AXIS_NAMES[axis]}) of {path}"
+            f"({AXIS_NAMES[axis]}) of {path}"
         )
     index = int(index)
     if axis == 2:  # (X, Y) -> rows anterior->posterior, cols right->left
@@ -329,11 +335,11 @@ def read_nifti(
     """
     path = Path(path)
     window = _check_window(window)
-    data, zooms, header, note = _load_nifti(path, arg)
+    data, zooms, header, note = load_nifti(path, arg)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         raise RauInputError(f"{arg}: {path} contains NaN or infinite voxels; clean the volume first")
     is_ct = looks_like_ct(data, header)
-    plane, spacing, info = _slice_2d(data, zooms, slice_index, axis, path, arg)
+    plane, spacing, info = display_slice(data, zooms, slice_index, axis, path, arg)
     if window is None and is_ct:
         window = SOFT_TISSUE_WINDOW
     meta: dict[str, Any] = {
@@ -369,7 +375,7 @@ def read_nifti_labels(
         RauInputError: unreadable file, non-integer or NaN voxels, slice out of range, bad axis.
     """
     path = Path(path)
-    data, zooms, _, _ = _load_nifti(path, arg)
+    data, zooms, _, _ = load_nifti(path, arg)
     values = np.asarray(data)
     if np.issubdtype(values.dtype, np.floating):
         if not np.all(np.isfinite(values)):
@@ -377,7 +383,7 @@ def read_nifti_labels(
         if np.any(np.abs(values - np.round(values)) > 1e-3):
             raise RauInputError(f"{arg}: {path} holds non-integer values; pass an integer label map, not an image")
         values = np.round(values)
-    plane, _, _ = _slice_2d(values.astype(np.int64), zooms, slice_index, axis, path, arg)
+    plane, _, _ = display_slice(values.astype(np.int64), zooms, slice_index, axis, path, arg)
     present = [int(v) for v in np.unique(plane) if v != 0]
     table = {v: f"label_{v}" for v in present} if names is None else {int(k): str(n) for k, n in names.items()}
     out: dict[str, np.ndarray] = {}
