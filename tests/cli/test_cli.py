@@ -206,6 +206,20 @@ def test_bench_quick_on_a_tiny_arcade_layout(tiny_arcade, tmp_path):
     assert bad.exit_code == 2 and "--splits" in bad.output
 
 
+def test_bench_overlays_for_chosen_methods_and_the_drr_unseen_split(tiny_arcade, tmp_path):
+    from rau.eval.bench import HELD_OUT, resolve_splits
+
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", "--out", str(out), "--data", str(tiny_arcade), "--splits", "arcade",
+                              "--methods", "registration,oracle-box", "--overlays", "registration,oracle-box",
+                              "--quick", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (out / "overlay_arcade_oracle-box_best.png").exists() and (out / "overlay_arcade_registration_best.png").exists()
+    (split,) = resolve_splits(["drr-unseen"], tiny_arcade, tmp_path / "drr", quick=False, limit=None)
+    assert split.structures == HELD_OUT and split.targets == tmp_path / "drr" / "test"
+    assert {"left_clavicle", "right_clavicle", "left_scapula", "right_scapula"} == set(HELD_OUT)
+
+
 def test_bench_with_k_references_uses_a_bank_and_fuses(tiny_arcade, tmp_path):
     data = tiny_arcade
     out = tmp_path / "bench"

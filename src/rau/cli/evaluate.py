@@ -148,8 +148,9 @@ def report(
 
 def bench(
     out: Annotated[Path, typer.Option(help="Output folder: <split>_<method>.json, dice_<split>.png, overlays, BENCH.md.")] = Path("runs/bench"),
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau-seg,rau,registration,reg-box,reg-fuse,oracle-box; add rau-box, rau-tokens, chexanatomy with --chex, sam2-memory with --sam2).")] = None,
-    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr (default: all).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau-seg,rau,registration,reg-box,reg-fuse,oracle-box; add rau-box, rau-tokens, chexanatomy with --chex, sam2-memory, reg-memseg with --memseg).")] = None,
+    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr, drr-unseen (default: all).")] = None,
+    overlays: Annotated[Optional[str], typer.Option(help="Comma-separated methods to draw best/worst overlays for (default: the first non-oracle method).")] = None,
     data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
     drr_dir: Annotated[Path, typer.Option(help="DRR train/ and test/ folders (rendered here on first use).")] = Path("runs/drr"),
     quick: Annotated[bool, typer.Option(help="A minutes-long subset: 8 targets per split.")] = False,
@@ -174,7 +175,7 @@ def bench(
 
         path = main_bench(out, methods=split_names(methods, "--methods"), split_names=split_names(splits, "--splits"),
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
-                          argv=sys.argv[1:], k=k_references,
+                          argv=sys.argv[1:], k=k_references, overlay_methods=split_names(overlays, "--overlays"),
                           method_options=method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg))
     typer.echo(path.read_text())
 

@@ -155,7 +155,8 @@ def _fmt_slice(sl: slice | None) -> str | None:
 
 def best_worst_overlays(report: dict, split: Split, method_options: dict[str, Any], out: Path) -> list[Path]:
     """Re-run the report's method on its best and worst target (mean Dice) and save overlays
-    (prediction left, ground truth right)."""
+    (prediction left, ground truth right); a split that scores some structures only
+    (``drr-unseen``) shows those alone."""
     from rau.references.bank import predict_with_references
     from rau.data.dataset import load_dataset
     from rau.eval.evaluate import shown_to
@@ -177,9 +178,11 @@ def best_worst_overlays(report: dict, split: Split, method_options: dict[str, An
     paths = []
     for tag, target_id in (("best", max(means, key=means.get)), ("worst", min(means, key=means.get))):
         refs = pairs[target_id] if isinstance(pairs[target_id], list) else [pairs[target_id]]
-        target = tset.load(tid[target_id])
+        wanted = list(split.structures) if split.structures else None
+        target = tset.load(tid[target_id], wanted)
         # k > 1: the same references and fusion as the report
-        result, _ = predict_with_references(method, [rset.load(rid[r]) for r in refs], shown_to(method, target))
+        result, _ = predict_with_references(method, [rset.load(rid[r], wanted) for r in refs], shown_to(method, target),
+                                            wanted)
         pred = {n: r.mask for n, r in result.structures.items() if r.mask is not None}
         palette = sorted(set(result.structures) | set(target.masks))
         left = draw_annotation(target.image, pred, boxes={n: r.box_xyxy_px for n, r in result.structures.items()},
@@ -215,7 +218,9 @@ def bench_markdown(reports: dict[str, list[dict]], figures: dict[str, Path], ove
 
 def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] | None, data: Path, drr_dir: Path,
                quick: bool, limit: int | None, seed: int, method_options: dict[str, Any], progress: bool,
-               argv: list[str], k: int = 1) -> Path:
+               argv: list[str], k: int = 1, overlay_methods: list[str] | None = None) -> Path:
+    """Run the bench and write ``OUT/BENCH.md``; best/worst overlays for ``overlay_methods``
+    (default: the first method that is not an oracle)."""
     from rau.eval.plots import dice_bar_chart
 
     commit, started = git_commit(), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -230,9 +235,10 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
     figures = {s: dice_bar_chart(docs, out / f"dice_{s}{tag}.png", title=s) for s, docs in reports.items()}
     overlays = []
     for split in splits:
-        first = next((d for d in reports[split.name] if d["method"] != "oracle-box"), None)
-        if first is not None:
-            overlays += best_worst_overlays(first, split, method_options, out)
+        docs = [d for d in reports[split.name] if d["method"] in overlay_methods] if overlay_methods else \
+            [d for d in reports[split.name] if d["method"] != "oracle-box"][:1]
+        for doc in docs:
+            overlays += best_worst_overlays(doc, split, method_options, out)
     from rau.eval.evaluate import model_config
 
     md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"], commit, started)
