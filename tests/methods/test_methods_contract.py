@@ -273,3 +273,21 @@ def test_k_references_go_into_memory_together_and_a_structure_missing_from_one_c
     assert result.reference_id == "a+b"
     with pytest.raises(rau.RauInputError, match="none of the references"):
         method.predict_k([first], AnnotatedImage(tgt_img), ["square"])
+
+
+def test_shipped_chexanatomy_runs_with_no_flags_on_the_sample():
+    from rau.data.io import read_mask
+    from rau.methods.chexanatomy import DEFAULT_CHEX_DIR
+    from rau.metrics import dice
+
+    if not (DEFAULT_CHEX_DIR / "model.safetensors").is_file():
+        with pytest.raises(rau.RauInputError, match="^--chex: .*chexanatomy_ship.sh"):
+            create_method("chexanatomy")
+        return
+    method = create_method("chexanatomy")  # no options: the shipped model
+    samples = Path(__file__).resolve().parents[2] / "samples" / "chest_xray"
+    ref = rau.load_annotated(samples / "reference.png", samples / "reference_masks")
+    result = method.predict(ref, rau.load_annotated(samples / "target.png"))
+    for name, r in result.structures.items():
+        truth = read_mask(samples / "target_masks" / f"{name}.png")
+        assert r.answer == "yes" and dice(r.mask, truth) > 0.5, name
