@@ -131,3 +131,20 @@ def test_bad_loop_settings_are_refused(tmp_path):
         run_training(TinyModel(), tmp_path, {}, _step_loss, steps=0, lr=1e-2, device="cpu", progress=False)
     with pytest.raises(ValueError, match="device"):
         run_training(TinyModel(), tmp_path, {}, _step_loss, steps=1, lr=1e-2, device="tpu", progress=False)
+
+
+def test_a_setting_added_later_as_none_still_resumes_an_older_run(tmp_path, one_torch_thread):
+    def kill(done, record):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(TinyModel(), out, {"kind": "tiny", "config": {"a": 1}}, _step_loss, steps=6, lr=1e-2,
+                     save_every=2, device="cpu", progress=False, on_step=kill)
+    later = {"kind": "tiny", "new": None, "config": {"a": 1, "b": None}}  # new settings, off
+    assert (run_training(TinyModel(), out, later, _step_loss, steps=6, lr=1e-2, save_every=2, device="cpu",
+                         progress=False) == out / "final")
+    with pytest.raises(RauInputError, match="differs in: config"):
+        run_training(TinyModel(), out, {"kind": "tiny", "config": {"a": 1, "b": 2}}, _step_loss, steps=8, lr=1e-2,
+                     save_every=2, device="cpu", progress=False)

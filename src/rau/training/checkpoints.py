@@ -106,6 +106,14 @@ def model_config(model) -> dict[str, Any]:
     return asdict(model.config)
 
 
+def _settled(value):
+    """A run key without its None-valued entries (nested dicts too): a setting added to a recipe
+    later, whose None means "off", matches a run started before the setting existed."""
+    if isinstance(value, dict):
+        return {k: _settled(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def load_checkpoint(folder: Path, model, opt, run_key: dict) -> tuple[int, list[dict]]:
     """Restore weights, optimizer and RNG from ``folder`` -> (step, history).
 
@@ -122,8 +130,9 @@ def load_checkpoint(folder: Path, model, opt, run_key: dict) -> tuple[int, list[
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint: {folder} is incomplete or truncated ({exc}); "
                               "delete it to resume from the previous one") from None
-    if state["run"] != run_key:
-        differ = sorted(k for k in set(run_key) | set(state["run"]) if run_key.get(k) != state["run"].get(k))
+    if _settled(state["run"]) != _settled(run_key):
+        differ = sorted(k for k in set(run_key) | set(state["run"])
+                        if _settled(run_key.get(k)) != _settled(state["run"].get(k)))
         raise RauInputError(f"out_dir: {folder.parent} holds a run with other settings (differs in: {', '.join(differ)}); "
                             "use a new folder")
     model.load_weights(folder / "model.safetensors", what="checkpoint")
