@@ -39,7 +39,8 @@ TARGET_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".d
 
 #: summary.csv: one row per target x structure; a failed target has one row, structure empty.
 #: ``status``: ok, skipped (a complete earlier result, re-read) or error (``error``: why, one line).
-SUMMARY_COLUMNS = ("target", "structure", "answer", "found", "score", "x0", "y0", "x1", "y1", "seconds", "status", "error")
+SUMMARY_COLUMNS = ("target", "structure", "answer", "found", "score", "x0", "y0", "x1", "y1", "seconds", "status", "error",
+                   "confidence", "abstained", "reason")
 
 #: The summary is rewritten (atomically) after a target at most this often, so a killed batch leaves
 #: a usable CSV at little cost on long batches; it is always written at the end.
@@ -168,7 +169,9 @@ def _summary_rows(target: Path, status: str, doc: dict | None = None, seconds: f
         x0, y0, x1, y1 = s["box_xyxy"] if s["box_xyxy"] is not None else ("",) * 4
         rows.append({"target": str(target), "structure": name, "answer": s["answer"] or "",
                      "found": str(bool(s["found"])).lower(), "score": s["score"], "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-                     "seconds": doc["seconds"], "status": status, "error": ""})
+                     "seconds": doc["seconds"], "status": status, "error": "",
+                     "confidence": "" if s.get("confidence") is None else s["confidence"],
+                     "abstained": str(bool(s.get("abstained"))).lower(), "reason": s.get("reason") or ""})
     return rows
 
 
@@ -222,6 +225,7 @@ def localize_many(
     progress: bool = False,
     k: int = 1,
     min_fit: float | None = None,
+    min_confidence: float | None = None,
     **method_options: Any,
 ) -> Iterator[BatchItem]:
     """Run one method on many targets: the method is built once, the reference checked once (the
@@ -230,6 +234,7 @@ def localize_many(
     Args:
         reference: an annotated reference, or a reference bank (:class:`rau.references.bank.ReferenceBank`
             or its path; then ``k`` and ``min_fit`` as in :func:`localize_from_bank`).
+        min_confidence: as in :func:`localize` (default: the method's calibrated threshold).
         targets: folders, glob patterns or files (:func:`expand_targets`).
         out_dir: one folder per target, named by :func:`output_names`, holding what
             :func:`write_result` writes (+ ``formats``), and the summary CSV (:data:`SUMMARY_COLUMNS`):
@@ -251,21 +256,27 @@ def localize_many(
     if world > 1 and method_options.get("device") == "cuda":  # one GPU per process, as accelerate places them
         method_options["device"] = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     format_writer(formats)
-    run = _runner(reference, structures, k, min_fit)
+    if min_confidence is not None:
+        from rau.methods.confidence import resolve_min_confidence
+
+        resolve_min_confidence(min_confidence, None)  # checked before any model loads
+    run = _runner(reference, structures, k, min_fit, min_confidence)
     m = method if isinstance(method, Method) else create_method(method, **method_options)
     summary = Path(out_dir) / ("summary.csv" if world == 1 else f"summary.rank{rank}.csv")
     return _run_batch(run, m, mine, Path(out_dir), summary, structures, formats, overwrite, progress)
 
 
-def _runner(reference, structures: list[str] | None, k: int, min_fit: float | None):
+def _runner(reference, structures: list[str] | None, k: int, min_fit: float | None, min_confidence: float | None):
     """(method, target AnnotatedImage) -> TargetResult for this reference or bank, checked now."""
     if isinstance(reference, AnnotatedImage):
         check_reference(reference, structures)
-        return lambda m, target: localize(reference, target, method=m, structures=structures)
+        return lambda m, target: localize(reference, target, method=m, structures=structures,
+                                          min_confidence=min_confidence)
     from rau.references.bank import ReferenceBank
 
     bank = reference if isinstance(reference, ReferenceBank) else ReferenceBank.load(reference)
-    return lambda m, target: localize_from_bank(bank, target, k=k, method=m, structures=structures, min_fit=min_fit)
+    return lambda m, target: localize_from_bank(bank, target, k=k, method=m, structures=structures, min_fit=min_fit,
+                                                min_confidence=min_confidence)
 
 
 def _run_batch(run, m, mine, out_dir: Path, summary: Path, structures, formats, overwrite: bool,
@@ -314,7 +325,8 @@ def read_result(out_dir: str | Path) -> TargetResult:
         mask = read_mask(out_dir / s["mask"], arg=f"{out_dir} mask {name!r}")
         box = tuple(float(v) for v in s["box_xyxy"]) if s["box_xyxy"] is not None else None
         structures[name] = StructureResult(s["label"], s["answer"], box, float(s["score"]),
-                                           mask if mask.any() else None, s["reason"])
+                                           mask if mask.any() else None, s["reason"], confidence=s.get("confidence"),
+                                           abstained=bool(s.get("abstained")))
     return TargetResult(file_stem(Path(doc["target"])), doc["reference"], doc["method"], structures, float(doc["seconds"]))
 
 

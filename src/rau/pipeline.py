@@ -58,6 +58,7 @@ def localize(
     structures: list[str] | None = None,
     out_dir: str | Path | None = None,
     formats: Sequence[str] | None = None,
+    min_confidence: float | None = None,
     **method_options: Any,
 ) -> TargetResult:
     """Identify, localize and segment the reference's structures in one target.
@@ -70,14 +71,20 @@ def localize(
         out_dir: if given, write result.json, masks/<structure>.png and overlay.png there (atomically).
         formats: with ``out_dir``, extra export formats (``nifti``, ``coco``, ``dicom-seg``;
             :func:`rau.data.export.write_formats`) written into it too.
+        min_confidence: withhold (no mask, answer "no", the reason) each structure whose calibrated
+            confidence is below it; default: the method's calibrated threshold
+            (:mod:`rau.methods.confidence`); blank, noise and no-fit targets are withheld at any
+            threshold above 0, and 0 keeps every output.
     """
     from rau.methods import Method, create_method
+    from rau.methods.confidence import abstain, resolve_min_confidence
 
     check_reference(reference, structures)
     target_img = _as_target(target)
     format_writer(formats)
     m = method if isinstance(method, Method) else create_method(method, **method_options)
-    result = m.predict(reference, target_img, structures)
+    threshold = resolve_min_confidence(min_confidence, m.calibration)
+    result = abstain(m.predict(reference, target_img, structures), threshold)
     if out_dir is not None:
         write_result(result, target_img, out_dir, formats)
     return result
@@ -93,6 +100,7 @@ def localize_from_bank(
     out_dir: str | Path | None = None,
     min_fit: float | None = None,
     formats: Sequence[str] | None = None,
+    min_confidence: float | None = None,
     **method_options: Any,
 ) -> TargetResult:
     """Like :func:`localize`, with the reference(s) retrieved from a :class:`rau.references.bank.ReferenceBank`
@@ -102,8 +110,9 @@ def localize_from_bank(
     ``min_fit``: abstain ("no" for every structure, with the reason) when even the best reference's
     similarity is below it, i.e. the bank holds nothing like the target (other anatomy, a mirrored
     image); :meth:`rau.references.bank.ReferenceBank.fit_threshold` calibrates it on the bank alone.
-    ``formats``: as in :func:`localize`."""
+    ``formats``, ``min_confidence``: as in :func:`localize`."""
     from rau.methods import Method, create_method
+    from rau.methods.confidence import abstain, resolve_min_confidence
     from rau.references.bank import ReferenceBank, predict_with_references
 
     format_writer(formats)
@@ -124,6 +133,7 @@ def localize_from_bank(
         raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} not in the retrieved reference {hits[0][0]} "
                             f"(it has: {', '.join(sorted(refs[0].masks))})")
     result, _ = predict_with_references(m, refs, target_img, structures)
+    abstain(result, resolve_min_confidence(min_confidence, m.calibration))
     if out_dir is not None:
         write_result(result, target_img, out_dir, formats)
     return result
@@ -134,7 +144,8 @@ def _abstain(target: AnnotatedImage, hit: tuple[str, float], min_fit: float, str
 
     names = structures if structures is not None else sorted({s for e in bank.dataset().entries for s in e.structures})
     reason = f"no reference fits this target (best similarity {hit[1]:.3f} < {min_fit:.3f}, {hit[0]})"
-    return TargetResult(target.id, hit[0], "abstain", {n: StructureResult(n, "no", None, 0.0, None, reason) for n in names})
+    return TargetResult(target.id, hit[0], "abstain", {n: StructureResult(n, "no", None, 0.0, None, reason, confidence=0.0, flag=reason, abstained=True)
+                                                          for n in names})
 
 
 def result_to_json(result: TargetResult, target: AnnotatedImage) -> dict[str, Any]:
@@ -149,6 +160,8 @@ def result_to_json(result: TargetResult, target: AnnotatedImage) -> dict[str, An
             "mask": f"masks/{name}.png",
             "found": r.found,
             "reason": r.reason,
+            "confidence": None if r.confidence is None else round(float(r.confidence), 4),
+            "abstained": bool(r.abstained),
         }
     return {
         "method": result.method,

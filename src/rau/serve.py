@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "samples" / "chest_xray"
 
 #: Columns of the per-structure table (``box_xyxy_px``: pixel-edge x0, y0, x1, y1 in target pixels).
-TABLE_HEADERS = ["structure", "answer", "found", "score", "box_xyxy_px", "note"]
+TABLE_HEADERS = ["structure", "answer", "found", "confidence", "score", "box_xyxy_px", "note"]
 
 #: Export formats offered in the viewer (:data:`rau.data.export.FORMATS`; dicom-seg: DICOM targets only).
 EXPORT_FORMATS = ("nifti", "coco", "dicom-seg")
@@ -215,7 +215,8 @@ def table_rows(result: TargetResult) -> list[list[Any]]:
     rows = []
     for name, r in result.structures.items():
         box = ", ".join(f"{float(v):g}" for v in r.box_xyxy_px) if r.box_xyxy_px is not None else ""
-        rows.append([name, r.answer or "", bool(r.found), round(float(r.score), 4), box, r.reason or ""])
+        conf = round(float(r.confidence), 3) if r.confidence is not None else None
+        rows.append([name, r.answer or "", bool(r.found), conf, round(float(r.score), 4), box, r.reason or ""])
     return rows
 
 
@@ -370,7 +371,7 @@ def build_app(
                 status = gr.Textbox(label="Status", interactive=False, lines=1, max_lines=2, elem_id="status")
                 overlay = gr.Image(label="Overlay", type="numpy", format="png", interactive=False, elem_id="overlay")
                 shown = gr.CheckboxGroup([], value=[], label="Show structures")
-                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "bool", "number", "str", "str"],
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "bool", "number", "number", "str", "str"],
                                      interactive=False, label="Per structure (box: pixel-edge x0, y0, x1, y1)")
                 with gr.Row():
                     result_json = gr.DownloadButton("result.json", visible=False)

@@ -63,7 +63,8 @@ def test_run_request_on_the_sample(cache, tmp_path):
     w, h = Image.open(SAMPLE / "target.png").size
     assert overlay.shape == (h, w, 3) and overlay.dtype == np.uint8
     assert [r[0] for r in rows] == STRUCTURES and all(len(r) == len(TABLE_HEADERS) for r in rows)
-    assert all(r[2] is True and r[4].count(",") == 3 for r in rows)  # found, with an x0, y0, x1, y1 box
+    box = TABLE_HEADERS.index("box_xyxy_px")
+    assert all(r[2] is True and r[box].count(",") == 3 for r in rows)  # found, with an x0, y0, x1, y1 box
     names = {p.name for p in files}
     assert {"result.json", "masks.zip", "overlay.png", "labels.nii.gz", "coco.json"} <= names
     assert all(p.is_file() for p in files)

@@ -50,6 +50,10 @@ def localize(
     bank: Annotated[Optional[Path], typer.Option(help="Reference bank (rau index): retrieve the reference(s) instead of --reference.")] = None,
     k_references: Annotated[int, typer.Option(help="With --bank: fuse the results of the top K references (majority vote).")] = 1,
     min_fit: Annotated[Optional[str], typer.Option(help="With --bank: abstain when the best reference's similarity is below this value, or 'auto' (the bank's own 5% quantile).")] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(help="Withhold each structure whose calibrated confidence (result.json "
+        "'confidence': the probability that the output is right) is below this, with the reason (no mask, answer 'no', "
+        "'abstained': true). Default: the method's calibrated threshold (blank, noise and no-fit targets are withheld at any threshold > 0); "
+        "0 keeps every output.")] = None,
     structures: StructOpt = None,
     method: MethodOpt = None,
     device: DeviceOpt = "cpu",
@@ -99,15 +103,18 @@ def localize(
         elif targets:
             source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
             counts = _localize_batch(source, targets, out=out, method=method, structures=names, formats=export,
-                                    overwrite=overwrite, progress=progress, k=k_references, min_fit=threshold, **options)
+                                    overwrite=overwrite, progress=progress, k=k_references, min_fit=threshold,
+                                    min_confidence=min_confidence, **options)
         else:
             tgt = load_annotated(target, arg="--target")
             source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
             if bank is not None:
                 result = localize_from_bank(source, tgt, k=k_references, method=method, structures=names,
-                                            out_dir=out, min_fit=threshold, formats=export, **options)
+                                            out_dir=out, min_fit=threshold, formats=export,
+                                            min_confidence=min_confidence, **options)
             else:
-                result = run(source, tgt, method=method, structures=names, out_dir=out, formats=export, **options)
+                result = run(source, tgt, method=method, structures=names, out_dir=out, formats=export,
+                             min_confidence=min_confidence, **options)
     if targets:
         _batch_report(counts, out)
         return
@@ -116,7 +123,9 @@ def localize(
                    f"structures found in {vol.seconds:.2f} s -> {out / 'labels.nii.gz'}")
         return
     found = sum(r.found for r in result.structures.values())
-    typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found in {result.seconds:.2f} s -> {out}/result.json")
+    withheld = sum(r.abstained for r in result.structures.values())
+    note = f", {withheld} withheld ({next(r.reason for r in result.structures.values() if r.abstained)})" if withheld else ""
+    typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found{note} in {result.seconds:.2f} s -> {out}/result.json")
 
 
 def _volume_mode(target: Optional[Path], volume: Optional[bool], start_slice: Optional[int], axis: Optional[int]) -> bool:

@@ -88,6 +88,11 @@ class StructureResult:
     ``answer`` is the identification answer ("yes"/"no" visible, or free text from a VLM), ``None``
     when the method does not answer questions. ``box_xyxy_px`` and ``mask`` are in target pixels;
     both are ``None`` when the structure was not found. ``reason`` explains a missing answer.
+
+    Set by :func:`rau.methods.confidence.assess`: ``confidence``, the calibrated probability that
+    the output is right (None for a method without a calibration); ``flag``, the reason to abstain
+    whatever the threshold (blank or noise target, reference does not fit); ``features``, what the
+    confidence was computed from. :func:`rau.methods.confidence.abstain` sets ``abstained``.
     """
 
     label: str
@@ -96,6 +101,10 @@ class StructureResult:
     score: float = 0.0
     mask: np.ndarray | None = None
     reason: str | None = None
+    confidence: float | None = None
+    flag: str | None = None
+    abstained: bool = False
+    features: dict[str, float] | None = None
 
     @property
     def found(self) -> bool:

@@ -20,6 +20,7 @@ from scipy import ndimage
 from rau.data.annotated import AnnotatedImage, StructureResult, TargetResult
 from rau.errors import RauInputError
 from rau.geometry import Box, mask_to_box
+from rau.methods.confidence import assess, target_checks, target_reason
 
 #: Blur of the localizer's soft mask before fusion (:func:`fuse_probabilities`), as a fraction of
 #: the target's longest side (4 px at 512 px; picked on 15 Wingspan targets of the reference part,
@@ -138,7 +139,12 @@ class Method:
 
     ``fuse_sigma``: if set, the final mask fuses the segmenter's probability with the localizer's
     soft mask (:func:`fuse_probabilities`), blur sigma = ``fuse_sigma`` x the target's longest side.
+    ``calibration``: a :class:`rau.methods.confidence.Calibration` (``create_method`` loads the
+    shipped one of the method's name); every result is assessed with it
+    (:func:`rau.methods.confidence.assess`: a confidence per structure; masks are not changed).
     """
+
+    calibration = None
 
     def __init__(self, name: str, localizer: Localizer | None, segmenter: Segmenter | None,
                  *, fuse_sigma: float | None = None):
@@ -155,6 +161,9 @@ class Method:
         structures = list(structures) if structures is not None else reference.structures
         reference.require_nonempty(structures)
         start = time.perf_counter()
+        withheld = self._unfit_target(target, reference.id, structures, start)
+        if withheld is not None:
+            return withheld
         locs = self.localizer.localize(reference, target, structures) if self.localizer else {}
         segs = {}
         if self.segmenter is not None:
@@ -167,7 +176,10 @@ class Method:
                 segs = self.segmenter.segment(target.image, boxes, ref)
         sigma = self.fuse_sigma * max(target.shape) if self.fuse_sigma else None
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
-        return TargetResult(target.id, reference.id, self.name, results, time.perf_counter() - start)
+        result = TargetResult(target.id, reference.id, self.name, results)
+        assess(result, reference, target.image, self.calibration)
+        result.seconds = time.perf_counter() - start
+        return result
 
     @property
     def fuses_in_memory(self) -> bool:
@@ -188,10 +200,25 @@ class Method:
         if missing:
             raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
         start = time.perf_counter()
+        withheld = self._unfit_target(target, "+".join(str(r.id) for r in references), structures, start)
+        if withheld is not None:
+            return withheld
         segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
         results = {s: self._combine(s, None, segs.get(s), None) for s in structures}
-        ids = "+".join(str(r.id) for r in references)
-        return TargetResult(target.id, ids, self.name, results, time.perf_counter() - start)
+        result = TargetResult(target.id, "+".join(str(r.id) for r in references), self.name, results)
+        assess(result, references[0], target.image, self.calibration)  # features from the first reference
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _unfit_target(self, target: AnnotatedImage, reference_id: str, structures: list[str], start: float):
+        """A blank or noise target (:func:`rau.methods.confidence.target_reason`) is not run at all:
+        every structure is answered "no" with the reason, flagged for abstention; else None."""
+        why = target_reason(target_checks(target.image))
+        if why is None:
+            return None
+        conf = self.calibration.gated_rate if self.calibration is not None else 0.0
+        results = {s: StructureResult(s, "no", None, 0.0, None, why, confidence=conf, flag=why) for s in structures}
+        return TargetResult(target.id, reference_id, self.name, results, time.perf_counter() - start)
 
     def _combine(self, name: str, loc: Localization | None, seg, sigma: float | None) -> StructureResult:
         if seg is not None and sigma is not None and seg.prob is not None and loc is not None and loc.prob is not None:

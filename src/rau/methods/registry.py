@@ -255,12 +255,21 @@ def create_method(name: str | None = None, **options: Any) -> Method:
     encoder: auto, fp32, bf16), ``vlm`` (RAU VLM or Qwen2.5-VL folder), ``lora``, ``seg_head``
     (``rau-seg`` head folder), ``memseg`` (memory-segmenter folder), ``segmenter`` ("medsam" | "sam2-memory"), ``sam2`` (SAM2 checkpoint
     folder), ``sam2_config``, ``unet`` (U-Net folder), ``chex`` (CheXanatomy folder), ``seed``
-    (registration), ``assign``. Each method takes the options of its class in
+    (registration), ``assign``, ``calibration`` (a confidence calibration JSON, or False / "none" for
+    none; default: the shipped one of this method, if any: :mod:`rau.methods.confidence`). Each method takes the options of its class in
     :mod:`rau.methods.options` and ignores the other methods' options (callers may pass one shared
     set); an option no method takes, or a bad value, raises RauInputError.
     """
+    from rau.methods.confidence import Calibration, default_calibration
+
+    calibration = options.pop("calibration", None)
     spec = _spec(name)
-    return spec.build(options_for(spec.options, options))
+    method = spec.build(options_for(spec.options, options))
+    if calibration is False or calibration == "none":
+        method.calibration = None
+    else:
+        method.calibration = Calibration.load(calibration) if calibration else default_calibration(spec.name)
+    return method
 
 
 def describe_methods() -> list[tuple[str, str, str]]:

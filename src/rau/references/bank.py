@@ -217,6 +217,14 @@ def predict_with_references(method, references: list, target, structures: list[s
     return fuse_results(results, method.name), asked
 
 
+def _fused_confidence(parts: list, w: np.ndarray) -> dict:
+    """Confidence of a pixel vote: the weighted mean of the parts' (None if one has none); flagged
+    (blank, noise, no fit) only when every part is."""
+    conf = None if any(p.confidence is None for p in parts) else float(sum(wi * p.confidence for wi, p in zip(w, parts)))
+    flag = parts[0].flag if all(p.flag is not None for p in parts) else None
+    return {"confidence": conf, "flag": flag}
+
+
 def fuse_results(results: list, method_name: str | None = None, weights: Sequence[float] | None = None):
     """Fuse one target's results from k references (:class:`~rau.data.annotated.TargetResult`).
 
@@ -245,6 +253,6 @@ def fuse_results(results: list, method_name: str | None = None, weights: Sequenc
         score = float(sum(wi * p.score for wi, p in zip(w, parts)))
         reason = None if mask is not None else f"fewer than half of the {len(parts)} references found it"
         fused[name] = StructureResult(name, "yes" if mask is not None else "no", mask_to_box(mask) if mask is not None else None,
-                                      score, mask, reason)
+                                      score, mask, reason, **_fused_confidence(parts, w))
     return TargetResult(results[0].target_id, "+".join(r.reference_id for r in results),
                         method_name or results[0].method, fused, float(sum(r.seconds for r in results)))

@@ -1,0 +1,336 @@
+"""Per-structure confidence that an output is right, and abstention with a reason.
+
+A method's raw ``score`` (e.g. a decoder's IoU estimate times a VLM's box probability) is neither
+a probability nor comparable across methods: on pure noise the shipped default scored 0.022, on the
+bundled chest 0.025. This module turns what is known about one output into a calibrated
+probability that it is right, and says when not to answer.
+
+- :func:`target_checks`: does the target look like an image at all (blank, noise)?
+  Physical rules, the same for every method.
+- :func:`pair_features` and :func:`structure_features`: cheap measurements of one output
+  (reference/target thumbnail agreement, and whether it fits the target better mirrored; the
+  mask's size and position next to the reference's, its fragmentation, the method's own score).
+- :class:`Calibration`: a logistic model over those features followed by isotonic regression,
+  fitted on a calibration split (pairs never used by the bench) per method
+  (:func:`rau.eval.calibrate.fit_calibration`), stored as JSON next to the weights
+  (``rau/assets/calibration/<method>.json``). ``predict`` -> P(Dice >= 0.5), or, for a structure
+  absent from the target, P(the method says so).
+- :func:`assess` sets ``confidence`` and the reason it would abstain on every structure of a
+  result (masks untouched); :func:`abstain` then removes the masks below ``min_confidence`` (default:
+  the calibration's threshold), with the reason.
+
+Everything here is pure numpy/scipy and runs in milliseconds per target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from rau.errors import RauInputError
+
+#: The features of one output, in the order the logistic model reads them.
+FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
+            "orientation", "smoothness", "contrast")
+
+#: Below this standard deviation (intensities in [0, 1]) a target is blank: nothing to answer on.
+MIN_CONTRAST = 0.01
+#: Below this lag-1 autocorrelation (at 128 px) a target is noise: every radiograph measured on the
+#: datasets is above 0.8 (docs/RESULTS.md), white noise is near 0.
+MIN_SMOOTHNESS = 0.5
+
+#: The default ``min_confidence`` of a method without a calibration: above 0, so flagged targets
+#: (blank, noise) are withheld; outputs without a confidence never are.
+UNCALIBRATED_THRESHOLD = 1e-6
+
+REASON_BLANK = "reference does not fit this image: the target is blank"
+REASON_NOISE = "reference does not fit this image: the target looks like noise"
+REASON_FIT = "reference does not fit this image"
+REASON_MIRROR = "reference does not fit this image: the target looks mirrored left-right"
+REASON_ABSENT = "structure absent from target"
+REASON_LOW = "low confidence"
+
+CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "assets" / "calibration"
+
+
+# ---- measurements (pure functions)
+
+
+def _small(image: np.ndarray, size: int) -> np.ndarray:
+    pil = Image.fromarray(np.asarray(image, np.float32), mode="F").resize((size, size), Image.BOX)
+    return np.asarray(pil, np.float64)
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    n = np.linalg.norm(a) * np.linalg.norm(b)
+    return float((a * b).sum() / n) if n > 0 else 0.0
+
+
+def target_checks(image: np.ndarray) -> dict[str, float]:
+    """``contrast`` (standard deviation) and ``smoothness`` (mean lag-1 autocorrelation along rows
+    and columns) of the target at 128 x 128; a blank target has contrast 0, white noise smoothness 0."""
+    x = _small(image, 128)
+    contrast = float(x.std())
+    if contrast == 0:
+        return {"contrast": 0.0, "smoothness": 0.0}
+    smooth = 0.5 * (_ncc(x[:, 1:], x[:, :-1]) + _ncc(x[1:, :], x[:-1, :]))
+    return {"contrast": contrast, "smoothness": float(smooth)}
+
+
+def pair_features(reference: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """``fit``: NCC of the 32 x 32 thumbnails of reference and target (the reference-choice rule's
+    similarity); ``mirror_gain``: how much better the target fits the left-right mirrored reference;
+    ``orientation``: :meth:`Orientation.agreement` of the shipped orientation model (< 0: the target
+    faces the other way; 0 without the model)."""
+    r, t = _small(reference, 32), _small(target, 32)
+    fit = _ncc(r, t)
+    orient = default_orientation()
+    return {"fit": fit, "mirror_gain": _ncc(r[:, ::-1], t) - fit,
+            "orientation": orient.agreement(reference, target) if orient is not None else 0.0}
+
+
+@dataclass
+class Orientation:
+    """Which way round an image is: a linear score on the left-right antisymmetric part of its
+    rank-equalised ``size`` x ``size`` thumbnail. The score is odd under mirroring (a mirrored
+    image scores the negative), so the product of a reference's and a target's squashed scores
+    (:meth:`agreement`) is > 0 when they face the same way, < 0 when one is mirrored, and near 0
+    when the anatomy shows no side (the model learnt none for it). Fitted on calibration images and
+    their mirror images (:func:`rau.eval.calibrate.fit_orientation`); one model for all methods."""
+
+    size: int
+    weights: list[float]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, image: np.ndarray) -> float:
+        return float(orientation_features(image, self.size) @ np.asarray(self.weights))
+
+    def agreement(self, reference: np.ndarray, target: np.ndarray) -> float:
+        return float(np.tanh(self.score(reference)) * np.tanh(self.score(target)))
+
+    def save(self, path: str | Path) -> Path:
+        from rau.atomic import write_json
+
+        return write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Orientation:
+        try:
+            o = cls(**json.loads(Path(path).read_text()))
+            if len(o.weights) != o.size * (o.size // 2):
+                raise ValueError(f"{len(o.weights)} weights for size {o.size}")
+        except (OSError, ValueError, TypeError) as exc:
+            raise RauInputError(f"orientation model {path}: not readable ({exc})") from None
+        return o
+
+
+def orientation_features(image: np.ndarray, size: int = 16) -> np.ndarray:
+    """The left half of the antisymmetric part (image minus its mirror) of the rank-equalised
+    ``size`` x ``size`` thumbnail: (size * size // 2,), odd under mirroring."""
+    x = _small(image, size)
+    x = np.argsort(np.argsort(x.ravel(), kind="stable"), kind="stable").reshape(x.shape) / x.size
+    return (x - x[:, ::-1])[:, : size // 2].ravel()
+
+
+_ORIENTATION: dict[str, Orientation | None] = {}
+
+
+def default_orientation() -> Orientation | None:
+    """The shipped orientation model (``assets/calibration/orientation.json``), or None; read once."""
+    path = CALIBRATION_DIR / "orientation.json"
+    key = str(path)
+    if key not in _ORIENTATION:
+        _ORIENTATION[key] = Orientation.load(path) if path.is_file() else None
+    return _ORIENTATION[key]
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    return np.array([xs.mean() / w, ys.mean() / h])
+
+
+def structure_features(score: float, mask: np.ndarray | None, reference_mask: np.ndarray) -> dict[str, float]:
+    """Features of one structure's output: the method's ``score``, ``found``, ``log_area_ratio``
+    (mask area fraction over the reference mask's), ``centroid_shift`` (centroid distance in image
+    fractions), ``largest_part`` (share of the mask in its largest connected part)."""
+    ref_frac = float(reference_mask.mean())
+    if mask is None or not mask.any():
+        return {"score": float(score), "found": 0.0, "log_area_ratio": float(np.log((1e-4) / (ref_frac + 1e-4))),
+                "centroid_shift": 1.0, "largest_part": 0.0}
+    labels, n = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())[1:] if n else np.array([0])
+    return {"score": float(score), "found": 1.0,
+            "log_area_ratio": float(np.log((mask.mean() + 1e-4) / (ref_frac + 1e-4))),
+            "centroid_shift": float(np.linalg.norm(_centroid(mask) - _centroid(reference_mask))),
+            "largest_part": float(sizes.max() / max(sizes.sum(), 1))}
+
+
+def target_reason(checks: dict[str, float]) -> str | None:
+    """The reason to abstain on every structure of a target from its own pixels, or None."""
+    if checks["contrast"] < MIN_CONTRAST:
+        return f"{REASON_BLANK} (contrast {checks['contrast']:.4f} < {MIN_CONTRAST})"
+    if checks["smoothness"] < MIN_SMOOTHNESS:
+        return f"{REASON_NOISE} (neighbour correlation {checks['smoothness']:.2f} < {MIN_SMOOTHNESS})"
+    return None
+
+
+# ---- the calibrated model
+
+
+@dataclass
+class Calibration:
+    """Logistic model + isotonic map, per method; JSON on disk.
+
+    ``mean``/``std``/``coef``/``intercept``: the logistic model on standardised :data:`FEATURES`;
+    ``iso_x``/``iso_y``: the isotonic map from its probability to the calibrated one;
+    ``threshold``: the default ``min_confidence`` (chosen on the calibration split: at most 5% of
+    right outputs abstain); ``min_fit``/``min_orientation``: pair-level rules ("reference does not
+    fit", "mirrored") chosen on the same split; ``gated_rate``: the share of right outputs among
+    the calibration outputs those rules caught (their confidence); ``record``: how it was made."""
+
+    method: str
+    mean: list[float]
+    std: list[float]
+    coef: list[float]
+    intercept: float
+    iso_x: list[float]
+    iso_y: list[float]
+    threshold: float
+    min_fit: float | None = None
+    min_orientation: float | None = None
+    gated_rate: float = 0.0
+    features: list[str] = field(default_factory=lambda: list(FEATURES))
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, feats: dict[str, float] | list[dict[str, float]]) -> np.ndarray:
+        """Calibrated P(right) for one feature dict or a list of them."""
+        rows = [feats] if isinstance(feats, dict) else feats
+        x = np.array([[r[k] for k in self.features] for r in rows], np.float64)
+        z = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+        return np.clip(np.interp(p, self.iso_x, self.iso_y), 0.0, 1.0)
+
+    def pair_reason(self, pair: dict[str, float]) -> str | None:
+        """"Reference does not fit" / "mirrored" from the pair features, or None."""
+        if self.min_fit is not None and pair["fit"] < self.min_fit:
+            return f"{REASON_FIT} (similarity {pair['fit']:.2f} < {self.min_fit:.2f}: other anatomy or modality?)"
+        if self.min_orientation is not None and pair.get("orientation", 0.0) < self.min_orientation:
+            return f"{REASON_MIRROR} (orientation agreement {pair['orientation']:+.2f} < {self.min_orientation:+.2f})"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        from rau.atomic import write_json
+
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+            cal = cls(**doc)
+            n = len(cal.features)
+            if not (len(cal.mean) == len(cal.std) == len(cal.coef) == n) or len(cal.iso_x) != len(cal.iso_y) \
+                    or not cal.iso_x or unknown_features(cal.features):
+                raise ValueError("inconsistent lengths or unknown features")
+        except (OSError, ValueError, TypeError) as exc:
+            raise RauInputError(f"calibration {path}: not a rau calibration file ({exc})") from None
+        return cal
+
+
+def unknown_features(names: list[str]) -> list[str]:
+    return [n for n in names if n not in FEATURES]
+
+
+def default_calibration(method: str) -> Calibration | None:
+    """The shipped calibration of a registry method (``assets/calibration/<method>.json``), or None."""
+    path = CALIBRATION_DIR / f"{method}.json"
+    return Calibration.load(path) if path.is_file() else None
+
+
+# ---- applying it to results
+
+
+def output_features(result, reference, target_image: np.ndarray) -> dict[str, dict[str, float]]:
+    """structure -> the :data:`FEATURES` of its output in ``result`` (a TargetResult)."""
+    pair = {**pair_features(reference.image, target_image), **target_checks(target_image)}
+    out = {}
+    for name, r in result.structures.items():
+        ref_mask = reference.masks.get(name)
+        if ref_mask is None or not ref_mask.any():
+            continue
+        out[name] = {**structure_features(r.score, r.mask, ref_mask), **pair}
+    return out
+
+
+def assess(result, reference, target_image: np.ndarray, calibration: Calibration | None):
+    """Set ``confidence``, ``flag`` (the reason to abstain whatever the threshold) and ``features``
+    on every structure of ``result`` (in place; masks untouched) and return it. Without a
+    calibration only the target rules (blank, noise) apply and ``confidence`` stays None."""
+    checks = target_checks(target_image)
+    reason = target_reason(checks)
+    feats = output_features(result, reference, target_image)
+    pair = {"fit": 0.0, "mirror_gain": 0.0, "orientation": 0.0}
+    if feats:
+        pair = next(iter(feats.values()))
+    if reason is None and calibration is not None:
+        reason = calibration.pair_reason(pair)
+    probs = {}
+    if calibration is not None and feats:
+        names = list(feats)
+        probs = dict(zip(names, calibration.predict([feats[n] for n in names]).tolist()))
+    for name, r in result.structures.items():
+        r.features = feats.get(name)
+        r.flag = reason
+        if calibration is not None:
+            r.confidence = calibration.gated_rate if reason is not None else probs.get(name)
+        elif reason is not None:
+            r.confidence = 0.0
+    return result
+
+
+def resolve_min_confidence(min_confidence: float | None, calibration: Calibration | None) -> float:
+    """``None`` -> the calibration's threshold (without one: :data:`UNCALIBRATED_THRESHOLD`, which
+    withholds the flagged targets only); else checked to lie in [0, 1]."""
+    if min_confidence is None:
+        return calibration.threshold if calibration is not None else UNCALIBRATED_THRESHOLD
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise RauInputError(f"--min-confidence: must lie in [0, 1], got {min_confidence}")
+    return float(min_confidence)
+
+
+def abstention_reason(r, min_confidence: float) -> str | None:
+    """Why ``r`` (an assessed StructureResult) is withheld at ``min_confidence``, or None;
+    ``min_confidence`` 0 withholds nothing."""
+    if min_confidence <= 0:
+        return None
+    if r.flag is not None:
+        return r.flag
+    if r.confidence is None or r.confidence >= min_confidence:
+        return None
+    f = r.features or {}
+    if not r.found or f.get("log_area_ratio", 0.0) < np.log(0.2):
+        return f"{REASON_ABSENT} (confidence {r.confidence:.2f} < {min_confidence:.2f})"
+    return f"{REASON_LOW} ({r.confidence:.2f} < {min_confidence:.2f})"
+
+
+def abstain(result, min_confidence: float):
+    """Withhold every structure :func:`abstention_reason` names: no mask, no box, answer "no",
+    ``abstained`` True, the reason kept (in place; returns ``result``)."""
+    for r in result.structures.values():
+        why = abstention_reason(r, min_confidence)
+        if why is not None:
+            r.mask, r.box_xyxy_px, r.answer, r.reason, r.abstained = None, None, "no", why, True
+    return result
