@@ -41,6 +41,7 @@ for name, fn, panel in (
     ("eval", evaluate.eval_, EVAL),
     ("report", evaluate.report, EVAL),
     ("bench", evaluate.bench, EVAL),
+    ("calibrate", evaluate.calibrate, EVAL),
     ("eval-tokens", evaluate.eval_tokens, EVAL),
     ("eval-chex-tokens", evaluate.eval_chex_tokens, EVAL),
     ("eval-unet", evaluate.eval_unet, EVAL),

@@ -149,7 +149,8 @@ def report(
 def bench(
     out: Annotated[Path, typer.Option(help="Output folder: <split>_<method>.json, dice_<split>.png, overlays, BENCH.md.")] = Path("runs/bench"),
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau-seg,rau,registration,reg-box,reg-fuse,oracle-box; add rau-box, rau-tokens, chexanatomy with --chex, sam2-memory, reg-memseg with --memseg).")] = None,
-    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr, drr-unseen (default: all).")] = None,
+    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr, drr-unseen, wrong (deliberately wrong inputs) (default: all); "
+                                                    "the calibration splits calib-wingspan, calib-arcade, calib-drr, calib-wrong on request.")] = None,
     overlays: Annotated[Optional[str], typer.Option(help="Comma-separated methods to draw best/worst overlays for (default: the first non-oracle method).")] = None,
     data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
     drr_dir: Annotated[Path, typer.Option(help="DRR train/ and test/ folders (rendered here on first use).")] = Path("runs/drr"),
@@ -167,6 +168,7 @@ def bench(
     memseg: MemSegOpt = None,
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     precision: PrecisionOpt = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Confidence calibration JSON for the (single) method, or 'none'. Default: each method's shipped one (rau calibrate).")] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Run every method on the same pairs of the fixed splits and write the comparison (BENCH.md)."""
@@ -176,8 +178,43 @@ def bench(
         path = main_bench(out, methods=split_names(methods, "--methods"), split_names=split_names(splits, "--splits"),
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
                           argv=sys.argv[1:], k=k_references, overlay_methods=split_names(overlays, "--overlays"),
-                          method_options=method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg))
+                          method_options={**method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head,
+                                                           precision, memseg),
+                                          **({"calibration": calibration} if calibration else {})})
     typer.echo(path.read_text())
+
+
+def calibrate(
+    method: MethodOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Calibration JSON to write (default: the method's shipped file, src/rau/assets/calibration/<method>.json).")] = None,
+    work: Annotated[Path, typer.Option(help="Folder for the calibration runs (<split>_<method>.json; reused when present, so a killed run resumes).")] = Path("runs/calib"),
+    data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
+    drr_dir: Annotated[Path, typer.Option(help="DRR folders (train/ as references; calib/ rendered here on first use).")] = Path("runs/drr"),
+    quick: Annotated[bool, typer.Option(help="8 targets per calibration split (a smoke run).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for target subsets, registration sampling and the folds.")] = 0,
+    device: DeviceOpt = "cpu",
+    vlm: VlmOpt = None,
+    seg_head: SegHeadOpt = None,
+    memseg: MemSegOpt = None,
+    unet: UnetOpt = None,
+    chex: ChexOpt = None,
+    precision: PrecisionOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Fit a method's calibrated confidence on the calibration splits (never scored by rau bench) and write it."""
+    with user_errors():
+        from rau.eval.calibrate import run_calibration
+        from rau.methods.confidence import CALIBRATION_DIR
+        from rau.methods.registry import DEFAULT_METHOD
+
+        name = method or DEFAULT_METHOD
+        target = out or CALIBRATION_DIR / f"{name}.json"
+        cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
+                              argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
+                                                                               seg_head, precision, memseg))
+    r = cal.record
+    typer.echo(f"{name}: {r['n_outputs']} outputs ({r['n_right']} right, {r['n_gated']} caught by the fit rules), "
+               f"threshold {cal.threshold:.3f}, min fit {cal.min_fit:.3f}, min orientation agreement {cal.min_orientation:+.3f} -> {target}")
 
 
 def eval_tokens(

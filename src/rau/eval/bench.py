@@ -8,6 +8,13 @@ Splits (fixed once; never trained or tuned on):
 - ``drr-unseen``: the ``drr`` pairs, scored only on the structure families the memory segmenter
   never trains on (:data:`HELD_OUT`: clavicles and scapulae; its recipe excludes them), to measure
   whether a method follows the reference rather than recalls trained classes.
+- ``wrong``: deliberately wrong inputs against Wingspan references (noise, blank, angiograms,
+  mirrored radiographs; :mod:`rau.eval.wrong_inputs`), where a method should withhold its answers.
+- ``calib-*`` (:data:`CALIB_SPLITS`, not run by default): the pairs ``rau calibrate`` fits the
+  confidence on (Wingspan 120..159, ARCADE train, DRR poses of seed 3, wrong inputs built from those).
+
+Each report also carries the calibrated confidence's figures (:func:`rau.eval.evaluate.calibration_summary`:
+AUROC right vs wrong, ECE, shares withheld) and a reliability plot per split.
 
 Writes ``OUT/<split>_<method>.json`` (the ``rau eval`` document), ``OUT/dice_<split>.png`` and
 ``OUT/BENCH.md`` (tables, command, machine, date, commit), plus best/worst overlays of the first
@@ -28,7 +35,10 @@ import numpy as np
 
 from rau.errors import RauInputError
 
-SPLITS = ("wingspan", "arcade", "drr", "drr-unseen")
+SPLITS = ("wingspan", "arcade", "drr", "drr-unseen", "wrong")
+#: Calibration splits (issue 17): pairs the bench never scores, for fitting the confidence
+#: (``rau calibrate``); not part of the default run.
+CALIB_SPLITS = ("calib-wingspan", "calib-arcade", "calib-drr", "calib-wrong")
 #: Structure families held out of ALL memory-segmenter training (scripts/memseg_recipe.sh
 #: ``--exclude``); the ``drr-unseen`` split scores these alone.
 HELD_OUT = ("left_clavicle", "right_clavicle", "left_scapula", "right_scapula")
@@ -70,13 +80,29 @@ def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, 
             out.append(Split(name, drr_dir / "test", drr_dir / "train", limit=8 if quick else limit))
         elif name == "drr-unseen":
             out.append(Split(name, drr_dir / "test", drr_dir / "train", limit=8 if quick else limit, structures=HELD_OUT))
+        elif name in ("wrong", "calib-wrong"):
+            from rau.eval.wrong_inputs import build_wrong_inputs
+
+            role = "bench" if name == "wrong" else "calib"
+            folder = build_wrong_inputs(drr_dir.parent / f"wrong_inputs_{role}", data, role)
+            refs = slice(0, 160) if role == "bench" else slice(0, 120)
+            out.append(Split(name, folder, data / "wingspan_cxr", None, refs, limit=8 if quick else None))
+        elif name == "calib-wingspan":
+            out.append(Split(name, data / "wingspan_cxr", data / "wingspan_cxr", slice(120, 160), slice(0, 120),
+                             limit=8 if quick else None))
+        elif name == "calib-arcade":
+            out.append(Split(name, data / "arcade_syntax" / "train", data / "arcade_syntax" / "train",
+                             limit=8 if quick else (limit or 40)))
+        elif name == "calib-drr":
+            out.append(Split(name, drr_dir / "calib", drr_dir / "train", limit=8 if quick else None))
         else:
-            raise RauInputError(f"--splits: unknown {name!r}; choose from {', '.join(SPLITS)}")
+            raise RauInputError(f"--splits: unknown {name!r}; choose from {', '.join(SPLITS + CALIB_SPLITS)}")
     return out
 
 
-def ensure_drr(drr_dir: Path, quick: bool) -> None:
-    """Render the DRR reference (seed 0) and held-out (seed 1) folders unless present."""
+def ensure_drr(drr_dir: Path, quick: bool, calib: bool = False) -> None:
+    """Render the DRR reference (seed 0) and held-out (seed 1) folders unless present, and with
+    ``calib`` the calibration poses (seed 3)."""
     from rau.data.drr import render_drr_dataset
 
     n_train, n_test = (24, 8) if quick else (300, 60)
@@ -84,6 +110,8 @@ def ensure_drr(drr_dir: Path, quick: bool) -> None:
         render_drr_dataset(drr_dir / "train", n_views=n_train, seed=0, height=256)
     if not (drr_dir / "test" / "annotations.json").exists():
         render_drr_dataset(drr_dir / "test", n_views=n_test, seed=1, height=256)
+    if calib and not (drr_dir / "calib" / "annotations.json").exists():
+        render_drr_dataset(drr_dir / "calib", n_views=40, seed=3, height=256)
 
 
 def machine_line() -> str:
@@ -196,21 +224,27 @@ def best_worst_overlays(report: dict, split: Split, method_options: dict[str, An
 
 
 def bench_markdown(reports: dict[str, list[dict]], figures: dict[str, Path], overlays: list[Path], argv: list[str],
-                   precision: str | None = None, commit: str | None = None, started: str | None = None) -> str:
+                   precision: str | None = None, commit: str | None = None, started: str | None = None,
+                   reliability: dict[str, Path] | None = None) -> str:
     """The BENCH.md text; ``commit`` and ``started``: the code's commit and the UTC time when the
     run began (a long run's checkout may move on before the report is written)."""
-    from rau.eval.evaluate import comparison_table, dice_by_structure_table
+    from rau.eval.evaluate import comparison_table, confidence_table, dice_by_structure_table
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    reliability = reliability or {}
     lines = [f"Command: `rau {' '.join(argv)}`  ", f"Machine: {machine_line()}  ",
              f"Date: {started + ' to ' if started else ''}{now}  ", f"Commit: {commit or git_commit()}  "]
     if precision:
         lines.append(f"LiteMedSAM encoder precision: {precision}  ")
     lines.append("")
     for split, docs in reports.items():
-        lines += [f"### {split}", "", comparison_table(docs), "", dice_by_structure_table(docs), ""]
+        lines += [f"### {split}", "", comparison_table(docs), "", dice_by_structure_table(docs), "",
+                  "Confidence (right = Dice >= 0.5 where the structure is in the target, no mask where it is absent):", "",
+                  confidence_table(docs), ""]
         if split in figures:
             lines += [f"![Dice per structure, {split}]({figures[split].name})", ""]
+        if reliability.get(split):
+            lines += [f"![Reliability, {split}]({reliability[split].name})", ""]
     for p in overlays:
         lines += [f"![{p.stem}]({p.name})", ""]
     return "\n".join(lines)
@@ -221,18 +255,20 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
                argv: list[str], k: int = 1, overlay_methods: list[str] | None = None) -> Path:
     """Run the bench and write ``OUT/BENCH.md``; best/worst overlays for ``overlay_methods``
     (default: the first method that is not an oracle)."""
-    from rau.eval.plots import dice_bar_chart
+    from rau.eval.plots import dice_bar_chart, reliability_plot
 
     commit, started = git_commit(), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = methods or default_methods()
     split_names = split_names or list(SPLITS)
-    if {"drr", "drr-unseen"} & set(split_names):
-        ensure_drr(drr_dir, quick)
+    if {"drr", "drr-unseen", "calib-drr"} & set(split_names):
+        ensure_drr(drr_dir, quick, calib="calib-drr" in split_names)
     splits = resolve_splits(split_names, data, drr_dir, quick=quick, limit=limit)
     reports = run_bench(out, methods=methods, splits=splits, method_options=method_options, seed=seed, progress=progress,
                         k=k)
     tag = f"_k{k}" if k > 1 else ""
     figures = {s: dice_bar_chart(docs, out / f"dice_{s}{tag}.png", title=s) for s, docs in reports.items()}
+    reliability = {s: p for s, docs in reports.items()
+                   if (p := reliability_plot(docs, out / f"reliability_{s}{tag}.png", title=s)) is not None}
     overlays = []
     for split in splits:
         docs = [d for d in reports[split.name] if d["method"] in overlay_methods] if overlay_methods else \
@@ -241,7 +277,8 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
             overlays += best_worst_overlays(doc, split, method_options, out)
     from rau.eval.evaluate import model_config
 
-    md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"], commit, started)
+    md = bench_markdown(reports, figures, overlays, argv, model_config(method_options)["precision"], commit, started,
+                        reliability)
     path = out / f"BENCH{tag}.md"
     from rau.atomic import write_text
 

@@ -28,6 +28,8 @@ from rau.metrics import dice, hd95, iou, mean_or_nan
 from rau.references.thumbnails import ThumbnailBank
 
 METRIC_KEYS = ("dice", "iou", "hd95", "box_iou", "box_acc50")
+#: An output is "right" when its Dice with the truth reaches this (issue 17's definition).
+RIGHT_DICE = 0.5
 
 
 def select_targets(ds: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -51,8 +53,14 @@ def build_bank(references: Dataset, progress: bool = True) -> ThumbnailBank:
                                [str(e.image_path.resolve()) for e in references.entries], images)
 
 
-def score_target(result, target, structures_asked: list[str], wanted: set[str] | None) -> list[dict[str, Any]]:
-    """One row per structure of the target's ground truth (and per asked structure for identification)."""
+def score_target(result, target, structures_asked: list[str], wanted: set[str] | None,
+                 min_confidence: float | None = None) -> list[dict[str, Any]]:
+    """One row per structure of the target's ground truth (and per asked structure for identification).
+
+    Asked structures also get ``right`` (the output is right: Dice >= 0.5 where the structure is
+    in the target, no mask where it is absent), ``confidence``, ``flag`` and ``features`` (see
+    :mod:`rau.methods.confidence`), and ``abstain`` (it would be withheld at ``min_confidence``)."""
+    from rau.methods.confidence import abstention_reason
     rows = []
     truth = {s: m for s, m in target.masks.items() if wanted is None or s in wanted}
     spacing = tuple(target.meta.get("spacing_mm") or (1.0, 1.0))
@@ -64,6 +72,10 @@ def score_target(result, target, structures_asked: list[str], wanted: set[str] |
             said_yes = (r.answer or "").strip().lower().startswith("yes") and r.found
             row["id_correct"] = bool(said_yes == (name in truth))
             row["score"] = r.score
+            row.update(found=r.found, confidence=r.confidence, flag=r.flag, features=r.features,
+                       abstain=abstention_reason(r, min_confidence or 0.0) is not None)
+            if name not in truth:
+                row["right"] = not r.found
         if name in truth:
             gt = truth[name]
             pred = r.mask if r is not None and r.mask is not None else np.zeros_like(gt)
@@ -71,6 +83,8 @@ def score_target(result, target, structures_asked: list[str], wanted: set[str] |
             b_iou = box_iou(pbox, mask_to_box(gt))
             row.update(dice=dice(pred, gt), iou=iou(pred, gt), hd95=hd95(pred, gt, spacing),
                        box_iou=b_iou, box_acc50=float(b_iou >= 0.5))
+            if "score" in row:
+                row["right"] = bool(row["dice"] >= RIGHT_DICE)
         rows.append(row)
     return rows
 
@@ -87,6 +101,42 @@ def confidence_summary(rows: list[dict[str, Any]], correct_dice: float = 0.5) ->
     correct = [r["dice"] >= correct_dice for r in pairs]
     return {"auroc": auroc([r["score"] for r in pairs], correct), "n": len(pairs),
             "n_correct": int(sum(correct)), "correct_if_dice_at_least": correct_dice}
+
+
+def calibration_summary(rows: list[dict[str, Any]], calibration=None, bins: int = 10) -> dict[str, Any]:
+    """How well the calibrated ``confidence`` predicts right vs wrong over every asked structure
+    (present or absent): ``auroc``, ``ece`` (expected calibration error, ``bins`` equal-width bins),
+    ``reliability`` (per bin: mean confidence, share right, count), and at the calibration's
+    threshold: ``abstain_wrong`` (share of wrong outputs withheld) and ``abstain_right`` (share of
+    right outputs withheld: false abstention) and ``abstain_all`` (share of all withheld: on the
+    wrong-input split every output should be). NaN where the rows have no confidence."""
+    from rau.metrics import auroc
+
+    asked = [r for r in rows if "right" in r]
+    scored = [r for r in asked if r.get("confidence") is not None]
+    right = np.array([r["right"] for r in scored], bool)
+    conf = np.array([r["confidence"] for r in scored], np.float64)
+    withheld = np.array([bool(r.get("abstain")) for r in asked], bool)
+    ok = np.array([r["right"] for r in asked], bool)
+    out: dict[str, Any] = {"n": len(asked), "n_right": int(ok.sum()), "n_scored": len(scored),
+                           "auroc": auroc(conf, right) if len(scored) else float("nan"),
+                           "ece": float("nan"), "reliability": [],
+                           "threshold": calibration.threshold if calibration is not None else None,
+                           "abstain_wrong": float(withheld[~ok].mean()) if (~ok).any() else float("nan"),
+                           "abstain_right": float(withheld[ok].mean()) if ok.any() else float("nan"),
+                           "abstain_all": float(withheld.mean()) if len(asked) else float("nan")}
+    if len(scored):
+        edges = np.linspace(0, 1, bins + 1)
+        idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+        ece = 0.0
+        for b in range(bins):
+            sel = idx == b
+            if sel.any():
+                out["reliability"].append({"bin": [float(edges[b]), float(edges[b + 1])], "confidence": float(conf[sel].mean()),
+                                           "right": float(right[sel].mean()), "n": int(sel.sum())})
+                ece += sel.mean() * abs(conf[sel].mean() - right[sel].mean())
+        out["ece"] = float(ece)
+    return out
 
 
 def summarize(rows: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
@@ -149,6 +199,8 @@ def evaluate(
     ref_by_id = {e.id: e for e in references.entries}
     rng = np.random.default_rng(seed)
     rows, seconds, pairs = [], [], []
+    cal = getattr(method, "calibration", None)
+    threshold = cal.threshold if cal is not None else 0.0
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
         ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
@@ -156,7 +208,7 @@ def evaluate(
         result, asked = predict_with_references(method, refs, shown_to(method, target))
         seconds.append(result.seconds)
         pairs.append({"target": target.id, "reference": ref_ids[0] if k == 1 else ref_ids})
-        rows.extend(score_target(result, target, asked, wanted))
+        rows.extend(score_target(result, target, asked, wanted, threshold))
     per, mean, micro = summarize(rows)
     return {
         "method": method.name,
@@ -164,6 +216,7 @@ def evaluate(
         "mean": mean,
         "mean_micro": micro,
         "confidence": confidence_summary(rows),
+        "calibration": calibration_summary(rows, getattr(method, "calibration", None)),
         "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
         "n_targets": len(chosen),
         "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,
@@ -248,6 +301,24 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
         lines.append(f"| {report_label(r)} | {r['n_targets']} | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
                      f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {r['seconds_per_target']:.2f} | "
                      f"{fmt(conf)} |")
+    return "\n".join(lines)
+
+
+def confidence_table(reports: list[dict[str, Any]]) -> str:
+    """Calibrated confidence per method (rows asked, share right, AUROC right vs wrong, ECE, the
+    threshold, and the shares withheld of wrong, right and all outputs)."""
+    def fmt(v):
+        return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    lines = ["| method | outputs | right | confidence AUROC | ECE | threshold | withheld: wrong | withheld: right | withheld: all |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        c = r.get("calibration")
+        if not c:
+            continue
+        share = c["n_right"] / c["n"] if c["n"] else float("nan")
+        lines.append(f"| {report_label(r)} | {c['n']} | {fmt(share)} | {fmt(c['auroc'])} | {fmt(c['ece'])} | "
+                     f"{fmt(c['threshold'])} | {fmt(c['abstain_wrong'])} | {fmt(c['abstain_right'])} | {fmt(c['abstain_all'])} |")
     return "\n".join(lines)
 
 

@@ -78,3 +78,29 @@ def prediction_grid(rows: list[dict[str, Any]], path: str | Path, title: str = "
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path, dpi=110)
+
+
+def reliability_plot(reports: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Reliability diagram: per confidence bin, the share of right outputs against the mean
+    confidence (the diagonal is perfect calibration), one line per method with a calibration;
+    None when no report has one."""
+    import matplotlib
+
+    from rau.eval.evaluate import report_label
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in reports if (r.get("calibration") or {}).get("reliability")]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect")
+    for r in shown:
+        cal = r["calibration"]
+        pts = cal["reliability"]
+        ax.plot([p["confidence"] for p in pts], [p["right"] for p in pts], marker="o",
+                label=f"{report_label(r)} (ECE {cal['ece']:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="share right (Dice >= 0.5)", title=title)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path, 110)

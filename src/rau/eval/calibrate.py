@@ -1,0 +1,176 @@
+"""``rau calibrate``: fit a method's confidence (:class:`rau.methods.confidence.Calibration`) on
+the calibration splits (:data:`rau.eval.bench.CALIB_SPLITS`: Wingspan 120..159 against 0..119,
+ARCADE train, DRR poses of seed 3, and wrong inputs built from those), which the bench never scores.
+
+1. The method runs on every calibration pair with no calibration (``<work>/<split>_<method>.json``,
+   the ``rau eval`` document; a split already there is reused, so a killed run resumes).
+2. Each asked structure is a row: its features and whether it was right (Dice >= 0.5; no mask for
+   a structure absent from the target). Rows of blank/noise targets (never run) are left out.
+3. Pair rules: ``min_fit`` = the 1% quantile of the reference fit over right rows, and
+   ``min_orientation`` = the 1% quantile of the orientation agreement over right rows; rows they
+   catch get the share of right among them as confidence (``gated_rate``). The orientation model
+   (:func:`fit_orientation`) is fitted first, on calibration-side images only, if none ships.
+4. On the other rows: an L2 logistic model on standardised features, out-of-fold (5 folds by
+   target) probabilities mapped to the share right by isotonic regression (scipy), then the
+   logistic refitted on all rows.
+5. ``threshold`` = the 5% quantile of the confidence of right rows: at most 5% of right outputs
+   on the calibration split are withheld at the default ``--min-confidence``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import isotonic_regression, minimize
+
+from rau.errors import RauInputError
+from rau.methods.confidence import FEATURES, Calibration
+
+MIN_ROWS = 20
+
+
+def calibration_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(features, right, target, split) of every assessed, asked structure in ``reports``."""
+    rows = []
+    for doc in reports:
+        split = doc.get("config", {}).get("split", "?")
+        for r in doc["targets"]:
+            if "right" in r and r.get("features"):
+                rows.append({"features": r["features"], "right": bool(r["right"]), "target": f"{split}/{r['target']}",
+                             "split": split})
+    return rows
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression (intercept unpenalised) -> (coef, intercept)."""
+    n, d = x.shape
+
+    def loss(w):
+        z = x @ w[:d] + w[d]
+        p = 1.0 / (1.0 + np.exp(-z))
+        nll = np.sum(np.logaddexp(0, z) - y * z)
+        g = np.concatenate([x.T @ (p - y) + l2 * w[:d], [np.sum(p - y)]])
+        return nll + 0.5 * l2 * w[:d] @ w[:d], g
+
+    res = minimize(loss, np.zeros(d + 1), jac=True, method="L-BFGS-B")
+    return res.x[:d], float(res.x[d])
+
+
+def _isotonic_map(p: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
+    """Isotonic fit of y on p -> breakpoints (x increasing, unique) for np.interp."""
+    order = np.argsort(p, kind="stable")
+    fitted = isotonic_regression(y[order].astype(np.float64), increasing=True).x
+    xs, ys = p[order], fitted
+    ux, inv = np.unique(xs, return_inverse=True)
+    uy = np.bincount(inv, weights=ys) / np.bincount(inv)
+    return ux.tolist(), uy.tolist()
+
+
+def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, seed: int = 0,
+                    record: dict[str, Any] | None = None) -> Calibration:
+    """Fit a :class:`Calibration` on ``rows`` (:func:`calibration_rows`); see the module docstring."""
+    if len(rows) < MIN_ROWS:
+        raise RauInputError(f"calibrate: {len(rows)} assessed outputs, need at least {MIN_ROWS}")
+    y_all = np.array([r["right"] for r in rows], bool)
+    if y_all.all() or not y_all.any():
+        raise RauInputError("calibrate: the outputs are all right or all wrong; nothing to calibrate on")
+    fit = np.array([r["features"]["fit"] for r in rows])
+    orient = np.array([r["features"]["orientation"] for r in rows])
+    min_fit = float(np.quantile(fit[y_all], 0.01))
+    min_orient = float(np.quantile(orient[y_all], 0.01))
+    gated = (fit < min_fit) | (orient < min_orient)
+    gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
+    keep = ~gated
+    x = np.array([[r["features"][k] for k in FEATURES] for r, g in zip(rows, keep) if g], np.float64)
+    y = y_all[keep].astype(np.float64)
+    mean, std = x.mean(0), x.std(0)
+    std[std < 1e-9] = 1.0
+    z = (x - mean) / std
+    groups = np.array([r["target"] for r, g in zip(rows, keep) if g])
+    uniq = np.unique(groups)
+    fold_of = dict(zip(uniq, np.random.default_rng(seed).permutation(len(uniq)) % folds))
+    fold = np.array([fold_of[g] for g in groups])
+    oof = np.zeros(len(y))
+    for f in range(folds):
+        test = fold == f
+        if not test.any() or test.all():
+            continue
+        coef, b = _logistic(z[~test], y[~test])
+        oof[test] = 1.0 / (1.0 + np.exp(-(z[test] @ coef + b)))
+    iso_x, iso_y = _isotonic_map(oof, y)
+    coef, b = _logistic(z, y)
+    cal = Calibration(method, mean.tolist(), std.tolist(), coef.tolist(), b, iso_x, iso_y, 0.0, min_fit, min_orient,
+                      gated_rate, list(FEATURES), dict(record or {}))
+    conf = np.where(gated, gated_rate, 0.0)
+    conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
+    cal.threshold = float(np.quantile(conf[y_all], 0.05, method="lower"))
+    cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
+                       "splits": sorted({r["split"] for r in rows})})
+    return cal
+
+
+def fit_orientation(images: list[np.ndarray], size: int = 16, l2: float = 1.0, record: dict | None = None):
+    """:class:`rau.methods.confidence.Orientation` from ``images`` in their usual orientation: each
+    image and its mirror image are the two classes of a logistic model without intercept on
+    :func:`rau.methods.confidence.orientation_features` (odd under mirroring, so no intercept)."""
+    from rau.methods.confidence import Orientation, orientation_features
+
+    if len(images) < 4:
+        raise RauInputError(f"orientation: {len(images)} images, need at least 4")
+    feats = np.stack([orientation_features(im, size) for im in images])
+    x = np.concatenate([feats, -feats])  # the mirror image's features are the negatives
+    y = np.concatenate([np.zeros(len(feats)), np.ones(len(feats))])
+    coef, _ = _logistic(x, y, l2)
+    # label 1 = mirrored, so the "usual orientation" score is the negative of the logit
+    return Orientation(size, (-coef).tolist(), dict(record or {}, n_images=len(images)))
+
+
+def orientation_images(data: Path, drr_dir: Path, per_set: int = 120) -> list[np.ndarray]:
+    """Calibration-side images in their usual orientation (never a bench target): Wingspan
+    0..119, DRR training poses (seed 0), ARCADE train; up to ``per_set`` of each."""
+    from rau.data.dataset import load_dataset
+
+    out = []
+    for root, sl in ((data / "wingspan_cxr", slice(0, 120)), (drr_dir / "train", None),
+                     (data / "arcade_syntax" / "train", None)):
+        ds = load_dataset(root).slice(sl)
+        step = max(1, len(ds) // per_set)
+        out += [ds.load(e, []).image for e in ds.entries[::step][:per_set]]
+    return out
+
+
+def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: Path, method_options: dict[str, Any],
+                    quick: bool = False, seed: int = 0, progress: bool = True, argv: list[str] | None = None) -> Calibration:
+    """Run ``method`` on the calibration splits (reusing ``work/<split>_<method>.json``), fit, save to ``out``."""
+    from rau.atomic import write_json
+    from rau.eval.bench import CALIB_SPLITS, ensure_drr, git_commit, machine_line, resolve_splits, run_bench
+
+    from rau.methods import confidence
+
+    work.mkdir(parents=True, exist_ok=True)
+    ensure_drr(drr_dir, quick, calib=True)
+    if confidence.default_orientation() is None:
+        orient = fit_orientation(orientation_images(data, drr_dir), record={"command": "rau " + " ".join(argv or []),
+                                                                             "commit": git_commit()})
+        orient.save(confidence.CALIBRATION_DIR / "orientation.json")
+        confidence._ORIENTATION.clear()
+    splits = resolve_splits(list(CALIB_SPLITS), data, drr_dir, quick=quick, limit=None)
+    reports = []
+    options = {**method_options, "calibration": False}
+    for split in splits:
+        path = work / f"{split.name}_{method}.json"
+        if path.is_file():
+            reports.append(json.loads(path.read_text()))
+            continue
+        reports += run_bench(work, methods=[method], splits=[split], method_options=options, seed=seed,
+                             progress=progress)[split.name]
+    record = {"command": "rau " + " ".join(argv or []), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": git_commit(), "machine": machine_line(), "reports": [str(work / f"{s.name}_{method}.json") for s in splits]}
+    cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record)
+    cal.save(out)
+    write_json(work / f"calibration_{method}.json", cal.to_json())
+    return cal

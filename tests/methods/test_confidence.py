@@ -1,0 +1,219 @@
+"""Calibrated confidence and abstention (rau.methods.confidence, rau.eval.calibrate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rau.data.annotated import AnnotatedImage, StructureResult, TargetResult
+from rau.errors import RauInputError
+from rau.eval.calibrate import fit_calibration
+from rau.eval.evaluate import calibration_summary
+from rau.methods.confidence import (
+    FEATURES,
+    REASON_ABSENT,
+    REASON_LOW,
+    Calibration,
+    abstain,
+    pair_features,
+    resolve_min_confidence,
+    structure_features,
+    target_checks,
+    target_reason,
+)
+from tests.conftest import SHARED, synthetic_pair
+
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "samples" / "chest_xray"
+
+
+def _sample_target() -> np.ndarray:
+    from rau.data.io import read_image
+
+    return read_image(SAMPLES / "target.png")[0]
+
+
+def test_target_checks_tell_blank_and_noise_from_a_radiograph():
+    real = target_checks(_sample_target())
+    assert real["smoothness"] > 0.8 and real["contrast"] > 0.05 and target_reason(real) is None
+    noise = target_checks(np.random.default_rng(0).random((300, 280)).astype(np.float32))
+    assert abs(noise["smoothness"]) < 0.2 and "noise" in target_reason(noise)
+    blank = target_checks(np.full((64, 64), 0.5, np.float32))
+    assert blank["contrast"] == 0 and "blank" in target_reason(blank)
+
+
+def test_pair_features_see_a_mirrored_asymmetric_target():
+    image, _ = synthetic_pair()
+    same = pair_features(image, image)
+    mirrored = pair_features(image, image[:, ::-1])
+    assert same["fit"] == pytest.approx(1.0) and same["mirror_gain"] < 0
+    assert mirrored["mirror_gain"] > 0.5
+
+
+def test_orientation_model_learns_which_way_round_and_agreement_flips_sign(tmp_path):
+    """Images with a bright blob on their left: the fitted model scores them one way and their
+    mirror images the other, so a mirrored target disagrees with the reference."""
+    from rau.eval.calibrate import fit_orientation
+    from rau.methods.confidence import Orientation
+
+    rng = np.random.default_rng(0)
+    images = [synthetic_pair(shift=(int(rng.integers(-5, 5)), int(rng.integers(-5, 5))))[0] for _ in range(12)]
+    model = fit_orientation(images)
+    ref, target = images[0], synthetic_pair(shift=(2, -3))[0]
+    assert model.agreement(ref, target) > 0.5
+    assert model.agreement(ref, target[:, ::-1].copy()) < -0.5
+    model.save(tmp_path / "o.json")
+    assert Orientation.load(tmp_path / "o.json").score(ref) == pytest.approx(model.score(ref))
+    (tmp_path / "bad.json").write_text('{"size": 16, "weights": [1, 2]}')
+    with pytest.raises(RauInputError, match="orientation model"):
+        Orientation.load(tmp_path / "bad.json")
+
+
+def test_structure_features_of_found_and_missing_outputs():
+    ref = np.zeros((50, 50), bool)
+    ref[10:20, 10:20] = True
+    same = structure_features(0.9, ref.copy(), ref)
+    assert same["found"] == 1 and same["log_area_ratio"] == pytest.approx(0, abs=1e-6)
+    assert same["centroid_shift"] == pytest.approx(0) and same["largest_part"] == 1
+    split = ref.copy()
+    split[30:40, 30:35] = True
+    assert structure_features(0.9, split, ref)["largest_part"] < 1
+    missing = structure_features(0.1, None, ref)
+    assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation",
+                                                                                       "smoothness", "contrast"} == set(FEATURES)
+
+
+@pytest.mark.parametrize("kind", ["noise", "blank"])
+def test_noise_and_blank_targets_abstain_with_the_reason(tmp_path, kind):
+    """Through the CLI, as a user would: a 16-bit noise PNG or a blank one gets no mask for any
+    structure, abstained true and the reason, and the method never runs on it."""
+    from typer.testing import CliRunner
+
+    from rau.cli.app import app
+
+    shape = (256, 240)
+    pixels = np.random.default_rng(1).integers(0, 65535, shape, dtype=np.uint16) if kind == "noise" \
+        else np.full(shape, 1000, np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "target.png")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["localize", "--reference", str(SAMPLES / "reference.png"), "--reference-masks",
+                                   str(SAMPLES / "reference_masks"), "--target", str(tmp_path / "target.png"),
+                                   "--out", str(out), "--method", "registration"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["structures"]
+    for s in doc["structures"].values():
+        assert s["abstained"] is True and s["found"] is False and s["answer"] == "no" and s["box_xyxy"] is None
+        assert kind in s["reason"] and "reference does not fit this image" in s["reason"]
+    assert "withheld" in res.output
+    assert not np.asarray(Image.open(out / "masks" / "heart.png")).any()
+
+
+def _rows(n=300, seed=0):
+    """Synthetic calibration rows: right outputs have high score and small shifts."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        right = bool(rng.random() < 0.6)
+        f = {"score": rng.normal(0.8 if right else 0.4, 0.15), "found": 1.0, "log_area_ratio": rng.normal(0, 0.3),
+             "centroid_shift": abs(rng.normal(0.03 if right else 0.15, 0.05)), "largest_part": 1.0,
+             "fit": rng.uniform(0.85, 0.98), "mirror_gain": rng.uniform(-0.05, -0.01), "orientation": rng.uniform(0.5, 1.0),
+             "smoothness": 0.97, "contrast": 0.2}
+        rows.append({"features": f, "right": right, "target": f"t{i // 3}", "split": "s"})
+    return rows
+
+
+def test_fit_calibration_separates_and_calibrates_and_round_trips(tmp_path):
+    from rau.metrics import auroc
+
+    cal = fit_calibration(_rows(), "toy")
+    test = _rows(300, seed=1)
+    p = cal.predict([r["features"] for r in test])
+    y = np.array([r["right"] for r in test])
+    assert auroc(p, y) > 0.9 and np.all((0 <= p) & (p <= 1))
+    summary = calibration_summary([{"right": bool(a), "confidence": float(b)} for a, b in zip(y, p)])
+    assert summary["ece"] < 0.1
+    assert 0 < cal.threshold < 1 and cal.min_fit is not None
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    assert np.allclose(again.predict([r["features"] for r in test]), p)
+
+
+def test_bad_calibration_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"method": "x", "mean": [1')
+    with pytest.raises(RauInputError, match="not a rau calibration file"):
+        Calibration.load(bad)
+    doc = fit_calibration(_rows(), "toy").to_json()
+    doc["coef"] = doc["coef"][:2]
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(RauInputError, match="not a rau calibration file"):
+        Calibration.load(bad)
+    with pytest.raises(RauInputError, match="need at least"):
+        fit_calibration(_rows(5), "toy")
+
+
+def test_abstain_withholds_low_confidence_and_absent_structures_with_reasons():
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    res = TargetResult("t", "r", "m", {
+        "a": StructureResult("a", "yes", (5, 5, 10, 10), 0.9, mask.copy(), confidence=0.9, features={"log_area_ratio": 0.0}),
+        "b": StructureResult("b", "yes", (5, 5, 10, 10), 0.9, mask.copy(), confidence=0.2, features={"log_area_ratio": 0.0}),
+        "c": StructureResult("c", "no", None, 0.1, None, confidence=0.1, features={"log_area_ratio": -5.0}),
+    })
+    abstain(res, 0.5)
+    a, b, c = (res.structures[k] for k in "abc")
+    assert not a.abstained and a.found
+    assert b.abstained and b.mask is None and b.box_xyxy_px is None and b.answer == "no" and b.reason.startswith(REASON_LOW)
+    assert c.abstained and c.reason.startswith(REASON_ABSENT)
+    with pytest.raises(RauInputError, match="min-confidence"):
+        resolve_min_confidence(1.5, None)
+    assert 0 < resolve_min_confidence(None, None) < 1e-3
+    flagged = TargetResult("t", "r", "m", {"a": StructureResult("a", "no", None, 0.0, None, "x", confidence=0.0, flag="x")})
+    assert not abstain(flagged, 0.0).structures["a"].abstained  # 0 keeps every output
+    assert abstain(flagged, resolve_min_confidence(None, None)).structures["a"].abstained
+
+
+def test_calibration_summary_counts_withheld_outputs():
+    rows = [{"right": True, "confidence": 0.9, "abstain": False}, {"right": True, "confidence": 0.8, "abstain": True},
+            {"right": False, "confidence": 0.1, "abstain": True}, {"right": False, "confidence": 0.2, "abstain": True}]
+    s = calibration_summary(rows)
+    assert s["auroc"] == 1.0 and s["abstain_wrong"] == 1.0 and s["abstain_right"] == 0.5 and s["abstain_all"] == 0.75
+    assert s["ece"] == pytest.approx((0.1 + 0.2 + 0.2 + 0.1) / 4)
+
+
+def test_method_with_a_calibration_reports_confidence_in_result_json(tmp_path):
+    """A calibration given to create_method is used: result.json carries a confidence in [0, 1]."""
+    import rau
+    from rau.pipeline import result_to_json
+
+    cal = fit_calibration(_rows(), "registration")
+    cal.save(tmp_path / "cal.json")
+    image, masks = synthetic_pair()
+    ref = AnnotatedImage(image, masks, {})
+    target = AnnotatedImage(synthetic_pair(shift=(3, 2))[0], {}, {})
+    result = rau.localize(ref, target, method="registration", calibration=str(tmp_path / "cal.json"), min_confidence=0)
+    doc = result_to_json(result, target)
+    for s in doc["structures"].values():
+        assert 0 <= s["confidence"] <= 1 and s["abstained"] in (True, False)
+
+
+@pytest.mark.skipif(not (SHARED / "wingspan_cxr").is_dir() or not (SHARED / "arcade_syntax").is_dir(),
+                    reason="needs ../shared/datasets")
+def test_wrong_input_split_is_built_with_mirrored_masks(tmp_path):
+    from rau.data.dataset import load_dataset
+    from rau.eval.wrong_inputs import COUNTS, build_wrong_inputs, target_kinds
+
+    folder = build_wrong_inputs(tmp_path / "wrong", SHARED, "calib")
+    kinds = target_kinds(folder)
+    assert len(kinds) == sum(COUNTS.values())
+    assert {"noise", "blank", "modality", "mirror"} == set(kinds.values())
+    ds = load_dataset(folder)
+    mirror = next(e for e in ds.entries if e.id.startswith("mirror_"))
+    item = ds.load(mirror)
+    src = load_dataset(SHARED / "wingspan_cxr")
+    orig = src.load(next(e for e in src.entries if e.id == mirror.id[len("mirror_"):]))
+    assert np.array_equal(item.masks["left_lung"], orig.masks["left_lung"][:, ::-1])
+    assert not ds.load(next(e for e in ds.entries if e.id.startswith("angiogram_"))).masks
