@@ -177,11 +177,14 @@ def test_abstain_withholds_low_confidence_and_absent_structures_with_reasons():
 
 
 def test_calibration_summary_counts_withheld_outputs():
-    rows = [{"right": True, "confidence": 0.9, "abstain": False}, {"right": True, "confidence": 0.8, "abstain": True},
-            {"right": False, "confidence": 0.1, "abstain": True}, {"right": False, "confidence": 0.2, "abstain": True}]
+    rows = [{"right": True, "confidence": 0.9, "abstain": False, "found": True},
+            {"right": True, "confidence": 0.8, "abstain": True, "found": True},
+            {"right": False, "confidence": 0.1, "abstain": True, "found": True},
+            {"right": False, "confidence": 0.2, "abstain": True, "found": True},
+            {"right": True, "confidence": 0.95, "abstain": False, "found": False}]  # a right "not there"
     s = calibration_summary(rows)
-    assert s["auroc"] == 1.0 and s["abstain_wrong"] == 1.0 and s["abstain_right"] == 0.5 and s["abstain_all"] == 0.75
-    assert s["ece"] == pytest.approx((0.1 + 0.2 + 0.2 + 0.1) / 4)
+    assert s["auroc"] == 1.0 and s["abstain_wrong"] == 1.0 and s["abstain_right"] == 0.5 and s["no_mask_all"] == 0.8
+    assert s["ece"] == pytest.approx((0.1 + 0.2 + 0.2 + 0.1 + 0.05) / 5)
 
 
 def test_method_with_a_calibration_reports_confidence_in_result_json(tmp_path):

@@ -6,15 +6,18 @@ ARCADE train, DRR poses of seed 3, and wrong inputs built from those), which the
    the ``rau eval`` document; a split already there is reused, so a killed run resumes).
 2. Each asked structure is a row: its features and whether it was right (Dice >= 0.5; no mask for
    a structure absent from the target). Rows of blank/noise targets (never run) are left out.
-3. Pair rules: ``min_fit`` = the 1% quantile of the reference fit over right rows, and
-   ``min_orientation`` = the 1% quantile of the orientation agreement over right rows; rows they
+3. Pair rules, set on the right rows of the correct-pair splits (not ``calib-wrong``): ``min_fit`` =
+   the 1% quantile of their reference fit, and
+   ``min_orientation`` = the 1% quantile of the orientation agreement over those with a mask
+   (a right "absent" answer is right whichever way round the image is); rows they
    catch get the share of right among them as confidence (``gated_rate``). The orientation model
    (:func:`fit_orientation`) is fitted first, on calibration-side images only, if none ships.
 4. On the other rows: an L2 logistic model on standardised features, out-of-fold (5 folds by
    target) probabilities mapped to the share right by isotonic regression (scipy), then the
    logistic refitted on all rows.
-5. ``threshold`` = the 5% quantile of the confidence of right rows: at most 5% of right outputs
-   on the calibration split are withheld at the default ``--min-confidence``.
+5. ``threshold`` = the 5% quantile of the confidence of the correct pairs' right rows with a mask:
+   at most 5% of right masks on correct calibration pairs are withheld at the default
+   ``--min-confidence`` (withholding a right "not there" answer loses nothing: it stays "no").
 """
 
 from __future__ import annotations
@@ -80,8 +83,15 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
         raise RauInputError("calibrate: the outputs are all right or all wrong; nothing to calibrate on")
     fit = np.array([r["features"]["fit"] for r in rows])
     orient = np.array([r["features"]["orientation"] for r in rows])
-    min_fit = float(np.quantile(fit[y_all], 0.01))
-    min_orient = float(np.quantile(orient[y_all], 0.01))
+    # the rules are set on correct pairs (a wrong-input split's right outputs are luck, e.g. a heart
+    # found on a mirrored target): at most 1% of their right outputs are caught
+    correct = y_all & np.array(["wrong" not in r["split"] for r in rows])
+    if not correct.any():
+        raise RauInputError("calibrate: no right output on a correct-pair split")
+    min_fit = float(np.quantile(fit[correct], 0.01))
+    found = np.array([r["features"]["found"] > 0 for r in rows])
+    # orientation matters where a mask was found: a right "not there" answer is right either way round
+    min_orient = float(np.quantile(orient[correct & found], 0.01)) if (correct & found).any() else -1.0
     gated = (fit < min_fit) | (orient < min_orient)
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
     keep = ~gated
@@ -107,7 +117,8 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
                       gated_rate, list(FEATURES), dict(record or {}))
     conf = np.where(gated, gated_rate, 0.0)
     conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
-    cal.threshold = float(np.quantile(conf[y_all], 0.05, method="lower"))
+    # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no")
+    cal.threshold = float(np.quantile(conf[correct & found], 0.05, method="lower"))
     cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
                        "splits": sorted({r["split"] for r in rows})})
     return cal

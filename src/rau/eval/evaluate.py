@@ -107,9 +107,10 @@ def calibration_summary(rows: list[dict[str, Any]], calibration=None, bins: int 
     """How well the calibrated ``confidence`` predicts right vs wrong over every asked structure
     (present or absent): ``auroc``, ``ece`` (expected calibration error, ``bins`` equal-width bins),
     ``reliability`` (per bin: mean confidence, share right, count), and at the calibration's
-    threshold: ``abstain_wrong`` (share of wrong outputs withheld) and ``abstain_right`` (share of
-    right outputs withheld: false abstention) and ``abstain_all`` (share of all withheld: on the
-    wrong-input split every output should be). NaN where the rows have no confidence."""
+    threshold: ``abstain_wrong`` (share of wrong outputs withheld), ``abstain_right`` (share of right
+    masks withheld: false abstention; a right "not there" loses nothing when withheld) and
+    ``no_mask_all`` (share of outputs that deliver no mask, withheld or answered "not there": on
+    the wrong-input split every output should). NaN where the rows have no confidence."""
     from rau.metrics import auroc
 
     asked = [r for r in rows if "right" in r]
@@ -118,13 +119,14 @@ def calibration_summary(rows: list[dict[str, Any]], calibration=None, bins: int 
     conf = np.array([r["confidence"] for r in scored], np.float64)
     withheld = np.array([bool(r.get("abstain")) for r in asked], bool)
     ok = np.array([r["right"] for r in asked], bool)
+    mask = np.array([bool(r.get("found", True)) for r in asked], bool)
     out: dict[str, Any] = {"n": len(asked), "n_right": int(ok.sum()), "n_scored": len(scored),
                            "auroc": auroc(conf, right) if len(scored) else float("nan"),
                            "ece": float("nan"), "reliability": [],
                            "threshold": calibration.threshold if calibration is not None else None,
                            "abstain_wrong": float(withheld[~ok].mean()) if (~ok).any() else float("nan"),
-                           "abstain_right": float(withheld[ok].mean()) if ok.any() else float("nan"),
-                           "abstain_all": float(withheld.mean()) if len(asked) else float("nan")}
+                           "abstain_right": float(withheld[ok & mask].mean()) if (ok & mask).any() else float("nan"),
+                           "no_mask_all": float((withheld | ~mask).mean()) if len(asked) else float("nan")}
     if len(scored):
         edges = np.linspace(0, 1, bins + 1)
         idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
@@ -306,11 +308,12 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
 
 def confidence_table(reports: list[dict[str, Any]]) -> str:
     """Calibrated confidence per method (rows asked, share right, AUROC right vs wrong, ECE, the
-    threshold, and the shares withheld of wrong, right and all outputs)."""
+    threshold, the shares withheld of wrong outputs and of right masks, and the share of outputs
+    that deliver no mask)."""
     def fmt(v):
         return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
-    lines = ["| method | outputs | right | confidence AUROC | ECE | threshold | withheld: wrong | withheld: right | withheld: all |",
+    lines = ["| method | outputs | right | confidence AUROC | ECE | threshold | withheld: wrong | withheld: right masks | no mask delivered |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         c = r.get("calibration")
@@ -318,7 +321,7 @@ def confidence_table(reports: list[dict[str, Any]]) -> str:
             continue
         share = c["n_right"] / c["n"] if c["n"] else float("nan")
         lines.append(f"| {report_label(r)} | {c['n']} | {fmt(share)} | {fmt(c['auroc'])} | {fmt(c['ece'])} | "
-                     f"{fmt(c['threshold'])} | {fmt(c['abstain_wrong'])} | {fmt(c['abstain_right'])} | {fmt(c['abstain_all'])} |")
+                     f"{fmt(c['threshold'])} | {fmt(c['abstain_wrong'])} | {fmt(c['abstain_right'])} | {fmt(c['no_mask_all'])} |")
     return "\n".join(lines)
 
 
