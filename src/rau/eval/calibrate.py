@@ -7,7 +7,9 @@ ARCADE train, DRR poses of seed 3, and wrong inputs built from those), which the
 2. Each asked structure is a row: its features and whether it was right (Dice >= 0.5; no mask for
    a structure absent from the target). Rows of blank/noise targets (never run) are left out.
 3. Pair rules, set on the right rows of the correct-pair splits (not ``calib-wrong``): ``min_fit`` =
-   the 1% quantile of their reference fit, and
+   midway between the 99% quantile of the wrong inputs' reference fit (other anatomy, modality,
+   noise; mirrored targets are the orientation rule's) and the lowest split's 1% quantile of right outputs' fit (calibration pairs have the most
+   similar reference; a user's may be less alike), and
    ``min_orientation`` = the 1% quantile of the orientation agreement over those with a mask
    (a right "absent" answer is right whichever way round the image is); rows they
    catch get the share of right among them as confidence (``gated_rate``). The orientation model
@@ -15,9 +17,10 @@ ARCADE train, DRR poses of seed 3, and wrong inputs built from those), which the
 4. On the other rows: an L2 logistic model on standardised features, out-of-fold (5 folds by
    target) probabilities mapped to the share right by isotonic regression (scipy), then the
    logistic refitted on all rows.
-5. ``threshold`` = the 5% quantile of the confidence of the correct pairs' right rows with a mask:
-   at most 5% of right masks on correct calibration pairs are withheld at the default
-   ``--min-confidence`` (withholding a right "not there" answer loses nothing: it stays "no").
+5. ``threshold`` = the lowest, over the correct-pair splits with at least 20 right masks, of the 5%
+   quantile of their right masks' confidence: on each such calibration split at most 5% of right
+   masks are withheld at the default ``--min-confidence`` (withholding a right "not there" answer
+   loses nothing: it stays "no").
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from rau.errors import RauInputError
 from rau.methods.confidence import FEATURES, Calibration
 
 MIN_ROWS = 20
+#: A calibration split takes part in choosing the threshold when it has this many right masks.
+MIN_SPLIT_MASKS = 20
 
 
 def calibration_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,10 +93,19 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     correct = y_all & np.array(["wrong" not in r["split"] for r in rows])
     if not correct.any():
         raise RauInputError("calibrate: no right output on a correct-pair split")
-    min_fit = float(np.quantile(fit[correct], 0.01))
     found = np.array([r["features"]["found"] > 0 for r in rows])
     # orientation matters where a mask was found: a right "not there" answer is right either way round
     min_orient = float(np.quantile(orient[correct & found], 0.01)) if (correct & found).any() else -1.0
+    # fit: calibration pairs have the most similar reference, a user's may be less alike, so the rule
+    # sits midway between the wrong inputs' fits (other anatomy, modality, noise) and the lowest
+    # split's 1% quantile of right outputs' fits
+    splits = sorted({r["split"] for r in rows if "wrong" not in r["split"]})
+    hi = min(float(np.quantile(fit[correct & np.array([r["split"] == sp for r in rows])], 0.01))
+             for sp in splits if (correct & np.array([r["split"] == sp for r in rows])).any())
+    # (mirrored targets are the orientation rule's: they fit their reference as well as right ones)
+    bad = ~y_all & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
+    lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
+    min_fit = (lo + hi) / 2 if lo < hi else hi
     gated = (fit < min_fit) | (orient < min_orient)
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
     keep = ~gated
@@ -117,8 +131,15 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
                       gated_rate, list(FEATURES), dict(record or {}))
     conf = np.where(gated, gated_rate, 0.0)
     conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
-    # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no")
-    cal.threshold = float(np.quantile(conf[correct & found], 0.05, method="lower"))
+    # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
+    # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with
+    # the most structures would set it alone: DRR has 24 per target, Wingspan 3).
+    cuts = []
+    for split in sorted({r["split"] for r in rows}):
+        sel = correct & found & np.array([r["split"] == split for r in rows])
+        if sel.sum() >= MIN_SPLIT_MASKS:
+            cuts.append(float(np.quantile(conf[sel], 0.05, method="lower")))
+    cal.threshold = min(cuts) if cuts else float(np.quantile(conf[correct & found], 0.05, method="lower"))
     cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
                        "splits": sorted({r["split"] for r in rows})})
     return cal
