@@ -152,6 +152,7 @@ def localize_request(
     formats: Sequence[str] = (),
     out_dir: str | Path | None = None,
     cache: MethodCache | None = None,
+    min_confidence: float | None = None,
     **method_options: Any,
 ) -> Outcome:
     """Run one method on one target and write every download.
@@ -164,6 +165,7 @@ def localize_request(
         formats: export formats (``nifti``, ``coco``, ``dicom-seg``), written next to result.json.
         out_dir: the output folder (as ``rau localize --out``; default: a new temporary folder).
         cache: where the method is built once (default :data:`METHOD_CACHE`).
+        min_confidence: as ``rau localize --min-confidence`` (default: the method's calibrated threshold).
         method_options: :func:`rau.methods.create_method` options (``device``...).
     Raises:
         RauInputError (and the other ValueErrors/OSErrors of the readers): bad input, one line.
@@ -177,9 +179,9 @@ def localize_request(
     method = (cache if cache is not None else METHOD_CACHE).get(method_name, **method_options)
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="rau-serve-")) / target_img.id
     if isinstance(reference, AnnotatedImage):
-        result = localize(reference, target_img, method=method, out_dir=out_dir)
+        result = localize(reference, target_img, method=method, out_dir=out_dir, min_confidence=min_confidence)
     else:
-        result = localize_from_bank(reference, target_img, method=method, out_dir=out_dir)
+        result = localize_from_bank(reference, target_img, method=method, out_dir=out_dir, min_confidence=min_confidence)
     files = {"result.json": out_dir / "result.json", "masks.zip": zip_masks(out_dir), "overlay.png": out_dir / "overlay.png"}
     for path in write_formats(result, target_img, out_dir, chosen):
         files[path.name] = path
@@ -229,13 +231,14 @@ def run_request(
     formats: Sequence[str] = (),
     out_dir: str | Path | None = None,
     cache: MethodCache | None = None,
+    min_confidence: float | None = None,
     **method_options: Any,
 ) -> tuple[np.ndarray, list[list[Any]], list[Path]]:
     """One viewer request without a browser: (overlay (H, W, 3) uint8 of the target's size,
     table rows (:data:`TABLE_HEADERS`), downloadable files). Arguments as :func:`localize_request`;
     ``structures_shown``: the structures drawn on the overlay (default: all)."""
     outcome = localize_request(reference, target, method_name, formats=formats, out_dir=out_dir, cache=cache,
-                               **method_options)
+                               min_confidence=min_confidence, **method_options)
     overlay = render_overlay(outcome.result, outcome.target, structures_shown)
     return overlay, table_rows(outcome.result), list(outcome.files.values())
 
@@ -272,6 +275,7 @@ class _Viewer:
     method_options: dict[str, Any]
     out_root: Path
     cache: MethodCache
+    min_confidence: float | None = None
 
     def reference(self, source: str, image: str | None, masks: Sequence[str] | None):
         if source == SOURCE_BANK:
@@ -293,7 +297,7 @@ class _Viewer:
             reference = self.reference(source, ref_image, ref_masks)
             request_dir = Path(tempfile.mkdtemp(prefix="request-", dir=self.out_root))
             outcome = localize_request(reference, target, method, formats=formats or (), out_dir=request_dir / "out",
-                                       cache=self.cache, **self.method_options)
+                                       cache=self.cache, min_confidence=self.min_confidence, **self.method_options)
         except Exception as exc:  # a request must never show a traceback; unexpected ones are logged
             if not isinstance(exc, (ValueError, OSError)):
                 log.exception("rau serve: request failed")
@@ -321,6 +325,7 @@ def build_app(
     device: str = "cpu",
     out_root: str | Path | None = None,
     cache: MethodCache | None = None,
+    min_confidence: float | None = None,
 ):
     """The viewer as a ``gr.Blocks`` (call ``.launch()`` on it).
 
@@ -330,6 +335,7 @@ def build_app(
         device: torch device the methods run on.
         out_root: where each request's outputs go (default: a new temporary folder).
         cache: the methods built so far (default :data:`METHOD_CACHE`).
+        min_confidence: as ``rau localize --min-confidence`` (default: each method's calibrated threshold).
     Returns the ``gr.Blocks``; its ``rau_out_root`` attribute is the folder of the requests' outputs
     (the caller removes it when done). The run endpoint is ``/run`` (inputs: reference source,
     reference image, reference masks, target, method, export formats), usable from ``gradio_client``.
@@ -348,7 +354,12 @@ def build_app(
         loaded_bank = ReferenceBank.load(bank)
     out_root = Path(out_root) if out_root is not None else Path(tempfile.mkdtemp(prefix="rau-serve-"))
     out_root.mkdir(parents=True, exist_ok=True)
-    viewer = _Viewer(loaded_bank, {"device": device}, out_root, cache if cache is not None else METHOD_CACHE)
+    if min_confidence is not None:
+        from rau.methods.confidence import resolve_min_confidence
+
+        resolve_min_confidence(min_confidence, None)  # checked now
+    viewer = _Viewer(loaded_bank, {"device": device}, out_root, cache if cache is not None else METHOD_CACHE,
+                     min_confidence)
 
     sources = ([SOURCE_BANK] if loaded_bank is not None else []) + \
               ([SOURCE_SAMPLE] if (SAMPLE_DIR / "reference.png").is_file() else []) + [SOURCE_UPLOAD]

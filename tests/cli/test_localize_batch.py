@@ -39,7 +39,7 @@ def batch_dir(tmp_path):
 
 def batch_args(out, *targets, extra=()):
     args = ["localize", "--reference", str(SAMPLE / "reference.png"), "--reference-masks", str(SAMPLE / "reference_masks"),
-            "--out", str(out), "--method", "registration", "--no-progress"]
+            "--out", str(out), "--method", "registration", "--no-progress", "--min-confidence", "0"]
     for t in targets:
         args += ["--targets", str(t)]
     return args + list(extra)
@@ -265,7 +265,7 @@ def test_batch_with_a_reference_bank(folder_dataset, tmp_path):
     bank = build_bank(folder_dataset, encoder="thumbnail", progress=False).save(tmp_path / "bank.npz")
     out = tmp_path / "out"
     res = runner.invoke(app, ["localize", "--bank", str(bank), "--targets", str(folder_dataset / "images" / "case_[01].png"),
-                              "--out", str(out), "--method", "registration", "--no-progress"])
+                              "--out", str(out), "--method", "registration", "--no-progress", "--min-confidence", "0"])
     assert res.exit_code == 0, res.output
     for name in ("case_0", "case_1"):
         doc = json.loads((out / name / "result.json").read_text())

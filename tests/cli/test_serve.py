@@ -37,7 +37,8 @@ def client(cache, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_app(method="registration", out_root=tmp_path_factory.mktemp("serve"), cache=cache)
+    # min_confidence 0: these tests check the plumbing, so every output is kept
+    app = build_app(method="registration", out_root=tmp_path_factory.mktemp("serve"), cache=cache, min_confidence=0)
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -59,7 +60,7 @@ def test_run_request_on_the_sample(cache, tmp_path):
     from rau.serve import TABLE_HEADERS, load_sample_reference, run_request
 
     overlay, rows, files = run_request(load_sample_reference(), SAMPLE / "target.png", "registration",
-                                       formats=["nifti", "coco"], out_dir=tmp_path / "out", cache=cache)
+                                       formats=["nifti", "coco"], out_dir=tmp_path / "out", cache=cache, min_confidence=0)
     w, h = Image.open(SAMPLE / "target.png").size
     assert overlay.shape == (h, w, 3) and overlay.dtype == np.uint8
     assert [r[0] for r in rows] == STRUCTURES and all(len(r) == len(TABLE_HEADERS) for r in rows)
@@ -80,7 +81,8 @@ def test_toggles_redraw_without_rerunning(cache, tmp_path):
     from rau.serve import load_sample_reference, localize_request, render_overlay
 
     target = load_annotated(SAMPLE / "target.png")
-    outcome = localize_request(load_sample_reference(), target, "registration", out_dir=tmp_path / "o", cache=cache)
+    outcome = localize_request(load_sample_reference(), target, "registration", out_dir=tmp_path / "o", cache=cache,
+                               min_confidence=0)
     assert len(cache) == 1  # built once for the whole module
     assert np.array_equal(render_overlay(outcome.result, target, []), to_rgb(target.image))
     heart_only = render_overlay(outcome.result, target, ["heart"])

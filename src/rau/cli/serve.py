@@ -36,6 +36,7 @@ def serve(
     bank: Annotated[Optional[Path], typer.Option(help="Reference bank (rau index) offered as a reference source.")] = None,
     method: MethodOpt = None,
     device: DeviceOpt = "cpu",
+    min_confidence: Annotated[Optional[float], typer.Option(help="As `rau localize --min-confidence` (default: each method's calibrated threshold; 0 keeps every output).")] = None,
 ) -> None:
     """Open the browser viewer: pick a reference, upload a target, run a method, see and download the result."""
     with user_errors():
@@ -46,7 +47,7 @@ def serve(
         _require_gradio()
         from rau.serve import build_app
 
-        app = build_app(bank=bank, method=method, device=device)
+        app = build_app(bank=bank, method=method, device=device, min_confidence=min_confidence)
         out_root = app.rau_out_root
         try:
             try:
