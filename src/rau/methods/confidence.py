@@ -263,9 +263,11 @@ def default_calibration(method: str) -> Calibration | None:
 # ---- applying it to results
 
 
-def output_features(result, reference, target_image: np.ndarray) -> dict[str, dict[str, float]]:
-    """structure -> the :data:`FEATURES` of its output in ``result`` (a TargetResult)."""
-    pair = {**pair_features(reference.image, target_image), **target_checks(target_image)}
+def output_features(result, reference, target_image: np.ndarray,
+                    checks: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """structure -> the :data:`FEATURES` of its output in ``result`` (a TargetResult);
+    ``checks``: the target's :func:`target_checks` when already computed."""
+    pair = {**pair_features(reference.image, target_image), **(checks or target_checks(target_image))}
     out = {}
     for name, r in result.structures.items():
         ref_mask = reference.masks.get(name)
@@ -275,18 +277,17 @@ def output_features(result, reference, target_image: np.ndarray) -> dict[str, di
     return out
 
 
-def assess(result, reference, target_image: np.ndarray, calibration: Calibration | None):
+def assess(result, reference, target_image: np.ndarray, calibration: Calibration | None,
+           checks: dict[str, float] | None = None):
     """Set ``confidence``, ``flag`` (the reason to abstain whatever the threshold) and ``features``
     on every structure of ``result`` (in place; masks untouched) and return it. Without a
-    calibration only the target rules (blank, noise) apply and ``confidence`` stays None."""
-    checks = target_checks(target_image)
+    calibration only the target rules (blank, noise) apply and ``confidence`` stays None.
+    ``checks``: the target's :func:`target_checks` when the caller has them."""
+    checks = checks or target_checks(target_image)
     reason = target_reason(checks)
-    feats = output_features(result, reference, target_image)
-    pair = {"fit": 0.0, "mirror_gain": 0.0, "orientation": 0.0}
-    if feats:
-        pair = next(iter(feats.values()))
-    if reason is None and calibration is not None:
-        reason = calibration.pair_reason(pair)
+    feats = output_features(result, reference, target_image, checks)
+    if reason is None and calibration is not None and feats:
+        reason = calibration.pair_reason(next(iter(feats.values())))  # pair features: the same in every entry
     probs = {}
     if calibration is not None and feats:
         names = list(feats)

@@ -161,7 +161,8 @@ class Method:
         structures = list(structures) if structures is not None else reference.structures
         reference.require_nonempty(structures)
         start = time.perf_counter()
-        withheld = self._unfit_target(target, reference.id, structures, start)
+        checks = target_checks(target.image)
+        withheld = self._unfit_target(target, checks, reference.id, structures, start)
         if withheld is not None:
             return withheld
         locs = self.localizer.localize(reference, target, structures) if self.localizer else {}
@@ -177,7 +178,7 @@ class Method:
         sigma = self.fuse_sigma * max(target.shape) if self.fuse_sigma else None
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         result = TargetResult(target.id, reference.id, self.name, results)
-        assess(result, reference, target.image, self.calibration)
+        assess(result, reference, target.image, self.calibration, checks)
         result.seconds = time.perf_counter() - start
         return result
 
@@ -200,20 +201,22 @@ class Method:
         if missing:
             raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
         start = time.perf_counter()
-        withheld = self._unfit_target(target, "+".join(str(r.id) for r in references), structures, start)
+        checks = target_checks(target.image)
+        withheld = self._unfit_target(target, checks, "+".join(str(r.id) for r in references), structures, start)
         if withheld is not None:
             return withheld
         segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
         results = {s: self._combine(s, None, segs.get(s), None) for s in structures}
         result = TargetResult(target.id, "+".join(str(r.id) for r in references), self.name, results)
-        assess(result, references[0], target.image, self.calibration)  # features from the first reference
+        assess(result, references[0], target.image, self.calibration, checks)  # features from the first reference
         result.seconds = time.perf_counter() - start
         return result
 
-    def _unfit_target(self, target: AnnotatedImage, reference_id: str, structures: list[str], start: float):
+    def _unfit_target(self, target: AnnotatedImage, checks: dict[str, float], reference_id: str, structures: list[str],
+                      start: float):
         """A blank or noise target (:func:`rau.methods.confidence.target_reason`) is not run at all:
         every structure is answered "no" with the reason, flagged for abstention; else None."""
-        why = target_reason(target_checks(target.image))
+        why = target_reason(checks)
         if why is None:
             return None
         conf = self.calibration.gated_rate if self.calibration is not None else 0.0
