@@ -66,15 +66,25 @@ def tiny_memseg(tmp_path_factory):
     return MemSegModel(config).save_pretrained(tmp_path_factory.mktemp("memseg"))
 
 
+@pytest.fixture(scope="module")
+def tiny_refiner(tmp_path_factory):
+    from rau.models.refiner.configuration import RefinerConfig
+    from rau.models.refiner.modeling import RefinerModel
+
+    return RefinerModel(RefinerConfig(image_size=64, crop=32, channels=(4, 4, 8, 8, 8, 4))).save_pretrained(
+        tmp_path_factory.mktemp("refiner"))
+
+
 TINY_CHEX = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, grid=4)
 
 
 #: What the CLI passes to whichever method is chosen: every method ignores the keys it does not take.
 SHARED = dict(device="cpu", vlm=None, lora=None, sam2=None, segmenter=None, seed=0, unet=None, chex=None,
-              seg_head=None, precision=None, memseg=None)
+              seg_head=None, precision=None, memseg=None, refiner=None)
 
 
-def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None, tiny_memseg=None):
+def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None, tiny_memseg=None,
+             tiny_refiner=None):
     from rau.methods.sam2_memory import tiny_sam2_config
 
     own = {}
@@ -92,6 +102,8 @@ def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=
         own = {"memseg": tiny_memseg}
     elif name == "reg-memseg":
         own = {"memseg": tiny_memseg}
+    elif name == "reg-refine":
+        own = {"refiner": tiny_refiner}
     return {**SHARED, **own}
 
 
@@ -109,6 +121,7 @@ BUILT = {
     "rau-seg": ("rau-vlm", "seg-head", None),
     "sam2-memory": (None, "memseg", None),
     "reg-memseg": ("registration", "memseg", None),
+    "reg-refine": ("registration", "refiner", None),
     "unet": (None, "unet", None),
     "chexanatomy": ("chexanatomy", None, None),
 }
@@ -120,12 +133,13 @@ def test_every_registered_method_is_described():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg, tiny_memseg):
+def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg, tiny_memseg, tiny_refiner):
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
     ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
     tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
-    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg, tiny_memseg))
+    method = create_method(name, **_options(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, tiny_seg, tiny_memseg,
+                                            tiny_refiner))
     built = (getattr(method.localizer, "name", None), getattr(method.segmenter, "name", None), method.fuse_sigma)
     assert method.name == name and built == BUILT[name]
     if name == "rau-ot":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from rau.cli import data, evaluate, infer, serve, train, train_masks, train_memseg
+from rau.cli import data, evaluate, infer, serve, train, train_masks, train_memseg, train_refine
 
 app = typer.Typer(
     add_completion=False,
@@ -62,11 +62,13 @@ for name, fn in (
     ("unet", train_masks.unet),
     ("memseg-cache", train_memseg.memseg_cache),
     ("memseg", train_memseg.memseg),
+    ("refine-cache", train_refine.refine_cache),
+    ("refine", train_refine.refine),
 ):
     train_app.command(name)(fn)
 
 app.add_typer(train_app, name="train", rich_help_panel=DATA,
-              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg.")
+              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg, refine-cache, refine.")
 
 
 def main() -> None:

@@ -114,6 +114,7 @@ Sam2Opt = Annotated[Optional[Path], typer.Option("--sam2", help="Local SAM2 (tra
 UnetOpt = Annotated[Optional[Path], typer.Option("--unet", help="Trained U-Net folder for method 'unet' (rau train unet).")]
 ChexOpt = Annotated[Optional[Path], typer.Option("--chex", help="Trained CheXanatomy model folder for method 'chexanatomy' (rau train chex).")]
 SegHeadOpt = Annotated[Optional[Path], typer.Option("--seg-head", help="Method rau-seg: a `rau train seg-head` folder (default: the shipped head, if any).")]
+RefinerOpt = Annotated[Optional[Path], typer.Option("--refiner", help="Method reg-refine: a `rau train refine` folder (default: the shipped refiner).")]
 MemSegOpt = Annotated[Optional[Path], typer.Option("--memseg", help="Methods sam2-memory/reg-memseg: a `rau train memseg` folder (default: the shipped memory segmenter).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
@@ -131,7 +132,7 @@ def option(help_text: str, *names: str) -> Any:
 def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2: Optional[Path], segmenter: Optional[str],
                    seed: int = 0, unet: Optional[Path] = None, chex: Optional[Path] = None,
                    seg_head: Optional[Path] = None, precision: Optional[str] = None,
-                   memseg: Optional[Path] = None) -> dict[str, Any]:
+                   memseg: Optional[Path] = None, refiner: Optional[Path] = None) -> dict[str, Any]:
     """The keyword arguments of :func:`rau.methods.create_method` from the shared method options.
 
     A bad ``--precision`` fails here, before any model loads."""
@@ -139,4 +140,5 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
 
     resolve_precision(precision, device)
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
-            "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision, "memseg": memseg}
+            "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision, "memseg": memseg,
+            "refiner": refiner}

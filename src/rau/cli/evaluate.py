@@ -24,6 +24,7 @@ from rau.cli.common import (
     ProgressOpt,
     Sam2Opt,
     MemSegOpt,
+    RefinerOpt,
     SegHeadOpt,
     SegOpt,
     StructOpt,
@@ -82,6 +83,7 @@ def eval_(
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -100,7 +102,7 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg)
+        options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg, refiner=refiner)
         m = create_method(name, **options)
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device, **model_config(options),
@@ -166,6 +168,7 @@ def bench(
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    refiner: RefinerOpt = None,
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     precision: PrecisionOpt = None,
     calibration: Annotated[Optional[str], typer.Option(help="Confidence calibration JSON for the (single) method, or 'none'. Default: each method's shipped one (rau calibrate).")] = None,
@@ -179,7 +182,7 @@ def bench(
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
                           argv=sys.argv[1:], k=k_references, overlay_methods=split_names(overlays, "--overlays"),
                           method_options={**method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head,
-                                                           precision, memseg),
+                                                           precision, memseg, refiner=refiner),
                                           **({"calibration": calibration} if calibration else {})})
     typer.echo(path.read_text())
 
@@ -196,6 +199,7 @@ def calibrate(
     vlm: VlmOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    refiner: RefinerOpt = None,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     precision: PrecisionOpt = None,
@@ -211,7 +215,7 @@ def calibrate(
         target = out or CALIBRATION_DIR / f"{name}.json"
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
-                                                                               seg_head, precision, memseg))
+                                                                               seg_head, precision, memseg, refiner=refiner))
     r = cal.record
     typer.echo(f"{name}: {r['n_outputs']} outputs ({r['n_right']} right, {r['n_gated']} caught by the fit rules), "
                f"threshold {cal.threshold:.3f}, min fit {cal.min_fit:.3f}, min orientation agreement {cal.min_orientation:+.3f} -> {target}")

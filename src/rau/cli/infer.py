@@ -20,6 +20,7 @@ from rau.cli.common import (
     DeviceOpt,
     LoraOpt,
     MemSegOpt,
+    RefinerOpt,
     MethodOpt,
     PrecisionOpt,
     ProgressOpt,
@@ -65,6 +66,7 @@ def localize(
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     formats: Annotated[Optional[str], typer.Option(help="Also export each result as these comma-separated formats: nifti, coco, dicom-seg (default: none).")] = None,
     overwrite: Annotated[bool, typer.Option(help="With --targets: recompute targets whose folder already holds a complete result (default: skip them).")] = False,
@@ -91,7 +93,7 @@ def localize(
             raise ValueError("--target/--targets: give one target (--target) or a batch (--targets), not both")
         vol = None
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
-                                 precision=precision, memseg=memseg)
+                                 precision=precision, memseg=memseg, refiner=refiner)
         if (bank is None) == (reference is None):
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:

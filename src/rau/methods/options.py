@@ -15,6 +15,7 @@ keywords of :func:`rau.methods.create_method`; messages name the command-line fl
 | RauOptions            | rau, rau-ot, rau-box, rau-tokens, rau-seg |
 | Sam2MemoryOptions     | sam2-memory                               |
 | MemSegOptions         | reg-memseg                                |
+| RefineOptions         | reg-refine                                |
 | UNetOptions           | unet                                      |
 | ChexOptions           | chexanatomy                               |
 """
@@ -36,7 +37,7 @@ SEGMENTERS = ("medsam", "sam2-memory")
 MAX_SEED = 2**32 - 1
 #: Options the command line exposes as ``--flag`` (the others are Python-only).
 _CLI_FLAGS = frozenset({"device", "vlm", "lora", "sam2", "segmenter", "seed", "unet", "chex", "seg_head", "precision",
-                        "memseg"})
+                        "memseg", "refiner"})
 
 
 def option_label(name: str) -> str:
@@ -200,6 +201,21 @@ class Sam2MemoryOptions(MethodOptions):
 
 
 @dataclass(frozen=True)
+class RefineOptions(MethodOptions):
+    """Registration + the refiner. ``refiner``: its folder (None: the shipped one); ``device``: torch
+    device; ``seed`` as in :class:`RegistrationOptions`."""
+
+    device: str = "cpu"
+    refiner: str | Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_device(self.device)
+        _check_folder("refiner", self.refiner)
+        object.__setattr__(self, "seed", _check_seed(self.seed))
+
+
+@dataclass(frozen=True)
 class MemSegOptions(MethodOptions):
     """Registration's warped mask as the memory segmenter's prior. ``memseg``: its folder (None:
     the shipped one); ``device``, ``precision``, ``seed`` as in :class:`BoxPromptOptions`."""
@@ -247,7 +263,7 @@ class ChexOptions(MethodOptions):
 
 #: Every option class, in the order of the table above.
 OPTION_CLASSES: tuple[type[MethodOptions], ...] = (
-    RegistrationOptions, BoxPromptOptions, RauOptions, Sam2MemoryOptions, MemSegOptions, UNetOptions, ChexOptions,
+    RegistrationOptions, BoxPromptOptions, RauOptions, Sam2MemoryOptions, MemSegOptions, RefineOptions, UNetOptions, ChexOptions,
 )
 #: Every option name some method takes.
 OPTION_KEYS: frozenset[str] = frozenset().union(*(cls.keys() for cls in OPTION_CLASSES))

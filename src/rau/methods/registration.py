@@ -9,11 +9,22 @@ full-resolution reference masks straight onto the full-resolution target grid.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from rau.data.annotated import AnnotatedImage
 from rau.geometry import mask_to_box
 from rau.methods.interfaces import Localization, Localizer
+
+
+@dataclass(frozen=True)
+class WarpedReference:
+    """One structure's registration output in target pixels: ``prob`` the warped soft mask, ``image``
+    the whole reference image warped the same way (shared by all structures of a pair)."""
+
+    prob: np.ndarray
+    image: np.ndarray
 
 
 def _sitk_image(array: np.ndarray, extent: float):
@@ -107,34 +118,44 @@ class RegistrationLocalizer(Localizer):
 
     ``answer`` is "yes" when the warped mask is not empty (registration cannot say "absent"),
     ``score`` is the correlation of the registered images mapped to [0, 1]; ``cue`` is the warped
-    soft mask again, the prior a cue-reading segmenter (the memory segmenter) takes."""
+    soft mask again, the prior a cue-reading segmenter (the memory segmenter) takes, or with
+    ``warped_cues`` a :class:`WarpedReference` (soft mask + the warped reference image: the
+    refiner's input)."""
 
     name = "registration"
 
-    def __init__(self, *, work_size: int = 128, mesh: int = 8, seed: int = 0):
+    def __init__(self, *, work_size: int = 128, mesh: int = 8, seed: int = 0, warped_cues: bool = False):
         self.work_size, self.mesh, self.seed = work_size, mesh, seed
+        self.warped_cues = warped_cues
 
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
         transform, f_img, m_img = register(target.image, reference.image, work_size=self.work_size,
                                            mesh=self.mesh, seed=self.seed)
         warped = warp_masks({s: reference.masks[s] for s in structures}, transform, f_img, m_img)
-        score = _similarity(target.image, reference.image, transform, f_img, m_img)
+        warped_image = warp_image(transform, f_img, m_img)
+        score = _similarity(target.image, warped_image)
         out = {}
         for name, prob in warped.items():
             mask = prob > 0.5
             box = mask_to_box(mask)
             out[name] = Localization(
                 answer="yes" if box is not None else "no", box_xyxy_px=box, score=score if box else 0.0,
-                reason=None if box else "the warped reference mask left the target image", mask=mask, prob=prob, cue=prob,
+                reason=None if box else "the warped reference mask left the target image", mask=mask, prob=prob,
+                cue=WarpedReference(prob, warped_image) if self.warped_cues else prob,
             )
         return out
 
 
-def _similarity(fixed: np.ndarray, moving: np.ndarray, transform, f_img, m_img) -> float:
-    """Normalised cross-correlation of target and warped reference, mapped from [-1, 1] to [0, 1]."""
+def warp_image(transform, fixed_sitk, moving_sitk) -> np.ndarray:
+    """The reference (moving) image resampled onto the target grid -> (H_t, W_t) float32 (0 outside)."""
     import SimpleITK as sitk
 
-    warped = sitk.GetArrayFromImage(sitk.Resample(m_img, f_img, transform, sitk.sitkLinear, 0.0))
+    return sitk.GetArrayFromImage(sitk.Resample(moving_sitk, fixed_sitk, transform, sitk.sitkLinear, 0.0,
+                                                sitk.sitkFloat32))
+
+
+def _similarity(fixed: np.ndarray, warped: np.ndarray) -> float:
+    """Normalised cross-correlation of target and warped reference, mapped from [-1, 1] to [0, 1]."""
     a = fixed - fixed.mean()
     b = warped - warped.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())

@@ -24,6 +24,7 @@ from rau.methods.options import (
     MemSegOptions,
     MethodOptions,
     RauOptions,
+    RefineOptions,
     RegistrationOptions,
     Sam2MemoryOptions,
     UNetOptions,
@@ -186,6 +187,19 @@ def _reg_memseg(o: MemSegOptions) -> Method:
     return Method("reg-memseg", RegistrationLocalizer(seed=o.seed), _memseg(o.memseg, o.device, o.precision))
 
 
+def _reg_refine(o: RefineOptions) -> Method:
+    """Registration aligns the reference with the target; the refiner corrects each warped mask."""
+    from rau.methods.refine import DEFAULT_REFINER_DIR, RefineSegmenter
+    from rau.methods.registration import RegistrationLocalizer
+
+    folder = o.refiner or DEFAULT_REFINER_DIR
+    if o.refiner is None and not (Path(folder) / "model.safetensors").is_file():
+        raise RauInputError("--refiner: method 'reg-refine' needs a trained refiner folder and none ships in this "
+                            "checkout (rau train refine ...; scripts/refine_recipe.sh)")
+    return Method("reg-refine", RegistrationLocalizer(seed=o.seed, warped_cues=True),
+                  RefineSegmenter(folder, device=o.device))
+
+
 def _unet(o: UNetOptions) -> Method:
     from rau.methods.unet import UNetSegmenter
 
@@ -228,6 +242,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                _sam2_memory),
     MethodSpec("reg-memseg", "registration's warped masks are the memory segmenter's prior, the reference in its memory",
                "shipped memory segmenter (or --memseg FOLDER)", MemSegOptions, _reg_memseg),
+    MethodSpec("reg-refine", "registration's warped masks corrected by the refiner (target + warped reference -> mask)",
+               "shipped refiner (or --refiner FOLDER)", RefineOptions, _reg_refine),
     MethodSpec("unet", "a U-Net trained for fixed structures; the reference only names them",
                "--unet FOLDER (none ships with rau)", UNetOptions, _unet),
     MethodSpec("chexanatomy", "the CheXanatomy VLM (reference-free box and mask tokens); the reference only names them",

@@ -84,32 +84,40 @@ def to_input(image: np.ndarray, config: UNetConfig):
 # ----------------------------------------------------------------------------- model folder
 
 
-def read_config(folder: str | Path, what: str = "checkpoint") -> UNetConfig:
-    """``folder/config.json`` -> UNetConfig; CheckpointError (one line) when missing or invalid."""
+def read_config(folder: str | Path, what: str = "checkpoint", config_class=UNetConfig, kind: str = "U-Net"):
+    """``folder/config.json`` -> ``config_class``; CheckpointError (one line) when missing or invalid."""
     folder = Path(folder)
     path = folder / CONFIG
     if not folder.is_dir() or not path.is_file():
-        raise CheckpointError(f"{what}: {folder} is not a U-Net checkpoint folder ({WEIGHTS} + {CONFIG})")
+        raise CheckpointError(f"{what}: {folder} is not a {kind} checkpoint folder ({WEIGHTS} + {CONFIG})")
     try:
-        return UNetConfig.from_dict(json.loads(path.read_text()))
+        return config_class.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, RauInputError) as exc:
-        raise CheckpointError(f"{what}: {path} is not a valid U-Net config ({exc})") from None
+        raise CheckpointError(f"{what}: {path} is not a valid {kind} config ({exc})") from None
 
 
 class UNetModel:
     """A BasicUNet with its config: image-level prediction and the model folder.
 
     Follows the protocol of :func:`rau.training.engine.run_training` (``net``, settable
-    ``device``, ``weights_bytes``, ``load_weights``, ``save_pretrained``, ``config_dict``)."""
+    ``device``, ``weights_bytes``, ``load_weights``, ``save_pretrained``, ``config_dict``).
+    Subclasses with another network set ``config_class``/``kind`` and override :meth:`build_network`."""
+
+    config_class = UNetConfig
+    kind = "U-Net"
 
     def __init__(self, config: UNetConfig, net=None, *, device: str = "cpu", training: dict | None = None):
         self.config = config
         self.device = device
-        self.net = (net if net is not None else build_network(config)).to(device).eval()
+        self.net = (net if net is not None else self.build_network(config)).to(device).eval()
         self.training = training
 
     def __repr__(self) -> str:
         return f"UNetModel(structures={self.config.structures}, image_size={self.config.image_size})"
+
+    @staticmethod
+    def build_network(config):
+        return build_network(config)
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()
@@ -126,11 +134,11 @@ class UNetModel:
 
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"{what}: {path} is missing; a U-Net checkpoint folder holds {WEIGHTS} + {CONFIG}")
+            raise CheckpointError(f"{what}: {path} is missing; a {self.kind} checkpoint folder holds {WEIGHTS} + {CONFIG}")
         try:
             self.net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
         except Exception as exc:  # noqa: BLE001 - truncated, foreign or mismatched file: one clear line
-            raise CheckpointError(f"{what}: cannot load U-Net weights from {path} ({exc.__class__.__name__}); "
+            raise CheckpointError(f"{what}: cannot load {self.kind} weights from {path} ({exc.__class__.__name__}); "
                                   f"re-train or pass the folder of a complete checkpoint") from None
 
     def save_pretrained(self, folder: str | Path, training: dict[str, Any] | None = None) -> Path:
@@ -144,12 +152,12 @@ class UNetModel:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str = "cpu", what: str = "checkpoint") -> UNetModel:
+    def from_pretrained(cls, folder: str | Path, *, device: str = "cpu", what: str = "checkpoint"):
         """Load a model folder ({config.json, model.safetensors}) or a run folder's ``final/``.
 
         Raises CheckpointError (one line naming ``what``)."""
         folder = model_folder(folder)
-        model = cls(read_config(folder, what))
+        model = cls(read_config(folder, what, cls.config_class, cls.kind))
         model.load_weights(folder / WEIGHTS, what)
         if (folder / TRAINING).is_file():
             try:
