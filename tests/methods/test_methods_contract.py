@@ -104,6 +104,8 @@ def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=
         own = {"memseg": tiny_memseg}
     elif name == "reg-refine":
         own = {"refiner": tiny_refiner}
+    elif name == "rau-refine":
+        own = {"vlm": tiny_ref, "seg_head": tiny_seg, "refiner": tiny_refiner}
     return {**SHARED, **own}
 
 
@@ -122,6 +124,7 @@ BUILT = {
     "sam2-memory": (None, "memseg", None),
     "reg-memseg": ("registration", "memseg", None),
     "reg-refine": ("registration", "refiner", None),
+    "rau-refine": ("rau-vlm", "seg-head", None),
     "unet": (None, "unet", None),
     "chexanatomy": ("chexanatomy", None, None),
 }

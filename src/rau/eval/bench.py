@@ -46,13 +46,16 @@ BASELINES = ("registration", "reg-box", "reg-fuse", "oracle-box")
 
 
 def default_methods() -> list[str]:
-    """``rau-seg`` (the default: shipped VLM + <seg> head) and ``rau`` (its box route) first, then the baselines."""
+    """``rau-seg`` (the shipped VLM + <seg> head) and ``rau`` (its box route) first, then ``reg-refine``
+    when its refiner ships, then the baselines."""
     from rau.methods.rau_vlm import default_available
+    from rau.methods.refine import DEFAULT_REFINER_DIR
     from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR
 
+    refine = ["reg-refine"] if (DEFAULT_REFINER_DIR / "model.safetensors").is_file() else []
     if not default_available():
-        return list(BASELINES)
-    return (["rau-seg"] if (DEFAULT_HEAD_DIR / "model.safetensors").is_file() else []) + ["rau"] + list(BASELINES)
+        return refine + list(BASELINES)
+    return (["rau-seg"] if (DEFAULT_HEAD_DIR / "model.safetensors").is_file() else []) + ["rau"] + refine + list(BASELINES)
 
 
 @dataclass(frozen=True)

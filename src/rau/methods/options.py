@@ -16,6 +16,7 @@ keywords of :func:`rau.methods.create_method`; messages name the command-line fl
 | Sam2MemoryOptions     | sam2-memory                               |
 | MemSegOptions         | reg-memseg                                |
 | RefineOptions         | reg-refine                                |
+| RauRefineOptions      | rau-refine                                |
 | UNetOptions           | unet                                      |
 | ChexOptions           | chexanatomy                               |
 """
@@ -178,6 +179,20 @@ class RauOptions(MethodOptions):
 
 
 @dataclass(frozen=True)
+class RauRefineOptions(RauOptions):
+    """``rau-refine``: the options of ``rau-seg`` (:class:`RauOptions`) and of ``reg-refine``
+    (``refiner``, ``seed``)."""
+
+    refiner: str | Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_folder("refiner", self.refiner)
+        object.__setattr__(self, "seed", _check_seed(self.seed))
+
+
+@dataclass(frozen=True)
 class Sam2MemoryOptions(MethodOptions):
     """``memseg``: a memory-segmenter folder (``rau train memseg``; None: the shipped one), used
     unless a real SAM2 is asked for; ``sam2``: local SAM2 checkpoint folder (none ships with rau);
@@ -263,7 +278,8 @@ class ChexOptions(MethodOptions):
 
 #: Every option class, in the order of the table above.
 OPTION_CLASSES: tuple[type[MethodOptions], ...] = (
-    RegistrationOptions, BoxPromptOptions, RauOptions, Sam2MemoryOptions, MemSegOptions, RefineOptions, UNetOptions, ChexOptions,
+    RegistrationOptions, BoxPromptOptions, RauOptions, Sam2MemoryOptions, MemSegOptions, RefineOptions, RauRefineOptions, UNetOptions,
+    ChexOptions,
 )
 #: Every option name some method takes.
 OPTION_KEYS: frozenset[str] = frozenset().union(*(cls.keys() for cls in OPTION_CLASSES))

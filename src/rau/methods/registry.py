@@ -24,6 +24,7 @@ from rau.methods.options import (
     MemSegOptions,
     MethodOptions,
     RauOptions,
+    RauRefineOptions,
     RefineOptions,
     RegistrationOptions,
     Sam2MemoryOptions,
@@ -200,6 +201,16 @@ def _reg_refine(o: RefineOptions) -> Method:
                   RefineSegmenter(folder, device=o.device))
 
 
+def _rau_refine(o: RauRefineOptions) -> Method:
+    """rau-seg (the VLM route) and reg-refine (the reference route), combined by agreement."""
+    from rau.methods.agreement import AgreementMethod
+
+    rau = dataclasses.asdict(o)
+    ref = {k: rau.pop(k) for k in ("refiner", "seed")}
+    return AgreementMethod("rau-refine", _rau_seg(RauOptions(**rau)),
+                           _reg_refine(RefineOptions(device=o.device, **ref)))
+
+
 def _unet(o: UNetOptions) -> Method:
     from rau.methods.unet import UNetSegmenter
 
@@ -244,6 +255,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                "shipped memory segmenter (or --memseg FOLDER)", MemSegOptions, _reg_memseg),
     MethodSpec("reg-refine", "registration's warped masks corrected by the refiner (target + warped reference -> mask)",
                "shipped refiner (or --refiner FOLDER)", RefineOptions, _reg_refine),
+    MethodSpec("rau-refine", "rau-seg's masks where they agree with reg-refine's (their consensus), reg-refine's where not",
+               "shipped RAU VLM + <seg> head + refiner", RauRefineOptions, _rau_refine),
     MethodSpec("unet", "a U-Net trained for fixed structures; the reference only names them",
                "--unet FOLDER (none ships with rau)", UNetOptions, _unet),
     MethodSpec("chexanatomy", "the CheXanatomy VLM (reference-free box and mask tokens); the reference only names them",

@@ -245,3 +245,23 @@ def train_refiner(caches: Sequence[str | Path], out_dir: str | Path, *, steps: i
     return run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
                         device=device, command=command, progress=progress, desc="refiner", stop_after=stop_after,
                         extra_training=lambda: {"held_out": held, "rows": [int(len(r)) for r in rows]})
+
+
+def cache_dice(model, cache: RefineCache, *, names: Sequence[str] | None = None) -> dict[str, tuple[int, float, float]]:
+    """Development check on a cache the refiner did not train on: per structure (rows, mean Dice of
+    the warped prior, mean Dice of the refined mask) at the cache's size. Rows where the target
+    lacks the structure are skipped. Not a benchmark (`rau bench` is)."""
+    from rau.metrics import dice
+
+    out: dict[str, list[tuple[float, float]]] = {}
+    for k in range(len(cache.targets)):
+        rows = [r for r in np.nonzero(cache.pair == k)[0] if cache.truths[r].any()
+                and (names is None or cache.names[cache.name[r]] in names) and cache.priors[r].max() >= 128]
+        if not rows:
+            continue
+        probs = model.predict_probs(cache.targets[k] / 255.0, cache.warped[k] / 255.0,
+                                    [cache.priors[r] / 255.0 for r in rows])
+        for r, p in zip(rows, probs):
+            out.setdefault(cache.names[cache.name[r]], []).append(
+                (dice(cache.priors[r] >= 128, cache.truths[r]), dice(p > model.config.threshold, cache.truths[r])))
+    return {n: (len(v), float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v]))) for n, v in sorted(out.items())}
