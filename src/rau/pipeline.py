@@ -5,7 +5,7 @@ Example::
 
     import rau
     ref = rau.load_annotated("ref.png", "ref_masks/")          # <structure>.png binary masks
-    result = rau.localize(ref, "target.png", out_dir="out/")   # default method: rau-seg
+    result = rau.localize(ref, "target.png", out_dir="out/")   # default method: reg-refine
     result.structures["heart"].box_xyxy_px
 
     from rau.batch import localize_many
@@ -66,7 +66,7 @@ def localize(
     Args:
         reference: annotated reference (its masks name the structures).
         target: an AnnotatedImage or an image path (PNG/JPEG/DICOM/NIfTI); any size.
-        method: a registry name (default ``rau-seg``) or a :class:`rau.methods.Method`.
+        method: a registry name (default ``reg-refine``) or a :class:`rau.methods.Method`.
         structures: subset of the reference's structures (default: all).
         out_dir: if given, write result.json, masks/<structure>.png and overlay.png there (atomically).
         formats: with ``out_dir``, extra export formats (``nifti``, ``coco``, ``dicom-seg``;

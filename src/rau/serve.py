@@ -161,7 +161,7 @@ def localize_request(
         reference: an :class:`AnnotatedImage`, or a :class:`rau.references.bank.ReferenceBank`
             (the reference is retrieved from it, as ``rau localize --bank``).
         target: an AnnotatedImage or an image path (PNG/JPEG/DICOM/NIfTI); any size.
-        method_name: a registry name (default ``rau-seg``).
+        method_name: a registry name (default ``reg-refine``).
         formats: export formats (``nifti``, ``coco``, ``dicom-seg``), written next to result.json.
         out_dir: the output folder (as ``rau localize --out``; default: a new temporary folder).
         cache: where the method is built once (default :data:`METHOD_CACHE`).
@@ -331,7 +331,7 @@ def build_app(
 
     Args:
         bank: a reference bank (``rau index``) offered as a reference source, loaded now.
-        method: the method selected at start (default ``rau-seg``); checked now.
+        method: the method selected at start (default ``reg-refine``); checked now.
         device: torch device the methods run on.
         out_root: where each request's outputs go (default: a new temporary folder).
         cache: the methods built so far (default :data:`METHOD_CACHE`).

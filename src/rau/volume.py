@@ -228,7 +228,7 @@ def propagate(
         reference: the annotated reference (one 2D image; any size).
         volume_path: a 3D NIfTI, a folder holding one DICOM series, a multi-frame DICOM, or a
             :class:`Volume` already read (:func:`read_volume`).
-        method: a registry name (default ``rau-seg``) or a :class:`rau.methods.Method`; built once.
+        method: a registry name (default ``reg-refine``) or a :class:`rau.methods.Method`; built once.
         structures: subset of the reference's structures (default: all).
         start: the slice segmented with the user's reference (default: the best match,
             :func:`best_matching_slice`).

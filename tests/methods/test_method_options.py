@@ -100,7 +100,7 @@ def test_none_means_not_given():
 
 def test_method_options_checks_without_loading_a_model():
     assert method_options("reg-fuse", seed=2, vlm="ignored") == BoxPromptOptions(seed=2)
-    assert isinstance(method_options(), RauOptions)  # the default method, rau-seg
+    assert isinstance(method_options(), RefineOptions)  # the default method, reg-refine
     with pytest.raises(RauInputError, match=r"^--unet: method 'unet' needs a trained U-Net folder"):
         method_options("unet", device="cpu")
 

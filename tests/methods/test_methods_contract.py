@@ -218,6 +218,25 @@ def test_shipped_seg_head_belongs_to_the_shipped_vlm_and_segments_the_sample():
         assert r.answer == "yes" and dice(r.mask, truth) > 0.7, name
 
 
+def test_shipped_refiner_segments_the_sample_at_least_as_well_as_registration():
+    from rau.data.io import read_mask
+    from rau.methods.refine import DEFAULT_REFINER_DIR
+    from rau.metrics import dice
+
+    if not (DEFAULT_REFINER_DIR / "model.safetensors").is_file():
+        pytest.skip("no shipped refiner in this checkout")
+    samples = Path(__file__).resolve().parents[2] / "samples" / "chest_xray"
+    ref = rau.load_annotated(samples / "reference.png", samples / "reference_masks")
+    target = rau.load_annotated(samples / "target.png")
+    refined = create_method("reg-refine").predict(ref, target)  # no options: the shipped refiner
+    warped = create_method("registration").predict(ref, target)
+    assert create_method("reg-refine").segmenter.model.config.held_out == ["*clavicle*", "*scapula*"]
+    for name in ref.structures:
+        truth = read_mask(samples / "target_masks" / f"{name}.png")
+        d_ref, d_reg = dice(refined.structures[name].mask, truth), dice(warped.structures[name].mask, truth)
+        assert d_ref > 0.8 and d_ref >= d_reg - 0.02, (name, d_ref, d_reg)
+
+
 def test_sam2_memory_is_the_memory_segmenter_or_a_real_sam2():
     from rau.methods.memseg import DEFAULT_MEMSEG_DIR
     from rau.methods.sam2_memory import tiny_sam2_config

@@ -105,7 +105,7 @@ def set_threads(threads: Optional[int], arg: str = "--threads") -> None:
 
 # ------------------------------------------------------------------------- option annotations
 
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: rau-seg.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `rau methods`). Default: reg-refine.")]
 StructOpt = Annotated[Optional[str], typer.Option("--structures", "-s", help="Comma-separated structure names (default: all of the reference's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the models: cpu, cuda, cuda:1 ...")]
 VlmOpt = Annotated[Optional[Path], typer.Option("--vlm", help="Methods rau/rau-box/rau-tokens: a `rau train refvlm` model folder, or a local Qwen2.5-VL checkpoint folder (default: the shipped compact RAU VLM).")]
@@ -127,6 +127,10 @@ TrainDeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda
 def option(help_text: str, *names: str) -> Any:
     """A ``typer.Option`` with its help text first (the flag names follow, when not derived)."""
     return typer.Option(*names, help=help_text)
+
+
+ExcludeOpt = Annotated[Optional[list[str]], option(
+    "Structure-name pattern held out (shell style, e.g. '*clavicle*'); repeat for several.", "--exclude")]
 
 
 def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2: Optional[Path], segmenter: Optional[str],

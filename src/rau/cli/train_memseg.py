@@ -17,10 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from rau.cli.common import ProgressOpt, ThreadsOpt, command_line, option, user_errors
+from rau.cli.common import ExcludeOpt, ProgressOpt, ThreadsOpt, command_line, option, user_errors
 
-ExcludeOpt = Annotated[Optional[list[str]], option(
-    "Structure-name pattern held out (shell style, e.g. '*clavicle*'); repeat for several.", "--exclude")]
 
 
 def memseg_cache(

@@ -14,8 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rau.cli.common import ProgressOpt, ThreadsOpt, command_line, option, user_errors
-from rau.cli.train_memseg import ExcludeOpt
+from rau.cli.common import ExcludeOpt, ProgressOpt, ThreadsOpt, command_line, option, user_errors
 
 
 def refine_cache(

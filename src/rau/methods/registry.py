@@ -32,10 +32,11 @@ from rau.methods.options import (
     options_for,
 )
 
-#: Measured (docs/HISTORY.md, 2026-12-01, same pairs): the shipped VLM + box-prompted <seg> head
-#: (``rau-seg``) beats the former default reg-fuse on Wingspan (Dice 0.936 vs 0.921) and on held-out
-#: DRR poses (0.773 vs 0.700); on ARCADE every method fails (0.022 vs 0.036).
-DEFAULT_METHOD = "rau-seg"
+#: Measured (docs/RESULTS.md, 2026-12-03, same pairs, 20 targets per split): registration + the
+#: refiner (``reg-refine``) beats the former default ``rau-seg`` on Wingspan (Dice 0.924 vs 0.918),
+#: ARCADE (0.139 vs 0.035), held-out DRR poses (0.866 vs 0.779) and structure families no model here
+#: was trained on (0.882 vs 0.752); ``rau-seg`` is closed-set: it lands elsewhere on new structures.
+DEFAULT_METHOD = "reg-refine"
 
 
 @dataclass(frozen=True)
@@ -272,13 +273,13 @@ def _spec(name: str | None) -> MethodSpec:
 
 
 def method_options(name: str | None = None, **options: Any) -> MethodOptions:
-    """The checked options of method ``name`` (default ``rau-seg``), without loading any model: call
+    """The checked options of method ``name`` (default ``reg-refine``), without loading any model: call
     it to fail early on bad input. Rules as in :func:`create_method`."""
     return options_for(_spec(name).options, options)
 
 
 def create_method(name: str | None = None, **options: Any) -> Method:
-    """Build a method by registry name (default ``rau-seg``: the shipped compact RAU VLM + <seg> head).
+    """Build a method by registry name (default ``reg-refine``: registration + the shipped refiner).
 
     Options (keywords; None means "not given"): ``device`` ("cpu"), ``precision`` (LiteMedSAM
     encoder: auto, fp32, bf16), ``vlm`` (RAU VLM or Qwen2.5-VL folder), ``lora``, ``seg_head``
