@@ -63,3 +63,18 @@ def test_segmenters_without_cues_keep_the_old_contract():
     a = result.structures["a"]
     assert a.answer == "yes" and a.mask is None and a.box_xyxy_px == (0, 0, 20, 20)
     assert a.reason == "the segmenter returned an empty mask"
+
+
+def test_registration_is_the_same_every_run():
+    """SimpleITK reads sampling seed 0 as "wall clock"; rau's seeds map to fixed ITK seeds."""
+    from rau.methods.registration import itk_seed, register, warp_masks
+    from tests.conftest import synthetic_pair
+
+    assert itk_seed(0) == 1 and itk_seed(5) == 6
+    ref, masks = synthetic_pair((96, 96))
+    tgt, _ = synthetic_pair((104, 96), shift=(5, -3))
+    warps = []
+    for _ in range(2):
+        transform, f, m = register(tgt, ref, seed=0)
+        warps.append(warp_masks({"blob": masks["blob"]}, transform, f, m)["blob"])
+    assert np.array_equal(warps[0], warps[1])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rau.assets import ASSETS_DIR
-from rau.geometry import Box
+from rau.geometry import Box, mask_to_box
 from rau.methods.interfaces import SegmentationOutput, Segmenter
 
 #: The shipped refiner (scripts/refine_recipe.sh reproduces it).
@@ -21,7 +21,8 @@ DEFAULT_REFINER_DIR = ASSETS_DIR / "refiner"
 
 class RefineSegmenter(Segmenter):
     """Warped reference mask + warped reference image + target -> target mask (reads the
-    localizer's :class:`rau.methods.registration.WarpedReference` cues; boxes unused)."""
+    localizer's :class:`rau.methods.registration.WarpedReference` cues; boxes unused). The box
+    reported is the refined mask's extent."""
 
     name = "refiner"
     uses_reference = False
@@ -51,6 +52,6 @@ class RefineSegmenter(Segmenter):
         probs = self.model.predict_probs(target, cues[have[0]].image, [cues[n].prob for n in have])
         for name, p in zip(have, probs):
             mask = p > self.model.config.threshold
-            out[name] = SegmentationOutput(mask, float(p[mask].mean()) if mask.any() else 0.0, p,
+            out[name] = SegmentationOutput(mask, float(p[mask].mean()) if mask.any() else 0.0, p, mask_to_box(mask),
                                            reason=None if mask.any() else "the refiner erased the warped mask")
         return out

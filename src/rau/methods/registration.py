@@ -52,6 +52,13 @@ def _shrink(img, size: int):
                          img.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
+def itk_seed(seed: int) -> int:
+    """rau's registration seed -> SimpleITK's metric-sampling seed. SimpleITK reads seed 0 as
+    ``sitkWallClock`` (a new random seed on every call), which made every run differ; rau's seeds
+    0..2**32-2 map to 1..2**32-1, so each seed, 0 included, gives the same registration every run."""
+    return int(seed) % (2**32 - 1) + 1
+
+
 def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mesh: int = 8,
              bspline_iterations: int = 40, seed: int = 0):
     """Transform mapping target (fixed) physical points into the reference (moving) image.
@@ -63,6 +70,7 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     """
     import SimpleITK as sitk
 
+    sampling_seed = itk_seed(seed)
     f_full, m_full = _sitk_image(fixed, work_size), _sitk_image(moving, work_size)
     f, m = _shrink(f_full, work_size), _shrink(m_full, work_size)
 
@@ -71,7 +79,7 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetMetricSamplingPercentage(0.25, sampling_seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
     reg.SetOptimizerScalesFromPhysicalShift()
@@ -84,7 +92,7 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     reg2 = sitk.ImageRegistrationMethod()
     reg2.SetMetricAsCorrelation()
     reg2.SetMetricSamplingStrategy(reg2.RANDOM)
-    reg2.SetMetricSamplingPercentage(0.25, seed)
+    reg2.SetMetricSamplingPercentage(0.25, sampling_seed)
     reg2.SetInterpolator(sitk.sitkLinear)
     reg2.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=bspline_iterations)
     reg2.SetShrinkFactorsPerLevel([2, 1])
