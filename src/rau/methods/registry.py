@@ -32,10 +32,10 @@ from rau.methods.options import (
     options_for,
 )
 
-#: Measured (docs/RESULTS.md, 2026-12-03, same pairs, 20 targets per split): registration + the
-#: refiner (``reg-refine``) beats the former default ``rau-seg`` on Wingspan (Dice 0.924 vs 0.918),
-#: ARCADE (0.139 vs 0.035), held-out DRR poses (0.866 vs 0.779) and structure families no model here
-#: was trained on (0.882 vs 0.752); ``rau-seg`` is closed-set: it lands elsewhere on new structures.
+#: Measured (docs/RESULTS.md, "Current figures", 2026-12-03, full protocol, same pairs): registration +
+#: the refiner (``reg-refine``) against the former default ``rau-seg``: ARCADE 0.134 vs 0.022, held-out
+#: DRR poses 0.860 vs 0.774, structure families no model here was trained on 0.870 vs 0.735, Wingspan
+#: 0.932 vs 0.935. ``rau-seg`` is closed-set: it lands elsewhere on structures it never learned.
 DEFAULT_METHOD = "reg-refine"
 
 
