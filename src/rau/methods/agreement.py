@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from rau.data.annotated import AnnotatedImage, StructureResult, TargetResult
 from rau.geometry import mask_to_box
-from rau.methods.confidence import assess, target_checks
+from rau.methods.confidence import assess
 from rau.methods.interfaces import Method
 from rau.metrics import dice
 
@@ -66,11 +66,7 @@ class AgreementMethod(Method):
         return False
 
     def predict(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str] | None = None) -> TargetResult:
-        structures = list(structures) if structures is not None else reference.structures
-        reference.require_nonempty(structures)
-        start = time.perf_counter()
-        checks = target_checks(target.image)
-        withheld = self._unfit_target(target, checks, reference.id, structures, start)
+        structures, start, checks, withheld = self._begin(reference, target, structures)
         if withheld is not None:
             return withheld
         a = self.vlm_route.predict(reference, target, structures)

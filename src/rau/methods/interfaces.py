@@ -158,11 +158,7 @@ class Method:
 
         Raises RauInputError if a structure is not annotated in the reference or its mask is empty.
         """
-        structures = list(structures) if structures is not None else reference.structures
-        reference.require_nonempty(structures)
-        start = time.perf_counter()
-        checks = target_checks(target.image)
-        withheld = self._unfit_target(target, checks, reference.id, structures, start)
+        structures, start, checks, withheld = self._begin(reference, target, structures)
         if withheld is not None:
             return withheld
         locs = self.localizer.localize(reference, target, structures) if self.localizer else {}
@@ -211,6 +207,16 @@ class Method:
         assess(result, references[0], target.image, self.calibration, checks)  # features from the first reference
         result.seconds = time.perf_counter() - start
         return result
+
+    def _begin(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str] | None):
+        """What every ``predict`` does first -> (structures asked, start time, the target's
+        :func:`target_checks`, the withheld result of an unfit target or None). Raises
+        RauInputError if a structure is not annotated in the reference or its mask is empty."""
+        structures = list(structures) if structures is not None else reference.structures
+        reference.require_nonempty(structures)
+        start = time.perf_counter()
+        checks = target_checks(target.image)
+        return structures, start, checks, self._unfit_target(target, checks, reference.id, structures, start)
 
     def _unfit_target(self, target: AnnotatedImage, checks: dict[str, float], reference_id: str, structures: list[str],
                       start: float):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from rau.errors import RauInputError
+from rau.models.unet.configuration import BasicUNetConfig
 
-PREPROCESSING = ("equalize", "minmax")
 DEFAULT_CHANNELS = (16, 32, 64, 96, 128, 16)
 
 
 @dataclass
-class RefinerConfig:
+class RefinerConfig(BasicUNetConfig):
     """Network + preprocessing of :class:`rau.models.refiner.modeling.RefinerModel`.
 
     Args:
@@ -38,33 +36,11 @@ class RefinerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.image_size, int) or self.image_size < 16 or self.image_size % 16:
-            raise RauInputError(f"image_size: must be a multiple of 16 (>= 16), got {self.image_size!r}")
+        self.check_network()
         if not isinstance(self.crop, int) or self.crop < 16 or self.crop % 16:
             raise RauInputError(f"crop: must be a multiple of 16 (>= 16), got {self.crop!r}")
-        ch = tuple(self.channels) if isinstance(self.channels, Sequence) else ()
-        if len(ch) != 6 or not all(isinstance(c, int) and c > 0 for c in ch):
-            raise RauInputError(f"channels: expected 6 positive ints, got {self.channels!r}")
-        self.channels = ch
-        if self.preprocessing not in PREPROCESSING:
-            raise RauInputError(f"preprocessing: must be one of {PREPROCESSING}, got {self.preprocessing!r}")
         if not 0.0 <= float(self.prior_gain) <= 20.0:
             raise RauInputError(f"prior_gain: must be in [0, 20], got {self.prior_gain!r}")
-        if not 0.0 < float(self.threshold) < 1.0:
-            raise RauInputError(f"threshold: must be in (0, 1), got {self.threshold!r}")
         if isinstance(self.held_out, str):
             raise RauInputError(f"held_out: expected a list of name patterns, got the string {self.held_out!r}")
         self.held_out = [str(p) for p in self.held_out]
-        if not isinstance(self.seed, int):
-            raise RauInputError(f"seed: must be an int, got {self.seed!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RefinerConfig:
-        if not isinstance(values, dict):
-            raise TypeError(f"expected a JSON object, got {type(values).__name__}")
-        return cls(**values)

@@ -58,7 +58,6 @@ def build_refine_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
     """Register each target of the part onto a similar reference and store what the refiner reads
     (module doc) -> ``out_file`` (compressed npz, written atomically). ``limit``: at most that many
     targets (a seeded subset); the references are drawn from the whole part."""
-    import SimpleITK as sitk
     from tqdm.auto import tqdm
 
     from rau.atomic import write_bytes
@@ -89,7 +88,6 @@ def build_refine_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
         return t[0, 0].clamp_(0, 1).numpy()
 
     targets, warped_all, pair, name_idx, priors, truths, ids, refs = [], [], [], [], [], [], [], []
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     for i in tqdm(order, desc="refine cache: register", unit="pair", disable=not progress):
         target = images[i]
         ranked = bank.rank(target.image, exclude_id=target.id)[:top]
@@ -112,7 +110,6 @@ def build_refine_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
             truths.append(small(truth) > 0.5 if truth is not None else np.zeros(size, bool))
         ids.append(target.id)
         refs.append(ref.id)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     if not targets:
         raise RauInputError(f"dataset_root: {dataset_root}: no pair with a structure to refine")
     buf = io.BytesIO()
