@@ -231,3 +231,16 @@ def test_bench_with_k_references_uses_a_bank_and_fuses(tiny_arcade, tmp_path):
     assert all(len(p["reference"]) == 2 and p["target"] not in p["reference"] for p in doc["config"]["pairs"])
     assert "registration (bank bank_arcade, k=2)" in (out / "BENCH_k2.md").read_text()
     assert (out / "overlay_arcade_registration_k2_worst.png").exists()
+
+
+def test_bench_skips_truth_reading_methods_where_targets_carry_no_truth(tiny_arcade, tmp_path):
+    """The wrong-input split has targets without ground truth: oracle-box has nothing to read and is
+    skipped there (it used to stop the whole run), the other methods still run."""
+    from rau.eval.bench import Split, run_bench
+
+    part = tiny_arcade / "arcade_syntax"
+    split = Split("wrong", part / "val", part / "train", limit=2, truth=False)
+    reports = run_bench(tmp_path / "bench", methods=["registration", "oracle-box"], splits=[split],
+                        method_options={}, progress=False)
+    assert [d["method"] for d in reports["wrong"]] == ["registration"]
+    assert not (tmp_path / "bench" / "wrong_oracle-box.json").exists()

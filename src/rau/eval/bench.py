@@ -67,6 +67,9 @@ class Split:
     reference_range: slice | None = None
     limit: int | None = None
     structures: tuple[str, ...] | None = None  # None: every structure the reference annotates
+    #: False where targets may carry no ground truth (the wrong-input split): methods that read the
+    #: target's truth (``oracle-box``) have nothing to read there and are skipped.
+    truth: bool = True
 
 
 def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, limit: int | None) -> list[Split]:
@@ -89,7 +92,7 @@ def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, 
             role = "bench" if name == "wrong" else "calib"
             folder = build_wrong_inputs(drr_dir.parent / f"wrong_inputs_{role}", data, role)
             refs = slice(0, 160) if role == "bench" else slice(0, 120)
-            out.append(Split(name, folder, data / "wingspan_cxr", None, refs, limit=8 if quick else None))
+            out.append(Split(name, folder, data / "wingspan_cxr", None, refs, limit=8 if quick else None, truth=False))
         elif name == "calib-wingspan":
             out.append(Split(name, data / "wingspan_cxr", data / "wingspan_cxr", slice(120, 160), slice(0, 120),
                              limit=8 if quick else None))
@@ -169,6 +172,8 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
         rset = load_dataset(split.references, arg="--data").slice(split.reference_range)
         bank = split_bank(out, split, rset, progress) if k > 1 else None
         for name, method in built.items():
+            if not split.truth and reads_target_truth(method):
+                continue
             config = {"split": split.name, "targets": str(split.targets), "references": str(split.references),
                       "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range),
                       "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k,
@@ -178,6 +183,11 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
             write_json(out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json", doc)
             reports.setdefault(split.name, []).append(doc)
     return reports
+
+
+def reads_target_truth(method) -> bool:
+    """Whether ``method`` reads the target's ground truth (the oracles)."""
+    return bool(getattr(getattr(method, "localizer", None), "reads_target_truth", False))
 
 
 def _fmt_slice(sl: slice | None) -> str | None:
@@ -274,8 +284,8 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
                    if (p := reliability_plot(docs, out / f"reliability_{s}{tag}.png", title=s)) is not None}
     overlays = []
     for split in splits:
-        docs = [d for d in reports[split.name] if d["method"] in overlay_methods] if overlay_methods else \
-            [d for d in reports[split.name] if d["method"] != "oracle-box"][:1]
+        docs = [d for d in reports.get(split.name, []) if d["method"] in overlay_methods] if overlay_methods else \
+            [d for d in reports.get(split.name, []) if d["method"] != "oracle-box"][:1]
         for doc in docs:
             overlays += best_worst_overlays(doc, split, method_options, out)
     from rau.eval.evaluate import model_config
