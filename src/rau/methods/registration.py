@@ -4,7 +4,8 @@ SimpleITK, affine (centred by moments) then B-spline (8x8 mesh), correlation met
 resolution on a working grid whose longest side is ``work_size`` px. Both images are given the
 same physical extent (the working grid), so a reference and a target of different pixel sizes
 (different patients) register without resampling by hand; the final transform warps the
-full-resolution reference masks straight onto the full-resolution target grid.
+full-resolution reference masks straight onto the full-resolution target grid (the transform is
+evaluated once per target pixel, then the image and all masks are resampled together).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def itk_seed(seed: int) -> int:
 
 
 def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mesh: int = 8,
-             bspline_iterations: int = 40, seed: int = 0):
+             bspline_iterations: int = 40, seed: int = 0, sampling: float = 0.25,
+             bspline_shrink: tuple[int, ...] = (2, 1), affine_iterations: int = 100):
     """Transform mapping target (fixed) physical points into the reference (moving) image.
 
     Args:
@@ -79,9 +81,9 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, sampling_seed)
+    reg.SetMetricSamplingPercentage(sampling, sampling_seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=affine_iterations)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2, 1, 0])
@@ -92,11 +94,11 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     reg2 = sitk.ImageRegistrationMethod()
     reg2.SetMetricAsCorrelation()
     reg2.SetMetricSamplingStrategy(reg2.RANDOM)
-    reg2.SetMetricSamplingPercentage(0.25, sampling_seed)
+    reg2.SetMetricSamplingPercentage(sampling, sampling_seed)
     reg2.SetInterpolator(sitk.sitkLinear)
     reg2.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=bspline_iterations)
-    reg2.SetShrinkFactorsPerLevel([2, 1])
-    reg2.SetSmoothingSigmasPerLevel([1, 0])
+    reg2.SetShrinkFactorsPerLevel(list(bspline_shrink))
+    reg2.SetSmoothingSigmasPerLevel([max(0, f - 1) for f in bspline_shrink])
     reg2.SetMovingInitialTransform(affine)
     reg2.SetInitialTransform(bspline, inPlace=True)
     reg2.Execute(f, m)
@@ -107,18 +109,48 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     return composite, f_full, m_full
 
 
-def warp_masks(masks: dict[str, np.ndarray], transform, fixed_sitk, moving_sitk) -> dict[str, np.ndarray]:
-    """Warp (H_ref, W_ref) bool masks onto the target grid -> (H_t, W_t) float32 in [0, 1]
-    (linear interpolation; threshold at 0.5 for a binary mask)."""
+def moving_grid(transform, fixed_sitk, moving_sitk):
+    """Where each target (fixed) pixel lands in the reference (moving) image: a (1, H_t, W_t, 2)
+    float32 torch grid in ``grid_sample``'s normalised coordinates (align_corners=True). The
+    transform (affine + B-spline) is evaluated once per pixel, whatever the number of masks."""
     import SimpleITK as sitk
+    import torch
 
-    out = {}
-    for name, mask in masks.items():
-        m = sitk.GetImageFromArray(mask.astype(np.float32))
-        m.CopyInformation(moving_sitk)
-        warped = sitk.Resample(m, fixed_sitk, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        out[name] = np.clip(sitk.GetArrayFromImage(warped), 0.0, 1.0)
-    return out
+    f = fixed_sitk
+    field = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, f.GetSize(), f.GetOrigin(), f.GetSpacing(), f.GetDirection()))
+    h, w = field.shape[:2]
+    (fx, fy), (sx, sy) = f.GetOrigin(), f.GetSpacing()
+    (mx0, my0), (msx, msy) = moving_sitk.GetOrigin(), moving_sitk.GetSpacing()
+    mw, mh = moving_sitk.GetSize()
+    ix = (fx + np.arange(w)[None, :] * sx + field[..., 0] - mx0) / msx  # continuous reference column
+    iy = (fy + np.arange(h)[:, None] * sy + field[..., 1] - my0) / msy  # continuous reference row
+    grid = np.stack([2.0 * ix / max(mw - 1, 1) - 1.0, 2.0 * iy / max(mh - 1, 1) - 1.0], -1)
+    return torch.from_numpy(grid.astype(np.float32))[None]
+
+
+def warp_arrays(arrays: list[np.ndarray], grid) -> list[np.ndarray]:
+    """(H_ref, W_ref) arrays -> (H_t, W_t) float32 through :func:`moving_grid`'s ``grid``, all in one
+    bilinear resampling (0 outside the reference)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not arrays:
+        return []
+    stack = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in arrays]))[None]
+    with torch.no_grad():
+        out = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    return list(out.numpy())
+
+
+def warp_masks(masks: dict[str, np.ndarray], transform, fixed_sitk, moving_sitk, grid=None) -> dict[str, np.ndarray]:
+    """Warp (H_ref, W_ref) bool masks onto the target grid -> (H_t, W_t) float32 in [0, 1]
+    (linear interpolation; threshold at 0.5 for a binary mask). ``grid``: a precomputed
+    :func:`moving_grid` of the same transform."""
+    grid = moving_grid(transform, fixed_sitk, moving_sitk) if grid is None else grid
+    names = list(masks)
+    warped = warp_arrays([masks[n] for n in names], grid)
+    return {n: np.clip(w, 0.0, 1.0) for n, w in zip(names, warped)}
 
 
 class RegistrationLocalizer(Localizer):
@@ -132,15 +164,17 @@ class RegistrationLocalizer(Localizer):
 
     name = "registration"
 
-    def __init__(self, *, work_size: int = 128, mesh: int = 8, seed: int = 0, warped_cues: bool = False):
+    def __init__(self, *, work_size: int = 128, mesh: int = 8, seed: int = 0, warped_cues: bool = False,
+                 bspline_iterations: int = 40):
         self.work_size, self.mesh, self.seed = work_size, mesh, seed
-        self.warped_cues = warped_cues
+        self.warped_cues, self.bspline_iterations = warped_cues, bspline_iterations
 
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
         transform, f_img, m_img = register(target.image, reference.image, work_size=self.work_size,
-                                           mesh=self.mesh, seed=self.seed)
-        warped = warp_masks({s: reference.masks[s] for s in structures}, transform, f_img, m_img)
-        warped_image = warp_image(transform, f_img, m_img)
+                                           mesh=self.mesh, seed=self.seed, bspline_iterations=self.bspline_iterations)
+        grid = moving_grid(transform, f_img, m_img)
+        warped = warp_masks({s: reference.masks[s] for s in structures}, transform, f_img, m_img, grid)
+        warped_image = warp_image(transform, f_img, m_img, grid)
         score = _similarity(target.image, warped_image)
         out = {}
         for name, prob in warped.items():
@@ -154,12 +188,12 @@ class RegistrationLocalizer(Localizer):
         return out
 
 
-def warp_image(transform, fixed_sitk, moving_sitk) -> np.ndarray:
+def warp_image(transform, fixed_sitk, moving_sitk, grid=None) -> np.ndarray:
     """The reference (moving) image resampled onto the target grid -> (H_t, W_t) float32 (0 outside)."""
     import SimpleITK as sitk
 
-    return sitk.GetArrayFromImage(sitk.Resample(moving_sitk, fixed_sitk, transform, sitk.sitkLinear, 0.0,
-                                                sitk.sitkFloat32))
+    grid = moving_grid(transform, fixed_sitk, moving_sitk) if grid is None else grid
+    return warp_arrays([sitk.GetArrayFromImage(moving_sitk)], grid)[0]
 
 
 def _similarity(fixed: np.ndarray, warped: np.ndarray) -> float:

@@ -62,7 +62,7 @@ def build_refine_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
 
     from rau.atomic import write_bytes
     from rau.data.dataset import load_dataset
-    from rau.methods.registration import register, warp_image, warp_masks
+    from rau.methods.registration import moving_grid, register, warp_image, warp_masks
     from rau.models.refiner.modeling import image_channel
     from rau.models.unet.modeling import resize
     from rau.references.thumbnails import ThumbnailBank
@@ -97,8 +97,9 @@ def build_refine_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
         if not have:
             continue
         transform, f_img, m_img = register(target.image, ref.image)
-        warped_img = warp_image(transform, f_img, m_img)
-        probs = warp_masks({n: ref.masks[n] for n in have}, transform, f_img, m_img)
+        grid = moving_grid(transform, f_img, m_img)
+        warped_img = warp_image(transform, f_img, m_img, grid)
+        probs = warp_masks({n: ref.masks[n] for n in have}, transform, f_img, m_img, grid)
         k = len(targets)
         targets.append(_u8(image_channel(target.image, config)[0, 0].numpy()))
         warped_all.append(_u8(image_channel(warped_img, config)[0, 0].numpy()))
