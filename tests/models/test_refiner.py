@@ -121,3 +121,30 @@ def test_reg_refine_follows_a_reference_shape_it_never_saw(tmp_path, one_torch_t
     assert dice(out.structures["crescent"].mask, tgt_mask) > 0.85
     with pytest.raises(CheckpointError, match="^--refiner: "):
         create_method("reg-refine", refiner=tmp_path / "missing")
+
+
+def test_reg_refine_with_k_references_fuses_warped_masks_before_the_refiner(tmp_path, one_torch_thread):
+    """k references: a structure one reference lacks still comes from the two that have it; one
+    that only one of three references has is called absent."""
+    from rau.metrics import dice
+    from rau.methods import create_method
+    from rau.references.bank import predict_with_references
+
+    ref_img, masks = synthetic_pair((96, 96))
+    tgt_img, tgt_masks = synthetic_pair((104, 96), shift=(4, -3))
+    only_one = np.zeros((96, 96), bool)
+    only_one[5:15, 5:15] = True
+    refs = [AnnotatedImage(ref_img, {"blob": masks["blob"]}, {"id": "a"}),
+            AnnotatedImage(ref_img, dict(masks), {"id": "b"}),
+            AnnotatedImage(ref_img, {**masks, "corner": only_one}, {"id": "c"})]
+    folder = RefinerModel(RefinerConfig(**TINY)).save_pretrained(tmp_path / "refiner")
+    method = create_method("reg-refine", refiner=folder, calibration=False)
+    assert method.fuses_in_memory
+    result, asked = predict_with_references(method, refs, AnnotatedImage(tgt_img, {}, {"id": "t"}))
+    assert sorted(asked) == ["blob", "corner", "square"] and result.reference_id == "a+b+c"
+    assert dice(result.structures["blob"].mask, tgt_masks["blob"]) > 0.85
+    assert dice(result.structures["square"].mask, tgt_masks["square"]) > 0.8
+    corner = result.structures["corner"]
+    assert corner.answer == "no" and corner.mask is None and "1 of the 3 references" in corner.reason
+    with pytest.raises(RauInputError, match="annotated in none"):
+        method.predict_k(refs, AnnotatedImage(tgt_img, {}, {"id": "t"}), ["nope"])

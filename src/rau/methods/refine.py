@@ -7,13 +7,17 @@ Every structure is refined in one batch. A structure whose warped mask left the 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
 from rau.assets import ASSETS_DIR
+from rau.data.annotated import AnnotatedImage, TargetResult
+from rau.errors import RauInputError
 from rau.geometry import Box, mask_to_box
-from rau.methods.interfaces import SegmentationOutput, Segmenter
+from rau.methods.confidence import assess, target_checks
+from rau.methods.interfaces import Method, SegmentationOutput, Segmenter
 
 #: The shipped refiner (scripts/refine_recipe.sh reproduces it).
 DEFAULT_REFINER_DIR = ASSETS_DIR / "refiner"
@@ -55,3 +59,55 @@ class RefineSegmenter(Segmenter):
             out[name] = SegmentationOutput(mask, float(p[mask].mean()) if mask.any() else 0.0, p, mask_to_box(mask),
                                            reason=None if mask.any() else "the refiner erased the warped mask")
         return out
+
+
+class RegRefineMethod(Method):
+    """``reg-refine``: registration + the refiner, one reference as :class:`Method` runs it. With k
+    references (:meth:`predict_k`) a structure is answered when more than half of the references
+    annotate it, and it is read from the most similar reference that does: so a segment the first
+    reference lacks still comes from the others, and one only a minority shows is called absent.
+    Each reference is registered only for the structures it supplies. Measured on ARCADE (k = 3,
+    HISTORY 2026-12-03 "k references for reg-refine"): this rule raised identification from 0.64 to
+    0.78 at the same Dice; averaging the k warped masks into one prior lost half the Dice (thin
+    vessels of different patients barely overlap)."""
+
+    @property
+    def fuses_in_memory(self) -> bool:
+        return True
+
+    def predict_k(self, references: list[AnnotatedImage], target: AnnotatedImage,
+                  structures: list[str] | None = None) -> TargetResult:
+        if len(references) == 1:
+            return self.predict(references[0], target, structures)
+        if structures is None:
+            structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
+        missing = [s for s in structures if not any(s in r.masks and r.masks[s].any() for r in references)]
+        if missing:
+            raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
+        start = time.perf_counter()
+        checks = target_checks(target.image)
+        ref_id = "+".join(str(r.id) for r in references)
+        withheld = self._unfit_target(target, checks, ref_id, structures, start)
+        if withheld is not None:
+            return withheld
+        k = len(references)
+        annotated = {s: sum(s in r.masks and bool(r.masks[s].any()) for r in references) for s in structures}
+        cues, locs = {}, {}
+        for ref in references:
+            have = [s for s in structures if 2 * annotated[s] > k and s not in cues
+                    and s in ref.masks and ref.masks[s].any()]
+            if have:
+                found = self.localizer.localize(ref, target, have)
+                cues.update({s: found[s].cue for s in have})
+                locs.update({s: found[s] for s in have})
+        segs = self.segmenter.segment(target.image, {s: None for s in structures}, None, cues=cues)
+        results = {}
+        for s in structures:
+            r = self._combine(s, locs.get(s), segs.get(s), None)
+            if s not in cues:
+                r.answer, r.reason = "no", f"annotated in {annotated[s]} of the {k} references (not more than half)"
+            results[s] = r
+        result = TargetResult(target.id, ref_id, self.name, results)
+        assess(result, references[0], target.image, self.calibration, checks)  # features from the first reference
+        result.seconds = time.perf_counter() - start
+        return result

@@ -195,16 +195,15 @@ def _reg_memseg(o: MemSegOptions) -> Method:
 
 def _reg_refine(o: RefineOptions) -> Method:
     """Registration aligns the reference with the target; the refiner corrects each warped mask."""
-    from rau.methods.refine import DEFAULT_REFINER_DIR, RefineSegmenter
+    from rau.methods.refine import DEFAULT_REFINER_DIR, RefineSegmenter, RegRefineMethod
     from rau.methods.registration import RegistrationLocalizer
 
     folder = o.refiner or DEFAULT_REFINER_DIR
     if o.refiner is None and not (Path(folder) / "model.safetensors").is_file():
         raise RauInputError("--refiner: method 'reg-refine' needs a trained refiner folder and none ships in this "
                             "checkout (rau train refine ...; scripts/refine_recipe.sh)")
-    return Method("reg-refine", RegistrationLocalizer(seed=o.seed, warped_cues=True,
-                                                      bspline_iterations=REFINE_BSPLINE_ITERATIONS),
-                  RefineSegmenter(folder, device=o.device))
+    localizer = RegistrationLocalizer(seed=o.seed, warped_cues=True, bspline_iterations=REFINE_BSPLINE_ITERATIONS)
+    return RegRefineMethod("reg-refine", localizer, RefineSegmenter(folder, device=o.device))
 
 
 def _rau_refine(o: RauRefineOptions) -> Method:
