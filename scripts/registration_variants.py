@@ -1,0 +1,66 @@
+"""reg-refine's Dice and registration seconds under variants of the registration settings, on the
+bench's pairs (first N targets of each split). Used to choose reg-refine's B-spline iterations
+(HISTORY 2026-12-03, "Registration at 20 B-spline iterations").
+
+    .venv/bin/python scripts/registration_variants.py --variants base,it20,it30 --splits arcade,drr-unseen --limit 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import rau.methods.registration as registration
+from rau.data.dataset import load_dataset
+from rau.eval.bench import resolve_splits
+from rau.eval.evaluate import evaluate
+from rau.methods import create_method
+
+#: keyword overrides of rau.methods.registration.register (bspline_iterations is forced here, so
+#: "base" means registration's own 40, not reg-refine's default)
+VARIANTS = {
+    "base": dict(bspline_iterations=40),
+    "it20": dict(bspline_iterations=20),
+    "it30": dict(bspline_iterations=30),
+    "s10": dict(bspline_iterations=40, sampling=0.10),
+    "lvl1": dict(bspline_iterations=40, bspline_shrink=(1,)),
+    "lvl2": dict(bspline_iterations=40, bspline_shrink=(2,)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="base,it20")
+    ap.add_argument("--splits", default="wingspan,drr,arcade")
+    ap.add_argument("--limit", type=int, default=12)
+    ap.add_argument("--method", default="reg-refine")
+    ap.add_argument("--data", type=Path, default=Path("../shared/datasets"))
+    ap.add_argument("--drr-dir", type=Path, default=Path("runs/drr_full"))
+    args = ap.parse_args()
+    original = registration.register
+    for split in resolve_splits(args.splits.split(","), args.data, args.drr_dir, quick=False, limit=args.limit):
+        targets = load_dataset(split.targets).slice(split.target_range)
+        references = load_dataset(split.references).slice(split.reference_range)
+        for name in args.variants.split(","):
+            seconds: list[float] = []
+
+            def timed(*a, _kw=VARIANTS[name], **kw):
+                t = time.perf_counter()
+                out = original(*a, **{**kw, **_kw})
+                seconds.append(time.perf_counter() - t)
+                return out
+
+            registration.register = timed
+            try:
+                doc = evaluate(targets, references, create_method(args.method), limit=split.limit, seed=0,
+                               progress=False, structures=list(split.structures) if split.structures else None)
+            finally:
+                registration.register = original
+            print(f"{split.name} {name}: Dice {doc['mean']['dice']:.4f}, registration {np.mean(seconds):.3f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
