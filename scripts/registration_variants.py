@@ -13,21 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-import rau.methods.registration as registration
 from rau.data.dataset import load_dataset
 from rau.eval.bench import resolve_splits
 from rau.eval.evaluate import evaluate
-from rau.methods import create_method
+from rau.methods import create_method, registration
 
 #: keyword overrides of rau.methods.registration.register (bspline_iterations is forced here, so
 #: "base" means registration's own 40, not reg-refine's default)
 VARIANTS = {
-    "base": dict(bspline_iterations=40),
-    "it20": dict(bspline_iterations=20),
-    "it30": dict(bspline_iterations=30),
-    "s10": dict(bspline_iterations=40, sampling=0.10),
-    "lvl1": dict(bspline_iterations=40, bspline_shrink=(1,)),
-    "lvl2": dict(bspline_iterations=40, bspline_shrink=(2,)),
+    "base": {"bspline_iterations": 40},
+    "it20": {"bspline_iterations": 20},
+    "it30": {"bspline_iterations": 30},
+    "s10": {"bspline_iterations": 40, "sampling": 0.10},
+    "lvl1": {"bspline_iterations": 40, "bspline_shrink": (1,)},
+    "lvl2": {"bspline_iterations": 40, "bspline_shrink": (2,)},
 }
 
 
@@ -47,10 +46,10 @@ def main() -> None:
         for name in args.variants.split(","):
             seconds: list[float] = []
 
-            def timed(*a, _kw=VARIANTS[name], **kw):
+            def timed(*a, _kw=VARIANTS[name], _seconds=seconds, **kw):
                 t = time.perf_counter()
                 out = original(*a, **{**kw, **_kw})
-                seconds.append(time.perf_counter() - t)
+                _seconds.append(time.perf_counter() - t)
                 return out
 
             registration.register = timed

@@ -191,14 +191,7 @@ class Method:
         comes from the others. ``structures``: default every structure some reference annotates."""
         if not self.fuses_in_memory:
             raise TypeError(f"method {self.name!r} does not fuse references in memory; run it once per reference")
-        if structures is None:
-            structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
-        missing = [s for s in structures if not any(s in r.masks and r.masks[s].any() for r in references)]
-        if missing:
-            raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
-        start = time.perf_counter()
-        checks = target_checks(target.image)
-        withheld = self._unfit_target(target, checks, "+".join(str(r.id) for r in references), structures, start)
+        structures, start, checks, withheld = self._begin_k(references, target, structures)
         if withheld is not None:
             return withheld
         segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
@@ -217,6 +210,19 @@ class Method:
         start = time.perf_counter()
         checks = target_checks(target.image)
         return structures, start, checks, self._unfit_target(target, checks, reference.id, structures, start)
+
+    def _begin_k(self, references: list[AnnotatedImage], target: AnnotatedImage, structures: list[str] | None):
+        """:meth:`_begin` for k references: structures default to every one some reference
+        annotates; RauInputError for one that none annotates."""
+        if structures is None:
+            structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
+        missing = [s for s in structures if not any(s in r.masks and r.masks[s].any() for r in references)]
+        if missing:
+            raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
+        start = time.perf_counter()
+        checks = target_checks(target.image)
+        ref_id = "+".join(str(r.id) for r in references)
+        return list(structures), start, checks, self._unfit_target(target, checks, ref_id, structures, start)
 
     def _unfit_target(self, target: AnnotatedImage, checks: dict[str, float], reference_id: str, structures: list[str],
                       start: float):

@@ -16,7 +16,7 @@ from rau.assets import ASSETS_DIR
 from rau.data.annotated import AnnotatedImage, TargetResult
 from rau.errors import RauInputError
 from rau.geometry import Box, mask_to_box
-from rau.methods.confidence import assess, target_checks
+from rau.methods.confidence import assess
 from rau.methods.interfaces import Method, SegmentationOutput, Segmenter
 
 #: The shipped refiner (scripts/refine_recipe.sh reproduces it).
@@ -34,7 +34,6 @@ class RefineSegmenter(Segmenter):
     reads_cues = True
 
     def __init__(self, model_dir: str | Path | None = None, *, model=None, device: str = "cpu"):
-        from rau.errors import RauInputError
         from rau.models.refiner.modeling import RefinerModel
 
         if (model_dir is None) == (model is None):
@@ -79,17 +78,10 @@ class RegRefineMethod(Method):
                   structures: list[str] | None = None) -> TargetResult:
         if len(references) == 1:
             return self.predict(references[0], target, structures)
-        if structures is None:
-            structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
-        missing = [s for s in structures if not any(s in r.masks and r.masks[s].any() for r in references)]
-        if missing:
-            raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
-        start = time.perf_counter()
-        checks = target_checks(target.image)
-        ref_id = "+".join(str(r.id) for r in references)
-        withheld = self._unfit_target(target, checks, ref_id, structures, start)
+        structures, start, checks, withheld = self._begin_k(references, target, structures)
         if withheld is not None:
             return withheld
+        ref_id = "+".join(str(r.id) for r in references)
         k = len(references)
         annotated = {s: sum(s in r.masks and bool(r.masks[s].any()) for r in references) for s in structures}
         cues, locs = {}, {}
