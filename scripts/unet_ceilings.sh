@@ -2,7 +2,7 @@
 # The supervised ceilings of issue 15 (the paper's nnU-Net row), scored by `rau bench` on the same
 # pairs as the reference-based methods (`--methods unet --unet DIR`, one split per model):
 #   ARCADE: a 25-segment U-Net trained on all 1,000 images of arcade_syntax/train (the bench's
-#           targets come from arcade_syntax/val); 256 px, ~2.4 s/step on one CPU thread.
+#           targets come from arcade_syntax/val); 256 px, 2.4-3.8 s/step on one CPU thread (about 95 min on a busy 2-core machine).
 #   Wingspan: a lungs + heart U-Net trained on the reference part 0:160 (targets are 160:200);
 #           the 2026-11-23 recipe, 128 px, ~0.7 s/step on one thread.
 # Neither reads a reference; neither ships. Resumable: rerun after a kill.
