@@ -172,7 +172,7 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
         rset = load_dataset(split.references, arg="--data").slice(split.reference_range)
         bank = split_bank(out, split, rset, progress) if k > 1 else None
         for name, method in built.items():
-            if not split.truth and reads_target_truth(method):
+            if not split.truth and method.reads_target_truth:
                 continue
             config = {"split": split.name, "targets": str(split.targets), "references": str(split.references),
                       "target_range": _fmt_slice(split.target_range), "reference_range": _fmt_slice(split.reference_range),
@@ -183,11 +183,6 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
             write_json(out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json", doc)
             reports.setdefault(split.name, []).append(doc)
     return reports
-
-
-def reads_target_truth(method) -> bool:
-    """Whether ``method`` reads the target's ground truth (the oracles)."""
-    return bool(getattr(getattr(method, "localizer", None), "reads_target_truth", False))
 
 
 def _fmt_slice(sl: slice | None) -> str | None:

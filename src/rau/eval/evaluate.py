@@ -242,7 +242,7 @@ def _choose_references(target, entry, thumbs, bank, reference: str, k: int, rng)
 
 def shown_to(method, target):
     """Methods never see the target's ground truth, except the oracle, whose point it is."""
-    if getattr(method.localizer, "reads_target_truth", False):
+    if method.reads_target_truth:
         return target
     from rau.data.annotated import AnnotatedImage
 

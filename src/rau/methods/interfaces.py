@@ -179,6 +179,11 @@ class Method:
         return result
 
     @property
+    def reads_target_truth(self) -> bool:
+        """True for the oracles: the localizer reads the target's ground truth (evaluation only)."""
+        return bool(getattr(self.localizer, "reads_target_truth", False))
+
+    @property
     def fuses_in_memory(self) -> bool:
         """True when k references go into the segmenter's memory together (a memory segmenter with
         ``segment_k`` and no localizer) instead of one run per reference and a pixel vote."""
@@ -191,12 +196,12 @@ class Method:
         comes from the others. ``structures``: default every structure some reference annotates."""
         if not self.fuses_in_memory:
             raise TypeError(f"method {self.name!r} does not fuse references in memory; run it once per reference")
-        structures, start, checks, withheld = self._begin_k(references, target, structures)
+        structures, ref_id, start, checks, withheld = self._begin_k(references, target, structures)
         if withheld is not None:
             return withheld
         segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
         results = {s: self._combine(s, None, segs.get(s), None) for s in structures}
-        result = TargetResult(target.id, "+".join(str(r.id) for r in references), self.name, results)
+        result = TargetResult(target.id, ref_id, self.name, results)
         assess(result, references[0], target.image, self.calibration, checks)  # features from the first reference
         result.seconds = time.perf_counter() - start
         return result
@@ -212,8 +217,9 @@ class Method:
         return structures, start, checks, self._unfit_target(target, checks, reference.id, structures, start)
 
     def _begin_k(self, references: list[AnnotatedImage], target: AnnotatedImage, structures: list[str] | None):
-        """:meth:`_begin` for k references: structures default to every one some reference
-        annotates; RauInputError for one that none annotates."""
+        """:meth:`_begin` for k references -> (structures asked, the joined reference id, start time,
+        checks, withheld result or None). Structures default to every one some reference annotates;
+        RauInputError for one that none annotates."""
         if structures is None:
             structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
         missing = [s for s in structures if not any(s in r.masks and r.masks[s].any() for r in references)]
@@ -222,7 +228,7 @@ class Method:
         start = time.perf_counter()
         checks = target_checks(target.image)
         ref_id = "+".join(str(r.id) for r in references)
-        return list(structures), start, checks, self._unfit_target(target, checks, ref_id, structures, start)
+        return list(structures), ref_id, start, checks, self._unfit_target(target, checks, ref_id, structures, start)
 
     def _unfit_target(self, target: AnnotatedImage, checks: dict[str, float], reference_id: str, structures: list[str],
                       start: float):

@@ -78,10 +78,9 @@ class RegRefineMethod(Method):
                   structures: list[str] | None = None) -> TargetResult:
         if len(references) == 1:
             return self.predict(references[0], target, structures)
-        structures, start, checks, withheld = self._begin_k(references, target, structures)
+        structures, ref_id, start, checks, withheld = self._begin_k(references, target, structures)
         if withheld is not None:
             return withheld
-        ref_id = "+".join(str(r.id) for r in references)
         k = len(references)
         annotated = {s: sum(s in r.masks and bool(r.masks[s].any()) for r in references) for s in structures}
         cues, locs = {}, {}

@@ -62,7 +62,7 @@ def itk_seed(seed: int) -> int:
 
 def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mesh: int = 8,
              bspline_iterations: int = 40, seed: int = 0, sampling: float = 0.25,
-             bspline_shrink: tuple[int, ...] = (2, 1), affine_iterations: int = 100):
+             bspline_shrink: tuple[int, ...] = (2, 1)):
     """Transform mapping target (fixed) physical points into the reference (moving) image.
 
     Args:
@@ -83,7 +83,7 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(sampling, sampling_seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=affine_iterations)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2, 1, 0])
