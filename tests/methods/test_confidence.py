@@ -52,6 +52,23 @@ def test_pair_features_see_a_mirrored_asymmetric_target():
     assert mirrored["mirror_gain"] > 0.5
 
 
+def test_mirror_fit_gain_says_which_way_round_the_sample_chest_fits():
+    """The bundled target fits the bundled reference better as it is; mirrored, it fits the
+    mirrored reference better, and the physical rule names it. Blank images are not registered."""
+    from rau.data.io import read_image
+    from rau.methods.confidence import REASON_MIRROR, mirror_reason
+    from rau.methods.registration import mirror_fit_gain
+
+    reference, target = read_image(SAMPLES / "reference.png")[0], _sample_target()
+    as_is = mirror_fit_gain(target, reference)
+    mirrored = mirror_fit_gain(np.ascontiguousarray(target[:, ::-1]), reference)
+    assert as_is < 0 < mirrored
+    assert mirror_reason({"mirror_fit_gain": as_is}) is None
+    assert mirror_reason({"mirror_fit_gain": mirrored}).startswith(REASON_MIRROR)
+    assert mirror_fit_gain(np.full((64, 64), 0.5, np.float32), reference) == 0.0
+    assert "mirror_fit_gain" not in pair_features(reference, target, registered=False)
+
+
 def test_orientation_model_learns_which_way_round_and_agreement_flips_sign(tmp_path):
     """Images with a bright blob on their left: the fitted model scores them one way and their
     mirror images the other, so a mirrored target disagrees with the reference."""
@@ -109,6 +126,28 @@ def test_noise_and_blank_targets_abstain_with_the_reason(tmp_path, kind):
         assert kind in s["reason"] and "reference does not fit this image" in s["reason"]
     assert "withheld" in res.output
     assert not np.asarray(Image.open(out / "masks" / "heart.png")).any()
+
+
+def test_a_mirrored_target_abstains_with_the_reason_through_the_cli(tmp_path):
+    """As a user would: the bundled target mirrored left-right gets no mask, and says why; the
+    target as it is keeps its masks."""
+    from typer.testing import CliRunner
+
+    from rau.cli.app import app
+    from rau.data.io import read_image
+
+    target = read_image(SAMPLES / "target.png")[0]
+    Image.fromarray(np.rint(target[:, ::-1] * 255).astype(np.uint8)).save(tmp_path / "mirrored.png")
+    docs = {}
+    for name, path in (("mirrored", tmp_path / "mirrored.png"), ("as_is", SAMPLES / "target.png")):
+        res = CliRunner().invoke(app, ["localize", "--reference", str(SAMPLES / "reference.png"), "--reference-masks",
+                                       str(SAMPLES / "reference_masks"), "--target", str(path),
+                                       "--out", str(tmp_path / name), "--method", "registration"])
+        assert res.exit_code == 0, res.output
+        docs[name] = json.loads((tmp_path / name / "result.json").read_text())
+    for s in docs["mirrored"]["structures"].values():
+        assert s["abstained"] is True and s["box_xyxy"] is None and "mirrored" in s["reason"]
+    assert not any(s["abstained"] for s in docs["as_is"]["structures"].values())
 
 
 def _rows(n=300, seed=0):

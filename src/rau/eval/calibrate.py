@@ -12,7 +12,8 @@ ARCADE train, DRR poses of seed 3, and wrong inputs built from those), which the
    similar reference; a user's may be less alike), and
    ``min_orientation`` = the 1% quantile of the orientation agreement over those with a mask
    (a right "absent" answer is right whichever way round the image is); rows they
-   catch get the share of right among them as confidence (``gated_rate``). The orientation model
+   catch, and those of the physical "mirrored" rule (:func:`rau.methods.confidence.mirror_reason`),
+   get the share of right among them as confidence (``gated_rate``). The orientation model
    (:func:`fit_orientation`) is fitted first, on calibration-side images only, if none ships.
 4. On the other rows: an L2 logistic model on standardised features, out-of-fold (5 folds by
    target) probabilities mapped to the share right by isotonic regression (scipy), then the
@@ -34,7 +35,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 
 from rau.errors import RauInputError
-from rau.methods.confidence import FEATURES, Calibration
+from rau.methods.confidence import FEATURES, Calibration, mirror_reason
 
 MIN_ROWS = 20
 #: A calibration split takes part in choosing the threshold when it has this many right masks.
@@ -106,7 +107,9 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     bad = ~y_all & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
     lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
     min_fit = (lo + hi) / 2 if lo < hi else hi
-    gated = (fit < min_fit) | (orient < min_orient)
+    # the physical "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
+    mirrored = np.array([mirror_reason(r["features"]) is not None for r in rows])
+    gated = (fit < min_fit) | (orient < min_orient) | mirrored
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
     keep = ~gated
     x = np.array([[r["features"][k] for k in FEATURES] for r, g in zip(rows, keep) if g], np.float64)

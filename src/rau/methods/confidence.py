@@ -7,6 +7,8 @@ probability that it is right, and says when not to answer.
 
 - :func:`target_checks`: does the target look like an image at all (blank, noise)?
   Physical rules, the same for every method.
+- :func:`rau.methods.registration.mirror_fit_gain`: does the target fit the mirrored reference better, after affine
+  registration? A physical rule too ("mirrored"), the same for every method.
 - :func:`pair_features` and :func:`structure_features`: cheap measurements of one output
   (reference/target thumbnail agreement, and whether it fits the target better mirrored; the
   mask's size and position next to the reference's, its fragmentation, the method's own score).
@@ -19,7 +21,8 @@ probability that it is right, and says when not to answer.
   result (masks untouched); :func:`abstain` then removes the masks below ``min_confidence`` (default:
   the calibration's threshold), with the reason.
 
-Everything here is pure numpy/scipy and runs in milliseconds per target.
+Everything here is numpy/scipy and runs in milliseconds per target, except the two affine
+registrations of the mirror rule (SimpleITK, ~0.2 s per target).
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ MIN_CONTRAST = 0.01
 #: Below this lag-1 autocorrelation (at 128 px) a target is noise: every radiograph measured on the
 #: datasets is above 0.8 (docs/RESULTS.md), white noise is near 0.
 MIN_SMOOTHNESS = 0.5
+
+#: Above this gain in affine-registered correlation from mirroring the reference left-right, the
+#: target is taken as mirrored (:func:`rau.methods.registration.mirror_fit_gain`): it fits the mirrored reference better than
+#: the reference itself. A physical rule, the same for every method (docs/RESULTS.md: no correct
+#: Wingspan or DRR calibration pair above it, 2 of 40 ARCADE ones, both with wrong outputs).
+MAX_MIRROR_FIT_GAIN = 0.0
 
 #: The default ``min_confidence`` of a method without a calibration: above 0, so flagged targets
 #: (blank, noise) are withheld; outputs without a confidence never are.
@@ -85,16 +94,23 @@ def target_checks(image: np.ndarray) -> dict[str, float]:
     return {"contrast": contrast, "smoothness": float(smooth)}
 
 
-def pair_features(reference: np.ndarray, target: np.ndarray) -> dict[str, float]:
+def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool = True) -> dict[str, float]:
     """``fit``: NCC of the 32 x 32 thumbnails of reference and target (the reference-choice rule's
-    similarity); ``mirror_gain``: how much better the target fits the left-right mirrored reference;
-    ``orientation``: :meth:`Orientation.agreement` of the shipped orientation model (< 0: the target
-    faces the other way; 0 without the model)."""
+    similarity); ``mirror_gain``: how much better the target's thumbnail fits the left-right mirrored
+    reference's; ``orientation``: :meth:`Orientation.agreement` of the shipped orientation model
+    (< 0: the target faces the other way; 0 without the model); with ``registered``,
+    ``mirror_fit_gain``: :func:`rau.methods.registration.mirror_fit_gain` (the physical
+    "mirrored" rule's measurement)."""
+    from rau.methods.registration import mirror_fit_gain
+
     r, t = _small(reference, 32), _small(target, 32)
     fit = _ncc(r, t)
     orient = default_orientation()
-    return {"fit": fit, "mirror_gain": _ncc(r[:, ::-1], t) - fit,
-            "orientation": orient.agreement(reference, target) if orient is not None else 0.0}
+    out = {"fit": fit, "mirror_gain": _ncc(r[:, ::-1], t) - fit,
+           "orientation": orient.agreement(reference, target) if orient is not None else 0.0}
+    if registered:
+        out["mirror_fit_gain"] = mirror_fit_gain(target, reference)
+    return out
 
 
 @dataclass
@@ -172,6 +188,14 @@ def structure_features(score: float, mask: np.ndarray | None, reference_mask: np
             "log_area_ratio": float(np.log((mask.mean() + 1e-4) / (ref_frac + 1e-4))),
             "centroid_shift": float(np.linalg.norm(_centroid(mask) - _centroid(reference_mask))),
             "largest_part": float(sizes.max() / max(sizes.sum(), 1))}
+
+
+def mirror_reason(pair: dict[str, float]) -> str | None:
+    """"Mirrored" from the pair's ``mirror_fit_gain`` (physical rule, no calibration), or None."""
+    gain = pair.get("mirror_fit_gain")
+    if gain is not None and gain > MAX_MIRROR_FIT_GAIN:
+        return f"{REASON_MIRROR} (it fits the mirrored reference better: correlation {gain:+.3f})"
+    return None
 
 
 def target_reason(checks: dict[str, float]) -> str | None:
@@ -267,7 +291,9 @@ def output_features(result, reference, target_image: np.ndarray,
                     checks: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """structure -> the :data:`FEATURES` of its output in ``result`` (a TargetResult);
     ``checks``: the target's :func:`target_checks` when already computed."""
-    pair = {**pair_features(reference.image, target_image), **(checks or target_checks(target_image))}
+    checks = checks or target_checks(target_image)
+    # a blank or noise target is withheld whatever its pair fits: no registration on it
+    pair = {**pair_features(reference.image, target_image, registered=target_reason(checks) is None), **checks}
     out = {}
     for name, r in result.structures.items():
         ref_mask = reference.masks.get(name)
@@ -286,8 +312,11 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
     checks = checks or target_checks(target_image)
     reason = target_reason(checks)
     feats = output_features(result, reference, target_image, checks)
-    if reason is None and calibration is not None and feats:
-        reason = calibration.pair_reason(next(iter(feats.values())))  # pair features: the same in every entry
+    pair = next(iter(feats.values()), None)  # pair features: the same in every entry
+    if reason is None and pair is not None:
+        reason = mirror_reason(pair)
+    if reason is None and calibration is not None and pair is not None:
+        reason = calibration.pair_reason(pair)
     probs = {}
     if calibration is not None and feats:
         names = list(feats)

@@ -60,6 +60,51 @@ def itk_seed(seed: int) -> int:
     return int(seed) % (2**32 - 1) + 1
 
 
+def _affine_stage(f, m, sampling: float, sampling_seed: int, centre: str = "moments"):
+    """Affine registration of working-grid images (started with their centres of mass, or with
+    ``centre="geometry"`` their image centres, aligned; correlation, 3 pyramid levels) ->
+    (transform, final correlation in [-1, 1]). ``sampling`` < 1 samples that share of the pixels
+    at random (seeded); 1 uses every pixel."""
+    import SimpleITK as sitk
+
+    how = {"moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
+           "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY}[centre]
+    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2), how)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsCorrelation()
+    if sampling < 1:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(sampling, sampling_seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SetInitialTransform(init, inPlace=False)
+    affine = reg.Execute(f, m)
+    return affine, -float(reg.GetMetricValue())  # ITK minimises the negative correlation
+
+
+def mirror_fit_gain(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128) -> float:
+    """How much better ``fixed`` fits ``moving`` mirrored left-right than ``moving`` as it is: the
+    difference of their correlations after affine registration on the ``work_size`` working grid
+    (every pixel sampled, so deterministic); > 0 when one of the two is mirrored. 0 when either
+    image is constant (nothing to register). A failed fit of the images as they are would read as
+    "mirrored", so that fit starts twice (centres of mass, image centres) and keeps the better:
+    from one start a correct DRR pair fell into a local optimum (0.64 against 0.96). Three affine
+    registrations, ~0.3 s."""
+    import SimpleITK as sitk
+
+    if float(np.std(fixed)) == 0.0 or float(np.std(moving)) == 0.0:
+        return 0.0
+    f = _shrink(_sitk_image(fixed, work_size), work_size)
+    m = _shrink(_sitk_image(moving, work_size), work_size)
+    mirrored = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayFromImage(m)[:, ::-1]))
+    mirrored.CopyInformation(m)
+    as_is = max(_affine_stage(f, m, 1.0, 1, centre)[1] for centre in ("moments", "geometry"))
+    return _affine_stage(f, mirrored, 1.0, 1)[1] - as_is
+
+
 def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mesh: int = 8,
              bspline_iterations: int = 40, seed: int = 0, sampling: float = 0.25,
              bspline_shrink: tuple[int, ...] = (2, 1)):
@@ -76,19 +121,7 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mes
     f_full, m_full = _sitk_image(fixed, work_size), _sitk_image(moving, work_size)
     f, m = _shrink(f_full, work_size), _shrink(m_full, work_size)
 
-    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsCorrelation()
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, sampling_seed)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-    reg.SetInitialTransform(init, inPlace=False)
-    affine = reg.Execute(f, m)
+    affine, _ = _affine_stage(f, m, sampling, sampling_seed)
 
     bspline = sitk.BSplineTransformInitializer(f, [mesh, mesh], order=3)
     reg2 = sitk.ImageRegistrationMethod()
