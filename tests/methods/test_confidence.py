@@ -180,6 +180,19 @@ def test_fit_calibration_separates_and_calibrates_and_round_trips(tmp_path):
     assert np.allclose(again.predict([r["features"] for r in test]), p)
 
 
+def test_derived_score_logit_is_filled_in_for_old_reports_and_old_calibrations_still_predict():
+    from rau.methods.confidence import score_logit, with_derived
+
+    old = {k: v for k, v in _rows(1)[0]["features"].items() if k != "score_logit"}
+    assert with_derived(old)["score_logit"] == pytest.approx(score_logit(old["score"]))
+    assert score_logit(1.0) == pytest.approx(np.log(9999.0)) and score_logit(0.5) == 0.0
+    cal = fit_calibration(_rows(), "toy")
+    assert "score_logit" in cal.features
+    legacy = Calibration(**{**cal.to_json(), "features": cal.features[:-1], "mean": cal.mean[:-1], "std": cal.std[:-1],
+                            "coef": cal.coef[:-1]})  # a file written before the feature existed
+    assert 0 <= float(legacy.predict(old)[0]) <= 1 and 0 <= float(cal.predict(old)[0]) <= 1
+
+
 def test_bad_calibration_files_are_refused(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"method": "x", "mean": [1')

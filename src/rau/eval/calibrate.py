@@ -35,7 +35,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 
 from rau.errors import RauInputError
-from rau.methods.confidence import FEATURES, Calibration, mirror_reason
+from rau.methods.confidence import FEATURES, Calibration, mirror_reason, with_derived
 
 MIN_ROWS = 20
 #: A calibration split takes part in choosing the threshold when it has this many right masks.
@@ -84,6 +84,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     """Fit a :class:`Calibration` on ``rows`` (:func:`calibration_rows`); see the module docstring."""
     if len(rows) < MIN_ROWS:
         raise RauInputError(f"calibrate: {len(rows)} assessed outputs, need at least {MIN_ROWS}")
+    rows = [{**r, "features": with_derived(r["features"])} for r in rows]  # reports from before a derived feature
     y_all = np.array([r["right"] for r in rows], bool)
     if y_all.all() or not y_all.any():
         raise RauInputError("calibrate: the outputs are all right or all wrong; nothing to calibrate on")

@@ -41,7 +41,7 @@ from rau.errors import RauInputError
 
 #: The features of one output, in the order the logistic model reads them.
 FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
-            "orientation", "smoothness", "contrast")
+            "orientation", "smoothness", "contrast", "score_logit")
 
 #: Below this standard deviation (intensities in [0, 1]) a target is blank: nothing to answer on.
 MIN_CONTRAST = 0.01
@@ -174,17 +174,33 @@ def _centroid(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.mean() / w, ys.mean() / h])
 
 
+def score_logit(score: float) -> float:
+    """The method's score on the logit scale (clipped to [1e-4, 1 - 1e-4]): it spreads the scores
+    near 1, where a split with nearly all outputs right (DRR) keeps its few wrong ones. Derived from
+    ``score``, so a report written before it existed gets it back (:func:`with_derived`)."""
+    s = min(max(float(score), 1e-4), 1 - 1e-4)
+    return float(np.log(s / (1 - s)))
+
+
+def with_derived(features: dict[str, float]) -> dict[str, float]:
+    """``features`` with the derived ones (``score_logit``) filled in where missing."""
+    if "score_logit" in features or "score" not in features:
+        return features
+    return {**features, "score_logit": score_logit(features["score"])}
+
+
 def structure_features(score: float, mask: np.ndarray | None, reference_mask: np.ndarray) -> dict[str, float]:
-    """Features of one structure's output: the method's ``score``, ``found``, ``log_area_ratio``
-    (mask area fraction over the reference mask's), ``centroid_shift`` (centroid distance in image
-    fractions), ``largest_part`` (share of the mask in its largest connected part)."""
+    """Features of one structure's output: the method's ``score`` (and ``score_logit``), ``found``,
+    ``log_area_ratio`` (mask area fraction over the reference mask's), ``centroid_shift`` (centroid
+    distance in image fractions), ``largest_part`` (share of the mask in its largest connected part)."""
     ref_frac = float(reference_mask.mean())
+    scores = {"score": float(score), "score_logit": score_logit(score)}
     if mask is None or not mask.any():
-        return {"score": float(score), "found": 0.0, "log_area_ratio": float(np.log((1e-4) / (ref_frac + 1e-4))),
+        return {**scores, "found": 0.0, "log_area_ratio": float(np.log((1e-4) / (ref_frac + 1e-4))),
                 "centroid_shift": 1.0, "largest_part": 0.0}
     labels, n = ndimage.label(mask)
     sizes = np.bincount(labels.ravel())[1:] if n else np.array([0])
-    return {"score": float(score), "found": 1.0,
+    return {**scores, "found": 1.0,
             "log_area_ratio": float(np.log((mask.mean() + 1e-4) / (ref_frac + 1e-4))),
             "centroid_shift": float(np.linalg.norm(_centroid(mask) - _centroid(reference_mask))),
             "largest_part": float(sizes.max() / max(sizes.sum(), 1))}
@@ -237,7 +253,7 @@ class Calibration:
 
     def predict(self, feats: dict[str, float] | list[dict[str, float]]) -> np.ndarray:
         """Calibrated P(right) for one feature dict or a list of them."""
-        rows = [feats] if isinstance(feats, dict) else feats
+        rows = [with_derived(r) for r in ([feats] if isinstance(feats, dict) else feats)]
         x = np.array([[r[k] for k in self.features] for r in rows], np.float64)
         z = (x - np.asarray(self.mean)) / np.asarray(self.std)
         p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
