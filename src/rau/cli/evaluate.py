@@ -217,7 +217,7 @@ def calibrate(
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
                                                                                seg_head, precision, memseg, refiner=refiner))
     r = cal.record
-    typer.echo(f"{name}: {r['n_outputs']} outputs ({r['n_right']} right, {r['n_gated']} caught by the fit rules), "
+    typer.echo(f"{name}: {r['n_outputs']} outputs ({r['n_right']} right, {r['n_gated']} caught by the pair rules: fit, orientation, mirrored), "
                f"threshold {cal.threshold:.3f}, min fit {cal.min_fit:.3f}, min orientation agreement {cal.min_orientation:+.3f} -> {target}")
 
 
