@@ -11,7 +11,8 @@ Splits (fixed once; never trained or tuned on):
 - ``wrong``: deliberately wrong inputs against Wingspan references (noise, blank, angiograms,
   mirrored radiographs; :mod:`rau.eval.wrong_inputs`), where a method should withhold its answers.
 - ``calib-*`` (:data:`CALIB_SPLITS`, not run by default): the pairs ``rau calibrate`` fits the
-  confidence on (Wingspan 120..159, ARCADE train, DRR poses of seed 3, wrong inputs built from those).
+  confidence on (Wingspan 120..159, ARCADE train images 600..999, never in the refiner's training
+  (0..599), DRR poses of seed 3, wrong inputs built from those).
 
 Each report also carries the calibrated confidence's figures (:func:`rau.eval.evaluate.calibration_summary`:
 AUROC right vs wrong, ECE, shares withheld) and a reliability plot per split.
@@ -97,8 +98,10 @@ def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, 
             out.append(Split(name, data / "wingspan_cxr", data / "wingspan_cxr", slice(120, 160), slice(0, 120),
                              limit=8 if quick else None))
         elif name == "calib-arcade":
+            # targets outside the refiner's ARCADE training part (scripts/refine_recipe.sh: 0:600),
+            # else its confidence is fitted on outputs it was trained to get right
             out.append(Split(name, data / "arcade_syntax" / "train", data / "arcade_syntax" / "train",
-                             limit=8 if quick else (limit or 40)))
+                             slice(600, None), limit=8 if quick else (limit or 40)))
         elif name == "calib-drr":
             out.append(Split(name, drr_dir / "calib", drr_dir / "train", limit=8 if quick else None))
         else:
