@@ -52,8 +52,8 @@ MIN_SMOOTHNESS = 0.5
 #: Above this gain in affine-registered correlation from mirroring the reference left-right, the
 #: target is taken as mirrored (:func:`rau.methods.registration.mirror_fit_gain`): it fits the
 #: mirrored reference better than the reference itself. A physical rule, the same for every method
-#: (docs/RESULTS.md: no correct Wingspan or DRR calibration pair above it, 2 of 40 ARCADE ones,
-#: both with wrong outputs; 9 of the 12 mirrored calibration targets).
+#: (docs/RESULTS.md, scripts/mirror_rule.py: no correct calibration pair above it, Wingspan, DRR and
+#: ARCADE 40 each; 9 of the 12 mirrored calibration targets, 11 with the orientation rule).
 MAX_MIRROR_FIT_GAIN = 0.0
 
 #: The default ``min_confidence`` of a method without a calibration: above 0, so flagged targets

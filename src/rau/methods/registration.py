@@ -91,8 +91,9 @@ def mirror_fit_gain(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 1
     (every pixel sampled, so deterministic); > 0 when one of the two is mirrored. 0 when either
     image is constant (nothing to register). A failed fit of the images as they are would read as
     "mirrored", so that fit starts twice (centres of mass, image centres) and keeps the better:
-    from one start a correct DRR pair fell into a local optimum (0.64 against 0.96). Three affine
-    registrations, ~0.3 s."""
+    from one start a correct DRR pair fell into a local optimum (0.64 against 0.96). The second
+    start runs only when the first gives a gain > 0 (it can only lower the gain; below 0 the value is
+    that upper bound). Two affine registrations, ~0.2 s; three on a mirrored-looking pair."""
     import SimpleITK as sitk
 
     if float(np.std(fixed)) == 0.0 or float(np.std(moving)) == 0.0:
@@ -101,8 +102,11 @@ def mirror_fit_gain(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 1
     m = _shrink(_sitk_image(moving, work_size), work_size)
     mirrored = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayFromImage(m)[:, ::-1]))
     mirrored.CopyInformation(m)
-    as_is = max(_affine_stage(f, m, 1.0, 1, centre)[1] for centre in ("moments", "geometry"))
-    return _affine_stage(f, mirrored, 1.0, 1)[1] - as_is
+    fit_mirrored = _affine_stage(f, mirrored, 1.0, 1)[1]
+    gain = fit_mirrored - _affine_stage(f, m, 1.0, 1)[1]
+    if gain > 0:  # the second start can only lower the gain, so it runs only when the first says "mirrored"
+        gain = min(gain, fit_mirrored - _affine_stage(f, m, 1.0, 1, "geometry")[1])
+    return gain
 
 
 def register(fixed: np.ndarray, moving: np.ndarray, *, work_size: int = 128, mesh: int = 8,
