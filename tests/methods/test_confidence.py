@@ -193,6 +193,23 @@ def test_derived_score_logit_is_filled_in_for_old_reports_and_old_calibrations_s
     assert 0 <= float(legacy.predict(old)[0]) <= 1 and 0 <= float(cal.predict(old)[0]) <= 1
 
 
+def test_an_image_unlike_the_reference_is_called_unfit_not_mirrored(monkeypatch):
+    """An angiogram against a chest reference may fit the mirrored chest better; the reason must
+    name the cause that matters (does not fit), and the mirrored rule applies to look-alikes."""
+    import rau.methods.confidence as confidence
+
+    cal = fit_calibration(_rows(), "toy")
+    image, masks = synthetic_pair()
+    reference = AnnotatedImage(image, masks)
+    for fit, gain, mirrored in ((cal.min_fit - 0.2, 0.5, False), (cal.min_fit + 0.05, 0.05, True)):
+        pair = {"fit": fit, "mirror_gain": 0.0, "orientation": 1.0, "mirror_fit_gain": gain}
+        monkeypatch.setattr(confidence, "pair_features", lambda r, t, registered=True, p=pair: p)
+        result = TargetResult("t", "r", "m", {"blob": StructureResult("blob", "yes", (0, 0, 9, 9), 0.9, masks["blob"])})
+        confidence.assess(result, reference, image, cal)
+        flag = result.structures["blob"].flag
+        assert flag.startswith(confidence.REASON_FIT) and ("mirrored" in flag) is mirrored
+
+
 def test_bad_calibration_files_are_refused(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"method": "x", "mean": [1')

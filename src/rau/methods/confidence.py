@@ -260,13 +260,21 @@ class Calibration:
         p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
         return np.clip(np.interp(p, self.iso_x, self.iso_y), 0.0, 1.0)
 
-    def pair_reason(self, pair: dict[str, float]) -> str | None:
-        """"Reference does not fit" / "mirrored" from the pair features, or None."""
+    def fit_reason(self, pair: dict[str, float]) -> str | None:
+        """"Reference does not fit" (other anatomy, modality, noise) from the pair features, or None."""
         if self.min_fit is not None and pair["fit"] < self.min_fit:
             return f"{REASON_FIT} (similarity {pair['fit']:.2f} < {self.min_fit:.2f}: other anatomy or modality?)"
+        return None
+
+    def orientation_reason(self, pair: dict[str, float]) -> str | None:
+        """"Mirrored" from the orientation model's agreement, or None."""
         if self.min_orientation is not None and pair.get("orientation", 0.0) < self.min_orientation:
             return f"{REASON_MIRROR} (orientation agreement {pair['orientation']:+.2f} < {self.min_orientation:+.2f})"
         return None
+
+    def pair_reason(self, pair: dict[str, float]) -> str | None:
+        """"Reference does not fit" / "mirrored" from the pair features, or None."""
+        return self.fit_reason(pair) or self.orientation_reason(pair)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,9 +339,11 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
     feats = output_features(result, reference, target_image, checks)
     pair = next(iter(feats.values()), None)  # pair features: the same in every entry
     if reason is None and pair is not None:
-        reason = mirror_reason(pair)
-    if reason is None and calibration is not None and pair is not None:
-        reason = calibration.pair_reason(pair)
+        # "does not fit" first: an angiogram against a chest may also fit the chest better mirrored,
+        # and "mirrored" would name the wrong cause
+        rules = [calibration.fit_reason, mirror_reason, calibration.orientation_reason] if calibration is not None \
+            else [mirror_reason]
+        reason = next((why for why in (rule(pair) for rule in rules) if why is not None), None)
     probs = {}
     if calibration is not None and feats:
         names = list(feats)
