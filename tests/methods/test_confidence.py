@@ -150,6 +150,28 @@ def test_a_mirrored_target_abstains_with_the_reason_through_the_cli(tmp_path):
     assert not any(s["abstained"] for s in docs["as_is"]["structures"].values())
 
 
+def test_evaluate_counts_a_rule_withheld_output_as_withheld_for_an_uncalibrated_method(tmp_path):
+    """The bench scores what a user gets: without a calibration the rules (here "mirrored") still
+    withhold, as `rau localize` does; evaluate once scored such outputs as delivered."""
+    from rau.data.dataset import load_dataset
+    from rau.data.io import read_image
+    from rau.eval.evaluate import evaluate
+    from rau.methods import create_method
+    from tests.conftest import write_png
+
+    for folder, image_name, masks_dir, flip in (("refs", "reference.png", "reference_masks", False),
+                                                ("targets", "target.png", "target_masks", True)):
+        image = read_image(SAMPLES / image_name)[0]
+        write_png(tmp_path / folder / "images" / "case.png", image[:, ::-1] if flip else image)
+        for path in sorted((SAMPLES / masks_dir).glob("*.png")):
+            mask = np.asarray(Image.open(path)) > 0
+            write_png(tmp_path / folder / "masks" / path.stem / "case.png", mask[:, ::-1] if flip else mask)
+    method = create_method("registration", calibration=False)
+    doc = evaluate(load_dataset(tmp_path / "targets"), load_dataset(tmp_path / "refs"), method, progress=False)
+    asked = [r for r in doc["targets"] if r.get("asked")]
+    assert asked and all(r["abstain"] and "mirrored" in r["flag"] for r in asked)
+
+
 def _rows(n=300, seed=0):
     """Synthetic calibration rows: right outputs have high score and small shifts."""
     rng = np.random.default_rng(seed)

@@ -183,6 +183,7 @@ def evaluate(
     (the top k, or k random ones) and the results are fused (:func:`rau.references.bank.fuse_results`)."""
     from tqdm.auto import tqdm
 
+    from rau.methods.confidence import resolve_min_confidence
     from rau.references.bank import predict_with_references
 
     if reference not in ("similar", "random"):
@@ -201,8 +202,9 @@ def evaluate(
     ref_by_id = {e.id: e for e in references.entries}
     rng = np.random.default_rng(seed)
     rows, seconds, pairs = [], [], []
-    cal = getattr(method, "calibration", None)
-    threshold = cal.threshold if cal is not None else 0.0
+    # the user's default (rau localize): the calibration's threshold, or without one the rules alone
+    # (blank, noise, mirrored); 0 here once hid the rules' withholding for uncalibrated methods
+    threshold = resolve_min_confidence(None, getattr(method, "calibration", None))
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
         ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
