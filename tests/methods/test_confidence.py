@@ -100,6 +100,7 @@ def test_structure_features_of_found_and_missing_outputs():
     missing = structure_features(0.1, None, ref)
     assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation",
                                                                                        "smoothness", "contrast"} == set(FEATURES)
+    assert "structure_prior" not in FEATURES  # the calibration supplies it from the structure's name
 
 
 @pytest.mark.parametrize("kind", ["noise", "blank"])
@@ -209,10 +210,39 @@ def test_derived_score_logit_is_filled_in_for_old_reports_and_old_calibrations_s
     assert with_derived(old)["score_logit"] == pytest.approx(score_logit(old["score"]))
     assert score_logit(1.0) == pytest.approx(np.log(9999.0)) and score_logit(0.5) == 0.0
     cal = fit_calibration(_rows(), "toy")
-    assert "score_logit" in cal.features
-    legacy = Calibration(**{**cal.to_json(), "features": cal.features[:-1], "mean": cal.mean[:-1], "std": cal.std[:-1],
-                            "coef": cal.coef[:-1]})  # a file written before the feature existed
+    assert cal.features[-2:] == ["score_logit", "structure_prior"]
+    doc = cal.to_json()
+    for key in ("structure_rates", "prior_rate"):  # a file written before these existed
+        doc.pop(key)
+    legacy = Calibration(**{**doc, "features": cal.features[:-2], "mean": cal.mean[:-2], "std": cal.std[:-2],
+                            "coef": cal.coef[:-2]})
     assert 0 <= float(legacy.predict(old)[0]) <= 1 and 0 <= float(cal.predict(old)[0]) <= 1
+
+
+def test_structure_prior_gives_each_structure_its_own_share_right(tmp_path):
+    """Outputs alike in every measured feature, but one structure is usually right and another
+    usually wrong: the confidence follows the structure's share on the calibration split, a name it
+    never saw gets the pooled share, and the rates survive a save/load."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        name = ("easy", "hard")[i % 2]
+        right = bool(rng.random() < (0.9 if name == "easy" else 0.2))
+        f = {"score": rng.uniform(0.3, 0.9), "found": 1.0, "log_area_ratio": rng.normal(0, 0.3),
+             "centroid_shift": abs(rng.normal(0.05, 0.05)), "largest_part": 1.0, "fit": rng.uniform(0.85, 0.98),
+             "mirror_gain": -0.03, "orientation": 0.9, "smoothness": 0.97, "contrast": 0.2}
+        rows.append({"features": f, "right": right, "target": f"t{i // 4}", "split": "s", "structure": name})
+    cal = fit_calibration(rows, "toy")
+    assert cal.structure_rates["easy"] > 0.8 and cal.structure_rates["hard"] < 0.3
+    feats = [r["features"] for r in rows[:2]]
+    easy, hard = cal.predict([feats[0], feats[0]], ["easy", "hard"])
+    unseen = float(cal.predict(feats[0], ["a structure never calibrated"])[0])
+    assert easy > 0.7 and hard < 0.35 and hard < unseen < easy
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    assert np.allclose(again.predict(feats, ["easy", "hard"]), cal.predict(feats, ["easy", "hard"]))
+    flat = fit_calibration(rows, "toy", use_prior=False)
+    assert "structure_prior" not in flat.features and not flat.structure_rates
 
 
 def test_an_image_unlike_the_reference_is_called_unfit_not_mirrored(monkeypatch):
@@ -265,6 +295,40 @@ def test_abstain_withholds_low_confidence_and_absent_structures_with_reasons():
     flagged = TargetResult("t", "r", "m", {"a": StructureResult("a", "no", None, 0.0, None, "x", confidence=0.0, flag="x")})
     assert not abstain(flagged, 0.0).structures["a"].abstained  # 0 keeps every output
     assert abstain(flagged, resolve_min_confidence(None, None)).structures["a"].abstained
+
+
+def test_keep_threshold_bound_withholds_fewer_right_masks_than_the_quantile():
+    from rau.eval.calibrate import keep_threshold
+
+    for n, most in ((40, 0), (120, 1), (1000, 38)):
+        conf = np.random.default_rng(n).random(n)
+        bound, quantile = keep_threshold(conf), keep_threshold(conf, bound=False)
+        assert (conf < bound).sum() == most and (conf < quantile).sum() == int(0.05 * (n - 1)) and bound <= quantile
+
+
+def test_never_run_targets_get_their_own_rate_and_the_orientation_rule_is_off_by_default(tmp_path):
+    """Blank/noise calibration rows (never run, no features) only set ``target_rate``, the
+    confidence of a never-run target's "not there"; the orientation agreement is a feature, not a
+    rule, unless asked for."""
+    rows = _rows()
+    rows += [{"features": None, "right": True, "target": f"noise{i}", "split": "w", "structure": "a", "never_run": True}
+             for i in range(8)]
+    cal = fit_calibration(rows, "toy")
+    assert cal.target_rate == pytest.approx(9 / 10) and cal.never_run_confidence() == pytest.approx(0.9)
+    assert cal.min_orientation is None and "orientation" in cal.features and cal.record["n_never_run"] == 8
+    assert cal.orientation_reason({"orientation": -1.0}) is None
+    assert fit_calibration(rows, "toy", orientation_rule=True).min_orientation is not None
+    legacy = Calibration(**{k: v for k, v in cal.to_json().items() if k != "target_rate"})
+    assert legacy.never_run_confidence() == legacy.gated_rate
+    # through a method: a noise target's structures carry target_rate as confidence
+    import rau
+
+    cal.save(tmp_path / "cal.json")
+    image, masks = synthetic_pair()
+    noise = AnnotatedImage(np.random.default_rng(0).random(image.shape).astype(np.float32), {}, {})
+    result = rau.localize(AnnotatedImage(image, masks, {}), noise, method="registration",
+                          calibration=str(tmp_path / "cal.json"))
+    assert all(s.abstained and s.confidence == pytest.approx(0.9) for s in result.structures.values())
 
 
 def test_calibration_summary_counts_withheld_outputs():

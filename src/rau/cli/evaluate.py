@@ -217,8 +217,10 @@ def calibrate(
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
                                                                                seg_head, precision, memseg, refiner=refiner))
     r = cal.record
-    typer.echo(f"{name}: {r['n_outputs']} outputs ({r['n_right']} right, {r['n_gated']} caught by the pair rules: fit, orientation, mirrored), "
-               f"threshold {cal.threshold:.3f}, min fit {cal.min_fit:.3f}, min orientation agreement {cal.min_orientation:+.3f} -> {target}")
+    orient = f"min orientation agreement {cal.min_orientation:+.3f}" if cal.min_orientation is not None else "no orientation rule"
+    rules = "fit, orientation, mirrored" if cal.min_orientation is not None else "fit, mirrored"
+    typer.echo(f"{name}: {r['n_outputs']} outputs ({r['n_right']} right, {r['n_gated']} caught by the pair rules: {rules}), "
+               f"threshold {cal.threshold:.3f}, min fit {cal.min_fit:.3f}, {orient} -> {target}")
 
 
 def eval_tokens(

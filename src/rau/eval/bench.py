@@ -99,9 +99,10 @@ def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, 
                              limit=8 if quick else None))
         elif name == "calib-arcade":
             # targets outside the refiner's ARCADE training part (scripts/refine_recipe.sh: 0:600),
-            # else its confidence is fitted on outputs it was trained to get right
+            # else its confidence is fitted on outputs it was trained to get right; 120 targets (~600
+            # segment outputs) so that each common segment's share of right outputs is measured
             out.append(Split(name, data / "arcade_syntax" / "train", data / "arcade_syntax" / "train",
-                             slice(600, None), limit=8 if quick else (limit or 40)))
+                             slice(600, None), limit=8 if quick else (limit or 120)))
         elif name == "calib-drr":
             out.append(Split(name, drr_dir / "calib", drr_dir / "train", limit=8 if quick else None))
         else:

@@ -7,7 +7,8 @@ which the bench never scores. (Wingspan 120..159 lie inside the refiner's traini
 1. The method runs on every calibration pair with no calibration (``<work>/<split>_<method>.json``,
    the ``rau eval`` document; a split already there is reused, so a killed run resumes).
 2. Each asked structure is a row: its features and whether it was right (Dice >= 0.5; no mask for
-   a structure absent from the target). Rows of blank/noise targets (never run) are left out.
+   a structure absent from the target). Rows of blank/noise targets (never run, answered "not
+   there") only give ``target_rate``, their share right (Laplace-smoothed), which is their confidence.
 3. Pair rules, set on the right rows of the correct-pair splits (not ``calib-wrong``): ``min_fit`` =
    midway between the 99% quantile of the wrong inputs' reference fit (other anatomy, modality,
    noise; mirrored targets are the orientation rule's) and the lowest split's 1% quantile of right outputs' fit (calibration pairs have the most
@@ -20,10 +21,11 @@ which the bench never scores. (Wingspan 120..159 lie inside the refiner's traini
 4. On the other rows: an L2 logistic model on standardised features, out-of-fold (5 folds by
    target) probabilities mapped to the share right by isotonic regression (scipy), then the
    logistic refitted on all rows.
-5. ``threshold`` = the lowest, over the correct-pair splits with at least 20 right masks, of the 5%
-   quantile of their right masks' confidence: on each such calibration split at most 5% of right
-   masks are withheld at the default ``--min-confidence`` (withholding a right "not there" answer
-   loses nothing: it stays "no").
+5. ``threshold`` = the lowest, over the correct-pair splits with at least 20 right masks, of
+   :func:`keep_threshold` of their right masks' (out-of-fold) confidence: the most right masks
+   withheld such that the 95% upper bound on the share withheld stays within 5% (withholding a
+   right "not there" answer loses nothing: it stays "no"). The plain 5% quantile withheld 7-12% of
+   right ARCADE masks on the bench: the quantile of ~100 masks is itself uncertain.
 """
 
 from __future__ import annotations
@@ -37,11 +39,51 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 
 from rau.errors import RauInputError
-from rau.methods.confidence import FEATURES, Calibration, mirror_reason, with_derived
+from rau.methods.confidence import FEATURES, PRIOR_FEATURE, Calibration, mirror_reason, with_derived
 
 MIN_ROWS = 20
 #: A calibration split takes part in choosing the threshold when it has this many right masks.
 MIN_SPLIT_MASKS = 20
+#: Shrinkage of a structure's share of right outputs towards the pooled share, in pseudo-outputs:
+#: a structure seen 5 times on the calibration split moves halfway from the pooled share.
+PRIOR_STRENGTH = 5.0
+
+
+def structure_rates(names: np.ndarray, right: np.ndarray, strength: float = PRIOR_STRENGTH) -> tuple[dict[str, float], float]:
+    """Per structure name, the share of ``right`` shrunk towards the pooled share (``strength``
+    pseudo-outputs), and the pooled share (Laplace-smoothed) -> (rates, pooled)."""
+    pooled = float((right.sum() + 1) / (len(right) + 2))
+    rates = {str(n): float((right[names == n].sum() + strength * pooled) / ((names == n).sum() + strength))
+             for n in np.unique(names)}
+    return rates, pooled
+
+
+def keep_threshold(conf: np.ndarray, share: float = 0.05, level: float = 0.95, bound: bool = True) -> float:
+    """A ``min_confidence`` that withholds few of these right masks' confidences ``conf``: with
+    ``bound``, the most withheld (k of n) whose one-sided ``level`` Clopper-Pearson upper bound on
+    the withheld share stays within ``share`` (so a new sample like this one withholds at most
+    ``share`` with that confidence; for n < 59 none is withheld); without, the ``share`` quantile
+    (at most ``share`` withheld on this very sample)."""
+    from scipy.stats import beta
+
+    c = np.sort(np.asarray(conf, np.float64))
+    if not bound:
+        return float(np.quantile(c, share, method="lower"))
+    k = 0
+    while k + 1 < len(c) and beta.ppf(level, k + 2, len(c) - k - 1) <= share:
+        k += 1
+    return float(c[k])  # outputs below it are withheld: at most k
+
+
+def _prior_column(names: np.ndarray, right: np.ndarray, fold: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """:data:`PRIOR_FEATURE` of each row where ``fit`` (the rows a model is fitted on) is False or
+    True: from the rows of the other folds among ``fit``, so no row's prior holds its own outcome."""
+    col = np.zeros(len(names))
+    for f in np.unique(fold):
+        rates, pooled = structure_rates(names[fit & (fold != f)], right[fit & (fold != f)])
+        sel = fold == f
+        col[sel] = [rates.get(str(n), pooled) for n in names[sel]]
+    return col
 
 
 def calibration_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -52,7 +94,10 @@ def calibration_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in doc["targets"]:
             if "right" in r and r.get("features"):
                 rows.append({"features": r["features"], "right": bool(r["right"]), "target": f"{split}/{r['target']}",
-                             "split": split})
+                             "split": split, "structure": r.get("structure", "")})
+            elif "right" in r and r.get("flag"):  # a blank or noise target: never run, no features
+                rows.append({"features": None, "right": bool(r["right"]), "target": f"{split}/{r['target']}",
+                             "split": split, "structure": r.get("structure", ""), "never_run": True})
     return rows
 
 
@@ -82,8 +127,13 @@ def _isotonic_map(p: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float
 
 
 def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, seed: int = 0,
-                    record: dict[str, Any] | None = None) -> Calibration:
+                    record: dict[str, Any] | None = None, use_prior: bool = True,
+                    threshold_bound: bool = True, orientation_rule: bool = False,
+                    drop: tuple[str, ...] = ()) -> Calibration:
     """Fit a :class:`Calibration` on ``rows`` (:func:`calibration_rows`); see the module docstring."""
+    never_run = [r for r in rows if r.get("never_run")]
+    target_rate = float((sum(r["right"] for r in never_run) + 1) / (len(never_run) + 2)) if never_run else None
+    rows = [r for r in rows if not r.get("never_run")]
     if len(rows) < MIN_ROWS:
         raise RauInputError(f"calibrate: {len(rows)} assessed outputs, need at least {MIN_ROWS}")
     rows = [{**r, "features": with_derived(r["features"])} for r in rows]  # reports from before a derived feature
@@ -100,6 +150,8 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     found = np.array([r["features"]["found"] > 0 for r in rows])
     # orientation matters where a mask was found: a right "not there" answer is right either way round
     min_orient = float(np.quantile(orient[correct & found], 0.01)) if (correct & found).any() else -1.0
+    if not orientation_rule:  # the agreement stays a feature of the logistic model
+        min_orient = None
     # fit: calibration pairs have the most similar reference, a user's may be less alike, so the rule
     # sits midway between the wrong inputs' fits (other anatomy, modality, noise) and the lowest
     # split's 1% quantile of right outputs' fits
@@ -112,29 +164,41 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     min_fit = (lo + hi) / 2 if lo < hi else hi
     # the physical "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
     mirrored = np.array([mirror_reason(r["features"]) is not None for r in rows])
-    gated = (fit < min_fit) | (orient < min_orient) | mirrored
+    gated = (fit < min_fit) | mirrored | ((orient < min_orient) if min_orient is not None else False)
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
     keep = ~gated
-    x = np.array([[r["features"][k] for k in FEATURES] for r, g in zip(rows, keep) if g], np.float64)
+    measured = [k for k in FEATURES if k not in drop]
+    feature_names = measured + ([PRIOR_FEATURE] if use_prior else [])
+    x = np.array([[r["features"][k] for k in measured] for r, g in zip(rows, keep) if g], np.float64)
     y = y_all[keep].astype(np.float64)
-    mean, std = x.mean(0), x.std(0)
-    std[std < 1e-9] = 1.0
-    z = (x - mean) / std
+    names = np.array([r.get("structure", "") for r, g in zip(rows, keep) if g], object)
     groups = np.array([r["target"] for r, g in zip(rows, keep) if g])
     uniq = np.unique(groups)
     fold_of = dict(zip(uniq, np.random.default_rng(seed).permutation(len(uniq)) % folds))
     fold = np.array([fold_of[g] for g in groups])
+    everything = np.ones(len(y), bool)
+    if use_prior:  # the final model reads each row's prior from the other folds (no row sees its own outcome)
+        x = np.column_stack([x, _prior_column(names, y, fold, everything)])
+    mean, std = x.mean(0), x.std(0)
+    std[std < 1e-9] = 1.0
+    z = (x - mean) / std
     oof = np.zeros(len(y))
     for f in range(folds):
         test = fold == f
         if not test.any() or test.all():
             continue
-        coef, b = _logistic(z[~test], y[~test])
-        oof[test] = 1.0 / (1.0 + np.exp(-(z[test] @ coef + b)))
+        zf = z
+        if use_prior:  # priors from the training folds only, each training row's from the folds other than its own
+            col = _prior_column(names, y, fold, ~test)
+            zf = z.copy()
+            zf[:, -1] = (col - mean[-1]) / std[-1]
+        coef, b = _logistic(zf[~test], y[~test])
+        oof[test] = 1.0 / (1.0 + np.exp(-(zf[test] @ coef + b)))
     iso_x, iso_y = _isotonic_map(oof, y)
     coef, b = _logistic(z, y)
+    rates, pooled = structure_rates(names, y) if use_prior else ({}, 0.5)
     cal = Calibration(method, mean.tolist(), std.tolist(), coef.tolist(), b, iso_x, iso_y, 0.0, min_fit, min_orient,
-                      gated_rate, list(FEATURES), dict(record or {}))
+                      gated_rate, feature_names, dict(record or {}), rates, pooled, target_rate)
     conf = np.where(gated, gated_rate, 0.0)
     conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
     # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
@@ -144,9 +208,10 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     for split in sorted({r["split"] for r in rows}):
         sel = correct & found & np.array([r["split"] == split for r in rows])
         if sel.sum() >= MIN_SPLIT_MASKS:
-            cuts.append(float(np.quantile(conf[sel], 0.05, method="lower")))
-    cal.threshold = min(cuts) if cuts else float(np.quantile(conf[correct & found], 0.05, method="lower"))
+            cuts.append(keep_threshold(conf[sel], bound=threshold_bound))
+    cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found], bound=threshold_bound)
     cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
+                       "n_never_run": len(never_run),
                        "splits": sorted({r["split"] for r in rows})})
     return cal
 

@@ -43,6 +43,11 @@ from rau.errors import RauInputError
 FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
             "orientation", "smoothness", "contrast", "score_logit")
 
+#: A feature the calibration itself supplies: the share of right outputs for the structure's name on
+#: the calibration split, shrunk towards the pooled share (:meth:`Calibration.structure_prior`). A
+#: structure the calibration never saw (a user's own) gets the pooled share.
+PRIOR_FEATURE = "structure_prior"
+
 #: Below this standard deviation (intensities in [0, 1]) a target is blank: nothing to answer on.
 MIN_CONTRAST = 0.01
 #: Below this lag-1 autocorrelation (at 128 px) a target is noise: every radiograph measured on the
@@ -236,7 +241,12 @@ class Calibration:
     ``threshold``: the default ``min_confidence`` (chosen on the calibration split: at most 5% of
     right outputs abstain); ``min_fit``/``min_orientation``: pair-level rules ("reference does not
     fit", "mirrored") chosen on the same split; ``gated_rate``: the share of right outputs among
-    the calibration outputs those rules caught (their confidence); ``record``: how it was made."""
+    the calibration outputs those rules caught (their confidence); ``target_rate``: the share of
+    right "not there" answers among the calibration's blank and noise targets, which are never run
+    (their confidence; None in files from before it: ``gated_rate``); ``structure_rates`` /
+    ``prior_rate``: per structure name, the shrunk share of right outputs on the calibration split,
+    and the pooled share for names it never saw (:data:`PRIOR_FEATURE`, when ``features`` has it);
+    ``record``: how it was made."""
 
     method: str
     mean: list[float]
@@ -251,10 +261,27 @@ class Calibration:
     gated_rate: float = 0.0
     features: list[str] = field(default_factory=lambda: list(FEATURES))
     record: dict[str, Any] = field(default_factory=dict)
+    structure_rates: dict[str, float] = field(default_factory=dict)
+    prior_rate: float = 0.5
+    target_rate: float | None = None
 
-    def predict(self, feats: dict[str, float] | list[dict[str, float]]) -> np.ndarray:
-        """Calibrated P(right) for one feature dict or a list of them."""
+    def never_run_confidence(self) -> float:
+        """The confidence of an output on a blank or noise target (never run: "not there")."""
+        return self.gated_rate if self.target_rate is None else float(self.target_rate)
+
+    def structure_prior(self, name: str) -> float:
+        """The calibration split's (shrunk) share of right outputs for structure ``name``; the
+        pooled share for a name it never saw."""
+        return float(self.structure_rates.get(name, self.prior_rate))
+
+    def predict(self, feats: dict[str, float] | list[dict[str, float]],
+                structures: list[str] | None = None) -> np.ndarray:
+        """Calibrated P(right) for one feature dict or a list of them; ``structures``: their
+        structure names, which supply :data:`PRIOR_FEATURE` where the features lack it."""
         rows = [with_derived(r) for r in ([feats] if isinstance(feats, dict) else feats)]
+        if PRIOR_FEATURE in self.features:
+            names = structures or [None] * len(rows)
+            rows = [r if PRIOR_FEATURE in r else {**r, PRIOR_FEATURE: self.structure_prior(n)} for r, n in zip(rows, names)]
         x = np.array([[r[k] for k in self.features] for r in rows], np.float64)
         z = (x - np.asarray(self.mean)) / np.asarray(self.std)
         p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
@@ -300,7 +327,7 @@ class Calibration:
 
 
 def unknown_features(names: list[str]) -> list[str]:
-    return [n for n in names if n not in FEATURES]
+    return [n for n in names if n not in FEATURES and n != PRIOR_FEATURE]
 
 
 def default_calibration(method: str) -> Calibration | None:
@@ -347,12 +374,14 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
     probs = {}
     if calibration is not None and feats:
         names = list(feats)
-        probs = dict(zip(names, calibration.predict([feats[n] for n in names]).tolist()))
+        probs = dict(zip(names, calibration.predict([feats[n] for n in names], names).tolist()))
+    never_run = target_reason(checks) is not None
     for name, r in result.structures.items():
         r.features = feats.get(name)
         r.flag = reason
         if calibration is not None:
-            r.confidence = calibration.gated_rate if reason is not None else probs.get(name)
+            r.confidence = (calibration.never_run_confidence() if never_run else calibration.gated_rate) if reason is not None \
+                else probs.get(name)
         elif reason is not None:
             r.confidence = 0.0
     return result

@@ -237,7 +237,7 @@ class Method:
         why = target_reason(checks)
         if why is None:
             return None
-        conf = self.calibration.gated_rate if self.calibration is not None else 0.0
+        conf = self.calibration.never_run_confidence() if self.calibration is not None else 0.0
         results = {s: StructureResult(s, "no", None, 0.0, None, why, confidence=conf, flag=why) for s in structures}
         return TargetResult(target.id, reference_id, self.name, results, time.perf_counter() - start)
 
