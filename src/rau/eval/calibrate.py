@@ -11,16 +11,24 @@ which the bench never scores. (Wingspan 120..159 lie inside the refiner's traini
    there") only give ``target_rate``, their share right (Laplace-smoothed), which is their confidence.
 3. Pair rules, set on the right rows of the correct-pair splits (not ``calib-wrong``): ``min_fit`` =
    midway between the 99% quantile of the wrong inputs' reference fit (other anatomy, modality,
-   noise; mirrored targets are the orientation rule's) and the lowest split's 1% quantile of right outputs' fit (calibration pairs have the most
-   similar reference; a user's may be less alike), and
-   ``min_orientation`` = the 1% quantile of the orientation agreement over those with a mask
-   (a right "absent" answer is right whichever way round the image is); rows they
-   catch, and those of the physical "mirrored" rule (:func:`rau.methods.confidence.mirror_reason`),
-   get the share of right among them as confidence (``gated_rate``). The orientation model
-   (:func:`fit_orientation`) is fitted first, on calibration-side images only, if none ships.
+   noise; mirrored targets are the "mirrored" rule's) and the lowest split's 1% quantile of right
+   outputs' fit (calibration pairs have the most similar reference; a user's may be less alike).
+   Rows it catches, and those of the physical "mirrored" rule
+   (:func:`rau.methods.confidence.mirror_reason`), get the share of right among them as confidence
+   (``gated_rate``). With ``orientation_rule`` (off by default) ``min_orientation`` = the 1% quantile
+   of the thumbnail orientation model's agreement over right masks is a rule too; by default the
+   agreement is only a feature: as a rule it withheld 2 of the 40 correct Wingspan bench targets
+   (which the registration-based rule reads as not mirrored, gain -0.09 and -0.08) and 28 right
+   calibration outputs, and caught 2 more of the 12 mirrored calibration targets, none on the bench
+   (docs/RESULTS.md). The orientation model (:func:`fit_orientation`) is fitted first, on
+   calibration-side images only, if none ships.
 4. On the other rows: an L2 logistic model on standardised features, out-of-fold (5 folds by
    target) probabilities mapped to the share right by isotonic regression (scipy), then the
-   logistic refitted on all rows.
+   logistic refitted on all rows. With ``use_prior`` (default) one more feature,
+   :data:`rau.methods.confidence.PRIOR_FEATURE`: the share right of the row's structure name
+   (:func:`structure_rates`, shrunk towards the pooled share), computed for every row from the
+   other folds only, so no row's feature holds its own outcome; the calibration stores the shares
+   from all rows for use.
 5. ``threshold`` = the lowest, over the correct-pair splits with at least 20 right masks, of
    :func:`keep_threshold` of their right masks' (out-of-fold) confidence: the most right masks
    withheld such that the 95% upper bound on the share withheld stays within 5% (withholding a
