@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rau.eval.calibrate import calibration_rows, fit_calibration
 from rau.eval.evaluate import calibration_summary
-from rau.methods.confidence import abstention_reason, mirror_reason
+from rau.methods.confidence import abstention_reason
 
 VARIANTS = {"measured features, 5% quantile": {"use_prior": False, "threshold_bound": False},
             "measured features, bound": {"use_prior": False},
@@ -47,7 +47,7 @@ def rescore(rows: list[dict], cal) -> list[dict]:
             conf = cal.never_run_confidence()
         else:  # the pair rules again, with this calibration's thresholds (as rau.methods.confidence.assess)
             f = r["features"]
-            r = {**r, "flag": cal.fit_reason(f) or mirror_reason(f) or cal.orientation_reason(f)}
+            r = {**r, "flag": cal.pair_reason(f)}
             conf = cal.gated_rate if r["flag"] else float(cal.predict(f, [r["structure"]])[0])
         out.append({**r, "confidence": conf, "abstain": abstention_reason(_Row(r, conf), cal.threshold) is not None})
     return out

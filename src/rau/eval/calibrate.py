@@ -95,7 +95,8 @@ def _prior_column(names: np.ndarray, right: np.ndarray, fold: np.ndarray, fit: n
 
 
 def calibration_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """(features, right, target, split) of every assessed, asked structure in ``reports``."""
+    """(features, right, target, split, structure) of every assessed, asked structure in ``reports``;
+    a blank or noise target's (never run) with ``features`` None and ``never_run`` True."""
     rows = []
     for doc in reports:
         split = doc.get("config", {}).get("split", "?")

@@ -300,8 +300,10 @@ class Calibration:
         return None
 
     def pair_reason(self, pair: dict[str, float]) -> str | None:
-        """"Reference does not fit" / "mirrored" from the pair features, or None."""
-        return self.fit_reason(pair) or self.orientation_reason(pair)
+        """The pair rules in order, first reason wins: "does not fit" (an angiogram against a chest
+        may also fit the chest better mirrored, and "mirrored" would name the wrong cause), the
+        physical "mirrored" rule (:func:`mirror_reason`), then the orientation rule; or None."""
+        return self.fit_reason(pair) or mirror_reason(pair) or self.orientation_reason(pair)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -365,17 +367,13 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
     reason = target_reason(checks)
     feats = output_features(result, reference, target_image, checks)
     pair = next(iter(feats.values()), None)  # pair features: the same in every entry
+    never_run = reason is not None  # blank or noise: no method runs on it
     if reason is None and pair is not None:
-        # "does not fit" first: an angiogram against a chest may also fit the chest better mirrored,
-        # and "mirrored" would name the wrong cause
-        rules = [calibration.fit_reason, mirror_reason, calibration.orientation_reason] if calibration is not None \
-            else [mirror_reason]
-        reason = next((why for why in (rule(pair) for rule in rules) if why is not None), None)
+        reason = calibration.pair_reason(pair) if calibration is not None else mirror_reason(pair)
     probs = {}
     if calibration is not None and feats:
         names = list(feats)
         probs = dict(zip(names, calibration.predict([feats[n] for n in names], names).tolist()))
-    never_run = target_reason(checks) is not None
     for name, r in result.structures.items():
         r.features = feats.get(name)
         r.flag = reason
