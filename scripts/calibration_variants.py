@@ -19,12 +19,13 @@ from rau.eval.calibrate import calibration_rows, fit_calibration
 from rau.eval.evaluate import calibration_summary
 from rau.methods.confidence import abstention_reason
 
-VARIANTS = {"measured features, 5% quantile": {"use_prior": False, "threshold_bound": False},
-            "measured features, bound": {"use_prior": False},
-            "structure_prior, 5% quantile": {"use_prior": True, "threshold_bound": False},
-            "structure_prior, bound, orientation rule": {"use_prior": True, "orientation_rule": True},
-            "structure_prior, bound": {"use_prior": True},
-            "structure_prior, bound, no orientation feature": {"use_prior": True, "drop": ("orientation",)}}
+VARIANTS = {"measured features, 5% quantile": {"use_prior": False, "threshold_bound": False, "rule_rates": False},
+            "measured features, bound": {"use_prior": False, "rule_rates": False},
+            "structure_prior, 5% quantile": {"use_prior": True, "threshold_bound": False, "rule_rates": False},
+            "structure_prior, bound, orientation rule": {"use_prior": True, "orientation_rule": True, "rule_rates": False},
+            "structure_prior, bound": {"use_prior": True, "rule_rates": False},
+            "structure_prior, bound, rates per rule and structure": {"use_prior": True},
+            "structure_prior, bound, no orientation feature": {"use_prior": True, "drop": ("orientation",), "rule_rates": False}}
 #: The last variant: the prior's shares of the held-out families dropped, as for a user's own
 #: structure the calibration never saw (they get the pooled share).
 UNSEEN = ("clavicle", "scapula")
@@ -47,8 +48,9 @@ def rescore(rows: list[dict], cal) -> list[dict]:
             conf = cal.never_run_confidence()
         else:  # the pair rules again, with this calibration's thresholds (as rau.methods.confidence.assess)
             f = r["features"]
-            r = {**r, "flag": cal.pair_reason(f)}
-            conf = cal.gated_rate if r["flag"] else float(cal.predict(f, [r["structure"]])[0])
+            rule = cal.pair_rule(f)
+            r = {**r, "flag": rule[1] if rule else None}
+            conf = cal.rule_confidence(rule[0], r["structure"]) if rule else float(cal.predict(f, [r["structure"]])[0])
         out.append({**r, "confidence": conf, "abstain": abstention_reason(_Row(r, conf), cal.threshold) is not None})
     return out
 
@@ -66,7 +68,7 @@ def main() -> None:
     print("| variant | split | outputs | AUROC | ECE | withheld: right masks | withheld: wrong | threshold |")
     print("|---|---|---|---|---|---|---|---|")
     cals = {name: fit_calibration(rows, args.method, **kw) for name, kw in VARIANTS.items()}
-    unseen = dataclasses.replace(cals["structure_prior, bound"])
+    unseen = dataclasses.replace(cals["structure_prior, bound, rates per rule and structure"])
     unseen.structure_rates = {k: v for k, v in unseen.structure_rates.items() if not any(u in k for u in UNSEEN)}
     cals["structure_prior, clavicles and scapulae unknown"] = unseen
     for name, cal in cals.items():

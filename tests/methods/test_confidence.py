@@ -375,3 +375,40 @@ def test_wrong_input_split_is_built_with_mirrored_masks(tmp_path):
     orig = src.load(next(e for e in src.entries if e.id == mirror.id[len("mirror_"):]))
     assert np.array_equal(item.masks["left_lung"], orig.masks["left_lung"][:, ::-1])
     assert not ds.load(next(e for e in ds.entries if e.id.startswith("angiogram_"))).masks
+
+
+def test_rule_withheld_outputs_get_their_rule_and_structure_share(tmp_path):
+    """Outputs a pair rule withholds get the calibration's share right for that rule and structure
+    name: on mirrored calibration targets the heart was right and the lungs wrong, so a mirrored
+    heart reads high and its lungs low; a reference that does not fit is pooled (the names do not
+    differ there); a legacy file without these rates gives every withheld output ``gated_rate``."""
+    from rau.eval.calibrate import choose_strength
+    from rau.methods.confidence import REASON_MIRROR
+
+    rows = _rows()
+    for i in range(12):  # mirrored targets: the physical rule catches them (mirror_fit_gain > 0)
+        for name, right in (("heart", i != 0), ("left_lung", False), ("right_lung", False)):
+            f = {**rows[0]["features"], "mirror_fit_gain": 0.05}
+            rows.append({"features": f, "right": right, "target": f"m{i}", "split": "wrong", "structure": name})
+    for i in range(12):  # unfit references (an angiogram against a chest): as often right whatever the name
+        for k, name in enumerate(("heart", "left_lung", "right_lung")):
+            f = {**rows[0]["features"], "fit": 0.1}
+            rows.append({"features": f, "right": i == 3 + k, "target": f"a{i}", "split": "wrong", "structure": name})
+    cal = fit_calibration(rows, "toy")
+    assert cal.record["rule_strength"]["mirrored"] <= 1 and cal.record["rule_strength"]["fit"] >= 5
+    mirrored = {**rows[0]["features"], "mirror_fit_gain": 0.05}
+    assert cal.pair_rule(mirrored)[0] == "mirrored" and cal.pair_reason(mirrored).startswith(REASON_MIRROR)
+    assert cal.pair_rule(rows[0]["features"]) is None
+    assert cal.rule_confidence("mirrored", "heart") > 0.8 > 0.1 > cal.rule_confidence("mirrored", "left_lung")
+    assert cal.rule_confidence("mirrored", "aorta") == pytest.approx(cal.rule_pooled["mirrored"])
+    assert abs(cal.rule_confidence("fit", "heart") - cal.rule_confidence("fit", "left_lung")) < 0.05
+    assert cal.rule_confidence("orientation", "heart") == cal.gated_rate  # a rule the calibration never saw
+    cal.save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json").rule_confidence("mirrored", "heart") == cal.rule_confidence("mirrored", "heart")
+    legacy = Calibration(**{k: v for k, v in cal.to_json().items() if k not in ("rule_rates", "rule_pooled")})
+    assert legacy.rule_confidence("mirrored", "heart") == legacy.gated_rate
+    assert not fit_calibration(rows, "toy", rule_rates=False).rule_pooled
+    # the strength: structures that differ want little shrinkage, alike ones pool
+    names = np.array(["a", "b"] * 20, object)
+    assert choose_strength(names, names == "a", np.arange(40) // 2) < 1
+    assert choose_strength(names, np.arange(40) % 5 == 0, np.arange(40) // 2) >= 5

@@ -14,8 +14,12 @@ which the bench never scores. (Wingspan 120..159 lie inside the refiner's traini
    noise; mirrored targets are the "mirrored" rule's) and the lowest split's 1% quantile of right
    outputs' fit (calibration pairs have the most similar reference; a user's may be less alike).
    Rows it catches, and those of the physical "mirrored" rule
-   (:func:`rau.methods.confidence.mirror_reason`), get the share of right among them as confidence
-   (``gated_rate``). With ``orientation_rule`` (off by default) ``min_orientation`` = the 1% quantile
+   (:func:`rau.methods.confidence.mirror_reason`), get as confidence the share of right among the
+   rows their rule caught, per structure name shrunk towards that rule's pooled share by a
+   strength chosen by leave-one-target-out log loss (:func:`choose_strength`; ``rule_rates``: a
+   mirrored radiograph's heart mask is usually right and its lungs are swapped, while an angiogram
+   read against a chest is wrong whatever the name; with ``rule_rates=False`` one share for all,
+   ``gated_rate``). With ``orientation_rule`` (off by default) ``min_orientation`` = the 1% quantile
    of the thumbnail orientation model's agreement over right masks is a rule too; by default the
    agreement is only a feature: as a rule it withheld 2 of the 40 correct Wingspan bench targets
    (which the registration-based rule reads as not mirrored, gain -0.09 and -0.08) and 28 right
@@ -47,7 +51,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 
 from rau.errors import RauInputError
-from rau.methods.confidence import FEATURES, PRIOR_FEATURE, Calibration, mirror_reason, with_derived
+from rau.methods.confidence import FEATURES, PRIOR_FEATURE, RULES, Calibration, mirror_reason, with_derived
 
 MIN_ROWS = 20
 #: A calibration split takes part in choosing the threshold when it has this many right masks.
@@ -64,6 +68,28 @@ def structure_rates(names: np.ndarray, right: np.ndarray, strength: float = PRIO
     rates = {str(n): float((right[names == n].sum() + strength * pooled) / ((names == n).sum() + strength))
              for n in np.unique(names)}
     return rates, pooled
+
+
+#: Shrinkage strengths tried for the per-rule rates (:func:`choose_strength`); the last one pools.
+RULE_STRENGTHS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 1e9)
+
+
+def choose_strength(names: np.ndarray, right: np.ndarray, groups: np.ndarray,
+                    grid: tuple[float, ...] = RULE_STRENGTHS) -> float:
+    """The shrinkage of :func:`structure_rates` with the least leave-one-target-out log loss
+    (``groups``: each row's target): small where structures differ (a mirrored radiograph's heart
+    against its lungs), pooled where they do not (an angiogram against a chest)."""
+    best, best_loss = grid[-1], np.inf
+    for strength in grid:
+        loss = 0.0
+        for g in np.unique(groups):
+            out = groups == g
+            rates, pooled = structure_rates(names[~out], right[~out], strength)
+            p = np.clip([rates.get(str(n), pooled) for n in names[out]], 1e-6, 1 - 1e-6)
+            loss -= float(np.sum(np.where(right[out], np.log(p), np.log1p(-p))))
+        if loss < best_loss - 1e-12:
+            best, best_loss = strength, loss
+    return best
 
 
 def keep_threshold(conf: np.ndarray, share: float = 0.05, level: float = 0.95, bound: bool = True) -> float:
@@ -138,7 +164,7 @@ def _isotonic_map(p: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float
 def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, seed: int = 0,
                     record: dict[str, Any] | None = None, use_prior: bool = True,
                     threshold_bound: bool = True, orientation_rule: bool = False,
-                    drop: tuple[str, ...] = ()) -> Calibration:
+                    drop: tuple[str, ...] = (), rule_rates: bool = True) -> Calibration:
     """Fit a :class:`Calibration` on ``rows`` (:func:`calibration_rows`); see the module docstring."""
     never_run = [r for r in rows if r.get("never_run")]
     target_rate = float((sum(r["right"] for r in never_run) + 1) / (len(never_run) + 2)) if never_run else None
@@ -173,8 +199,20 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     min_fit = (lo + hi) / 2 if lo < hi else hi
     # the physical "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
     mirrored = np.array([mirror_reason(r["features"]) is not None for r in rows])
-    gated = (fit < min_fit) | mirrored | ((orient < min_orient) if min_orient is not None else False)
+    caught = {"fit": fit < min_fit, "mirrored": mirrored,
+              "orientation": (orient < min_orient) if min_orient is not None else np.zeros(len(rows), bool)}
+    gated = caught["fit"] | caught["mirrored"] | caught["orientation"]
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
+    all_names = np.array([r.get("structure", "") for r in rows], object)
+    per_rule, rule_pooled, rule_strength, earlier = {}, {}, {}, np.zeros(len(rows), bool)
+    for rule in RULES:  # each row belongs to the first rule that catches it, as in Calibration.pair_rule
+        sel = caught[rule] & ~earlier
+        earlier |= caught[rule]
+        if rule_rates and sel.any():
+            targets = np.array([r["target"] for r in rows])[sel]
+            strength = choose_strength(all_names[sel], y_all[sel], targets) if len(np.unique(targets)) > 1 else 1e9
+            per_rule[rule], rule_pooled[rule] = structure_rates(all_names[sel], y_all[sel], strength)
+            rule_strength[rule] = strength
     keep = ~gated
     measured = [k for k in FEATURES if k not in drop]
     feature_names = measured + ([PRIOR_FEATURE] if use_prior else [])
@@ -207,8 +245,8 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     coef, b = _logistic(z, y)
     rates, pooled = structure_rates(names, y) if use_prior else ({}, 0.5)
     cal = Calibration(method, mean.tolist(), std.tolist(), coef.tolist(), b, iso_x, iso_y, 0.0, min_fit, min_orient,
-                      gated_rate, feature_names, dict(record or {}), rates, pooled, target_rate)
-    conf = np.where(gated, gated_rate, 0.0)
+                      gated_rate, feature_names, dict(record or {}), rates, pooled, target_rate, per_rule, rule_pooled)
+    conf = np.where(gated, gated_rate, 0.0)  # (withheld by their rule whatever the threshold)
     conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
     # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
     # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with
@@ -220,7 +258,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
             cuts.append(keep_threshold(conf[sel], bound=threshold_bound))
     cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found], bound=threshold_bound)
     cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
-                       "n_never_run": len(never_run),
+                       "n_never_run": len(never_run), "rule_strength": rule_strength,
                        "splits": sorted({r["split"] for r in rows})})
     return cal
 

@@ -71,6 +71,9 @@ REASON_FIT = "reference does not fit this image"
 REASON_MIRROR = "reference does not fit this image: the target looks mirrored left-right"
 REASON_ABSENT = "structure absent from target"
 REASON_LOW = "low confidence"
+#: The pair rules, in the order they are tried (:meth:`Calibration.pair_rule`): reference fit,
+#: the physical "mirrored" rule, the thumbnail orientation rule (off in current calibrations).
+RULES = ("fit", "mirrored", "orientation")
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "assets" / "calibration"
 
@@ -246,6 +249,9 @@ class Calibration:
     (their confidence; None in files from before it: ``gated_rate``); ``structure_rates`` /
     ``prior_rate``: per structure name, the shrunk share of right outputs on the calibration split,
     and the pooled share for names it never saw (:data:`PRIOR_FEATURE`, when ``features`` has it);
+    ``rule_rates`` / ``rule_pooled``: the same per pair rule (:data:`RULES`) among the outputs that
+    rule caught (a mirrored radiograph's heart mask is usually right, its lungs are swapped), the
+    confidence of an output a rule withholds (empty in files from before them: ``gated_rate``);
     ``record``: how it was made."""
 
     method: str
@@ -264,6 +270,16 @@ class Calibration:
     structure_rates: dict[str, float] = field(default_factory=dict)
     prior_rate: float = 0.5
     target_rate: float | None = None
+    rule_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    rule_pooled: dict[str, float] = field(default_factory=dict)
+
+    def rule_confidence(self, rule: str, name: str | None = None) -> float:
+        """The confidence of structure ``name``'s output when pair rule ``rule`` (:data:`RULES`)
+        withholds it: the calibration's shrunk share right for that rule and name, the rule's
+        pooled share for a name it never saw, ``gated_rate`` for a rule it never saw."""
+        if rule not in self.rule_pooled:
+            return float(self.gated_rate)
+        return float(self.rule_rates.get(rule, {}).get(name, self.rule_pooled[rule]))
 
     def never_run_confidence(self) -> float:
         """The confidence of an output on a blank or noise target (never run: "not there")."""
@@ -299,11 +315,21 @@ class Calibration:
             return f"{REASON_MIRROR} (orientation agreement {pair['orientation']:+.2f} < {self.min_orientation:+.2f})"
         return None
 
+    def pair_rule(self, pair: dict[str, float]) -> tuple[str, str] | None:
+        """The pair rules in order, first one wins -> (its :data:`RULES` key, the reason), or None:
+        "does not fit" (an angiogram against a chest may also fit the chest better mirrored, and
+        "mirrored" would name the wrong cause), the physical "mirrored" rule (:func:`mirror_reason`),
+        then the orientation rule."""
+        for key, reason in zip(RULES, (self.fit_reason, mirror_reason, self.orientation_reason)):
+            why = reason(pair)
+            if why is not None:
+                return key, why
+        return None
+
     def pair_reason(self, pair: dict[str, float]) -> str | None:
-        """The pair rules in order, first reason wins: "does not fit" (an angiogram against a chest
-        may also fit the chest better mirrored, and "mirrored" would name the wrong cause), the
-        physical "mirrored" rule (:func:`mirror_reason`), then the orientation rule; or None."""
-        return self.fit_reason(pair) or mirror_reason(pair) or self.orientation_reason(pair)
+        """The reason of :meth:`pair_rule`, or None."""
+        rule = self.pair_rule(pair)
+        return rule[1] if rule else None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -368,8 +394,13 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
     feats = output_features(result, reference, target_image, checks)
     pair = next(iter(feats.values()), None)  # pair features: the same in every entry
     never_run = reason is not None  # blank or noise: no method runs on it
+    rule = None
     if reason is None and pair is not None:
-        reason = calibration.pair_reason(pair) if calibration is not None else mirror_reason(pair)
+        if calibration is not None:
+            rule = calibration.pair_rule(pair)
+            reason = rule[1] if rule else None
+        else:
+            reason = mirror_reason(pair)
     probs = {}
     if calibration is not None and feats:
         names = list(feats)
@@ -378,8 +409,8 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
         r.features = feats.get(name)
         r.flag = reason
         if calibration is not None:
-            r.confidence = (calibration.never_run_confidence() if never_run else calibration.gated_rate) if reason is not None \
-                else probs.get(name)
+            r.confidence = calibration.never_run_confidence() if never_run \
+                else calibration.rule_confidence(rule[0], name) if rule else probs.get(name)
         elif reason is not None:
             r.confidence = 0.0
     return result
