@@ -3,19 +3,19 @@
 # registration outputs, then training. Clavicles and scapulae are held out of ALL its training (the
 # caches never store them) so that `rau bench --splits drr-unseen` measures structures it never saw.
 # Images used: the DRR reference render (300 poses, seed 0; the bench's drr targets are the seed-1
-# poses), Wingspan's reference part 0:160 (targets are 160:200), ARCADE train 0:600 (targets come
-# from ARCADE val). On 2 CPU cores: caches ~10 min (two at a time, one ITK thread each), training
+# poses), Wingspan 0:120 (bench targets are 160:200 and the confidence calibration reads 120:160, so
+# neither is trained on), ARCADE train 0:600 (targets come from ARCADE val; calibration reads 600:1000). On 2 CPU cores: caches ~10 min (two at a time, one ITK thread each), training
 # ~1 s/step. Resumable: rerun the same line after a kill (a finished cache is kept).
 set -euo pipefail
 RAU=${RAU:-.venv/bin/rau}
 DATA=${DATA:-../shared/datasets}
 DRR=${DRR:-runs/drr_full}
 OUT=${OUT:-runs/refine}
-STEPS=${STEPS:-2000}
+STEPS=${STEPS:-3000}
 HOLD=(--exclude '*clavicle*' --exclude '*scapula*')
 [ -f "$DRR/train/annotations.json" ] || $RAU drr --out "$DRR/train" --views 300 --seed 0 --height 256
 [ -f "$OUT/drr_train.npz" ] || $RAU train refine-cache --data "$DRR/train" --out "$OUT/drr_train.npz" "${HOLD[@]}" --threads 1
-[ -f "$OUT/wingspan_train.npz" ] || $RAU train refine-cache --data "$DATA/wingspan_cxr" --images 0:160 \
+[ -f "$OUT/wingspan_train.npz" ] || $RAU train refine-cache --data "$DATA/wingspan_cxr" --images 0:120 \
   --out "$OUT/wingspan_train.npz" "${HOLD[@]}" --threads 1
 [ -f "$OUT/arcade_train.npz" ] || $RAU train refine-cache --data "$DATA/arcade_syntax/train" --images 0:600 --limit 400 \
   --out "$OUT/arcade_train.npz" "${HOLD[@]}" --threads 1

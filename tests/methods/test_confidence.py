@@ -99,8 +99,25 @@ def test_structure_features_of_found_and_missing_outputs():
     assert structure_features(0.9, split, ref)["largest_part"] < 1
     missing = structure_features(0.1, None, ref)
     assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation",
-                                                                                       "smoothness", "contrast"} == set(FEATURES)
+                                                                                       "smoothness", "contrast", "edge",
+                                                                                       "inside_contrast"} == set(FEATURES)
     assert "structure_prior" not in FEATURES  # the calibration supplies it from the structure's name
+
+
+def test_mask_image_features_prefer_a_mask_on_the_structure_to_one_beside_it():
+    """A mask on a dark bar (a vessel) has high edge and inside contrast; the same mask moved onto
+    flat background has neither; no mask gives zeros."""
+    from rau.methods.confidence import image_gradient, mask_image_features
+
+    image = np.full((128, 128), 0.8, np.float32) + np.random.default_rng(0).normal(0, 0.01, (128, 128)).astype(np.float32)
+    image[60:66, 20:100] = 0.2
+    on, off = np.zeros((128, 128), bool), np.zeros((128, 128), bool)
+    on[60:66, 20:100] = True
+    off[20:26, 20:100] = True
+    a, b = mask_image_features(image, on), mask_image_features(image, off, image_gradient(image))
+    assert a["edge"] > 3 * b["edge"] and a["inside_contrast"] > 1.5 > 0.5 > b["inside_contrast"]
+    assert mask_image_features(image, None) == {"edge": 0.0, "inside_contrast": 0.0}
+    assert mask_image_features(image, np.ones((128, 128), bool))["inside_contrast"] == 0.0
 
 
 @pytest.mark.parametrize("kind", ["noise", "blank"])

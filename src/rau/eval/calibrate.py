@@ -214,7 +214,8 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
             per_rule[rule], rule_pooled[rule] = structure_rates(all_names[sel], y_all[sel], strength)
             rule_strength[rule] = strength
     keep = ~gated
-    measured = [k for k in FEATURES if k not in drop]
+    # a feature some rows lack (reports written before it existed) is left out
+    measured = [k for k in FEATURES if k not in drop and all(k in r["features"] for r in rows)]
     feature_names = measured + ([PRIOR_FEATURE] if use_prior else [])
     x = np.array([[r["features"][k] for k in measured] for r, g in zip(rows, keep) if g], np.float64)
     y = y_all[keep].astype(np.float64)
@@ -246,7 +247,11 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     rates, pooled = structure_rates(names, y) if use_prior else ({}, 0.5)
     cal = Calibration(method, mean.tolist(), std.tolist(), coef.tolist(), b, iso_x, iso_y, 0.0, min_fit, min_orient,
                       gated_rate, feature_names, dict(record or {}), rates, pooled, target_rate, per_rule, rule_pooled)
-    conf = np.where(gated, gated_rate, 0.0)  # (withheld by their rule whatever the threshold)
+    # rule-withheld rows: their rule's rate for their name (withheld by the rule whatever the threshold)
+    rule_of = np.full(len(rows), "", object)
+    for rule in reversed(RULES):  # the first rule that catches a row wins
+        rule_of[caught[rule]] = rule
+    conf = np.array([cal.rule_confidence(k, str(n)) if k else 0.0 for k, n in zip(rule_of, all_names)])
     conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
     # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
     # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with
@@ -259,8 +264,22 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found], bound=threshold_bound)
     cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
                        "n_never_run": len(never_run), "rule_strength": rule_strength,
-                       "splits": sorted({r["split"] for r in rows})})
+                       "splits": sorted({r["split"] for r in rows}), "out_of_fold": _oof_summary(rows, y_all, conf)})
     return cal
+
+
+def _oof_summary(rows: list[dict[str, Any]], right: np.ndarray, conf: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per calibration split, AUROC and ECE of the out-of-fold confidence (rule-withheld rows at
+    their rule's rate, which is not out-of-fold): how well the calibration does on rows it was not
+    fitted on."""
+    from rau.eval.evaluate import calibration_summary
+
+    out = {}
+    for split in sorted({r["split"] for r in rows}):
+        sel = np.array([r["split"] == split for r in rows])
+        s = calibration_summary([{"right": bool(a), "confidence": float(c)} for a, c in zip(right[sel], conf[sel])])
+        out[split] = {"n": int(sel.sum()), "auroc": s["auroc"], "ece": s["ece"]}
+    return out
 
 
 def fit_orientation(images: list[np.ndarray], size: int = 16, l2: float = 1.0, record: dict | None = None):

@@ -41,7 +41,7 @@ from rau.errors import RauInputError
 
 #: The features of one output, in the order the logistic model reads them.
 FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
-            "orientation", "smoothness", "contrast", "score_logit")
+            "orientation", "smoothness", "contrast", "score_logit", "edge", "inside_contrast")
 
 #: A feature the calibration itself supplies: the share of right outputs for the structure's name on
 #: the calibration split, shrunk towards the pooled share (:meth:`Calibration.structure_prior`). A
@@ -215,6 +215,38 @@ def structure_features(score: float, mask: np.ndarray | None, reference_mask: np
             "largest_part": float(sizes.max() / max(sizes.sum(), 1))}
 
 
+def image_gradient(image: np.ndarray) -> np.ndarray:
+    """Gradient magnitude of the target (Gaussian sigma 1 px, Sobel), shared by its structures'
+    :func:`mask_image_features`."""
+    x = np.asarray(image, np.float32)
+    x = x.mean(-1) if x.ndim == 3 else x
+    x = ndimage.gaussian_filter(x, 1.0)
+    return np.hypot(ndimage.sobel(x, 0), ndimage.sobel(x, 1))
+
+
+def mask_image_features(image: np.ndarray, mask: np.ndarray | None, gradient: np.ndarray | None = None) -> dict[str, float]:
+    """How well an output mask sits on the target's own pixels: ``edge``, the mean gradient
+    magnitude on the mask's boundary over the image's mean (a mask that follows a structure's
+    edges, a vessel's walls, reads high; one on featureless background near 1 or below), and
+    ``inside_contrast``, the absolute difference of mean intensity inside the mask and in a ring
+    around it (1% of the image side wide) over the intensity spread of both (a mask on a
+    contrast-filled vessel or a lung reads high). Both 0 without a mask."""
+    if mask is None or not mask.any():
+        return {"edge": 0.0, "inside_contrast": 0.0}
+    x = np.asarray(image, np.float32)
+    x = x.mean(-1) if x.ndim == 3 else x
+    g = image_gradient(x) if gradient is None else gradient
+    mask = np.asarray(mask, bool)
+    boundary = mask & ~ndimage.binary_erosion(mask)
+    width = max(2, round(0.01 * max(mask.shape)))
+    ring = ndimage.binary_dilation(mask, iterations=width) & ~mask
+    edge = float(g[boundary].mean() / (g.mean() + 1e-6)) if boundary.any() else 0.0
+    if not ring.any():  # the mask covers the image
+        return {"edge": edge, "inside_contrast": 0.0}
+    spread = float(x[mask | ring].std()) + 1e-6
+    return {"edge": edge, "inside_contrast": float(abs(x[ring].mean() - x[mask].mean()) / spread)}
+
+
 def mirror_reason(pair: dict[str, float]) -> str | None:
     """"Mirrored" from the pair's ``mirror_fit_gain`` (physical rule, no calibration), or None."""
     gain = pair.get("mirror_fit_gain")
@@ -374,12 +406,15 @@ def output_features(result, reference, target_image: np.ndarray,
     checks = checks or target_checks(target_image)
     # a blank or noise target is withheld whatever its pair fits: no registration on it
     pair = {**pair_features(reference.image, target_image, registered=target_reason(checks) is None), **checks}
-    out = {}
+    out, gradient = {}, None
     for name, r in result.structures.items():
         ref_mask = reference.masks.get(name)
         if ref_mask is None or not ref_mask.any():
             continue
-        out[name] = {**structure_features(r.score, r.mask, ref_mask), **pair}
+        if gradient is None and r.mask is not None and r.mask.any():
+            gradient = image_gradient(target_image)
+        out[name] = {**structure_features(r.score, r.mask, ref_mask),
+                     **mask_image_features(target_image, r.mask, gradient), **pair}
     return out
 
 
