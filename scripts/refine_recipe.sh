@@ -23,4 +23,4 @@ $RAU train refine --cache "$OUT/drr_train.npz" --cache "$OUT/wingspan_train.npz"
   --output-dir "$OUT/run" --steps "$STEPS" --batch-size 16 --lr 1e-3 --warmup 50 --save-every 100 "${HOLD[@]}" \
   --threads 2 --device auto --no-progress
 # Ship (weights + config + training record into the package):
-#   .venv/bin/python -c "from rau.models.refiner.modeling import RefinerModel as M; from rau.methods.refine import DEFAULT_REFINER_DIR as D; M.from_pretrained('runs/refine/run').save_pretrained(D)"
+#   .venv/bin/python -c "from rau.models.refiner.modeling import RefinerModel as M; from rau.methods.refine import DEFAULT_REFINER_DIR as D; m = M.from_pretrained('runs/refine/run'); m.save_pretrained(D, training=m.training)"
