@@ -1,8 +1,8 @@
 """``rau calibrate``: fit a method's confidence (:class:`rau.methods.confidence.Calibration`) on
 the calibration splits (:data:`rau.eval.bench.CALIB_SPLITS`: Wingspan 120..159 against 0..119,
 ARCADE train 600..999 against all of train, DRR poses of seed 3, and wrong inputs built from those),
-which the bench never scores. (Wingspan 120..159 lie inside the refiner's training part 0..159, so
-``reg-refine``'s and ``rau-refine``'s Wingspan rows are outputs on images it trained on.)
+which the bench never scores, nor any shipped model trains on (the refiner trains on Wingspan 0..119
+and ARCADE train 0..599).
 
 1. The method runs on every calibration pair with no calibration (``<work>/<split>_<method>.json``,
    the ``rau eval`` document; a split already there is reused, so a killed run resumes).
