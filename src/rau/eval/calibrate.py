@@ -204,12 +204,15 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     gated = caught["fit"] | caught["mirrored"] | caught["orientation"]
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
     all_names = np.array([r.get("structure", "") for r in rows], object)
-    per_rule, rule_pooled, rule_strength, earlier = {}, {}, {}, np.zeros(len(rows), bool)
-    for rule in RULES:  # each row belongs to the first rule that catches it, as in Calibration.pair_rule
-        sel = caught[rule] & ~earlier
-        earlier |= caught[rule]
+    rule_of = np.full(len(rows), "", object)  # each row's first rule that catches it, as in Calibration.pair_rule
+    for rule in reversed(RULES):
+        rule_of[caught[rule]] = rule
+    all_targets = np.array([r["target"] for r in rows])
+    per_rule, rule_pooled, rule_strength = {}, {}, {}
+    for rule in RULES:
+        sel = rule_of == rule
         if rule_rates and sel.any():
-            targets = np.array([r["target"] for r in rows])[sel]
+            targets = all_targets[sel]
             strength = choose_strength(all_names[sel], y_all[sel], targets) if len(np.unique(targets)) > 1 else 1e9
             per_rule[rule], rule_pooled[rule] = structure_rates(all_names[sel], y_all[sel], strength)
             rule_strength[rule] = strength
@@ -248,9 +251,6 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     cal = Calibration(method, mean.tolist(), std.tolist(), coef.tolist(), b, iso_x, iso_y, 0.0, min_fit, min_orient,
                       gated_rate, feature_names, dict(record or {}), rates, pooled, target_rate, per_rule, rule_pooled)
     # rule-withheld rows: their rule's rate for their name (withheld by the rule whatever the threshold)
-    rule_of = np.full(len(rows), "", object)
-    for rule in reversed(RULES):  # the first rule that catches a row wins
-        rule_of[caught[rule]] = rule
     conf = np.array([cal.rule_confidence(k, str(n)) if k else 0.0 for k, n in zip(rule_of, all_names)])
     conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
     # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
