@@ -50,7 +50,7 @@ def rescore(rows: list[dict], cal) -> list[dict]:
             f = r["features"]
             rule = cal.pair_rule(f)
             r = {**r, "flag": rule[1] if rule else None}
-            conf = cal.rule_confidence(rule[0], r["structure"]) if rule else float(cal.predict(f, [r["structure"]])[0])
+            conf = cal.rule_confidence(rule[0], r["structure"], r.get("found", True)) if rule else float(cal.predict(f, [r["structure"]])[0])
         out.append({**r, "confidence": conf, "abstain": abstention_reason(_Row(r, conf), cal.threshold) is not None})
     return out
 

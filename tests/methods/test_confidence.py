@@ -429,3 +429,23 @@ def test_rule_withheld_outputs_get_their_rule_and_structure_share(tmp_path):
     names = np.array(["a", "b"] * 20, object)
     assert choose_strength(names, names == "a", np.arange(40) // 2) < 1
     assert choose_strength(names, np.arange(40) % 5 == 0, np.arange(40) // 2) >= 5
+
+
+def test_rule_withheld_no_mask_answers_keep_their_own_rate():
+    """A reference that does not fit (an angiogram against a chest): a mask there is never right,
+    a "not there" answer always is, so the two get their own shares (``rule_key``) and a rule-withheld
+    mask reads low however often the method says "not there" elsewhere; a calibration without
+    "no mask" rows gives them the rule's share with a mask."""
+    from rau.methods.confidence import rule_key
+
+    rows = _rows()
+    for i in range(20):
+        for name in ("heart", "left_lung", "right_lung"):
+            none = i < 4  # the method answered "not there" on 4 of the 20 angiograms
+            f = {**rows[0]["features"], "fit": 0.1, "found": 0.0 if none else 1.0}
+            rows.append({"features": f, "right": none, "target": f"a{i}", "split": "wrong", "structure": name})
+    cal = fit_calibration(rows, "toy")
+    assert set(cal.rule_pooled) == {"fit", rule_key("fit", False)}
+    assert cal.rule_confidence("fit", "heart") < 0.05 < 0.8 < cal.rule_confidence("fit", "heart", found=False)
+    only_masks = fit_calibration([r for r in rows if r["features"]["found"] > 0], "toy")
+    assert only_masks.rule_confidence("fit", "heart", found=False) == only_masks.rule_confidence("fit", "heart")

@@ -51,7 +51,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 
 from rau.errors import RauInputError
-from rau.methods.confidence import FEATURES, PRIOR_FEATURE, RULES, Calibration, mirror_reason, with_derived
+from rau.methods.confidence import FEATURES, PRIOR_FEATURE, RULES, Calibration, mirror_reason, rule_key, with_derived
 
 MIN_ROWS = 20
 #: A calibration split takes part in choosing the threshold when it has this many right masks.
@@ -207,10 +207,12 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     rule_of = np.full(len(rows), "", object)  # each row's first rule that catches it, as in Calibration.pair_rule
     for rule in reversed(RULES):
         rule_of[caught[rule]] = rule
+    # with or without a mask apart (rule_key): an angiogram's "not there" is right, its mask never
+    key_of = np.array([rule_key(k, f) if k else "" for k, f in zip(rule_of, found)], object)
     all_targets = np.array([r["target"] for r in rows])
     per_rule, rule_pooled, rule_strength = {}, {}, {}
-    for rule in RULES:
-        sel = rule_of == rule
+    for rule in [rule_key(k, f) for k in RULES for f in (True, False)]:
+        sel = key_of == rule
         if rule_rates and sel.any():
             targets = all_targets[sel]
             strength = choose_strength(all_names[sel], y_all[sel], targets) if len(np.unique(targets)) > 1 else 1e9
@@ -251,7 +253,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     cal = Calibration(method, mean.tolist(), std.tolist(), coef.tolist(), b, iso_x, iso_y, 0.0, min_fit, min_orient,
                       gated_rate, feature_names, dict(record or {}), rates, pooled, target_rate, per_rule, rule_pooled)
     # rule-withheld rows: their rule's rate for their name (withheld by the rule whatever the threshold)
-    conf = np.array([cal.rule_confidence(k, str(n)) if k else 0.0 for k, n in zip(rule_of, all_names)])
+    conf = np.array([cal.rule_confidence(k, str(n), f) if k else 0.0 for k, n, f in zip(rule_of, all_names, found)])
     conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
     # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
     # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with

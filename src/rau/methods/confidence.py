@@ -75,6 +75,13 @@ REASON_LOW = "low confidence"
 #: the physical "mirrored" rule, the thumbnail orientation rule (off in current calibrations).
 RULES = ("fit", "mirrored", "orientation")
 
+
+def rule_key(rule: str, found: bool = True) -> str:
+    """The key of :attr:`Calibration.rule_rates` for an output pair rule ``rule`` withholds: the
+    rule itself where the method delivered a mask, ``"<rule>, no mask"`` where it answered "not
+    there" (on an angiogram against a chest that answer is right, a mask never is)."""
+    return rule if found else f"{rule}, no mask"
+
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "assets" / "calibration"
 
 
@@ -282,8 +289,9 @@ class Calibration:
     ``prior_rate``: per structure name, the shrunk share of right outputs on the calibration split,
     and the pooled share for names it never saw (:data:`PRIOR_FEATURE`, when ``features`` has it);
     ``rule_rates`` / ``rule_pooled``: the same per pair rule (:data:`RULES`) among the outputs that
-    rule caught (a mirrored radiograph's heart mask is usually right, its lungs are swapped), the
-    confidence of an output a rule withholds (empty in files from before them: ``gated_rate``);
+    rule caught (a mirrored radiograph's heart mask is usually right, its lungs are swapped), kept
+    apart for outputs with and without a mask (:func:`rule_key`), the confidence of an output a
+    rule withholds (empty in files from before them: ``gated_rate``);
     ``record``: how it was made."""
 
     method: str
@@ -305,13 +313,18 @@ class Calibration:
     rule_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     rule_pooled: dict[str, float] = field(default_factory=dict)
 
-    def rule_confidence(self, rule: str, name: str | None = None) -> float:
+    def rule_confidence(self, rule: str, name: str | None = None, found: bool = True) -> float:
         """The confidence of structure ``name``'s output when pair rule ``rule`` (:data:`RULES`)
-        withholds it: the calibration's shrunk share right for that rule and name, the rule's
-        pooled share for a name it never saw, ``gated_rate`` for a rule it never saw."""
-        if rule not in self.rule_pooled:
+        withholds it, ``found``: whether the method delivered a mask (:func:`rule_key`): the
+        calibration's shrunk share right for that key and name, the key's pooled share for a name it
+        never saw; a key it never saw falls back to the rule's key with a mask (files from before
+        the split), then to ``gated_rate`` (a rule it never saw)."""
+        key = rule_key(rule, found)
+        if key not in self.rule_pooled:
+            key = rule
+        if key not in self.rule_pooled:
             return float(self.gated_rate)
-        return float(self.rule_rates.get(rule, {}).get(name, self.rule_pooled[rule]))
+        return float(self.rule_rates.get(key, {}).get(name, self.rule_pooled[key]))
 
     def never_run_confidence(self) -> float:
         """The confidence of an output on a blank or noise target (never run: "not there")."""
@@ -445,7 +458,7 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
         r.flag = reason
         if calibration is not None:
             r.confidence = calibration.never_run_confidence() if never_run \
-                else calibration.rule_confidence(rule[0], name) if rule else probs.get(name)
+                else calibration.rule_confidence(rule[0], name, bool(r.found)) if rule else probs.get(name)
         elif reason is not None:
             r.confidence = 0.0
     return result
