@@ -222,12 +222,16 @@ def structure_features(score: float, mask: np.ndarray | None, reference_mask: np
             "largest_part": float(sizes.max() / max(sizes.sum(), 1))}
 
 
+def gray_float(image: np.ndarray) -> np.ndarray:
+    """The image as one float32 channel (colour averaged), as :func:`mask_image_features` reads it."""
+    x = np.asarray(image, np.float32)
+    return x.mean(-1) if x.ndim == 3 else x
+
+
 def image_gradient(image: np.ndarray) -> np.ndarray:
     """Gradient magnitude of the target (Gaussian sigma 1 px, Sobel), shared by its structures'
     :func:`mask_image_features`."""
-    x = np.asarray(image, np.float32)
-    x = x.mean(-1) if x.ndim == 3 else x
-    x = ndimage.gaussian_filter(x, 1.0)
+    x = ndimage.gaussian_filter(gray_float(image), 1.0)
     return np.hypot(ndimage.sobel(x, 0), ndimage.sobel(x, 1))
 
 
@@ -240,8 +244,7 @@ def mask_image_features(image: np.ndarray, mask: np.ndarray | None, gradient: np
     contrast-filled vessel or a lung reads high). Both 0 without a mask."""
     if mask is None or not mask.any():
         return {"edge": 0.0, "inside_contrast": 0.0}
-    x = np.asarray(image, np.float32)
-    x = x.mean(-1) if x.ndim == 3 else x
+    x = gray_float(image)  # no copy when the caller passes gray_float's result
     g = image_gradient(x) if gradient is None else gradient
     mask = np.asarray(mask, bool)
     boundary = mask & ~ndimage.binary_erosion(mask)
@@ -419,15 +422,16 @@ def output_features(result, reference, target_image: np.ndarray,
     checks = checks or target_checks(target_image)
     # a blank or noise target is withheld whatever its pair fits: no registration on it
     pair = {**pair_features(reference.image, target_image, registered=target_reason(checks) is None), **checks}
-    out, gradient = {}, None
+    out, gray, gradient = {}, None, None
     for name, r in result.structures.items():
         ref_mask = reference.masks.get(name)
         if ref_mask is None or not ref_mask.any():
             continue
-        if gradient is None and r.mask is not None and r.mask.any():
-            gradient = image_gradient(target_image)
+        if gradient is None and r.mask is not None and r.mask.any():  # once per target, not per structure
+            gray = gray_float(target_image)
+            gradient = image_gradient(gray)
         out[name] = {**structure_features(r.score, r.mask, ref_mask),
-                     **mask_image_features(target_image, r.mask, gradient), **pair}
+                     **mask_image_features(target_image if gray is None else gray, r.mask, gradient), **pair}
     return out
 
 
