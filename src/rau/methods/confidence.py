@@ -82,6 +82,7 @@ def rule_key(rule: str, found: bool = True) -> str:
     there" (on an angiogram against a chest that answer is right, a mask never is)."""
     return rule if found else f"{rule}, no mask"
 
+
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "assets" / "calibration"
 
 
