@@ -148,3 +148,34 @@ def test_reg_refine_with_k_references_fuses_warped_masks_before_the_refiner(tmp_
     assert corner.answer == "no" and corner.mask is None and "1 of the 3 references" in corner.reason
     with pytest.raises(RauInputError, match="annotated in none"):
         method.predict_k(refs, AnnotatedImage(tgt_img, {}, {"id": "t"}), ["nope"])
+
+
+def test_reg_refine_k_references_vote_when_the_refined_masks_agree(tmp_path, one_torch_thread):
+    """k references whose refined masks agree are pixel-voted (soft_vote of each reference's own
+    result); a structure whose masks disagree keeps the most similar (first) reference's mask."""
+    from scipy import ndimage
+
+    from rau.methods import create_method
+    from rau.methods.agreement import soft_vote
+    from rau.methods.refine import SOFT_VOTE_SIGMA
+    from rau.metrics import dice
+
+    ref_img, masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((104, 96), shift=(4, -3))
+    far = np.zeros((96, 96), bool)
+    far[70:90, 5:25] = True
+    refs = [AnnotatedImage(ref_img, {"blob": masks["blob"], "square": masks["square"]}, {"id": "a"}),
+            AnnotatedImage(ref_img, {"blob": ndimage.binary_dilation(masks["blob"], iterations=2),
+                                     "square": far}, {"id": "b"}),
+            AnnotatedImage(ref_img, {"blob": ndimage.binary_erosion(masks["blob"], iterations=1),
+                                     "square": far}, {"id": "c"})]
+    folder = RefinerModel(RefinerConfig(**TINY)).save_pretrained(tmp_path / "refiner")
+    method = create_method("reg-refine", refiner=folder, calibration=False)
+    target = AnnotatedImage(tgt_img, {}, {"id": "t"})
+    one = [method.predict(r, target).structures for r in refs]
+    fused = method.predict_k(refs, target)
+    blobs = [o["blob"].mask for o in one]
+    assert min(dice(blobs[i], blobs[j]) for i in range(3) for j in range(i + 1, 3)) >= 0.5
+    assert np.array_equal(fused.structures["blob"].mask, soft_vote(blobs, SOFT_VOTE_SIGMA * 104))
+    assert dice(one[0]["square"].mask, one[1]["square"].mask) < 0.5
+    assert np.array_equal(fused.structures["square"].mask, one[0]["square"].mask)

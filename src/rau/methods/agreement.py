@@ -29,11 +29,17 @@ TAU = 0.5
 SIGMA = 2 / 512
 
 
+def soft_vote(masks: list[np.ndarray], sigma_px: float) -> np.ndarray:
+    """Pixel vote of binary masks with softened edges: each mask's edge blurred by ``sigma_px``, the
+    masks averaged, > 0.5 -> (H, W) bool (for two masks: the boundary halfway between them)."""
+    soft = [ndimage.gaussian_filter(m.astype(np.float32), sigma_px) if sigma_px > 0 else m.astype(np.float32)
+            for m in masks]
+    return np.mean(soft, axis=0) > 0.5
+
+
 def consensus(a: np.ndarray, b: np.ndarray, sigma_px: float) -> np.ndarray:
     """Boundary halfway between two binary masks -> (H, W) bool."""
-    fa = ndimage.gaussian_filter(a.astype(np.float32), sigma_px) if sigma_px > 0 else a.astype(np.float32)
-    fb = ndimage.gaussian_filter(b.astype(np.float32), sigma_px) if sigma_px > 0 else b.astype(np.float32)
-    return (fa + fb) / 2.0 > 0.5
+    return soft_vote([a, b], sigma_px)
 
 
 def agree(vlm: StructureResult, ref: StructureResult, tau: float, sigma_px: float) -> tuple[StructureResult, str]:

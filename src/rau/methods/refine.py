@@ -21,6 +21,8 @@ from rau.methods.interfaces import Method, SegmentationOutput, Segmenter
 
 #: The shipped refiner (scripts/refine_recipe.sh reproduces it).
 DEFAULT_REFINER_DIR = ASSETS_DIR / "refiner"
+#: Edge softening of the k-reference vote, as a fraction of the target's longest side (2 px at 512).
+SOFT_VOTE_SIGMA = 2 / 512
 
 
 class RefineSegmenter(Segmenter):
@@ -60,15 +62,23 @@ class RefineSegmenter(Segmenter):
         return out
 
 
+#: k references: the refined masks of a structure are pixel-voted when every two of them agree at
+#: least this much (Dice); otherwise the most similar reference's mask is kept.
+VOTE_TAU = 0.5
+
+
 class RegRefineMethod(Method):
     """``reg-refine``: registration + the refiner, one reference as :class:`Method` runs it. With k
     references (:meth:`predict_k`) a structure is answered when more than half of the references
-    annotate it, and it is read from the most similar reference that does: so a segment the first
-    reference lacks still comes from the others, and one only a minority shows is called absent.
-    Each reference is registered only for the structures it supplies. Measured on ARCADE (k = 3,
-    HISTORY 2026-12-03 "k references for reg-refine"): this rule raised identification from 0.64 to
-    0.78 at the same Dice; averaging the k warped masks into one prior lost half the Dice (thin
-    vessels of different patients barely overlap)."""
+    annotate it; each of those references is registered and refined on its own, and the refined
+    masks are pixel-voted (:func:`rau.methods.agreement.soft_vote`) when every two agree (Dice >=
+    :data:`VOTE_TAU`), else read from the most similar reference. So a segment the first reference
+    lacks still comes from the others, one only a minority shows is called absent, large organs gain
+    from the vote, and thin vessels of different patients, which rarely agree, keep the most similar
+    reference's mask. Measured (HISTORY 2026-12-04): on the calibration splits with the 3 NCC-nearest
+    references the vote adds 0.008 on DRR poses (0.009 on clavicles and scapulae) and 0.002 on
+    Wingspan, and changes ARCADE by under 0.002; averaging the k warped masks into one prior before the
+    refiner lost half the ARCADE Dice (thin vessels of different patients barely overlap)."""
 
     @property
     def fuses_in_memory(self) -> bool:
@@ -76,6 +86,9 @@ class RegRefineMethod(Method):
 
     def predict_k(self, references: list[AnnotatedImage], target: AnnotatedImage,
                   structures: list[str] | None = None) -> TargetResult:
+        from rau.methods.agreement import soft_vote
+        from rau.metrics import dice
+
         if len(references) == 1:
             return self.predict(references[0], target, structures)
         structures, ref_id, start, checks, withheld = self._begin_k(references, target, structures)
@@ -83,20 +96,34 @@ class RegRefineMethod(Method):
             return withheld
         k = len(references)
         annotated = {s: sum(s in r.masks and bool(r.masks[s].any()) for r in references) for s in structures}
-        cues, locs = {}, {}
+        majority = [s for s in structures if 2 * annotated[s] > k]
+        parts: dict[str, list] = {s: [] for s in structures}  # per structure: (localization, segmentation) by rank
         for ref in references:
-            have = [s for s in structures if 2 * annotated[s] > k and s not in cues
-                    and s in ref.masks and ref.masks[s].any()]
-            if have:
-                found = self.localizer.localize(ref, target, have)
-                cues.update({s: found[s].cue for s in have})
-                locs.update({s: found[s] for s in have})
-        segs = self.segmenter.segment(target.image, {s: None for s in structures}, None, cues=cues)
+            have = [s for s in majority if s in ref.masks and ref.masks[s].any()]
+            if not have:
+                continue
+            found = self.localizer.localize(ref, target, have)
+            cues = {s: found[s].cue for s in have if found[s].cue is not None}
+            segs = self.segmenter.segment(target.image, {s: None for s in have}, None, cues=cues)
+            for s in have:
+                parts[s].append((found[s], segs.get(s)))
+        sigma = SOFT_VOTE_SIGMA * max(target.shape)
         results = {}
         for s in structures:
-            r = self._combine(s, locs.get(s), segs.get(s), None)
-            if s not in cues:
+            if not parts[s]:
+                r = self._combine(s, None, None, None)
                 r.answer, r.reason = "no", f"annotated in {annotated[s]} of the {k} references (not more than half)"
+                results[s] = r
+                continue
+            each = [self._combine(s, loc, seg, None) for loc, seg in parts[s]]
+            r = each[0]
+            masks = [e.mask for e in each if e.mask is not None]
+            if len(masks) == len(each) > 1 and all(dice(masks[i], masks[j]) >= VOTE_TAU
+                                                   for i in range(len(masks)) for j in range(i + 1, len(masks))):
+                voted = soft_vote(masks, sigma)
+                if voted.any():
+                    r.mask, r.box_xyxy_px = voted, mask_to_box(voted)
+                    r.score = float(np.mean([e.score for e in each]))
             results[s] = r
         result = TargetResult(target.id, ref_id, self.name, results)
         assess(result, references[0], target.image, self.calibration, checks)  # features from the first reference
