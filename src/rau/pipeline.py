@@ -133,7 +133,7 @@ def localize_from_bank(
         raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} not in the retrieved reference {hits[0][0]} "
                             f"(it has: {', '.join(sorted(refs[0].masks))})")
     result, _ = predict_with_references(m, refs, target_img, structures)
-    abstain(result, resolve_min_confidence(min_confidence, m.calibration))
+    abstain(result, resolve_min_confidence(min_confidence, m.calibration_for(len(refs))))
     if out_dir is not None:
         write_result(result, target_img, out_dir, formats)
     return result

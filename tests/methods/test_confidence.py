@@ -14,6 +14,7 @@ from rau.eval.calibrate import fit_calibration
 from rau.eval.evaluate import calibration_summary
 from rau.methods.confidence import (
     FEATURES,
+    K_FEATURES,
     REASON_ABSENT,
     REASON_LOW,
     Calibration,
@@ -100,7 +101,8 @@ def test_structure_features_of_found_and_missing_outputs():
     missing = structure_features(0.1, None, ref)
     assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation",
                                                                                        "smoothness", "contrast", "edge",
-                                                                                       "inside_contrast"} == set(FEATURES)
+                                                                                       "inside_contrast",
+                                                                                       *K_FEATURES} == set(FEATURES)
     assert "structure_prior" not in FEATURES  # the calibration supplies it from the structure's name
 
 
@@ -449,3 +451,30 @@ def test_rule_withheld_no_mask_answers_keep_their_own_rate():
     assert cal.rule_confidence("fit", "heart") < 0.05 < 0.8 < cal.rule_confidence("fit", "heart", found=False)
     only_masks = fit_calibration([r for r in rows if r["features"]["found"] > 0], "toy")
     assert only_masks.rule_confidence("fit", "heart", found=False) == only_masks.rule_confidence("fit", "heart")
+
+
+def test_k_reference_features_and_a_calibration_that_reads_them():
+    """Agreement = mean Dice over every two references' outputs (a missing one agrees with nothing),
+    support = share of references annotating the structure; a calibration fitted on rows that carry
+    them reads them, one fitted without them ignores them."""
+    from rau.methods.confidence import k_reference_features
+
+    a = np.zeros((20, 20), bool)
+    a[5:15, 5:15] = True
+    b = np.zeros((20, 20), bool)
+    b[5:15, 10:20] = True
+    f = k_reference_features([a, a.copy(), b], 3)
+    assert f["agreement"] == pytest.approx((1.0 + 0.5 + 0.5) / 3) and f["support"] == 1.0
+    g = k_reference_features([a, None, None], 1)
+    assert g["agreement"] == 0.0 and g["support"] == pytest.approx(1 / 3)
+    rng = np.random.default_rng(3)
+    rows = _rows()
+    for r in rows:  # agreement is what separates here
+        r["features"]["agreement"] = float(np.clip(rng.normal(0.7 if r["right"] else 0.2, 0.1), 0, 1))
+        r["features"]["support"] = 1.0
+        r["features"]["score"] = 0.6
+    cal = fit_calibration(rows, "toy")
+    assert {"agreement", "support"} <= set(cal.features)
+    hi, lo = ({**rows[0]["features"], "agreement": v} for v in (0.9, 0.1))
+    assert cal.predict(hi)[0] > cal.predict(lo)[0] + 0.3
+    assert not set(K_FEATURES) & set(fit_calibration(_rows(), "toy").features)

@@ -179,3 +179,14 @@ def test_reg_refine_k_references_vote_when_the_refined_masks_agree(tmp_path, one
     assert np.array_equal(fused.structures["blob"].mask, soft_vote(blobs, SOFT_VOTE_SIGMA * 104))
     assert dice(one[0]["square"].mask, one[1]["square"].mask) < 0.5
     assert np.array_equal(fused.structures["square"].mask, one[0]["square"].mask)
+    # the k-reference confidence features: how the three outputs agree, how many references annotate it
+    agree = np.mean([dice(blobs[i], blobs[j]) for i in range(3) for j in range(i + 1, 3)])
+    assert fused.structures["blob"].features["agreement"] == pytest.approx(agree)
+    assert fused.structures["square"].features["agreement"] < 0.5 <= agree
+    assert fused.structures["blob"].features["support"] == 1.0
+    # results of k references are assessed with the k-reference calibration when there is one
+    one_ref, k_ref = object(), object()
+    method.calibration, method.calibration_k = one_ref, None
+    assert method.calibration_for(3) is one_ref
+    method.calibration_k = k_ref
+    assert method.calibration_for(1) is one_ref and method.calibration_for(3) is k_ref

@@ -195,6 +195,9 @@ def calibrate(
     drr_dir: Annotated[Path, typer.Option(help="DRR folders (train/ as references; calib/ rendered here on first use).")] = Path("runs/drr"),
     quick: Annotated[bool, typer.Option(help="8 targets per calibration split (a smoke run).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for target subsets, registration sampling and the folds.")] = 0,
+    k_references: Annotated[int, typer.Option(help="Calibrate the results of K references (top K of a LiteMedSAM bank "
+                                                   "per target, as rau bench --k-references K); default file "
+                                                   "<method>_k.json, read whenever the method fuses K > 1 references.")] = 1,
     device: DeviceOpt = "cpu",
     vlm: VlmOpt = None,
     seg_head: SegHeadOpt = None,
@@ -207,13 +210,17 @@ def calibrate(
 ) -> None:
     """Fit a method's calibrated confidence on the calibration splits (never scored by rau bench) and write it."""
     with user_errors():
+        from rau.errors import RauInputError
         from rau.eval.calibrate import run_calibration
-        from rau.methods.confidence import CALIBRATION_DIR
+        from rau.methods.confidence import calibration_path
         from rau.methods.registry import DEFAULT_METHOD
 
         name = method or DEFAULT_METHOD
-        target = out or CALIBRATION_DIR / f"{name}.json"
+        if k_references < 1:
+            raise RauInputError(f"--k-references: must be a positive integer, got {k_references}")
+        target = out or calibration_path(name, k_references > 1)
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
+                              k=k_references,
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
                                                                                seg_head, precision, memseg, refiner=refiner))
     r = cal.record

@@ -315,8 +315,12 @@ def orientation_images(data: Path, drr_dir: Path, per_set: int = 120) -> list[np
 
 
 def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: Path, method_options: dict[str, Any],
-                    quick: bool = False, seed: int = 0, progress: bool = True, argv: list[str] | None = None) -> Calibration:
-    """Run ``method`` on the calibration splits (reusing ``work/<split>_<method>.json``), fit, save to ``out``."""
+                    quick: bool = False, seed: int = 0, progress: bool = True, argv: list[str] | None = None,
+                    k: int = 1) -> Calibration:
+    """Run ``method`` on the calibration splits (reusing ``work/<split>_<method>.json``), fit, save to ``out``.
+    ``k`` > 1: each target with the top k references of the split's LiteMedSAM bank, as ``rau bench
+    --k-references K`` runs it (``work/<split>_<method>_k<K>.json``); the fit then also reads the
+    k-reference features (:data:`rau.methods.confidence.K_FEATURES`) of methods that fuse in memory."""
     from rau.atomic import write_json
     from rau.eval.bench import CALIB_SPLITS, ensure_drr, git_commit, machine_line, resolve_splits, run_bench
 
@@ -332,15 +336,17 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
     splits = resolve_splits(list(CALIB_SPLITS), data, drr_dir, quick=quick, limit=None)
     reports = []
     options = {**method_options, "calibration": False}
+    suffix = f"_k{k}" if k > 1 else ""
     for split in splits:
-        path = work / f"{split.name}_{method}.json"
+        path = work / f"{split.name}_{method}{suffix}.json"
         if path.is_file():
             reports.append(json.loads(path.read_text()))
             continue
         reports += run_bench(work, methods=[method], splits=[split], method_options=options, seed=seed,
-                             progress=progress)[split.name]
+                             progress=progress, k=k)[split.name]
     record = {"command": "rau " + " ".join(argv or []), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "commit": git_commit(), "machine": machine_line(), "reports": [str(work / f"{s.name}_{method}.json") for s in splits]}
+              "commit": git_commit(), "machine": machine_line(), "k_references": k,
+              "reports": [str(work / f"{s.name}_{method}{suffix}.json") for s in splits]}
     cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record)
     cal.save(out)
     write_json(work / f"calibration_{method}.json", cal.to_json())

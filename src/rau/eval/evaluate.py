@@ -204,7 +204,8 @@ def evaluate(
     rows, seconds, pairs = [], [], []
     # the user's default (rau localize): the calibration's threshold, or without one the rules alone
     # (blank, noise, mirrored); 0 here once hid the rules' withholding for uncalibrated methods
-    threshold = resolve_min_confidence(None, getattr(method, "calibration", None))
+    calibration_for = getattr(method, "calibration_for", None)
+    threshold = resolve_min_confidence(None, calibration_for(k) if calibration_for else getattr(method, "calibration", None))
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
         ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)

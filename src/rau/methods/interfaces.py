@@ -142,9 +142,12 @@ class Method:
     ``calibration``: a :class:`rau.methods.confidence.Calibration` (``create_method`` loads the
     shipped one of the method's name); every result is assessed with it
     (:func:`rau.methods.confidence.assess`: a confidence per structure; masks are not changed).
+    ``calibration_k``: the one for results of k references fused in memory (:meth:`predict_k`),
+    fitted with the references' agreement (``rau calibrate --k-references K``); None: ``calibration``.
     """
 
     calibration = None
+    calibration_k = None
 
     def __init__(self, name: str, localizer: Localizer | None, segmenter: Segmenter | None,
                  *, fuse_sigma: float | None = None):
@@ -183,6 +186,14 @@ class Method:
         """True for the oracles: the localizer reads the target's ground truth (evaluation only)."""
         return bool(getattr(self.localizer, "reads_target_truth", False))
 
+    def calibration_for(self, k: int = 1):
+        """The calibration that assesses this method's results from ``k`` references (its threshold is
+        the default ``min_confidence``): :attr:`calibration_k` for k > 1 references fused in memory
+        when there is one, else :attr:`calibration` (k = 1, or one result per reference)."""
+        if k > 1 and self.fuses_in_memory and self.calibration_k is not None:
+            return self.calibration_k
+        return self.calibration
+
     @property
     def fuses_in_memory(self) -> bool:
         """True when k references go into the segmenter's memory together (a memory segmenter with
@@ -202,7 +213,7 @@ class Method:
         segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
         results = {s: self._combine(s, None, segs.get(s), None) for s in structures}
         result = TargetResult(target.id, ref_id, self.name, results)
-        assess(result, references[0], target.image, self.calibration, checks)  # features from the first reference
+        assess(result, references[0], target.image, self.calibration_for(len(references)), checks)  # features from the first reference
         result.seconds = time.perf_counter() - start
         return result
 

@@ -16,7 +16,7 @@ from rau.assets import ASSETS_DIR
 from rau.data.annotated import AnnotatedImage, TargetResult
 from rau.errors import RauInputError
 from rau.geometry import Box, mask_to_box
-from rau.methods.confidence import assess
+from rau.methods.confidence import assess, k_reference_features
 from rau.methods.interfaces import Method, SegmentationOutput, Segmenter
 
 #: The shipped refiner (scripts/refine_recipe.sh reproduces it).
@@ -78,7 +78,10 @@ class RegRefineMethod(Method):
     reference's mask. Measured (HISTORY 2026-12-04): on the calibration splits with the 3 NCC-nearest
     references the vote adds 0.008 on DRR poses (0.009 on clavicles and scapulae) and 0.002 on
     Wingspan, and changes ARCADE by under 0.002; averaging the k warped masks into one prior before the
-    refiner lost half the ARCADE Dice (thin vessels of different patients barely overlap)."""
+    refiner lost half the ARCADE Dice (thin vessels of different patients barely overlap). The
+    confidence of a k-reference result also reads how the k refined masks agree and how many
+    references annotate the structure (:func:`rau.methods.confidence.k_reference_features`), with the
+    k-reference calibration (:attr:`calibration_k`) when one ships."""
 
     @property
     def fuses_in_memory(self) -> bool:
@@ -97,8 +100,9 @@ class RegRefineMethod(Method):
         k = len(references)
         annotated = {s: sum(s in r.masks and bool(r.masks[s].any()) for r in references) for s in structures}
         majority = [s for s in structures if 2 * annotated[s] > k]
-        parts: dict[str, list] = {s: [] for s in structures}  # per structure: (localization, segmentation) by rank
-        for ref in references:
+        # per structure and reference (by rank): (localization, segmentation), None where it is not asked
+        parts: dict[str, list] = {s: [None] * k for s in structures}
+        for i, ref in enumerate(references):
             have = [s for s in majority if s in ref.masks and ref.masks[s].any()]
             if not have:
                 continue
@@ -106,16 +110,21 @@ class RegRefineMethod(Method):
             cues = {s: found[s].cue for s in have if found[s].cue is not None}
             segs = self.segmenter.segment(target.image, {s: None for s in have}, None, cues=cues)
             for s in have:
-                parts[s].append((found[s], segs.get(s)))
+                parts[s][i] = (found[s], segs.get(s))
         sigma = SOFT_VOTE_SIGMA * max(target.shape)
-        results = {}
+        results, extra, read_from = {}, {}, {}
         for s in structures:
-            if not parts[s]:
+            asked = [i for i in range(k) if parts[s][i] is not None]
+            if not asked:
                 r = self._combine(s, None, None, None)
                 r.answer, r.reason = "no", f"annotated in {annotated[s]} of the {k} references (not more than half)"
                 results[s] = r
+                extra[s] = k_reference_features([None] * k, annotated[s])
                 continue
-            each = [self._combine(s, loc, seg, None) for loc, seg in parts[s]]
+            each = [self._combine(s, *parts[s][i], None) for i in asked]
+            by_rank = dict(zip(asked, each))
+            extra[s] = k_reference_features([by_rank[i].mask if i in by_rank else None for i in range(k)], annotated[s])
+            read_from[s] = references[asked[0]].masks[s]
             r = each[0]
             masks = [e.mask for e in each if e.mask is not None]
             if len(masks) == len(each) > 1 and all(dice(masks[i], masks[j]) >= VOTE_TAU
@@ -126,6 +135,8 @@ class RegRefineMethod(Method):
                     r.score = float(np.mean([e.score for e in each]))
             results[s] = r
         result = TargetResult(target.id, ref_id, self.name, results)
-        assess(result, references[0], target.image, self.calibration, checks)  # features from the first reference
+        # pair features from the first reference; each structure's output compared with the mask of the
+        # first reference that has it, plus what the k references say together (agreement, support)
+        assess(result, references[0], target.image, self.calibration_for(k), checks, reference_masks=read_from, extra=extra)
         result.seconds = time.perf_counter() - start
         return result

@@ -290,7 +290,8 @@ def create_method(name: str | None = None, **options: Any) -> Method:
     (``rau-seg`` head folder), ``memseg`` (memory-segmenter folder), ``segmenter`` ("medsam" | "sam2-memory"), ``sam2`` (SAM2 checkpoint
     folder), ``sam2_config``, ``unet`` (U-Net folder), ``chex`` (CheXanatomy folder), ``seed``
     (registration), ``assign``, ``calibration`` (a confidence calibration JSON, or False / "none" for
-    none; default: the shipped one of this method, if any: :mod:`rau.methods.confidence`). Each method takes the options of its class in
+    none; default: the shipped ones of this method, if any, for one and for k references:
+    :mod:`rau.methods.confidence`). Each method takes the options of its class in
     :mod:`rau.methods.options` and ignores the other methods' options (callers may pass one shared
     set); an option no method takes, or a bad value, raises RauInputError.
     """
@@ -301,8 +302,11 @@ def create_method(name: str | None = None, **options: Any) -> Method:
     method = spec.build(options_for(spec.options, options))
     if calibration is False or calibration == "none":
         method.calibration = None
+    elif calibration:  # a user's file assesses results of one and of k references alike
+        method.calibration = Calibration.load(calibration)
     else:
-        method.calibration = Calibration.load(calibration) if calibration else default_calibration(spec.name)
+        method.calibration = default_calibration(spec.name)
+        method.calibration_k = default_calibration(spec.name, k_references=True)
     return method
 
 
