@@ -465,6 +465,13 @@ def test_k_reference_features_and_a_calibration_that_reads_them():
     b[5:15, 10:20] = True
     f = k_reference_features([a, a.copy(), b], 3)
     assert f["agreement"] == pytest.approx((1.0 + 0.5 + 0.5) / 3) and f["support"] == 1.0
+    from scipy import ndimage
+
+    from rau.methods.confidence import best_fit
+
+    rng0 = np.random.default_rng(0)
+    target = ndimage.gaussian_filter(rng0.random((64, 64)), 3)
+    assert best_fit([rng0.random((64, 64)), target[::-1], target.copy()], target) == pytest.approx(1.0)
     g = k_reference_features([a, None, None], 1)
     assert g["agreement"] == 0.0 and g["support"] == pytest.approx(1 / 3)
     rng = np.random.default_rng(3)

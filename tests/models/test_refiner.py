@@ -184,6 +184,9 @@ def test_reg_refine_k_references_vote_when_the_refined_masks_agree(tmp_path, one
     assert fused.structures["blob"].features["agreement"] == pytest.approx(agree)
     assert fused.structures["square"].features["agreement"] < 0.5 <= agree
     assert fused.structures["blob"].features["support"] == 1.0
+    from rau.methods.confidence import best_fit
+
+    assert fused.structures["blob"].features["fit"] == pytest.approx(best_fit([r.image for r in refs], tgt_img))
     # results of k references are assessed with the k-reference calibration when there is one
     one_ref, k_ref = object(), object()
     method.calibration, method.calibration_k = one_ref, None

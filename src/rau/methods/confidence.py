@@ -447,6 +447,16 @@ def k_reference_features(masks: list[np.ndarray | None], annotated: int) -> dict
 # ---- applying it to results
 
 
+def best_fit(references: list[np.ndarray], target: np.ndarray) -> float:
+    """k references: the ``fit`` (:func:`pair_features`) of the best-fitting one. The bank retrieves by
+    embedding, and its first reference can be a poor thumbnail match for a right output (the 1%
+    quantile of right outputs' first-reference fit on ARCADE calibration pairs is 0.31, which would
+    drag the "does not fit" rule below the wrong inputs' 0.44); "does any of them fit" keeps the rule
+    apart (right outputs' 1% quantile 0.59; HISTORY 2026-12-04)."""
+    t = _small(target, 32)
+    return max(_ncc(_small(r, 32), t) for r in references)
+
+
 def output_features(result, reference, target_image: np.ndarray,
                     checks: dict[str, float] | None = None,
                     reference_masks: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:

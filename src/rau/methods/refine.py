@@ -16,7 +16,7 @@ from rau.assets import ASSETS_DIR
 from rau.data.annotated import AnnotatedImage, TargetResult
 from rau.errors import RauInputError
 from rau.geometry import Box, mask_to_box
-from rau.methods.confidence import assess, k_reference_features
+from rau.methods.confidence import assess, best_fit, k_reference_features
 from rau.methods.interfaces import Method, SegmentationOutput, Segmenter
 
 #: The shipped refiner (scripts/refine_recipe.sh reproduces it).
@@ -80,7 +80,8 @@ class RegRefineMethod(Method):
     Wingspan, and changes ARCADE by under 0.002; averaging the k warped masks into one prior before the
     refiner lost half the ARCADE Dice (thin vessels of different patients barely overlap). The
     confidence of a k-reference result also reads how the k refined masks agree and how many
-    references annotate the structure (:func:`rau.methods.confidence.k_reference_features`), with the
+    references annotate the structure (:func:`rau.methods.confidence.k_reference_features`), and its
+    ``fit`` is the best-fitting reference's (:func:`rau.methods.confidence.best_fit`), with the
     k-reference calibration (:attr:`calibration_k`) when one ships."""
 
     @property
@@ -135,8 +136,11 @@ class RegRefineMethod(Method):
                     r.score = float(np.mean([e.score for e in each]))
             results[s] = r
         result = TargetResult(target.id, ref_id, self.name, results)
-        # pair features from the first reference; each structure's output compared with the mask of the
-        # first reference that has it, plus what the k references say together (agreement, support)
+        # pair features from the first reference but the fit of the best-fitting one; each structure's
+        # output compared with the mask of the first reference that has it, plus what the k references
+        # say together (agreement, support)
+        fit = best_fit([r.image for r in references], target.image)
+        extra = {s: {**e, "fit": fit} for s, e in extra.items()}
         assess(result, references[0], target.image, self.calibration_for(k), checks, reference_masks=read_from, extra=extra)
         result.seconds = time.perf_counter() - start
         return result
