@@ -221,7 +221,7 @@ def evaluate(
         "mean": mean,
         "mean_micro": micro,
         "confidence": confidence_summary(rows),
-        "calibration": calibration_summary(rows, getattr(method, "calibration", None)),
+        "calibration": calibration_summary(rows, calibration_for(k) if calibration_for else getattr(method, "calibration", None)),
         "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
         "n_targets": len(chosen),
         "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,
