@@ -457,7 +457,9 @@ def test_k_reference_features_and_a_calibration_that_reads_them():
     """Agreement = mean Dice over every two references' outputs (a missing one agrees with nothing),
     support = share of references annotating the structure; a calibration fitted on rows that carry
     them reads them, one fitted without them ignores them."""
-    from rau.methods.confidence import k_reference_features
+    from scipy import ndimage
+
+    from rau.methods.confidence import best_fit, k_reference_features
 
     a = np.zeros((20, 20), bool)
     a[5:15, 5:15] = True
@@ -465,10 +467,6 @@ def test_k_reference_features_and_a_calibration_that_reads_them():
     b[5:15, 10:20] = True
     f = k_reference_features([a, a.copy(), b], 3)
     assert f["agreement"] == pytest.approx((1.0 + 0.5 + 0.5) / 3) and f["support"] == 1.0
-    from scipy import ndimage
-
-    from rau.methods.confidence import best_fit
-
     rng0 = np.random.default_rng(0)
     target = ndimage.gaussian_filter(rng0.random((64, 64)), 3)
     assert best_fit([rng0.random((64, 64)), target[::-1], target.copy()], target) == pytest.approx(1.0)

@@ -159,6 +159,12 @@ def split_bank(out: Path, split: Split, rset, progress: bool = True):
     return bank
 
 
+def report_name(split: str, method: str, k: int = 1) -> str:
+    """The file name of one method's report on one split: ``<split>_<method>[_k<k>].json``
+    (``rau calibrate`` finds its reports by it, so a killed run resumes)."""
+    return f"{split}_{method}{f'_k{k}' if k > 1 else ''}.json"
+
+
 def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_options: dict[str, Any],
               seed: int = 0, progress: bool = True, k: int = 1) -> dict[str, list[dict]]:
     """Every method on every split; ``k`` > 1: the top-k references of a LiteMedSAM bank per target,
@@ -184,7 +190,7 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
                       **model_config(method_options)}
             doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
                            bank=bank, k=k, structures=list(split.structures) if split.structures else None)
-            write_json(out / f"{split.name}_{name}{f'_k{k}' if k > 1 else ''}.json", doc)
+            write_json(out / report_name(split.name, name, k), doc)
             reports.setdefault(split.name, []).append(doc)
     return reports
 

@@ -322,7 +322,7 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
     --k-references K`` runs it (``work/<split>_<method>_k<K>.json``); the fit then also reads the
     k-reference features (:data:`rau.methods.confidence.K_FEATURES`) of methods that fuse in memory."""
     from rau.atomic import write_json
-    from rau.eval.bench import CALIB_SPLITS, ensure_drr, git_commit, machine_line, resolve_splits, run_bench
+    from rau.eval.bench import CALIB_SPLITS, ensure_drr, git_commit, machine_line, report_name, resolve_splits, run_bench
 
     from rau.methods import confidence
 
@@ -336,9 +336,8 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
     splits = resolve_splits(list(CALIB_SPLITS), data, drr_dir, quick=quick, limit=None)
     reports = []
     options = {**method_options, "calibration": False}
-    suffix = f"_k{k}" if k > 1 else ""
     for split in splits:
-        path = work / f"{split.name}_{method}{suffix}.json"
+        path = work / report_name(split.name, method, k)
         if path.is_file():
             reports.append(json.loads(path.read_text()))
             continue
@@ -346,7 +345,7 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
                              progress=progress, k=k)[split.name]
     record = {"command": "rau " + " ".join(argv or []), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "commit": git_commit(), "machine": machine_line(), "k_references": k,
-              "reports": [str(work / f"{s.name}_{method}{suffix}.json") for s in splits]}
+              "reports": [str(work / report_name(s.name, method, k)) for s in splits]}
     cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record)
     cal.save(out)
     write_json(work / f"calibration_{method}.json", cal.to_json())

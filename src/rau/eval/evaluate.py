@@ -205,7 +205,8 @@ def evaluate(
     # the user's default (rau localize): the calibration's threshold, or without one the rules alone
     # (blank, noise, mirrored); 0 here once hid the rules' withholding for uncalibrated methods
     calibration_for = getattr(method, "calibration_for", None)
-    threshold = resolve_min_confidence(None, calibration_for(k) if calibration_for else getattr(method, "calibration", None))
+    calibration = calibration_for(k) if calibration_for else getattr(method, "calibration", None)
+    threshold = resolve_min_confidence(None, calibration)
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
         ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
@@ -221,7 +222,7 @@ def evaluate(
         "mean": mean,
         "mean_micro": micro,
         "confidence": confidence_summary(rows),
-        "calibration": calibration_summary(rows, calibration_for(k) if calibration_for else getattr(method, "calibration", None)),
+        "calibration": calibration_summary(rows, calibration),
         "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
         "n_targets": len(chosen),
         "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,

@@ -431,16 +431,12 @@ def k_reference_features(masks: list[np.ndarray | None], annotated: int) -> dict
     in some references and not others: on ARCADE calibration pairs the agreement of `reg-refine`'s
     first-reference output with the other two alone separated right from wrong at AUROC 0.76
     (HISTORY 2026-12-04)."""
+    from rau.metrics import dice
+
     k = len(masks)
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    total = 0.0
-    for i, j in pairs:
-        a, b = masks[i], masks[j]
-        if a is None or b is None:
-            continue
-        sa, sb = int(a.sum()), int(b.sum())
-        if sa and sb:
-            total += 2.0 * float(np.logical_and(a, b).sum()) / (sa + sb)
+    given = [m is not None and bool(m.any()) for m in masks]
+    total = sum(dice(masks[i], masks[j]) for i, j in pairs if given[i] and given[j])
     return {"agreement": total / len(pairs) if pairs else 1.0, "support": annotated / k if k else 1.0}
 
 

@@ -113,6 +113,8 @@ class RegRefineMethod(Method):
             for s in have:
                 parts[s][i] = (found[s], segs.get(s))
         sigma = SOFT_VOTE_SIGMA * max(target.shape)
+        # the pair's fit is the best-fitting reference's; what the k references say together per structure
+        fit = {"fit": best_fit([r.image for r in references], target.image)}
         results, extra, read_from = {}, {}, {}
         for s in structures:
             asked = [i for i in range(k) if parts[s][i] is not None]
@@ -120,11 +122,12 @@ class RegRefineMethod(Method):
                 r = self._combine(s, None, None, None)
                 r.answer, r.reason = "no", f"annotated in {annotated[s]} of the {k} references (not more than half)"
                 results[s] = r
-                extra[s] = k_reference_features([None] * k, annotated[s])
+                extra[s] = {**k_reference_features([None] * k, annotated[s]), **fit}
                 continue
             each = [self._combine(s, *parts[s][i], None) for i in asked]
             by_rank = dict(zip(asked, each))
-            extra[s] = k_reference_features([by_rank[i].mask if i in by_rank else None for i in range(k)], annotated[s])
+            extra[s] = {**k_reference_features([by_rank[i].mask if i in by_rank else None for i in range(k)],
+                                               annotated[s]), **fit}
             read_from[s] = references[asked[0]].masks[s]
             r = each[0]
             masks = [e.mask for e in each if e.mask is not None]
@@ -139,8 +142,6 @@ class RegRefineMethod(Method):
         # pair features from the first reference but the fit of the best-fitting one; each structure's
         # output compared with the mask of the first reference that has it, plus what the k references
         # say together (agreement, support)
-        fit = best_fit([r.image for r in references], target.image)
-        extra = {s: {**e, "fit": fit} for s, e in extra.items()}
         assess(result, references[0], target.image, self.calibration_for(k), checks, reference_masks=read_from, extra=extra)
         result.seconds = time.perf_counter() - start
         return result
