@@ -4,6 +4,8 @@ twin resumes to the same weights."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,27 @@ def test_cache_from_a_dataset_folder(folder_dataset, tmp_path, one_torch_thread)
         load_memseg_cache(tmp_path / "bad.npz")
 
 
+def test_frame_cache_encodes_on_load_to_the_embeddings_of_a_full_cache(folder_dataset, tmp_path, one_torch_thread):
+    full = load_memseg_cache(build_memseg_cache(folder_dataset, tmp_path / "full.npz", progress=False))
+    path = build_memseg_cache(folder_dataset, tmp_path / "frames.npz", frames=True, progress=False)
+    with np.load(path) as z:
+        assert "embeddings" not in z.files and z["frames"].shape == (4, FRAME, FRAME) and z["frames"].dtype == np.uint8
+    framed = load_memseg_cache(path)
+    assert framed.embeddings.shape == full.embeddings.shape and framed.embeddings.dtype == np.float16
+    assert np.array_equal(framed.masks, full.masks) and framed.names == full.names
+    a, b = framed.embeddings.astype(np.float32), full.embeddings.astype(np.float32)
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()  # uint8 rounding of the input, nothing else
+
+
+def test_features_gathered_from_held_tensors_equal_the_numpy_batch():
+    caches = [_cache(), _cache(seed=1)]
+    index = pair_index(caches, ["clavicle*"], k=2)
+    pairs = draw_pairs(caches, index, np.random.default_rng(5), 4, 2)
+    held = [torch.from_numpy(c.embeddings) for c in caches]
+    for x, y in zip(batch_tensors(caches, pairs, True), batch_tensors(caches, pairs, True, held)):
+        assert torch.equal(x, y)
+
+
 def _train(caches, out, **kw):
     from rau.encoders.litemedsam import load
 
@@ -119,6 +142,8 @@ def test_tiny_run_resumes_after_a_kill_to_the_same_weights(tmp_path, one_torch_t
     resumed = _train([path], tmp_path / "killed")
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    varied = _train([path], tmp_path / "varied", vary_k=True)  # 1 or 2 memory frames per step
+    assert json.loads((varied / "training.json").read_text())["vary_k"] is True
     start = load_file(str(tmp_path / "killed" / "checkpoint-2" / "model.safetensors"))
     assert not all(torch.equal(a[k], start[k]) for k in a)  # it did train
     with pytest.raises(RauInputError, match="other settings"):

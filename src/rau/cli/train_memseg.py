@@ -26,6 +26,8 @@ def memseg_cache(
     out: Annotated[Path, option("Output .npz: fp16 LiteMedSAM embeddings + bit-packed masks in the encoder frame.")],
     exclude: ExcludeOpt = None,
     images: Annotated[Optional[str], option("Id-sorted image range START:STOP (e.g. 0:160, a training part); default all.")] = None,
+    frames: Annotated[bool, option("Store the uint8 encoder input instead of the embedding (64 KB, not 2 MB, per image): a "
+                                   "frame cache, encoded where `rau train memseg` runs (e.g. sent to a GPU machine).")] = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Store what `rau train memseg` trains on: each image's full LiteMedSAM embedding and masks."""
@@ -34,7 +36,7 @@ def memseg_cache(
         from rau.training.recipes.memseg import build_memseg_cache
 
         path = build_memseg_cache(data, out, exclude_structures=exclude or (), image_range=parse_range(images, "--images"),
-                                  progress=progress)
+                                  frames=frames, progress=progress)
     typer.echo(f"memseg cache: {path}")
 
 
@@ -43,7 +45,8 @@ def memseg(
     output_dir: Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")],
     steps: Annotated[int, option("Optimizer steps.")] = 2000,
     batch_size: Annotated[int, option("Reference/target pairs per step.")] = 2,
-    k_references: Annotated[int, option("Reference frames in memory per pair.")] = 1,
+    k_references: Annotated[int, option("Reference frames in memory per pair (with --vary-k: the most).")] = 1,
+    vary_k: Annotated[bool, option("Each step draws its number of reference frames in 1..--k-references.")] = False,
     lr: Annotated[float, option("AdamW peak learning rate (cosine to 10%).")] = 1e-4,
     warmup: Annotated[int, option("Linear warmup steps.")] = 20,
     exclude: ExcludeOpt = None,
@@ -68,7 +71,7 @@ def memseg(
 
         config = MemSegConfig(grid=grid, decoder_grid=decoder_grid, memory_layers=memory_layers, box_prompt=box_prompt, mask_prompt=mask_prompt)
         final = train_memseg(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                             k_references=k_references, exclude=exclude or (), pseudo=pseudo, init_from=init_from, stop_after=stop_after, save_every=save_every,
+                             k_references=k_references, vary_k=vary_k, exclude=exclude or (), pseudo=pseudo, init_from=init_from, stop_after=stop_after, save_every=save_every,
                              warmup=warmup, config=config, device=device, threads=threads,
                              command=command_line(), progress=progress)
     typer.echo(f"{'final model' if final.name == 'final' else 'stopped at'}: {final}")

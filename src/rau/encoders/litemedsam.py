@@ -212,6 +212,32 @@ def encode_images(images: Sequence[np.ndarray], *, grid: int | None = None, equa
     return torch.cat(out) if out else torch.zeros(0, EMBED_DIM, side, side)
 
 
+def frame_bytes(image: np.ndarray, *, equalize: bool = True) -> np.ndarray:
+    """(H, W) image -> its preprocessed 256 x 256 frame (:func:`preprocess`) as uint8: what a
+    frame cache stores instead of the 2 MB embedding, to be encoded where a GPU is
+    (:func:`encode_frames`); the rounding moves the encoder's input by at most 1/510."""
+    x, _ = preprocess(image, equalize=equalize)
+    return np.round(x[0, 0].numpy() * 255.0).astype(np.uint8)
+
+
+def encode_frames(frames: np.ndarray, *, device: str = "cpu", batch: int = 32, progress: bool = False) -> np.ndarray:
+    """(N, 256, 256) uint8 frames (:func:`frame_bytes`) -> (N, 256, 64, 64) fp16 embeddings
+    (float32 encoder), ``batch`` frames at a time on ``device``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    frames = np.asarray(frames)
+    if frames.ndim != 3 or frames.shape[1:] != (INPUT_SIZE, INPUT_SIZE) or frames.dtype != np.uint8:
+        raise RauInputError(f"frames: expected (N, {INPUT_SIZE}, {INPUT_SIZE}) uint8, got {frames.shape} {frames.dtype}")
+    net = load(None, device)
+    out = np.zeros((len(frames), EMBED_DIM, INPUT_SIZE // 4, INPUT_SIZE // 4), np.float16)
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(frames), batch), desc="encode frames", unit="batch", disable=not progress):
+            x = torch.from_numpy(frames[i:i + batch]).to(device).float().div_(255.0)[:, None].repeat(1, 3, 1, 1)
+            out[i:i + batch] = encode(net, x, "fp32").half().cpu().numpy()
+    return out
+
+
 def frame_to_image(low, scale: float, hw: tuple[int, int]):
     """(N, 1, h, w) mask logits in the encoder's padded 256 x 256 frame (any resolution) ->
     (N, 1, H, W) logits at the image's size (the padding cropped)."""

@@ -4,7 +4,10 @@ Data, in three layers:
 
 1. :func:`build_memseg_cache`: per image of any dataset folder :func:`rau.data.dataset.load_dataset`
    reads, the full (256, 64, 64) LiteMedSAM embedding (fp16, float32 encoder) and every
-   structure's mask in the encoder's 256 x 256 frame (bit-packed), in one npz;
+   structure's mask in the encoder's 256 x 256 frame (bit-packed), in one npz. A *frame cache*
+   (``frames=True``) stores the preprocessed uint8 encoder input instead of the embedding (64 KB
+   against 2 MB per image), so a GPU machine can be sent the data and encode it there:
+   :func:`load_memseg_cache` encodes the frames on the device it is given;
 2. :func:`pair_index` + :func:`draw_pairs`: (cache, target image, structure) triples and, per
    triple, K references drawn among the OTHER images annotated with the same structure; structures
    matching an ``exclude`` pattern are never drawn (held out to test generalisation); step ``s``
@@ -37,7 +40,7 @@ from rau.models.memseg.configuration import FRAME, MemSegConfig
 # ----------------------------------------------------------------------------- cache
 @dataclass
 class MemSegCache:
-    """embeddings (N, 256, S, S) fp16; masks (N, M, 256, 32) uint8 (bit-packed 256 x 256 frame
+    """embeddings (N, 256, S, S) fp16 (a frame cache's encoded on load); masks (N, M, 256, 32) uint8 (bit-packed 256 x 256 frame
     masks); present (N, M) bool (non-empty masks); names (M,) structure names; ids (N,) image ids."""
 
     embeddings: np.ndarray
@@ -60,15 +63,18 @@ def excluded(names: Sequence[str], patterns: Sequence[str]) -> np.ndarray:
 
 
 def build_memseg_cache(dataset_root: str | Path, out_file: str | Path, *, exclude_structures: Sequence[str] = (),
-                       image_range: slice | None = None, progress: bool = True) -> Path:
+                       image_range: slice | None = None, frames: bool = False, progress: bool = True) -> Path:
     """Embeddings + frame masks of every image of the dataset folder ``dataset_root`` (or of its
     id-sorted ``image_range``, e.g. a training part) -> ``out_file`` (npz, written atomically).
-    Structures matching ``exclude_structures`` (shell patterns) are left out of the cache."""
+    Structures matching ``exclude_structures`` (shell patterns) are left out of the cache.
+    ``frames``: store each image's uint8 encoder input instead of its embedding (a frame cache,
+    module doc; no encoder runs here)."""
     from tqdm.auto import tqdm
 
     from rau.atomic import write_bytes
     from rau.data.dataset import load_dataset
-    from rau.training.recipes.seghead import frame_record
+    from rau.encoders.litemedsam import frame_bytes
+    from rau.training.recipes.seghead import frame_masks, frame_record
 
     ds = load_dataset(dataset_root, arg="dataset_root").slice(image_range)
     names = [n for n, out in zip(ds.structures, excluded(ds.structures, exclude_structures)) if not out]
@@ -76,14 +82,18 @@ def build_memseg_cache(dataset_root: str | Path, out_file: str | Path, *, exclud
         raise RauInputError(f"dataset_root: {dataset_root} has no images or no structure left after exclude_structures")
     embs, masks, present, ids = [], [], [], []
     for item in tqdm(ds, total=len(ds), desc="memseg cache", unit="image", disable=not progress):
-        emb, packed, here = frame_record(item, names)
+        if frames:
+            emb, (packed, here) = frame_bytes(item.image), frame_masks(item, names)
+        else:
+            emb, packed, here = frame_record(item, names)
         embs.append(emb)
         masks.append(packed)
         present.append(here)
         ids.append(item.id)
     buf = io.BytesIO()
-    np.savez(buf, embeddings=np.stack(embs), masks=np.stack(masks), present=np.stack(present),
-             names=np.array(names), ids=np.array(ids), dataset=np.array(str(Path(dataset_root).resolve())))
+    save = np.savez_compressed if frames else np.savez  # frames travel; embeddings hardly compress
+    save(buf, **{"frames" if frames else "embeddings": np.stack(embs)}, masks=np.stack(masks), present=np.stack(present),
+         names=np.array(names), ids=np.array(ids), dataset=np.array(str(Path(dataset_root).resolve())))
     return write_bytes(Path(out_file), buf.getvalue())
 
 
@@ -97,14 +107,23 @@ def save_memseg_cache(cache: MemSegCache, out_file: str | Path) -> Path:
     return write_bytes(Path(out_file), buf.getvalue())
 
 
-def load_memseg_cache(path: str | Path) -> MemSegCache:
-    """Read a cache written by :func:`build_memseg_cache`; RauInputError if unreadable or inconsistent."""
+def load_memseg_cache(path: str | Path, *, device: str = "cpu", progress: bool = False) -> MemSegCache:
+    """Read a cache written by :func:`build_memseg_cache` (a frame cache's frames are encoded on
+    ``device``); RauInputError if unreadable or inconsistent."""
     try:
         z = np.load(path, allow_pickle=False)
-        emb, masks, present = z["embeddings"], z["masks"], z["present"]
+        masks, present = z["masks"], z["present"]
         names, ids = [str(v) for v in z["names"]], [str(v) for v in z["ids"]]
+        frames = z["frames"] if "frames" in z.files else None
+        emb = z["embeddings"] if frames is None else None
     except (OSError, ValueError, KeyError) as exc:
         raise RauInputError(f"caches: cannot read {path} as a memseg cache ({exc.__class__.__name__})") from None
+    if frames is not None:
+        from rau.encoders.litemedsam import encode_frames
+
+        if frames.shape[0] != len(ids):
+            raise RauInputError(f"caches: {path} holds {frames.shape[0]} frames for {len(ids)} images; rebuild it")
+        emb = encode_frames(frames, device=device, progress=progress)
     n, m = len(ids), len(names)
     if emb.ndim != 4 or emb.shape[0] != n or masks.shape != (n, m, FRAME, FRAME // 8) or present.shape != (n, m):
         raise RauInputError(f"caches: {path} is inconsistent (embeddings {emb.shape}, masks {masks.shape}, "
@@ -189,10 +208,12 @@ def compose_mask(cache: MemSegCache, image: int, spec: int | tuple) -> np.ndarra
     return out if out.any() else m
 
 
-def batch_tensors(caches: Sequence[MemSegCache], pairs, box_prompt: bool):
-    """Pairs -> float32 CPU tensors: target (B, 256, S, S), references (B, K, 256, S, S),
-    reference masks (B, K, 1, 256, 256), target masks (B, 256, 256) and, with ``box_prompt``, the
-    target masks' tight boxes (B, 4) xyxy in frame pixels (else None)."""
+def batch_tensors(caches: Sequence[MemSegCache], pairs, box_prompt: bool, embeddings=None):
+    """Pairs -> float32 tensors: target (B, 256, S, S), references (B, K, 256, S, S), reference
+    masks (B, K, 1, 256, 256), target masks (B, 256, 256) and, with ``box_prompt``, the target
+    masks' tight boxes (B, 4) xyxy in frame pixels (else None). On the CPU, except the features
+    when ``embeddings`` (per cache, its embeddings as one torch tensor, e.g. held on the GPU) is
+    given: they are gathered there."""
     import torch
 
     from rau.geometry import mask_to_box
@@ -200,13 +221,19 @@ def batch_tensors(caches: Sequence[MemSegCache], pairs, box_prompt: bool):
     tgt, refs, ref_masks, gts = [], [], [], []
     for c, t, s, r in pairs:
         cache = caches[c]
-        tgt.append(cache.embeddings[t])
-        refs.append(cache.embeddings[r])
+        if embeddings is None:
+            tgt.append(cache.embeddings[t])
+            refs.append(cache.embeddings[r])
         ref_masks.append(np.stack([compose_mask(cache, int(i), s) for i in r])[:, None])
         gts.append(compose_mask(cache, t, s))
     f32 = lambda a: torch.from_numpy(np.stack(a).astype(np.float32))  # noqa: E731
+    if embeddings is not None:
+        tgt_t = torch.stack([embeddings[c][t] for c, t, _, _ in pairs]).float()
+        refs_t = torch.stack([embeddings[c][torch.as_tensor(r, device=embeddings[c].device)] for c, _, _, r in pairs]).float()
+    else:
+        tgt_t, refs_t = f32(tgt), f32(refs)
     boxes = torch.tensor([mask_to_box(g) for g in gts], dtype=torch.float32) if box_prompt else None
-    return f32(tgt), f32(refs), f32(ref_masks), f32(gts), boxes
+    return tgt_t, refs_t, f32(ref_masks), f32(gts), boxes
 
 
 def jitter_prompts(masks, rng: np.random.Generator, shift: float, scale: float, degrees: float):
@@ -245,15 +272,17 @@ def memseg_loss(logits, iou_pred, target, iou_weight: float = 1.0):
     return seg_loss(low, target) + iou_weight * F.mse_loss(iou_pred[:, 0].float(), iou), dice
 
 
-def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: int, batch_size: int = 2,
-                 lr: float = 1e-4, seed: int = 0, k_references: int = 1, exclude: Sequence[str] = (),
+def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path, *, steps: int, batch_size: int = 2,
+                 lr: float = 1e-4, seed: int = 0, k_references: int = 1, vary_k: bool = False, exclude: Sequence[str] = (),
                  pseudo: float = 0.0, stop_after: int | None = None, init_from: str | Path | None = None, prompt_jitter: tuple[float, float, float] = (0.05, 0.1, 8.0),
                  save_every: int = 50, log_every: int = 5, warmup: int = 20, iou_weight: float = 1.0,
                  config: MemSegConfig | None = None, device: str = "auto", threads: int | None = None,
                  command: str | None = None, progress: bool = True, lite=None,
                  on_step: Callable[[int, dict], None] | None = None) -> Path:
-    """Train a memory segmenter on memseg caches -> ``out_dir/final``. Resumable (rerun the same
-    call); ``exclude``: structure-name patterns never drawn; ``lite``: the LiteMedSAM network whose
+    """Train a memory segmenter on memseg caches (paths, or caches already loaded) -> ``out_dir/final``.
+    Resumable (rerun the same call); ``vary_k``: each step draws its number of reference frames
+    uniformly in 1..``k_references`` (one model for one and for several references); on a GPU the
+    embeddings are held there and each step's features gathered on it; ``exclude``: structure-name patterns never drawn; ``lite``: the LiteMedSAM network whose
     decoder initialises the model (default: the shipped one); ``on_step`` as in
     :func:`rau.training.engine.run_training`. ``pseudo``: share of pairs whose structure is a
     pseudo-structure (:func:`draw_pairs`); ``prompt_jitter``: (shift, scale, degrees) of the
@@ -274,7 +303,11 @@ def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
     if not caches:
         raise RauInputError("caches: give at least one memseg cache (build_memseg_cache)")
     config = config or MemSegConfig()
-    loaded = [load_memseg_cache(c) for c in caches]
+    from rau.training.engine import resolve_device
+
+    on_gpu = resolve_device(device)
+    loaded = [c if isinstance(c, MemSegCache) else load_memseg_cache(c, device="cuda" if on_gpu else "cpu", progress=progress)
+              for c in caches]
     for cache in loaded:
         side = cache.embeddings.shape[-1]
         if side % max(config.grid, config.out_grid):
@@ -289,15 +322,21 @@ def train_memseg(caches: Sequence[str | Path], out_dir: str | Path, *, steps: in
 
         start = MemSegModel.from_pretrained(model_folder(init_from))
         model.net.load_state_dict(start.net.state_dict())
-    run_key = {"kind": "memseg", "caches": [str(Path(c).resolve()) for c in caches], "pairs": len(index),
+    run_key = {"kind": "memseg", "caches": [Path(c.path).name for c in loaded], "pairs": len(index),
                "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
-               "k_references": k_references, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
+               "k_references": k_references, "vary_k": vary_k, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
                "pseudo": pseudo, "init_from": None if init_from is None else str(Path(init_from).resolve()), "prompt_jitter": list(prompt_jitter), "config": asdict(config)}
 
+    held: dict = {}
+
     def step_loss(net, step, acc):
+        if "embeddings" not in held:  # on a GPU the features stay there (fp16); gathered per step
+            held["embeddings"] = ([torch.from_numpy(c.embeddings).to(acc.device) for c in loaded]
+                                  if acc.device.type == "cuda" else None)
         rng = np.random.default_rng([seed, step, acc.process_index, acc.num_processes])
-        pairs = draw_pairs(loaded, index, rng, batch_size, k_references, pseudo, exclude)
-        tgt, refs, ref_masks, gt, boxes = batch_tensors(loaded, pairs, config.box_prompt)
+        k = int(rng.integers(1, k_references + 1)) if vary_k else k_references
+        pairs = draw_pairs(loaded, index, rng, batch_size, k, pseudo, exclude)
+        tgt, refs, ref_masks, gt, boxes = batch_tensors(loaded, pairs, config.box_prompt, held["embeddings"])
         prompts = jitter_prompts(ref_masks.mean(1), rng, *prompt_jitter) if config.mask_prompt else None
         tgt, refs, ref_masks, gt, boxes, prompts = (None if x is None else x.to(acc.device)
                                                     for x in (tgt, refs, ref_masks, gt, boxes, prompts))

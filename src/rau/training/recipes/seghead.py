@@ -47,12 +47,18 @@ def frame_record(item, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np
     from rau.encoders.litemedsam import encode_images
 
     emb = encode_images([item.image], precision="fp32")[0].numpy().astype(np.float16)
+    return (emb, *frame_masks(item, names))
+
+
+def frame_masks(item, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One annotated image's masks of ``names`` in the encoder frame: (S, 256, 32) bit-packed
+    (empty where missing) and the (S,) bool presence."""
     row = np.zeros((len(names), FRAME, FRAME), bool)
     for j, name in enumerate(names):
         m = item.masks.get(name)
         if m is not None and m.any():
             row[j] = mask_to_frame(m)
-    return emb, np.packbits(row, axis=-1), row.any(axis=(1, 2))
+    return np.packbits(row, axis=-1), row.any(axis=(1, 2))
 
 
 def build_seg_cache(token_cache: str | Path, out_file: str | Path, *, dataset_root: str | Path | None = None,
