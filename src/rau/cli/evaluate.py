@@ -198,6 +198,10 @@ def calibrate(
     k_references: Annotated[int, typer.Option(help="Calibrate the results of K references (top K of a LiteMedSAM bank "
                                                    "per target, as rau bench --k-references K); default file "
                                                    "<method>_k.json, read whenever the method fuses K > 1 references.")] = 1,
+    splits: Annotated[Optional[str], typer.Option(help="Comma-separated calibration splits (default calib-wingspan,"
+                                                       "calib-arcade,calib-drr,calib-wrong; calib-arcade-val in place of "
+                                                       "calib-arcade for a model trained on all of ARCADE train, e.g. the "
+                                                       "memory segmenter).")] = None,
     device: DeviceOpt = "cpu",
     vlm: VlmOpt = None,
     seg_head: SegHeadOpt = None,
@@ -220,7 +224,7 @@ def calibrate(
             raise RauInputError(f"--k-references: must be a positive integer, got {k_references}")
         target = out or calibration_path(name, k_references > 1)
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
-                              k=k_references,
+                              k=k_references, splits=split_names(splits, "--splits") if splits else None,
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
                                                                                seg_head, precision, memseg, refiner=refiner))
     r = cal.record

@@ -40,6 +40,10 @@ SPLITS = ("wingspan", "arcade", "drr", "drr-unseen", "wrong")
 #: Calibration splits (issue 17): pairs the bench never scores, for fitting the confidence
 #: (``rau calibrate``); not part of the default run.
 CALIB_SPLITS = ("calib-wingspan", "calib-arcade", "calib-drr", "calib-wrong")
+#: Extra calibration splits, chosen with ``rau calibrate --splits``: ``calib-arcade-val`` is ARCADE
+#: val without the ``arcade`` split's targets, for a model trained on all of ARCADE train (the
+#: shipped memory segmenter), which ``calib-arcade``'s train images are not held out from.
+EXTRA_CALIB_SPLITS = ("calib-arcade-val",)
 #: Structure families held out of ALL memory-segmenter training (scripts/memseg_recipe.sh
 #: ``--exclude``); the ``drr-unseen`` split scores these alone.
 HELD_OUT = ("left_clavicle", "right_clavicle", "left_scapula", "right_scapula")
@@ -71,6 +75,9 @@ class Split:
     #: False where targets may carry no ground truth (the wrong-input split): methods that read the
     #: target's truth (``oracle-box``) have nothing to read there and are skipped.
     truth: bool = True
+    #: Leave out the targets a ``limit``-target seeded pick takes (the bench split's own targets),
+    #: so a calibration split can draw from the same folder without scoring them.
+    without_pick: int | None = None
 
 
 def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, limit: int | None) -> list[Split]:
@@ -103,10 +110,13 @@ def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, 
             # segment outputs) so that each common segment's share of right outputs is measured
             out.append(Split(name, data / "arcade_syntax" / "train", data / "arcade_syntax" / "train",
                              slice(600, None), limit=8 if quick else (limit or 120)))
+        elif name == "calib-arcade-val":
+            out.append(Split(name, data / "arcade_syntax" / "val", data / "arcade_syntax" / "train",
+                             limit=8 if quick else (limit or 120), without_pick=50))
         elif name == "calib-drr":
             out.append(Split(name, drr_dir / "calib", drr_dir / "train", limit=8 if quick else None))
         else:
-            raise RauInputError(f"--splits: unknown {name!r}; choose from {', '.join(SPLITS + CALIB_SPLITS)}")
+            raise RauInputError(f"--splits: unknown {name!r}; choose from {', '.join(SPLITS + CALIB_SPLITS + EXTRA_CALIB_SPLITS)}")
     return out
 
 
@@ -179,6 +189,8 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
     built = {name: create_method(name, **method_options) for name in methods}
     for split in splits:
         tset = load_dataset(split.targets, arg="--data").slice(split.target_range)
+        if split.without_pick:
+            tset = without_pick(tset, split.without_pick, seed)
         rset = load_dataset(split.references, arg="--data").slice(split.reference_range)
         bank = split_bank(out, split, rset, progress) if k > 1 else None
         for name, method in built.items():
@@ -193,6 +205,15 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
             write_json(out / report_name(split.name, name, k), doc)
             reports.setdefault(split.name, []).append(doc)
     return reports
+
+
+def without_pick(ds, limit: int, seed: int):
+    """``ds`` without the targets :func:`rau.eval.evaluate.select_targets` picks for ``limit`` and ``seed``."""
+    from rau.data.dataset import Dataset
+    from rau.eval.evaluate import select_targets
+
+    taken = {e.id for e in select_targets(ds, limit, seed).entries}
+    return Dataset(ds.root, [e for e in ds.entries if e.id not in taken], ds.layout)
 
 
 def _fmt_slice(sl: slice | None) -> str | None:

@@ -42,6 +42,8 @@ and ARCADE train 0..599).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import datetime as _dt
 import json
 from pathlib import Path
@@ -316,11 +318,13 @@ def orientation_images(data: Path, drr_dir: Path, per_set: int = 120) -> list[np
 
 def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: Path, method_options: dict[str, Any],
                     quick: bool = False, seed: int = 0, progress: bool = True, argv: list[str] | None = None,
-                    k: int = 1) -> Calibration:
+                    k: int = 1, splits: Sequence[str] | None = None) -> Calibration:
     """Run ``method`` on the calibration splits (reusing ``work/<split>_<method>.json``), fit, save to ``out``.
     ``k`` > 1: each target with the top k references of the split's LiteMedSAM bank, as ``rau bench
     --k-references K`` runs it (``work/<split>_<method>_k<K>.json``); the fit then also reads the
-    k-reference features (:data:`rau.methods.confidence.K_FEATURES`) of methods that fuse in memory."""
+    k-reference features (:data:`rau.methods.confidence.K_FEATURES`) of methods that fuse in memory.
+    ``splits``: the calibration splits (default :data:`rau.eval.bench.CALIB_SPLITS`; e.g.
+    ``calib-arcade-val`` in place of ``calib-arcade`` for a model trained on all of ARCADE train)."""
     from rau.atomic import write_json
     from rau.eval.bench import CALIB_SPLITS, ensure_drr, git_commit, machine_line, report_name, resolve_splits, run_bench
 
@@ -333,7 +337,7 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
                                                                              "commit": git_commit()})
         orient.save(confidence.CALIBRATION_DIR / "orientation.json")
         confidence._ORIENTATION.clear()
-    splits = resolve_splits(list(CALIB_SPLITS), data, drr_dir, quick=quick, limit=None)
+    splits = resolve_splits(list(splits or CALIB_SPLITS), data, drr_dir, quick=quick, limit=None)
     reports = []
     options = {**method_options, "calibration": False}
     for split in splits:
