@@ -1,5 +1,18 @@
 #!/usr/bin/env bash
-# The memory segmenter (issue 15; src/rau/assets/memseg when shipped): caches, then training.
+# The memory segmenter (issue 15): caches, then training, on the 2-core CPU.
+#
+# THE SHIPPED MODEL (src/rau/assets/memseg) comes from the GPU route instead, same data and held-out
+# families, two leases of a lent H200 (2026-12-04, docs/HISTORY.md):
+#   rau train memseg-cache --data runs/drr_full/train --out runs/memseg_frames/drr_train.npz --frames "${HOLD[@]}"
+#   rau train memseg-cache --data $DATA/wingspan_cxr --images 0:160 --out runs/memseg_frames/wingspan_train.npz --frames "${HOLD[@]}"
+#   rau train memseg-cache --data $DATA/arcade_syntax/train --out runs/memseg_frames/arcade_train.npz --frames
+#   python scripts/memseg_gpu.py pack runs/memseg_frames/*.npz --out .gpu
+#   (GPU) PYTHONPATH=src:.gpu/site python3 scripts/memseg_gpu.py train .gpu --out $OUT --budget 420   # 3,081 steps x 32
+#   python scripts/memseg_gpu.py pack runs/memseg_frames/*.npz --out .gpu --init runs/memseg_gpu/final
+#   (GPU) PYTHONPATH=src:.gpu/site python3 scripts/memseg_gpu.py train .gpu --out $OUT --budget 320 --lr 1.5e-4 --warmup 50  # 1,624 more
+#   python -c "from rau.models.memseg.modeling import MemSegModel as M; from rau.methods.memseg import DEFAULT_MEMSEG_DIR as D; M.from_pretrained('runs/memseg_gpu2/final').save_pretrained(D, half=True)"
+# (--budget sets the step count from a timed probe, so another GPU gives another count; the counts
+# above are those of the shipped run, recorded in src/rau/assets/memseg/training.json.)
 # Clavicles and scapulae are held out of ALL its training (the DRR cache never stores them, and
 # --exclude guards the other caches) so that `rau bench --splits drr-unseen` measures structures it
 # never saw. Images used: the DRR reference render (300 poses, seed 0; the bench's drr targets are
