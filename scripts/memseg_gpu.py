@@ -39,7 +39,7 @@ import numpy as np
 HOLD = ["*clavicle*", "*scapula*"]  # held out of ALL memory-segmenter training (drr-unseen)
 
 
-def pack(caches: list[Path], out: Path, quality: int = 95, init: Path | None = None) -> None:
+def pack(caches: list[Path], out: Path, quality: int = 90, init: Path | None = None) -> None:
     """``init``: a memseg model folder to go on from, carried in fp16; LiteMedSAM then travels as
     its image encoder alone (the decoder and prompt encoder are put back from ``init``'s copies,
     which only initialise the model before ``init``'s weights replace them)."""
