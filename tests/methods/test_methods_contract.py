@@ -102,6 +102,8 @@ def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=
         own = {"memseg": tiny_memseg}
     elif name == "reg-memseg":
         own = {"memseg": tiny_memseg}
+    elif name == "rau-memseg":
+        own = {"vlm": tiny_ref, "memseg": tiny_memseg}
     elif name == "reg-refine":
         own = {"refiner": tiny_refiner}
     elif name == "rau-refine":
@@ -123,6 +125,7 @@ BUILT = {
     "rau-seg": ("rau-vlm", "seg-head", None),
     "sam2-memory": (None, "memseg", None),
     "reg-memseg": ("registration", "memseg", None),
+    "rau-memseg": ("rau-vlm", "memseg", None),
     "reg-refine": ("registration", "refiner", None),
     "rau-refine": ("rau-vlm", "seg-head", None),
     "unet": (None, "unet", None),
@@ -270,6 +273,33 @@ def test_reg_memseg_hands_registration_s_warped_mask_to_the_segmenter_as_its_pri
     method.predict(AnnotatedImage(ref_img, ref_masks), AnnotatedImage(tgt_img))
     assert set(seen) == {"blob", "square"}
     assert all(isinstance(v, np.ndarray) and v.shape == (96, 96) for v in seen.values())
+
+
+def test_rau_memseg_hands_the_reference_mask_moved_into_the_vlm_box_to_the_segmenter(tiny_ref, tiny_memseg, monkeypatch):
+    from rau.methods.memseg import MemSegSegmenter
+    from rau.geometry import mask_to_box
+
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
+    method = create_method("rau-memseg", vlm=tiny_ref, memseg=tiny_memseg)
+    assert method.localizer.shared is method.segmenter  # one encoder pass per image for both
+    seen = {}
+    real = MemSegSegmenter.segment_k
+
+    def spy(self, target, references, boxes, cues=None):
+        seen.update({n: (boxes[n], c) for n, c in (cues or {}).items()})
+        return real(self, target, references, boxes, cues)
+
+    monkeypatch.setattr(MemSegSegmenter, "segment_k", spy)
+    result = method.predict(AnnotatedImage(ref_img, ref_masks), AnnotatedImage(tgt_img))
+    for name, loc in result.structures.items():
+        if loc.answer != "yes":  # the VLM said "not visible": no prior, no mask
+            assert name not in seen and not loc.found
+            continue
+        box, prior = seen[name]
+        assert prior.shape == (96, 96) and prior.max() > 0.5
+        x0, y0, x1, y1 = mask_to_box(prior > 0.5)
+        assert abs(x0 - box[0]) <= 2 and abs(y1 - box[3]) <= 2  # the reference shape, placed in the VLM's box
 
 
 def test_registration_recovers_a_shift():

@@ -394,3 +394,12 @@ def test_load_default_round_trips_a_disk():
         m = disk(shape, centre, radius)
         res = tok.decode_tokens(tok.encode(m), shape)
         assert res.ok and dice(res.mask, m) > 0.8
+
+
+def test_move_into_box_scales_and_shifts_the_shape_onto_the_box():
+    ref = rect((100, 80), 10, 30, 20, 60)  # rows 10..30, cols 20..60 of a 100 x 80 image
+    moved = lt.move_into_box(ref, (5.0, 40.0, 45.0, 80.0), (120, 90))  # into a 40 x 40 box of a 120 x 90 image
+    assert moved.shape == (120, 90) and moved.dtype == np.float32
+    assert np.array_equal(moved >= 0.5, rect((120, 90), 40, 80, 5, 45))
+    with pytest.raises(RauInputError, match="empty"):
+        lt.move_into_box(np.zeros((10, 10), bool), (0, 0, 5, 5), (10, 10))

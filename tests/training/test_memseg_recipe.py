@@ -17,6 +17,7 @@ from rau.training.recipes.memseg import (
     batch_tensors,
     build_memseg_cache,
     compose_mask,
+    deform_prompts,
     draw_pairs,
     excluded,
     jitter_prompts,
@@ -24,6 +25,7 @@ from rau.training.recipes.memseg import (
     pair_index,
     save_memseg_cache,
     train_memseg,
+    training_prompts,
 )
 
 TINY = dict(grid=16, memory_layers=1, feed_forward=64, fuser_layers=1, fuser_intermediate=64, dropout=0.0)
@@ -149,3 +151,24 @@ def test_tiny_run_resumes_after_a_kill_to_the_same_weights(tmp_path, one_torch_t
     with pytest.raises(RauInputError, match="other settings"):
         train_memseg([path], tmp_path / "killed", steps=4, batch_size=2, lr=1e-3, seed=1, k_references=2,
                      exclude=["clavicle*"], config=MemSegConfig(**TINY), device="cpu", progress=False)
+
+
+def test_registration_like_priors_range_from_exact_to_off_and_replace_the_reference_prior_by_share():
+    masks = torch.zeros(6, 1, FRAME, FRAME)
+    masks[:, :, 80:180, 60:140] = 1
+    same = deform_prompts(masks, np.random.default_rng(0), 0.0, 0.0)
+    assert torch.equal(same, masks)  # no displacement: the mask itself
+    moved = deform_prompts(masks, np.random.default_rng(0), 0.05, 0.05)
+    assert moved.shape == masks.shape and set(moved.unique().tolist()) <= {0.0, 1.0}
+    dice = 2 * (moved * masks).sum((1, 2, 3)) / (moved.sum((1, 2, 3)) + masks.sum((1, 2, 3)))
+    assert dice.min() > 0.3 and dice.max() < 1.0  # moved, still near
+    ref = torch.zeros(6, 2, 1, FRAME, FRAME)  # references whose structure sits elsewhere
+    ref[..., 0:40, 0:40] = 1
+    gt = masks[:, 0]
+    rng = np.random.default_rng(1)
+    never = training_prompts(ref, gt, np.random.default_rng(1), (0.0, 0.0, 0.0), 0.0, (0.0, 0.0))
+    assert torch.allclose(never, ref.mean(1), atol=1e-4)  # the reference prior (identity jitter)
+    always = training_prompts(ref, gt, rng, (0.0, 0.0, 0.0), 1.0, (0.0, 0.0))
+    assert torch.equal(always, masks)
+    with pytest.raises(RauInputError, match="target_prior"):
+        train_memseg([_cache()], "unused", steps=1, target_prior=0.5, config=MemSegConfig(**TINY))

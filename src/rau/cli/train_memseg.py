@@ -1,4 +1,4 @@
-"""Training commands of the memory segmenter (issue 15, not shipped yet): ``rau train memseg-cache``
+"""Training commands of the memory segmenter (issue 15): ``rau train memseg-cache``
 (full LiteMedSAM embeddings + frame masks of a dataset) and ``rau train memseg``; mounted under
 ``rau train`` by :mod:`rau.cli.app`.
 
@@ -58,6 +58,10 @@ def memseg(
     box_prompt: Annotated[bool, option("The decoder also reads a target box.")] = False,
     mask_prompt: Annotated[bool, option("The decoder also reads the references' mask as a dense prior in the target frame.")] = False,
     pseudo: Annotated[float, option("Share of pairs on pseudo-structures (unions, halves, boundary bands of labelled ones).")] = 0.0,
+    target_prior: Annotated[float, option("With --mask-prompt: share of pairs whose prior is the target's own mask, smoothly deformed "
+                                          "(a registration-like prior, so the model learns to read reg-memseg's warped mask).")] = 0.0,
+    prior_amplitude: Annotated[float, option("--target-prior: the largest displacement-field scale, a fraction of the side.")] = 0.03,
+    prior_shift: Annotated[float, option("--target-prior: the largest shift, a fraction of the side.")] = 0.04,
     seed: Annotated[int, option("Seed: init and pairs.")] = 0,
     save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
     threads: ThreadsOpt = None,
@@ -71,7 +75,8 @@ def memseg(
 
         config = MemSegConfig(grid=grid, decoder_grid=decoder_grid, memory_layers=memory_layers, box_prompt=box_prompt, mask_prompt=mask_prompt)
         final = train_memseg(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                             k_references=k_references, vary_k=vary_k, exclude=exclude or (), pseudo=pseudo, init_from=init_from, stop_after=stop_after, save_every=save_every,
+                             k_references=k_references, vary_k=vary_k, exclude=exclude or (), pseudo=pseudo, target_prior=target_prior,
+                             prior_deform=(prior_amplitude, prior_shift), init_from=init_from, stop_after=stop_after, save_every=save_every,
                              warmup=warmup, config=config, device=device, threads=threads,
                              command=command_line(), progress=progress)
     typer.echo(f"{'final model' if final.name == 'final' else 'stopped at'}: {final}")

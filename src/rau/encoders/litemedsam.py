@@ -220,9 +220,11 @@ def frame_bytes(image: np.ndarray, *, equalize: bool = True) -> np.ndarray:
     return np.round(x[0, 0].numpy() * 255.0).astype(np.uint8)
 
 
-def encode_frames(frames: np.ndarray, *, device: str = "cpu", batch: int = 32, progress: bool = False) -> np.ndarray:
+def encode_frames(frames: np.ndarray, *, device: str = "cpu", batch: int = 32, progress: bool = False,
+                  precision: str = "fp32") -> np.ndarray:
     """(N, 256, 256) uint8 frames (:func:`frame_bytes`) -> (N, 256, 64, 64) fp16 embeddings
-    (float32 encoder), ``batch`` frames at a time on ``device``."""
+    (encoder in ``precision``: fp32, or bf16 as CPU inference runs it, ~6x faster on this CPU),
+    ``batch`` frames at a time on ``device``."""
     import torch
     from tqdm.auto import tqdm
 
@@ -234,7 +236,7 @@ def encode_frames(frames: np.ndarray, *, device: str = "cpu", batch: int = 32, p
     with torch.inference_mode():
         for i in tqdm(range(0, len(frames), batch), desc="encode frames", unit="batch", disable=not progress):
             x = torch.from_numpy(frames[i:i + batch]).to(device).float().div_(255.0)[:, None].repeat(1, 3, 1, 1)
-            out[i:i + batch] = encode(net, x, "fp32").half().cpu().numpy()
+            out[i:i + batch] = encode(net, x, precision).half().cpu().numpy()
     return out
 
 

@@ -148,7 +148,8 @@ class RauOptions(MethodOptions):
 
     ``vlm``: a compact RAU VLM folder (``rau train refvlm``) or a Qwen2.5-VL checkpoint folder
     (None: the shipped compact VLM); ``lora``: a LoRA adapter folder for a Qwen ``vlm``;
-    ``seg_head``: a ``<seg>`` head folder (``rau-seg`` only; None: the shipped head); ``assign``:
+    ``seg_head``: a ``<seg>`` head folder (``rau-seg`` only; None: the shipped head); ``memseg``: a
+    memory-segmenter folder (``rau-memseg`` only; None: the shipped one); ``assign``:
     one-to-one assignment of boxes to structures (``rau-ot`` sets it); the others as in
     :class:`BoxPromptOptions`."""
 
@@ -160,12 +161,13 @@ class RauOptions(MethodOptions):
     sam2: str | Path | None = None
     sam2_config: Any = None
     seg_head: str | Path | None = None
+    memseg: str | Path | None = None
     assign: bool = False
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check_precision(self.precision)
-        for name in ("vlm", "lora", "sam2", "seg_head"):
+        for name in ("vlm", "lora", "sam2", "seg_head", "memseg"):
             _check_folder(name, getattr(self, name))
         _check_choice("segmenter", self.segmenter, SEGMENTERS)
         _check_sam2_config(self.sam2_config)

@@ -11,7 +11,10 @@ version is ``prob``, for fusion with the segmenter) and score = P(yes) x the box
 probability. A "no" comes without a box (the structure is reported not visible). For method
 ``rau-seg`` (``seg_cues`` set) each visible structure instead carries a ``<seg>`` cue
 (:class:`rau.methods.rau_seg.SegCue`) for the ``<seg>`` head segmenter, and the mask codes are not
-decoded (a head with ``seg_after="box"``, as the shipped one, never generates them).
+decoded (a head with ``seg_after="box"``, as the shipped one, never generates them). With
+``seg_cues="prior"`` (``rau-seg`` on the memory segmenter) each visible structure's cue is the
+reference's mask moved into the answer box (:func:`rau.tokens.loc.move_into_box`): the VLM's
+spatial cue in the form the memory segmenter reads, its prior; the mask codes are not decoded either.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ class RefVlmLocalizer(Localizer):
                  reference_cache: int = 64, assign: bool = False, seg_cues: str | None = None,
                  precision: str | None = None):
         """``shared_segmenter``: a LiteMedSAM segmenter whose encoder pass the VLM reads too;
-        ``seg_cues``: None, or the ``seg_after`` of the ``<seg>`` head that reads this localizer's
-        cues ("box": ``<seg>`` right after the answer box; "mask": after the mask codes)."""
+        ``seg_cues``: None, the ``seg_after`` of the ``<seg>`` head that reads this localizer's
+        cues ("box": ``<seg>`` right after the answer box; "mask": after the mask codes), or
+        "prior": the reference mask moved into the answer box, for a segmenter that reads priors."""
         from rau.tokens.masktok import load_default
         from rau.models.refvlm.modeling import RefVlmModel
         from rau.encoders.litemedsam import resolve_precision
@@ -53,9 +57,9 @@ class RefVlmLocalizer(Localizer):
         self.assign = assign
         #: the LiteMedSAM encoder's precision (auto/fp32/bf16, see rau.encoders.litemedsam.resolve_precision)
         self.precision = getattr(shared_segmenter, "precision", None) or resolve_precision(precision, device)
-        if seg_cues not in (None, "box", "mask"):
-            raise ValueError(f"seg_cues: expected None, 'box' or 'mask', got {seg_cues!r}")
-        if seg_cues is not None and shared_segmenter is None:
+        if seg_cues not in (None, "box", "mask", "prior"):
+            raise ValueError(f"seg_cues: expected None, 'box', 'mask' or 'prior', got {seg_cues!r}")
+        if seg_cues in ("box", "mask") and shared_segmenter is None:
             raise ValueError("seg_cues: the <seg> cues need the shared LiteMedSAM segmenter (shared_segmenter)")
         self.seg_cues = seg_cues
         self._refs: OrderedDict[str, tuple] = OrderedDict()
@@ -114,7 +118,7 @@ class RefVlmLocalizer(Localizer):
 
     # ---- Localizer
     def localize(self, reference: AnnotatedImage, target: AnnotatedImage, structures: list[str]) -> dict[str, Localization]:
-        from rau.tokens.loc import box_tokens_reason, loc_tokens_to_box, paste_probs
+        from rau.tokens.loc import box_tokens_reason, loc_tokens_to_box, move_into_box, paste_probs
 
         if not structures:
             return {}
@@ -122,19 +126,27 @@ class RefVlmLocalizer(Localizer):
         tgt_feats = self.features(target.image)
         # a box-only <seg> head reads <seg> right after the box: the 16 mask codes are not decoded
         answers, past = self.model.answer(ref_feats, tgt_feats, ref_tokens, return_cache=True,
-                                          box_only=self.seg_cues == "box")
+                                          box_only=self.seg_cues in ("box", "prior"))
         if self.assign:
             answers = self._assign(answers, ref_feats, tgt_feats, ref_tokens)
             past = None  # boxes moved between structures: the cache no longer matches the answers
         out = {}
         hw = target.shape
         bins = self.model.config.bins
-        query = self._seg_query(ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_cues else None
+        query = self._seg_query(ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_cues in ("box", "mask") else None
         for k, (name, a) in enumerate(zip(structures, answers)):
             if not a.visible:
                 out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
                 continue
             score = a.p_yes * a.box_score
+            if self.seg_cues == "prior":  # the answer box places the reference mask: the segmenter's prior
+                reason = box_tokens_reason(a.loc, bins)
+                if reason is not None:
+                    out[name] = Localization("no", None, 0.0, f"model answer does not decode: {reason}")
+                    continue
+                box = loc_tokens_to_box(a.loc, hw, bins)
+                out[name] = Localization("yes", box, score, cue=move_into_box(reference.masks[name], box, hw))
+                continue
             if query is not None:  # rau-seg: the answer's box + the <seg> cue (mask codes unused)
                 reason = box_tokens_reason(a.loc, bins)
                 if reason is not None:

@@ -165,6 +165,17 @@ def _rau_seg(o: RauOptions) -> Method:
     return Method("rau-seg", loc, seg)
 
 
+def _rau_memseg(o: RauOptions) -> Method:
+    """The RAU VLM answers and boxes each structure; its box places the reference mask as the
+    memory segmenter's prior (the reference image and mask in its memory); a structure the VLM
+    answers "not visible" gets no mask."""
+    if o.vlm is not None and not _is_refvlm(o.vlm):
+        raise RauInputError("--vlm: method 'rau-memseg' needs a compact RAU VLM folder (rau train refvlm), not a Qwen checkpoint")
+    seg = _memseg(o.memseg, o.device, o.precision)
+    loc, _ = _rau_parts(o, with_segmenter=False, seg_cues="prior", shared=seg)
+    return Method("rau-memseg", loc, seg)
+
+
 def _memseg(folder, device: str, precision: str | None):
     """The memory segmenter of ``folder`` (None: the shipped one), or a one-line error naming the fix."""
     from rau.methods.memseg import DEFAULT_MEMSEG_DIR, MemSegSegmenter
@@ -256,6 +267,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("sam2-memory", "the memory segmenter: the reference's image and masks in SAM2-style memory segment the target",
                "shipped memory segmenter (or --memseg FOLDER, or a real SAM2 with --sam2 FOLDER)", Sam2MemoryOptions,
                _sam2_memory),
+    MethodSpec("rau-memseg", "the RAU VLM's answer and box place the reference mask as the memory segmenter's prior",
+               "shipped RAU VLM + memory segmenter (or --vlm, --memseg FOLDER)", RauOptions, _rau_memseg),
     MethodSpec("reg-memseg", "registration's warped masks are the memory segmenter's prior, the reference in its memory",
                "shipped memory segmenter (or --memseg FOLDER)", MemSegOptions, _reg_memseg),
     MethodSpec("reg-refine", "registration's warped masks corrected by the refiner (target + warped reference -> mask)",

@@ -191,6 +191,18 @@ def paste_from_box(mask64: np.ndarray, box: Box, hw: tuple[int, int], threshold:
     return paste_probs(mask64, box, hw) >= threshold
 
 
+def move_into_box(mask: np.ndarray, box: Box, hw: tuple[int, int], size: int = 128) -> np.ndarray:
+    """(h, w) non-empty bool mask (e.g. a reference's) -> (H, W) float32 soft mask: its tight box
+    mapped onto ``box`` of an (H, W) image (scale and shift per axis; area-sampled on a size x size
+    grid, :func:`crop_to_box` then :func:`paste_probs`). A localizer's box turned into the prior
+    of a segmenter that reads masks. RauInputError on an empty mask."""
+    mask = check_mask(mask)
+    src = mask_to_box(mask)
+    if src is None:
+        raise RauInputError("mask: empty; there is no shape to move into the box")
+    return paste_probs(crop_to_box(mask, src, size), box, hw)
+
+
 def mask_loc_tokens(mask: np.ndarray, bins: int = 1024) -> tuple[tuple[int, int, int, int], Box]:
     """Location tokens of a non-empty mask's tight box, and the box they decode to.
 

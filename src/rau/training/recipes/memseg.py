@@ -107,9 +107,16 @@ def save_memseg_cache(cache: MemSegCache, out_file: str | Path) -> Path:
     return write_bytes(Path(out_file), buf.getvalue())
 
 
-def load_memseg_cache(path: str | Path, *, device: str = "cpu", progress: bool = False) -> MemSegCache:
+def encode_frame_cache(frame_cache: str | Path, out_file: str | Path, *, precision: str = "bf16", progress: bool = True) -> Path:
+    """A frame cache (:func:`build_memseg_cache` with ``frames=True``) -> a full cache at ``out_file``,
+    its frames encoded here on the CPU in ``precision`` (bf16: as CPU inference encodes; the CPU
+    route of ``scripts/memseg_blobs_recipe.sh``)."""
+    return save_memseg_cache(load_memseg_cache(frame_cache, progress=progress, precision=precision), out_file)
+
+
+def load_memseg_cache(path: str | Path, *, device: str = "cpu", progress: bool = False, precision: str = "fp32") -> MemSegCache:
     """Read a cache written by :func:`build_memseg_cache` (a frame cache's frames are encoded on
-    ``device``); RauInputError if unreadable or inconsistent."""
+    ``device`` in ``precision``); RauInputError if unreadable or inconsistent."""
     try:
         z = np.load(path, allow_pickle=False)
         masks, present = z["masks"], z["present"]
@@ -123,7 +130,7 @@ def load_memseg_cache(path: str | Path, *, device: str = "cpu", progress: bool =
 
         if frames.shape[0] != len(ids):
             raise RauInputError(f"caches: {path} holds {frames.shape[0]} frames for {len(ids)} images; rebuild it")
-        emb = encode_frames(frames, device=device, progress=progress)
+        emb = encode_frames(frames, device=device, progress=progress, precision=precision, batch=8 if precision == "bf16" else 32)
     n, m = len(ids), len(names)
     if emb.ndim != 4 or emb.shape[0] != n or masks.shape != (n, m, FRAME, FRAME // 8) or present.shape != (n, m):
         raise RauInputError(f"caches: {path} is inconsistent (embeddings {emb.shape}, masks {masks.shape}, "
@@ -253,6 +260,41 @@ def jitter_prompts(masks, rng: np.random.Generator, shift: float, scale: float, 
     return F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def deform_prompts(masks, rng: np.random.Generator, amplitude: float, shift: float):
+    """(B, 1, H, W) {0, 1} masks -> registration-like priors: each moved by a smooth random
+    displacement field (4 x 4 control points, bicubic; per pair a displacement scale drawn in
+    [0, ``amplitude``] of the side) and a random shift (per pair up to a draw in [0, ``shift``] of
+    the side), thresholded at 0.5. From almost exact to clearly off, as registration's warped
+    masks are (ARCADE's thin vessels usually end beside the truth)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = masks.shape
+    amp = rng.uniform(0, amplitude, b) * 2  # affine_grid coordinates span 2 per side
+    ctrl = rng.normal(size=(b, 2, 4, 4)) * amp[:, None, None, None]
+    move = rng.uniform(-1, 1, (b, 2)) * rng.uniform(0, shift, (b, 1)) * 2
+    flow = F.interpolate(torch.as_tensor(ctrl, dtype=masks.dtype), size=(h, w), mode="bicubic", align_corners=True)
+    flow = flow + torch.as_tensor(move, dtype=masks.dtype)[:, :, None, None]
+    eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], dtype=masks.dtype).expand(b, 2, 3)
+    grid = F.affine_grid(eye, list(masks.shape), align_corners=False) + flow.permute(0, 2, 3, 1)
+    out = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (out >= 0.5).to(masks.dtype)
+
+
+def training_prompts(ref_masks, gt, rng: np.random.Generator, prompt_jitter, target_prior: float, prior_deform):
+    """The (B, 1, H, W) priors of a ``mask_prompt`` model for one step: the references' mean mask,
+    jittered (:func:`jitter_prompts`: where the structure sits in the reference, as the default
+    prior at inference), or with probability ``target_prior`` per pair the target's own mask
+    deformed (:func:`deform_prompts`: a registration-like prior, as ``reg-memseg`` gives)."""
+    import torch
+
+    prompts = jitter_prompts(ref_masks.mean(1), rng, *prompt_jitter)
+    if target_prior > 0:
+        use = torch.as_tensor(rng.random(gt.shape[0]) < target_prior)[:, None, None, None]
+        prompts = torch.where(use, deform_prompts(gt[:, None].to(prompts.dtype), rng, *prior_deform), prompts)
+    return prompts
+
+
 # ----------------------------------------------------------------------------- training
 def memseg_loss(logits, iou_pred, target, iou_weight: float = 1.0):
     """BCE + Dice of (B, 1, 256, 256) logits against (B, 256, 256) {0, 1} masks, + ``iou_weight``
@@ -275,6 +317,7 @@ def memseg_loss(logits, iou_pred, target, iou_weight: float = 1.0):
 def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path, *, steps: int, batch_size: int = 2,
                  lr: float = 1e-4, seed: int = 0, k_references: int = 1, vary_k: bool = False, exclude: Sequence[str] = (),
                  pseudo: float = 0.0, stop_after: int | None = None, init_from: str | Path | None = None, prompt_jitter: tuple[float, float, float] = (0.05, 0.1, 8.0),
+                 target_prior: float = 0.0, prior_deform: tuple[float, float] = (0.03, 0.04),
                  save_every: int = 50, log_every: int = 5, warmup: int = 20, iou_weight: float = 1.0,
                  config: MemSegConfig | None = None, device: str = "auto", threads: int | None = None,
                  command: str | None = None, progress: bool = True, lite=None,
@@ -286,7 +329,9 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
     decoder initialises the model (default: the shipped one); ``on_step`` as in
     :func:`rau.training.engine.run_training`. ``pseudo``: share of pairs whose structure is a
     pseudo-structure (:func:`draw_pairs`); ``prompt_jitter``: (shift, scale, degrees) of the
-    random move of a ``mask_prompt`` model's prior (:func:`jitter_prompts`); ``init_from``: a
+    random move of a ``mask_prompt`` model's prior (:func:`jitter_prompts`); ``target_prior``: share
+    of pairs whose prior is instead the target's mask deformed by ``prior_deform`` = (amplitude,
+    shift) (:func:`deform_prompts`), so the model learns to read a registration prior; ``init_from``: a
     memseg model or checkpoint folder whose weights start the run (its config may differ only in
     ``decoder_grid``, which adds no weights); ``stop_after``: as in
     :func:`rau.training.engine.run_training` (a stage of a longer schedule)."""
@@ -295,6 +340,8 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
     from rau.models.memseg.modeling import MemSegModel
     from rau.training.engine import run_training
 
+    if not 0 <= target_prior <= 1 or (target_prior > 0 and not (config or MemSegConfig()).mask_prompt):
+        raise RauInputError(f"target_prior: expected a share in [0, 1] for a mask_prompt model, got {target_prior}")
     if steps < 1 or batch_size < 1 or k_references < 1 or not lr > 0 or iou_weight < 0 or not 0 <= pseudo <= 1:
         raise RauInputError(f"steps, batch_size and k_references must be >= 1, lr > 0, iou_weight >= 0 and pseudo in "
                             f"[0, 1]; got {steps}, {batch_size}, {k_references}, {lr}, {iou_weight}, {pseudo}")
@@ -326,6 +373,8 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
                "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
                "k_references": k_references, "vary_k": vary_k, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
                "pseudo": pseudo, "init_from": None if init_from is None else str(Path(init_from).resolve()), "prompt_jitter": list(prompt_jitter), "config": asdict(config)}
+    if target_prior > 0:  # only then: runs without it keep their key (and resume)
+        run_key.update(target_prior=target_prior, prior_deform=list(prior_deform))
 
     held: dict = {}
 
@@ -337,7 +386,8 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
         k = int(rng.integers(1, k_references + 1)) if vary_k else k_references
         pairs = draw_pairs(loaded, index, rng, batch_size, k, pseudo, exclude)
         tgt, refs, ref_masks, gt, boxes = batch_tensors(loaded, pairs, config.box_prompt, held["embeddings"])
-        prompts = jitter_prompts(ref_masks.mean(1), rng, *prompt_jitter) if config.mask_prompt else None
+        prompts = (training_prompts(ref_masks, gt, rng, prompt_jitter, target_prior, prior_deform)
+                   if config.mask_prompt else None)
         tgt, refs, ref_masks, gt, boxes, prompts = (None if x is None else x.to(acc.device)
                                                     for x in (tgt, refs, ref_masks, gt, boxes, prompts))
         with acc.autocast():
