@@ -40,6 +40,7 @@ C=(--cache "$E/drr_train.npz" --cache "$E/wingspan_train.npz" --cache "$E/arcade
 # Stage 1 (stopped at step 490; --stop-after 450 gives its checkpoint-450):
 [ -d runs/memseg_prior/checkpoint-450 ] || $RAU train memseg "${C[@]}" --output-dir runs/memseg_prior --steps 1200 --stop-after 450 \
   --pseudo 0.4 --init-from src/rau/assets/memseg "${COMMON[@]}"
-# Stage 2: + the novel shapes
+# Stage 2: + the novel shapes. The benched model (runs/memseg_blobs_c500, 2026-12-04) is its checkpoint-500: the run
+# was stopped by hand at step ~520 of the 1300-step schedule for lack of session time (--stop-after 500 gives it).
 $RAU train memseg "${C[@]}" --cache "$E/blobs_1.npz" --cache "$E/blobs_2.npz" --output-dir runs/memseg_blobs --steps 1300 \
-  --pseudo 0.3 --init-from runs/memseg_prior/checkpoint-450 "${COMMON[@]}"
+  --stop-after 500 --pseudo 0.3 --init-from runs/memseg_prior/checkpoint-450 "${COMMON[@]}"
