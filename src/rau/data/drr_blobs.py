@@ -45,6 +45,17 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+def _window(lo_mm: np.ndarray, hi_mm: np.ndarray, sp: np.ndarray, shape: tuple[int, ...]):
+    """The voxels covering [lo_mm, hi_mm] (clipped to the volume) -> (slices, (x, y, z, 3) voxel
+    positions in mm), or (None, None) when nothing is left inside the volume."""
+    lo = np.maximum(np.floor(lo_mm / sp).astype(int), 0)
+    hi = np.minimum(np.ceil(hi_mm / sp).astype(int) + 1, shape)
+    if np.any(hi <= lo):
+        return None, None
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) * s for a, b, s in zip(lo, hi, sp)], indexing="ij"), -1)
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), grid
+
+
 def blob_labelmap(hu: np.ndarray, spacing_mm, *, n: int, seed: int, labels: np.ndarray | None = None,
                   avoid: tuple[int, ...] = (), kinds: tuple[str, ...] = KINDS, bone_hu: float = 200.0,
                   body_hu: float = -500.0, min_voxels: int = 200) -> np.ndarray:
@@ -83,26 +94,23 @@ def blob_labelmap(hu: np.ndarray, spacing_mm, *, n: int, seed: int, labels: np.n
             pts = centre + np.outer(np.linspace(-0.5, 0.5, 4), direction) * span + rng.normal(0, span / 8, (4, 3))
             curve = _catmull_rom(pts)
             radius = rng.uniform(3.0, 7.0)
-            lo = np.maximum(np.floor((curve.min(0) - radius) / sp).astype(int), 0)
-            hi = np.minimum(np.ceil((curve.max(0) + radius) / sp).astype(int) + 1, hu.shape)
-            if np.any(hi <= lo):
+            box, grid = _window(curve.min(0) - radius, curve.max(0) + radius, sp, hu.shape)
+            if box is None:
                 continue
-            grid = np.stack(np.meshgrid(*[np.arange(a, b) * s for a, b, s in zip(lo, hi, sp)], indexing="ij"), -1)
             d2 = np.full(grid.shape[:3], np.inf)
             for p in curve:  # distance to the sampled curve
                 d2 = np.minimum(d2, ((grid - p) ** 2).sum(-1))
-            shape = (d2 <= radius ** 2) & body[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            shape = (d2 <= radius ** 2) & body[box]
         else:
             radii = rng.uniform(15, 40, 3) if kind == "bone" else rng.uniform(15, 50, 3)
             rot = _random_rotation(rng)
             reach = radii.max()
-            lo = np.maximum(np.floor((centre - reach) / sp).astype(int), 0)
-            hi = np.minimum(np.ceil((centre + reach) / sp).astype(int) + 1, hu.shape)
-            grid = np.stack(np.meshgrid(*[np.arange(a, b) * s for a, b, s in zip(lo, hi, sp)], indexing="ij"), -1)
+            box, grid = _window(centre - reach, centre + reach, sp, hu.shape)
+            if box is None:
+                continue
             local = (grid - centre) @ rot
             shape = ((local / radii) ** 2).sum(-1) <= 1.0
-            shape &= (bone if kind == "bone" else body)[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+            shape &= (bone if kind == "bone" else body)[box]
         shape &= free[box] & (out[box] == 0)
         if shape.sum() < min_voxels:
             continue

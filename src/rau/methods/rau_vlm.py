@@ -139,20 +139,15 @@ class RefVlmLocalizer(Localizer):
                 out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
                 continue
             score = a.p_yes * a.box_score
-            if self.seg_cues == "prior":  # the answer box places the reference mask: the segmenter's prior
+            if self.seg_cues is not None:  # the answer's box + a cue for the segmenter (mask codes unused)
                 reason = box_tokens_reason(a.loc, bins)
                 if reason is not None:
                     out[name] = Localization("no", None, 0.0, f"model answer does not decode: {reason}")
                     continue
                 box = loc_tokens_to_box(a.loc, hw, bins)
-                out[name] = Localization("yes", box, score, cue=move_into_box(reference.masks[name], box, hw))
-                continue
-            if query is not None:  # rau-seg: the answer's box + the <seg> cue (mask codes unused)
-                reason = box_tokens_reason(a.loc, bins)
-                if reason is not None:
-                    out[name] = Localization("no", None, 0.0, f"model answer does not decode: {reason}")
-                    continue
-                out[name] = Localization("yes", loc_tokens_to_box(a.loc, hw, bins), score, cue=query.cue(k))
+                # "prior": the reference mask placed in the box; else rau-seg's <seg> query
+                cue = move_into_box(reference.masks[name], box, hw) if query is None else query.cue(k)
+                out[name] = Localization("yes", box, score, cue=cue)
                 continue
             decoded = self.tokenizer.decode(a.loc, a.codes, hw)
             if decoded.mask is None:

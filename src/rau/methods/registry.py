@@ -96,6 +96,12 @@ def _rau_parts(o: RauOptions, *, with_segmenter: bool = True, seg_cues: str | No
     return QwenLocalizer(o.vlm, device=o.device, lora=o.lora), seg
 
 
+def _require_refvlm(o: RauOptions, method: str) -> None:
+    """A method that reads the compact VLM's cues: ``vlm`` must be None (the shipped one) or a compact RAU VLM folder."""
+    if o.vlm is not None and not _is_refvlm(o.vlm):
+        raise RauInputError(f"--vlm: method '{method}' needs a compact RAU VLM folder (rau train refvlm), not a Qwen checkpoint")
+
+
 # ---- build functions: options -> Method
 
 
@@ -154,8 +160,7 @@ def _rau_seg(o: RauOptions) -> Method:
     folder = o.seg_head or DEFAULT_HEAD_DIR
     if not (Path(folder) / "model.safetensors").is_file():
         raise RauInputError(f"--seg-head: method 'rau-seg' needs a trained <seg> head folder ({folder} has none; rau train seg-head)")
-    if o.vlm is not None and not _is_refvlm(o.vlm):
-        raise RauInputError("--vlm: method 'rau-seg' needs a compact RAU VLM folder (rau train refvlm), not a Qwen checkpoint")
+    _require_refvlm(o, "rau-seg")
     from rau.methods.rau_seg import SegHeadSegmenter
 
     medsam = _segmenter(dataclasses.replace(o, segmenter="medsam"))
@@ -169,8 +174,7 @@ def _rau_memseg(o: RauOptions) -> Method:
     """The RAU VLM answers and boxes each structure; its box places the reference mask as the
     memory segmenter's prior (the reference image and mask in its memory); a structure the VLM
     answers "not visible" gets no mask."""
-    if o.vlm is not None and not _is_refvlm(o.vlm):
-        raise RauInputError("--vlm: method 'rau-memseg' needs a compact RAU VLM folder (rau train refvlm), not a Qwen checkpoint")
+    _require_refvlm(o, "rau-memseg")
     seg = _memseg(o.memseg, o.device, o.precision)
     loc, _ = _rau_parts(o, with_segmenter=False, seg_cues="prior", shared=seg)
     return Method("rau-memseg", loc, seg)
