@@ -220,17 +220,18 @@ def frame_bytes(image: np.ndarray, *, equalize: bool = True) -> np.ndarray:
     return np.round(x[0, 0].numpy() * 255.0).astype(np.uint8)
 
 
-def encode_frames(frames: np.ndarray, *, device: str = "cpu", batch: int = 32, progress: bool = False,
+def encode_frames(frames: np.ndarray, *, device: str = "cpu", batch: int | None = None, progress: bool = False,
                   precision: str = "fp32") -> np.ndarray:
     """(N, 256, 256) uint8 frames (:func:`frame_bytes`) -> (N, 256, 64, 64) fp16 embeddings
     (encoder in ``precision``: fp32, or bf16 as CPU inference runs it, ~6x faster on this CPU),
-    ``batch`` frames at a time on ``device``."""
+    ``batch`` frames at a time on ``device`` (default 8 in bf16, 32 in fp32)."""
     import torch
     from tqdm.auto import tqdm
 
     frames = np.asarray(frames)
     if frames.ndim != 3 or frames.shape[1:] != (INPUT_SIZE, INPUT_SIZE) or frames.dtype != np.uint8:
         raise RauInputError(f"frames: expected (N, {INPUT_SIZE}, {INPUT_SIZE}) uint8, got {frames.shape} {frames.dtype}")
+    batch = batch or (8 if precision == "bf16" else 32)
     net = load(None, device)
     out = np.zeros((len(frames), EMBED_DIM, INPUT_SIZE // 4, INPUT_SIZE // 4), np.float16)
     with torch.inference_mode():

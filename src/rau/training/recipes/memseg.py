@@ -130,7 +130,7 @@ def load_memseg_cache(path: str | Path, *, device: str = "cpu", progress: bool =
 
         if frames.shape[0] != len(ids):
             raise RauInputError(f"caches: {path} holds {frames.shape[0]} frames for {len(ids)} images; rebuild it")
-        emb = encode_frames(frames, device=device, progress=progress, precision=precision, batch=8 if precision == "bf16" else 32)
+        emb = encode_frames(frames, device=device, progress=progress, precision=precision)
     n, m = len(ids), len(names)
     if emb.ndim != 4 or emb.shape[0] != n or masks.shape != (n, m, FRAME, FRAME // 8) or present.shape != (n, m):
         raise RauInputError(f"caches: {path} is inconsistent (embeddings {emb.shape}, masks {masks.shape}, "
