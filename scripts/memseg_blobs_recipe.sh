@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Follow-the-reference continuation of the memory segmenter (issue 15), on the 2-core CPU, from the
-# shipped model (src/rau/assets/memseg). Two changes to its training:
+# Follow-the-reference continuation of the memory segmenter (issue 15), on the 2-core CPU, from the GPU-trained
+# model shipped until 2026-12-05; its result is the shipped model (src/rau/assets/memseg) since then. Two changes to its training:
 #  1. --target-prior 0.6: for 60% of pairs the decoder's dense prior is the TARGET's mask smoothly
 #     deformed (a registration-like prior) instead of the reference mask placed as is, so the model
 #     learns to read reg-memseg's warped mask;
@@ -40,7 +40,13 @@ C=(--cache "$E/drr_train.npz" --cache "$E/wingspan_train.npz" --cache "$E/arcade
 # Stage 1 (stopped at step 490; --stop-after 450 gives its checkpoint-450):
 [ -d runs/memseg_prior/checkpoint-450 ] || $RAU train memseg "${C[@]}" --output-dir runs/memseg_prior --steps 1200 --stop-after 450 \
   --pseudo 0.4 --init-from src/rau/assets/memseg "${COMMON[@]}"
-# Stage 2: + the novel shapes. The benched model (runs/memseg_blobs_c500, 2026-12-04) is its checkpoint-500: the run
-# was stopped by hand at step ~520 of the 1300-step schedule for lack of session time (--stop-after 500 gives it).
+# Stage 2: + the novel shapes, 1300 steps (run in three calls on 2026-12-04: stopped by hand at ~520 and ~810 for
+# session time, resumed from checkpoint-500 and -800; the same line resumes after any kill). Benched as
+# runs/memseg_blobs_c500 (checkpoint-500, not shipped) and, at step 1300, shipped as the default memory segmenter:
 $RAU train memseg "${C[@]}" --cache "$E/blobs_1.npz" --cache "$E/blobs_2.npz" --output-dir runs/memseg_blobs --steps 1300 \
-  --stop-after 500 --pseudo 0.3 --init-from runs/memseg_prior/checkpoint-450 "${COMMON[@]}"
+  --pseudo 0.3 --init-from runs/memseg_prior/checkpoint-450 "${COMMON[@]}"
+# Ship (fp16 weights, 16 MB) with its training record, then refit both calibrations (they are per model):
+#   $PY -c "from rau.models.memseg.modeling import MemSegModel as M; from rau.methods.memseg import DEFAULT_MEMSEG_DIR as D; M.from_pretrained('runs/memseg_blobs/final').save_pretrained(D, half=True)"
+#   (the shipped training.json also lists the earlier stages: the GPU model's two and stage 1 above)
+#   $RAU calibrate --method sam2-memory --splits calib-wingspan,calib-arcade-val,calib-drr,calib-wrong --work runs/calib_mem11 --drr-dir $DRR
+#   $RAU calibrate --method sam2-memory --k-references 3 --splits calib-wingspan,calib-arcade-val,calib-drr,calib-wrong --work runs/calib_mem11_k3 --drr-dir $DRR
