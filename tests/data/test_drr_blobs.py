@@ -49,3 +49,41 @@ def test_bad_arguments_name_the_fix():
         blob_labelmap(hu[0], (2, 2), n=1, seed=0)
     with pytest.raises(RauInputError, match="HU"):
         blob_labelmap(np.full((10, 10, 10), -1000.0), (2, 2, 2), n=1, seed=0)
+
+
+def _write_phantom(folder, labels_shape=None):
+    import nibabel as nib
+
+    hu, labels = _phantom()
+    if labels_shape is not None:
+        labels = np.zeros(labels_shape, np.int32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), str(folder / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(folder / "labels.nii.gz"))
+    return folder / "ct.nii.gz", folder / "labels.nii.gz", labels
+
+
+def test_written_label_map_keeps_the_ct_grid_and_avoids_the_named_labels(tmp_path):
+    import nibabel as nib
+
+    from rau.data.drr_blobs import write_blob_labelmap
+
+    ct, lab, labels = _write_phantom(tmp_path)
+    ct_out, lab_path, csv_path = write_blob_labelmap(tmp_path / "out", n=3, seed=2, ct=ct, labelmap=lab,
+                                                     label_names={73: "clavicula_left"}, avoid_names=("clavicul",))
+    vol = nib.load(str(lab_path))
+    assert ct_out == ct.resolve() and np.allclose(vol.affine, nib.load(str(ct)).affine)
+    data = np.asarray(vol.dataobj)
+    assert set(np.unique(data).tolist()) == {0, 1, 2, 3} and not data[labels == 73].any()
+    assert csv_path.read_text().splitlines() == ["value,name", "1,blob_2_01", "2,blob_2_02", "3,blob_2_03"]
+    with pytest.raises(RauInputError, match="avoid_names"):
+        write_blob_labelmap(tmp_path / "out", n=1, seed=2, ct=ct, labelmap=lab, label_names={73: "rib"}, avoid_names=("clavicul",))
+
+
+def test_a_label_map_off_the_ct_grid_is_refused_before_drawing(tmp_path):
+    from rau.data.drr_blobs import write_blob_labelmap
+
+    ct, lab, _ = _write_phantom(tmp_path, labels_shape=(30, 30, 30))
+    with pytest.raises(RauInputError, match="^labelmap: .*voxel grid"):
+        write_blob_labelmap(tmp_path / "out", n=1, seed=0, ct=ct, labelmap=lab, label_names={1: "x"}, avoid_names=("x",))
+    assert not (tmp_path / "out").exists()

