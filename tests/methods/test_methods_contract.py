@@ -165,6 +165,41 @@ def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, t
         assert s.found or s.reason
 
 
+def test_rau_seg_with_a_memseg_head_prompts_the_memory_segmenter(tiny_ref, tiny_memseg, tmp_path):
+    """rau-seg with a ``decoder="memseg"`` head: the VLM's answer box places the reference mask as the
+    memory segmenter's prior and its <seg> query prompts the memory segmenter's decoder; the VLM
+    reads the memory segmenter's encoder pass; a head is tied to its memory segmenter."""
+    import torch
+
+    from rau.models.memseg.configuration import MemSegConfig
+    from rau.models.memseg.modeling import MemSegModel
+    from rau.models.refvlm.seghead import SegHeadConfig, SegHeadModel, weights_sha256
+
+    torch.manual_seed(0)
+    head = SegHeadModel(SegHeadConfig(hidden_size=32, seg_after="box", decoder="memseg", vlm_sha256=weights_sha256(tiny_ref),
+                                      memseg_sha256=weights_sha256(tiny_memseg)))
+    assert not hasattr(head.net, "mask_decoder")  # embedding + MLP only
+    folder = head.save_pretrained(tmp_path / "head")
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
+    ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
+    tgt = AnnotatedImage(tgt_img, tgt_masks, {"id": "tgt"})
+    method = create_method("rau-seg", **{**SHARED, "vlm": tiny_ref, "seg_head": folder, "memseg": tiny_memseg})
+    assert (method.localizer.name, method.segmenter.name) == ("rau-vlm", "seg-head+memseg")
+    assert method.localizer.seg_cues == "box" and method.localizer.shared is method.segmenter.memseg
+    result = method.predict(ref, tgt)
+    assert set(result.structures) == {"blob", "square"}
+    for s in result.structures.values():
+        assert s.found or s.reason
+        if s.mask is not None:
+            assert s.mask.shape == (128, 112)
+    torch.manual_seed(1)
+    config = MemSegConfig(grid=16, memory_layers=1, feed_forward=64, fuser_layers=1, fuser_intermediate=64, mask_prompt=True)
+    other = MemSegModel(config).save_pretrained(tmp_path / "other")
+    with pytest.raises(rau.RauInputError, match="^--seg-head: .*another memory segmenter"):
+        create_method("rau-seg", **{**SHARED, "vlm": tiny_ref, "seg_head": folder, "memseg": other})
+
+
 def test_rau_with_a_compact_vlm_folder_encodes_the_target_once(tiny_ref):
     """`rau` + LiteMedSAM: the VLM reads the segmenter's embedding of a square target (one encoder
     pass), and gives the same features as encoding it separately."""
@@ -333,8 +368,8 @@ def test_k_references_go_into_memory_together_and_a_structure_missing_from_one_c
     method = create_method("sam2-memory", memseg=tiny_memseg)
     assert method.fuses_in_memory and not create_method("registration").fuses_in_memory
     calls = []
-    real = method.segmenter._decode
-    method.segmenter._decode = lambda t, refs, names, *a: calls.append(([r.id for r in refs], names)) or real(t, refs, names, *a)
+    real = method.segmenter.decode
+    method.segmenter.decode = lambda t, refs, names, *a: calls.append(([r.id for r in refs], names)) or real(t, refs, names, *a)
     result, asked = predict_with_references(method, [first, second], AnnotatedImage(tgt_img, {}, {"id": "t"}))
     assert asked == ["blob", "square"] and set(result.structures) == {"blob", "square"}
     assert sorted(calls) == [(["a", "b"], ["blob"]), (["b"], ["square"])]  # one memory of both where both annotate

@@ -229,6 +229,21 @@ def test_mask_prompt_is_read_trained_and_defaults_to_the_references_mean(lite, o
         _model(lite).predict(target, refs, masks, prompt_masks=mean)
 
 
+def test_extra_prompt_tokens_are_read_and_checked(lite, one_torch_thread):
+    """RAU's <seg> query reaches the decoder as extra sparse tokens (rau-seg on the memory segmenter)."""
+    model = _model(lite, mask_prompt=True)
+    target, refs, masks = _inputs()
+    a, _ = model.predict(target, refs, masks)
+    b, _ = model.predict(target, refs, masks, tokens=torch.randn(2, 2, 256, generator=torch.Generator().manual_seed(1)))
+    assert not torch.allclose(a, b, atol=1e-3)
+    tokens = torch.randn(2, 2, 256, requires_grad=True)
+    low, _ = model.net(target, refs, masks, None, None, tokens)
+    low.mean().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    with pytest.raises(RauInputError, match="tokens"):
+        model.predict(target, refs, masks, tokens=torch.zeros(2, 2, 64))
+
+
 def test_a_finer_decoder_grid_reads_the_full_embedding_and_adds_no_weights(lite, one_torch_thread):
     coarse, fine = _model(lite, mask_prompt=True), _model(lite, mask_prompt=True, decoder_grid=32)
     assert coarse.net.state_dict().keys() == fine.net.state_dict().keys()

@@ -256,3 +256,65 @@ def test_bf16_mask_decoder_returns_float32_logits_close_to_fp32(vlm_dir, one_tor
     b, iou = head.masks(vlm.net, rf, tf, blocks, emb, precision="bf16")
     assert b.dtype == iou.dtype == torch.float32 and b.shape == a.shape == (2, FRAME, FRAME)
     assert ((a > 0) == (b > 0)).float().mean() > 0.95
+
+
+def _memseg_dir(tmp_path, seed=0):
+    from rau.models.memseg.configuration import MemSegConfig
+    from rau.models.memseg.modeling import MemSegModel
+
+    torch.manual_seed(seed)
+    config = MemSegConfig(grid=16, memory_layers=1, feed_forward=64, fuser_layers=1, fuser_intermediate=64, dropout=0.0,
+                          mask_prompt=True)
+    return MemSegModel(config).save_pretrained(tmp_path / f"memseg{seed}")
+
+
+def _memseg_cache(tmp_path):
+    """5 images, 16 x 16 random embeddings, two structures as blocks placed per image."""
+    from rau.training.recipes.memseg import MemSegCache, save_memseg_cache
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((5, 2, 256, 256), bool)
+    for i in range(5):
+        for j in range(2):
+            r, c = rng.integers(0, 160, 2)
+            masks[i, j, r : r + 64, c : c + 48] = True
+    emb = rng.normal(0, 1, (5, 256, 16, 16)).astype(np.float16)
+    cache = MemSegCache(emb, np.packbits(masks, axis=-1), masks.any(axis=(2, 3)), ["heart", "clavicle_left"],
+                        [f"case_{i}" for i in range(5)])
+    return save_memseg_cache(cache, tmp_path / "memseg_cache.npz")
+
+
+def test_memseg_head_trains_only_its_own_weights_starts_at_zero_tokens_and_resumes(vlm_dir, tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    from rau.training.recipes.seghead import train_seghead_memseg
+
+    memseg, cache = _memseg_dir(tmp_path), _memseg_cache(tmp_path)
+    before = load_file(str(memseg / "model.safetensors"))
+
+    def run(out, steps=4, **kw):
+        return train_seghead_memseg(vlm_dir, memseg, [cache], out, steps=steps, batch_size=2, lr=1e-2, warmup=0,
+                                    exclude=["clavicle*"], save_every=2, log_every=1, device="cpu", progress=False, **kw)
+
+    whole = run(tmp_path / "whole")
+    head = SegHeadModel.from_pretrained(whole)
+    assert head.config.decoder == "memseg" and head.config.memseg_sha256 == weights_sha256(memseg)
+    assert set(load_file(str(whole / "model.safetensors"))) == {"seg_embed", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    after = load_file(str(memseg / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the memory segmenter stays frozen
+    head.check_vlm(vlm_dir)
+    head.check_memseg(memseg)
+    with pytest.raises(RauInputError, match="another memory segmenter"):
+        head.check_memseg(_memseg_dir(tmp_path, seed=1))
+    start = SegHeadModel.from_pretrained(tmp_path / "whole" / "checkpoint-2")
+    assert not torch.equal(start.net.mlp[2].weight, head.net.mlp[2].weight)  # it trains
+    run(tmp_path / "k")
+    shutil.rmtree(tmp_path / "k" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "k" / "final")
+    resumed = run(tmp_path / "k")
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    zero = run(tmp_path / "zero", steps=1, seed=3)  # after one step from zero the tokens are still tiny
+    assert json.loads((zero / "training.json").read_text())["config"]["decoder"] == "memseg"
+    with pytest.raises(RauInputError, match="a list of name patterns"):
+        train_seghead_memseg(vlm_dir, memseg, [cache], tmp_path / "z", steps=1, exclude="clavicle*", progress=False)

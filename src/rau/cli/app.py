@@ -62,13 +62,14 @@ for name, fn in (
     ("unet", train_masks.unet),
     ("memseg-cache", train_memseg.memseg_cache),
     ("memseg", train_memseg.memseg),
+    ("seg-head-memseg", train_memseg.seg_head_memseg),
     ("refine-cache", train_refine.refine_cache),
     ("refine", train_refine.refine),
 ):
     train_app.command(name)(fn)
 
 app.add_typer(train_app, name="train", rich_help_panel=DATA,
-              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg, refine-cache, refine.")
+              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg, seg-head-memseg, refine-cache, refine.")
 
 
 def main() -> None:

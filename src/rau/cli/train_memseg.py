@@ -1,5 +1,6 @@
 """Training commands of the memory segmenter (issue 15): ``rau train memseg-cache``
-(full LiteMedSAM embeddings + frame masks of a dataset) and ``rau train memseg``; mounted under
+(full LiteMedSAM embeddings + frame masks of a dataset), ``rau train memseg`` and ``rau train
+seg-head-memseg`` (rau-seg's ``<seg>`` head for the memory segmenter); mounted under
 ``rau train`` by :mod:`rau.cli.app`.
 
 CPU-sized example (grid 32: memory attention at LiteMedSAM's full 64 x 64 grid costs seconds per
@@ -81,3 +82,37 @@ def memseg(
                              command=command_line(), progress=progress)
     typer.echo(f"{'final model' if final.name == 'final' else 'stopped at'}: {final}")
 
+
+
+def seg_head_memseg(
+    cache: Annotated[list[Path], option("Memseg cache(s) (rau train memseg-cache); repeat for several.", "--cache")],
+    output_dir: Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")],
+    vlm: Annotated[Optional[Path], option("The compact RAU VLM whose <seg> query is projected (default: the shipped one); frozen.", "--vlm")] = None,
+    memseg: Annotated[Optional[Path], option("The memory segmenter the query prompts (default: the shipped one); frozen.", "--memseg")] = None,
+    steps: Annotated[int, option("Optimizer steps.")] = 400,
+    batch_size: Annotated[int, option("Reference/target pairs per step (one structure each).")] = 8,
+    lr: Annotated[float, option("AdamW peak learning rate (cosine to 10%).")] = 3e-4,
+    warmup: Annotated[int, option("Linear warmup steps.")] = 20,
+    exclude: ExcludeOpt = None,
+    seed: Annotated[int, option("Seed: init and pairs.")] = 0,
+    save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
+    threads: ThreadsOpt = None,
+    device: Annotated[str, option("auto (GPU if present), cpu or cuda.")] = "auto",
+    progress: ProgressOpt = True,
+) -> None:
+    """Train rau-seg's <seg> head for the memory segmenter (the paper's RAU); resumable.
+
+    The VLM's <seg> state -> prompt tokens of the memory segmenter's decoder, beside the reference
+    mask moved into the VLM's box as its prior; VLM and memory segmenter frozen. Recipe:
+    scripts/rau_seg_memseg_recipe.sh.
+    """
+    with user_errors():
+        from rau.methods.memseg import DEFAULT_MEMSEG_DIR
+        from rau.methods.rau_vlm import DEFAULT_DIR
+        from rau.training.recipes.seghead import train_seghead_memseg
+
+        final = train_seghead_memseg(vlm or DEFAULT_DIR, memseg or DEFAULT_MEMSEG_DIR, cache, output_dir, steps=steps,
+                                     batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, exclude=exclude or (),
+                                     save_every=save_every, threads=threads, device=device, command=command_line(),
+                                     progress=progress)
+    typer.echo(f"final model: {final}")

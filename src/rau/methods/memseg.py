@@ -105,11 +105,13 @@ class MemSegSegmenter(Segmenter):
             if have and (box is not None or not self.model.config.box_prompt):
                 groups.setdefault(have, []).append(name)
         for have, names in groups.items():
-            out.update(self._decode(target, [references[i] for i in have], names, boxes_xyxy_px, cues))
+            out.update(self.decode(target, [references[i] for i in have], names, boxes_xyxy_px, cues))
         return out
 
-    def _decode(self, target, references, names, boxes_xyxy_px, cues) -> dict[str, SegmentationOutput]:
-        """``names`` (all annotated by every one of ``references``) in one batch."""
+    def decode(self, target, references, names, boxes_xyxy_px, cues, tokens=None) -> dict[str, SegmentationOutput]:
+        """``names`` (all annotated by every one of ``references``) in one batch; ``cues`` as in
+        :meth:`segment`; ``tokens``: (len(names), T, 256) extra decoder prompt tokens (RAU's
+        ``<seg>`` query, :class:`rau.methods.rau_seg.MemSegQuerySegmenter`) or None."""
         import torch
 
         from rau.encoders.litemedsam import frame_to_image
@@ -134,7 +136,7 @@ class MemSegSegmenter(Segmenter):
                     priors.append(masks[i].float().mean(0))
             prompts = torch.stack(priors)[:, None]
         low, iou = self.model.predict(emb.expand(n, -1, -1, -1), refs[None].expand(n, -1, -1, -1, -1),
-                                      masks[:, :, None].float(), boxes, prompts)
+                                      masks[:, :, None].float(), boxes, prompts, tokens)
         logits = frame_to_image(low, scale, hw)[:, 0].cpu().numpy()
         ious = iou[:, 0].cpu().numpy()
         out = {}

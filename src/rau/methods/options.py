@@ -149,7 +149,8 @@ class RauOptions(MethodOptions):
     ``vlm``: a compact RAU VLM folder (``rau train refvlm``) or a Qwen2.5-VL checkpoint folder
     (None: the shipped compact VLM); ``lora``: a LoRA adapter folder for a Qwen ``vlm``;
     ``seg_head``: a ``<seg>`` head folder (``rau-seg`` only; None: the shipped head); ``memseg``: a
-    memory-segmenter folder (``rau-memseg`` only; None: the shipped one); ``assign``:
+    memory-segmenter folder (``rau-memseg``, and ``rau-seg`` with a memseg head; None: the shipped
+    one); ``assign``:
     one-to-one assignment of boxes to structures (``rau-ot`` sets it); the others as in
     :class:`BoxPromptOptions`."""
 

@@ -112,3 +112,65 @@ class SegHeadSegmenter(Segmenter):
             else:
                 out[name] = SegmentationOutput(mask, 0.0, prob, None, "the <seg> query decodes to an empty mask")
         return out
+
+
+class MemSegQuerySegmenter(Segmenter):
+    """``<seg>`` cues -> masks through the memory segmenter (the paper's RAU, issue 15 item 3).
+
+    Per structure the memory segmenter (:class:`rau.methods.memseg.MemSegSegmenter`) holds the
+    reference image and the structure's reference mask in its memory, reads the reference mask
+    moved into the VLM's answer box as its prior (the spatial cue: where) and the ``<seg>`` query,
+    projected by a ``decoder="memseg"`` head into prompt tokens of its mask decoder (what). The
+    target is encoded once (the memory segmenter's memo serves the VLM's features too). The mask's
+    extent becomes the box, as with :class:`SegHeadSegmenter`.
+    """
+
+    name = "seg-head+memseg"
+    uses_reference = True
+    needs_boxes = True
+    reads_cues = True
+
+    def __init__(self, head_dir: str | Path, *, memseg, device: str = "cpu"):
+        from rau.errors import RauInputError
+        from rau.models.refvlm.seghead import SegHeadModel
+
+        self.head = SegHeadModel.from_pretrained(head_dir, device=device)
+        if self.head.config.decoder != "memseg":
+            raise RauInputError(f"--seg-head: {head_dir} prompts LiteMedSAM's decoder, not the memory segmenter's")
+        self.memseg = memseg
+        self.precision = memseg.precision
+
+    def segment(self, target: np.ndarray, boxes_xyxy_px: dict[str, Box | None],
+                reference: AnnotatedImage | None = None, cues: dict[str, SegCue] | None = None,
+                ) -> dict[str, SegmentationOutput | None]:
+        """Structures with a cue and a box get the memory segmenter's mask; others get None."""
+        import torch
+
+        from rau.errors import RauInputError
+        from rau.tokens.loc import move_into_box
+
+        if reference is None:
+            raise RauInputError("reference: rau-seg's memory segmenter reads the reference's masks; pass the reference")
+        out: dict[str, SegmentationOutput | None] = {n: None for n in boxes_xyxy_px}
+        names = [n for n, c in (cues or {}).items() if isinstance(c, SegCue) and boxes_xyxy_px.get(n) is not None]
+        if not names:
+            return out
+        tokens: dict[int, Any] = {}
+        for name in names:
+            q = cues[name].query
+            if id(q) not in tokens:
+                dev = q.device
+                tokens[id(q)] = self.head.query_tokens(
+                    q.vlm_net, torch.as_tensor(q.ref_features, dtype=torch.float32, device=dev),
+                    torch.as_tensor(q.tgt_features, dtype=torch.float32, device=dev),
+                    torch.tensor(q.rows, dtype=torch.long, device=dev), past=q.past).cpu()
+        hw = target.shape
+        priors = {n: move_into_box(reference.masks[n], boxes_xyxy_px[n], hw) for n in names}
+        toks = torch.stack([tokens[id(cues[n].query)][cues[n].row] for n in names])
+        segs = self.memseg.decode(target, [reference], names, boxes_xyxy_px, priors, toks)
+        for name, seg in segs.items():
+            if seg.mask.any():
+                out[name] = SegmentationOutput(seg.mask, seg.score, seg.prob, mask_to_box(seg.mask))
+            else:
+                out[name] = SegmentationOutput(seg.mask, 0.0, seg.prob, None, "the <seg> query decodes to an empty mask")
+        return out

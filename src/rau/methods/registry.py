@@ -152,20 +152,34 @@ def _rau_tokens(o: RauOptions) -> Method:
 
 
 def _rau_seg(o: RauOptions) -> Method:
-    """The VLM's ``<seg>`` hidden state, projected into prompt tokens of a fine-tuned LiteMedSAM mask
-    decoder (beside the VLM's answer box for heads trained with box prompts, as the shipped one),
-    gives the mask; ``seg_head``: a ``rau train seg-head`` folder (default: the shipped head)."""
-    from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR
+    """The VLM's ``<seg>`` hidden state, projected into prompt tokens of a mask decoder, gives the
+    mask. A ``decoder="memseg"`` head (the shipped default when present: the paper's RAU) prompts
+    the memory segmenter (``memseg``: its folder, None the shipped one), which holds the reference
+    image and mask in memory and reads the reference mask moved into the VLM's box as its prior; an
+    older head prompts its own fine-tuned LiteMedSAM decoder beside the VLM's answer box.
+    ``seg_head``: a ``rau train seg-head`` / ``seg-head-memseg`` folder."""
+    from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR, DEFAULT_MEMSEG_HEAD_DIR, SegHeadConfig
 
-    folder = o.seg_head or DEFAULT_HEAD_DIR
+    folder = o.seg_head or (DEFAULT_MEMSEG_HEAD_DIR if (DEFAULT_MEMSEG_HEAD_DIR / "model.safetensors").is_file()
+                            else DEFAULT_HEAD_DIR)
     if not (Path(folder) / "model.safetensors").is_file():
         raise RauInputError(f"--seg-head: method 'rau-seg' needs a trained <seg> head folder ({folder} has none; rau train seg-head)")
     _require_refvlm(o, "rau-seg")
-    from rau.methods.rau_seg import SegHeadSegmenter
+    if SegHeadConfig.read(folder).decoder == "memseg":
+        from rau.methods.memseg import DEFAULT_MEMSEG_DIR
+        from rau.methods.rau_seg import MemSegQuerySegmenter
 
-    medsam = _segmenter(dataclasses.replace(o, segmenter="medsam"))
-    seg = SegHeadSegmenter(folder, shared=medsam, device=o.device)
-    loc, _ = _rau_parts(o, with_segmenter=False, seg_cues=seg.head.config.seg_after, shared=medsam)
+        seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision), device=o.device)
+        from rau.training.checkpoints import model_folder
+
+        seg.head.check_memseg(model_folder(o.memseg or DEFAULT_MEMSEG_DIR))
+        shared = seg.memseg
+    else:
+        from rau.methods.rau_seg import SegHeadSegmenter
+
+        shared = _segmenter(dataclasses.replace(o, segmenter="medsam"))
+        seg = SegHeadSegmenter(folder, shared=shared, device=o.device)
+    loc, _ = _rau_parts(o, with_segmenter=False, seg_cues=seg.head.config.seg_after, shared=shared)
     seg.head.check_vlm(loc.model_dir)  # a head is tied to the VLM it was trained on (weight hash)
     return Method("rau-seg", loc, seg)
 
@@ -222,11 +236,16 @@ def _reg_refine(o: RefineOptions) -> Method:
 
 
 def _rau_refine(o: RauRefineOptions) -> Method:
-    """rau-seg (the VLM route) and reg-refine (the reference route), combined by agreement."""
+    """rau-seg (the VLM route) and reg-refine (the reference route), combined by agreement; the VLM
+    route keeps the LiteMedSAM-decoder ``<seg>`` head unless ``seg_head`` names another."""
     from rau.methods.agreement import AgreementMethod
+
+    from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR
 
     rau = dataclasses.asdict(o)
     ref = {k: rau.pop(k) for k in ("refiner", "seed")}
+    # its shipped calibration and figures are those of the LiteMedSAM-decoder <seg> head
+    rau["seg_head"] = rau["seg_head"] or DEFAULT_HEAD_DIR
     return AgreementMethod("rau-refine", _rau_seg(RauOptions(**rau)),
                            _reg_refine(RefineOptions(device=o.device, **ref)))
 

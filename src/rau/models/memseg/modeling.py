@@ -96,11 +96,13 @@ def _build_net(config: MemSegConfig, lite=None):
 
             return seq(mem), seq(pos) + self.memory_temporal_pe.to(pos.dtype)
 
-        def forward(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None):
+        def forward(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None, tokens=None):
             """target (B, 256, S, S) LiteMedSAM embedding, references (B, K, 256, S, S), reference
             masks (B, K, 1, 256, 256) in [0, 1] in the 256 frame, [box_xyxy (B, 4) frame px],
             [prompt_masks (B, 1, 256, 256) in [0, 1], the target-frame prior; default: the
-            references' mean mask] -> (mask logits (B, 1, 256, 256) in the frame, predicted IoU (B, 1))."""
+            references' mean mask], [tokens (B, T, 256): extra sparse prompt tokens, e.g. RAU's
+            ``<seg>`` query projected by a ``decoder="memseg"`` head] -> (mask logits (B, 1, 256,
+            256) in the frame, predicted IoU (B, 1))."""
             b = target.shape[0]
             tgt = self._pool(target)
             memory, memory_pos = self.memory(references, reference_masks)
@@ -126,6 +128,8 @@ def _build_net(config: MemSegConfig, lite=None):
                 sparse, _ = self.prompt_encoder(points=None, boxes=box_xyxy.float()[:, None, :], masks=None)
             else:
                 sparse = cond.new_zeros(b, 0, config.hidden_size)
+            if tokens is not None:
+                sparse = torch.cat([sparse.to(tokens.dtype), tokens], dim=1)
             low, iou = self.mask_decoder(image_embeddings=cond, image_pe=pe, sparse_prompt_embeddings=sparse.to(cond.dtype),
                                          dense_prompt_embeddings=dense, multimask_output=False)
             if low.shape[-1] != FRAME:  # decoder grid < 64: the decoder's 4x upscaling stops short of the frame
@@ -135,7 +139,8 @@ def _build_net(config: MemSegConfig, lite=None):
     return MemSegNet()
 
 
-def check_inputs(config: MemSegConfig, target, references, reference_masks, box_xyxy=None, prompt_masks=None) -> None:
+def check_inputs(config: MemSegConfig, target, references, reference_masks, box_xyxy=None, prompt_masks=None,
+                 tokens=None) -> None:
     """RauInputError unless the shapes fit :meth:`MemSegModel.predict` (named, with what was got)."""
     side = max(config.grid, config.out_grid)
     if target.dim() != 4 or target.shape[1] != config.hidden_size or target.shape[-1] != target.shape[-2] \
@@ -158,6 +163,8 @@ def check_inputs(config: MemSegConfig, target, references, reference_masks, box_
         raise RauInputError(f"prompt_masks: expected ({b}, 1, {FRAME}, {FRAME}) target-frame masks, got {tuple(prompt_masks.shape)}")
     if box_xyxy is not None and tuple(box_xyxy.shape) != (b, 4):
         raise RauInputError(f"box_xyxy: expected ({b}, 4) xyxy boxes in frame pixels, got {tuple(box_xyxy.shape)}")
+    if tokens is not None and (tokens.dim() != 3 or tokens.shape[0] != b or tokens.shape[2] != config.hidden_size):
+        raise RauInputError(f"tokens: expected ({b}, T, {config.hidden_size}) prompt tokens, got {tuple(tokens.shape)}")
 
 
 class MemSegModel(DecoderFolderModel):
@@ -181,19 +188,20 @@ class MemSegModel(DecoderFolderModel):
     def config_dict(self) -> dict:
         return asdict(self.config)
 
-    def predict(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None):
+    def predict(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None, tokens=None):
         """Inference (eval mode, no gradients) with the shapes checked: target (B, 256, S, S),
         references (B, K, 256, S, S), reference_masks (B, K, 1, 256, 256) {0, 1} in the 256 frame,
         box_xyxy (B, 4) frame pixels iff ``config.box_prompt``, prompt_masks (B, 1, 256, 256) (only
-        with ``config.mask_prompt``; default the references' mean mask) -> (logits (B, 1, 256,
-        256) in the frame, IoU (B, 1)), float32 on the model's device."""
+        with ``config.mask_prompt``; default the references' mean mask), tokens (B, T, 256) extra
+        prompt tokens -> (logits (B, 1, 256, 256) in the frame, IoU (B, 1)), float32 on the model's device."""
         import torch
 
-        check_inputs(self.config, target, references, reference_masks, box_xyxy, prompt_masks)
+        check_inputs(self.config, target, references, reference_masks, box_xyxy, prompt_masks, tokens)
         dev = self.device
         self.net.eval()
         with torch.inference_mode():
             low, iou = self.net(target.to(dev).float(), references.to(dev).float(), reference_masks.to(dev).float(),
                                 None if box_xyxy is None else box_xyxy.to(dev).float(),
-                                None if prompt_masks is None else prompt_masks.to(dev).float())
+                                None if prompt_masks is None else prompt_masks.to(dev).float(),
+                                None if tokens is None else tokens.to(dev).float())
         return low.float(), iou.float()

@@ -41,9 +41,16 @@ from rau.models.decoder import DecoderFolderModel, cache_key, config_from_dict
 
 FORMAT = "rau-seghead-v1"
 SEG_AFTER = ("mask", "box")
+#: Which mask decoder the head's prompt tokens go to: its own fine-tuned copy of LiteMedSAM's
+#: ("litemedsam", older heads), or the shipped memory segmenter's, the reference image and mask in
+#: its memory and the reference mask moved into the VLM's answer box as its prior ("memseg", the
+#: paper's RAU; the head then holds no decoder: embedding + MLP only).
+DECODERS = ("litemedsam", "memseg")
 FRAME = 256  # LiteMedSAM's input side: masks live in its (padded) frame
 #: Where a shipped head lives (method ``rau-seg`` without ``--seg-head``).
 DEFAULT_HEAD_DIR = ASSETS_DIR / "refvlm_seg"
+#: The shipped ``decoder="memseg"`` head (rau-seg's default when present).
+DEFAULT_MEMSEG_HEAD_DIR = ASSETS_DIR / "refvlm_seg_memseg"
 
 
 @dataclass
@@ -59,6 +66,9 @@ class SegHeadConfig:
     #: heads), "box" = right after the box, so inference decodes 5 answer tokens instead of 21.
     seg_after: str = "mask"
     vlm_sha256: str = ""
+    decoder: str = "litemedsam"
+    #: SHA-256 of the memory segmenter's weights a ``decoder="memseg"`` head was trained with.
+    memseg_sha256: str = ""
     format: str = FORMAT
 
     @classmethod
@@ -66,7 +76,22 @@ class SegHeadConfig:
         config = config_from_dict(cls, values, FORMAT, "rau-seg head")
         if config.seg_after not in SEG_AFTER:
             raise CheckpointError(f"config: seg_after {config.seg_after!r} is not one of {SEG_AFTER}")
+        if config.decoder not in DECODERS:
+            raise CheckpointError(f"config: decoder {config.decoder!r} is not one of {DECODERS}")
         return config
+
+    @classmethod
+    def read(cls, folder: str | Path) -> SegHeadConfig:
+        """The config of a head folder; CheckpointError if missing or unreadable."""
+        import json
+
+        path = Path(folder) / "config.json"
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"--seg-head: {path} is unreadable ({exc.__class__.__name__})") from None
 
 
 def weights_sha256(model_dir: str | Path) -> str:
@@ -89,15 +114,20 @@ def _build_head(config: SegHeadConfig, decoder=None):
             self.seg_embed = nn.Parameter(torch.randn(c.hidden_size) * 0.02)
             self.mlp = nn.Sequential(nn.Linear(c.hidden_size, c.hidden_size), nn.GELU(),
                                      nn.Linear(c.hidden_size, c.n_queries * c.prompt_dim))
-            base = decoder if decoder is not None else load().mask_decoder  # LiteMedSAM's pretrained one
-            self.mask_decoder = copy.deepcopy(base)
-            self.mask_decoder.requires_grad_(True)
+            if c.decoder == "litemedsam":  # a "memseg" head prompts the memory segmenter's decoder
+                base = decoder if decoder is not None else load().mask_decoder  # LiteMedSAM's pretrained one
+                self.mask_decoder = copy.deepcopy(base)
+                self.mask_decoder.requires_grad_(True)
+
+        def tokens(self, hidden):
+            """(N, hidden) ``<seg>`` states -> (N, n_queries, prompt_dim) mask-decoder prompt tokens."""
+            return self.mlp(hidden).view(hidden.shape[0], config.n_queries, config.prompt_dim)
 
         def forward(self, image_embeddings, hidden, image_pe, dense, box_tokens=None):
             """(N, 256, 64, 64) target embeddings (one per query) + (N, hidden) ``<seg>`` states
             [+ (N, 2, 256) box prompt tokens] -> (N, 256, 256) mask logits in the encoder frame and
-            (N,) predicted IoU."""
-            sparse = self.mlp(hidden).view(hidden.shape[0], config.n_queries, config.prompt_dim)
+            (N,) predicted IoU (``decoder="litemedsam"`` heads)."""
+            sparse = self.tokens(hidden)
             if box_tokens is not None:
                 sparse = torch.cat([box_tokens.to(sparse.dtype), sparse], dim=1)
             low, iou = self.mask_decoder(image_embeddings=image_embeddings, image_pe=image_pe,
@@ -173,6 +203,22 @@ class SegHeadModel(DecoderFolderModel):
             raise RauInputError(f"--seg-head: this head was trained with another VLM than {model_dir}; "
                                 "pass the matching --vlm or train a head for this one (rau train seg-head)")
 
+    def check_memseg(self, model_dir: str | Path) -> None:
+        """A ``decoder="memseg"`` head is tied to the memory segmenter it was trained with (weight hash)."""
+        if self.config.memseg_sha256 and weights_sha256(model_dir) != self.config.memseg_sha256:
+            raise RauInputError(f"--seg-head: this head was trained with another memory segmenter than {model_dir}; "
+                                "pass the matching --memseg or train a head for this one (rau train seg-head --memseg)")
+
+    def query_tokens(self, vlm_net, ref_features, tgt_features, blocks, past=None):
+        """(N, n_queries, prompt_dim) prompt tokens of N answered blocks of ONE pair (inference;
+        ``past`` as in :meth:`masks`)."""
+        import torch
+
+        with torch.inference_mode():
+            zeros = torch.zeros(blocks.shape[0], dtype=torch.long, device=blocks.device)
+            h = seg_hidden(vlm_net, self.net.seg_embed, ref_features, tgt_features, blocks, zeros, past=past)
+            return self.net.tokens(h).float()
+
     def masks(self, vlm_net, ref_features, tgt_features, blocks, embedding, boxes_frame=None, past=None,
               precision: str = "fp32"):
         """Mask logits (N, 256, 256) in the encoder frame for N answered blocks of ONE pair, and
@@ -184,6 +230,8 @@ class SegHeadModel(DecoderFolderModel):
 
         from rau.encoders.litemedsam import bf16_copy, load
 
+        if self.config.decoder != "litemedsam":
+            raise ValueError("masks: this head prompts the memory segmenter's decoder (query_tokens); it has no decoder")
         n = blocks.shape[0]
         lite = load()
         with torch.inference_mode():

@@ -215,3 +215,101 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
                         log_every=log_every, device=device, command=command, progress=progress, desc="train rau-seg head",
                         loss_label="loss (mask BCE + Dice)")
 
+
+
+def train_seghead_memseg(vlm_dir: str | Path, memseg_dir: str | Path, caches: Sequence[str | Path], out_dir: str | Path, *,
+                         steps: int, batch_size: int = 8, lr: float = 3e-4, warmup: int = 20, seed: int = 0,
+                         n_queries: int = 2, exclude: Sequence[str] = (), iou_weight: float = 1.0, save_every: int = 50,
+                         log_every: int = 5, threads: int | None = None, device: str = "auto", command: str | None = None,
+                         progress: bool = True) -> Path:
+    """Train a ``decoder="memseg"`` ``<seg>`` head (the paper's RAU: the VLM's query prompts the
+    memory segmenter's decoder) -> ``out_dir/final``. Resumable.
+
+    Frozen: the VLM ``vlm_dir`` and the memory segmenter ``memseg_dir``; trained: the ``<seg>``
+    embedding and the MLP (the last layer starts at zero, so step 0 is the memory segmenter with
+    the VLM's box prior alone). Pairs come from memseg caches (:mod:`rau.training.recipes.memseg`,
+    one reference, structures matching ``exclude`` never drawn): the VLM reads the pair's
+    embeddings pooled to its grid and the reference mask's tokens, answers the box greedily (the
+    structure is in the target: ``<yes>`` forced), the reference mask moved into that box is the
+    memory segmenter's prior, as at inference (:class:`rau.methods.rau_seg.MemSegQuerySegmenter`).
+    Square images only (the frame is the image: every shipped cache is)."""
+    import torch
+    import torch.nn.functional as F
+
+    from rau.models.memseg.modeling import MemSegModel
+    from rau.models.refvlm.modeling import BOX_TOKENS, RefVlmModel, generate
+    from rau.tokens.loc import box_tokens_reason, move_into_box
+    from rau.tokens.masktok import load_default
+    from rau.training.checkpoints import model_folder
+    from rau.training.engine import run_training
+    from rau.training.recipes.memseg import batch_tensors, draw_pairs, load_memseg_cache, memseg_loss, pair_index
+
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise RauInputError(f"steps and batch_size must be >= 1 and lr > 0; got {steps}, {batch_size}, {lr}")
+    if isinstance(exclude, str):
+        raise RauInputError(f"exclude: expected a list of name patterns, got the string {exclude!r}")
+    if not caches:
+        raise RauInputError("caches: give at least one memseg cache (rau train memseg-cache)")
+    if threads:
+        torch.set_num_threads(threads)
+    vlm = RefVlmModel.from_pretrained(vlm_dir)
+    vlm.net.requires_grad_(False).eval()
+    memseg_folder = model_folder(memseg_dir)
+    memseg = MemSegModel.from_pretrained(memseg_folder)
+    memseg.net.requires_grad_(False).eval()
+    if not memseg.config.mask_prompt:
+        raise RauInputError(f"--memseg: {memseg_dir} was trained without a mask prompt; the VLM's box reaches it as a prior")
+    loaded = [load_memseg_cache(c, progress=progress) for c in caches]
+    index = pair_index(loaded, exclude, 1)
+    tokenizer = load_default()
+    config = SegHeadConfig(hidden_size=vlm.config.hidden_size, n_queries=n_queries, box_prompt=False, seg_after="box",
+                           vlm_sha256=weights_sha256(vlm_dir), decoder="memseg",
+                           memseg_sha256=weights_sha256(memseg_folder))
+    torch.manual_seed(seed)
+    head = SegHeadModel(config)
+    with torch.no_grad():  # zero tokens at step 0
+        head.net.mlp[-1].weight.zero_()
+        head.net.mlp[-1].bias.zero_()
+    run_key = {"kind": "refvlm-seghead-memseg", "vlm": str(Path(vlm_dir).resolve()), "vlm_sha256": config.vlm_sha256,
+               "memseg": str(memseg_folder.resolve()), "memseg_sha256": config.memseg_sha256,
+               "caches": [Path(c.path).name for c in loaded], "pairs": len(index), "steps": steps,
+               "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed, "exclude": [str(p) for p in exclude],
+               "iou_weight": iou_weight, "config": _key_config(config)}
+    v, grid, bins = vlm.vocab, vlm.config.grid, vlm.config.bins
+
+    def step_loss(net, step, acc):
+        rng = np.random.default_rng([seed, step, acc.process_index, acc.num_processes])
+        pairs = draw_pairs(loaded, index, rng, batch_size, 1, 0.0, exclude)
+        tgt, refs, ref_masks, gt, _ = batch_tensors(loaded, pairs, False)
+        ref_np = ref_masks[:, 0, 0].numpy() > 0.5
+        prompts = torch.tensor([v.prompt(*astuple(tokenizer.encode(m))) for m in ref_np])
+        rf, tf = F.adaptive_avg_pool2d(refs[:, 0], grid), F.adaptive_avg_pool2d(tgt, grid)
+        pair = torch.arange(len(pairs))
+        vlm.net.to(acc.device)
+        memseg.net.to(acc.device)
+        rf, tf, prompts, pair = (x.to(acc.device) for x in (rf, tf, prompts, pair))
+        toks, _, _ = generate(vlm.net, v, rf, tf, prompts, pair, n_tokens=BOX_TOKENS)
+        toks = toks.clone()
+        toks[:, 0] = v.id["<yes>"]
+        locs = (toks[:, 1:5] - v.loc_offset).cpu()
+        boxes = answer_box_frame(locs, bins).numpy()
+        # an answer whose box does not decode gets no mask at inference; here the reference mask as is
+        prior = torch.from_numpy(np.stack([m.astype(np.float32) if box_tokens_reason(loc.tolist(), bins)
+                                           else move_into_box(m, tuple(map(float, b)), m.shape)
+                                           for m, b, loc in zip(ref_np, boxes, locs)]))
+        blocks = torch.cat([prompts, toks], dim=1)
+        tgt, refs, ref_masks, gt, prior = (x.to(acc.device) for x in (tgt, refs, ref_masks, gt, prior[:, None].float()))
+        with acc.autocast():
+            h = seg_hidden(vlm.net, acc.unwrap_model(net).seg_embed, rf, tf, blocks, pair)
+            low, iou = memseg.net(tgt, refs, ref_masks, None, prior, acc.unwrap_model(net).tokens(h))
+        loss, dice = memseg_loss(low, iou, gt, iou_weight)
+        return loss, {"dice": float(dice.mean())}
+
+    return run_training(head, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                        log_every=log_every, device=device, command=command, progress=progress,
+                        desc="train rau-seg head (memseg)", loss_label="loss (mask BCE + Dice + IoU MSE)")
+
+
+def astuple(tokens) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A :class:`rau.tokens.masktok.MaskTokens` -> (loc, codes), the VLM prompt's arguments."""
+    return tuple(tokens.loc), tuple(tokens.codes)
