@@ -394,3 +394,25 @@ def test_shipped_chexanatomy_runs_with_no_flags_on_the_sample():
     for name, r in result.structures.items():
         truth = read_mask(samples / "target_masks" / f"{name}.png")
         assert r.answer == "yes" and dice(r.mask, truth) > 0.5, name
+
+
+def test_a_localizers_not_visible_is_not_overruled_by_a_memory_segmenter(tiny_memseg):
+    """rau-memseg's contract: a structure the VLM answers "not visible" gets no mask, although the
+    memory segmenter (which needs no box) would segment it from the reference alone."""
+    from rau.methods.interfaces import Localization, Localizer, Method
+    from rau.methods.memseg import MemSegSegmenter
+
+    class SaysNoToSquare(Localizer):
+        def localize(self, reference, target, structures):
+            return {s: Localization("yes", (10.0, 10.0, 60.0, 60.0), 0.9) if s == "blob"
+                    else Localization("no", None, 0.1, "the model answers that the structure is not visible")
+                    for s in structures}
+
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
+    seg = MemSegSegmenter(tiny_memseg, threshold=-1e9)  # every pixel foreground: a mask for whatever it is asked
+    result = Method("m", SaysNoToSquare(), seg).predict(AnnotatedImage(ref_img, ref_masks, {"id": "r"}),
+                                                        AnnotatedImage(tgt_img, {}, {"id": "t"}))
+    assert result.structures["blob"].found
+    square = result.structures["square"]
+    assert not square.found and square.mask is None and square.answer == "no" and "not visible" in square.reason

@@ -253,6 +253,8 @@ class Method:
         return TargetResult(target.id, reference_id, self.name, results, time.perf_counter() - start)
 
     def _combine(self, name: str, loc: Localization | None, seg, sigma: float | None) -> StructureResult:
+        if loc is not None and loc.answer == "no" and loc.box_xyxy_px is None:
+            seg = None  # the localizer says not visible: a segmenter that needs no box (memory) must not overrule it
         if seg is not None and sigma is not None and seg.prob is not None and loc is not None and loc.prob is not None:
             mask, score = fuse_probabilities(seg.prob, loc.prob, sigma), seg.score
         elif seg is not None:
