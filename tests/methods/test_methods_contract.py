@@ -242,9 +242,17 @@ def test_shipped_seg_head_belongs_to_the_shipped_vlm_and_segments_the_sample():
 
     if not (DEFAULT_HEAD_DIR / "model.safetensors").is_file():
         pytest.skip("no shipped <seg> head in this checkout")
+    from rau.methods.memseg import DEFAULT_MEMSEG_DIR
+    from rau.models.refvlm.seghead import DEFAULT_MEMSEG_HEAD_DIR
+
     method = create_method("rau-seg")  # no options: the shipped VLM + the shipped head
     assert method.localizer.seg_cues == "box" and method.localizer.model_dir == DEFAULT_DIR
     method.segmenter.head.check_vlm(DEFAULT_DIR)  # tied by weight hash
+    if (DEFAULT_MEMSEG_HEAD_DIR / "model.safetensors").is_file():  # the paper's RAU: the memory segmenter decodes
+        assert method.segmenter.name == "seg-head+memseg"
+        method.segmenter.head.check_memseg(DEFAULT_MEMSEG_DIR)
+        refine = create_method("rau-refine")  # keeps the head its figures and calibration belong to
+        assert refine.vlm_route.segmenter.name == "seg-head"
     samples = Path(__file__).resolve().parents[2] / "samples" / "chest_xray"
     ref = rau.load_annotated(samples / "reference.png", samples / "reference_masks")
     result = method.predict(ref, rau.load_annotated(samples / "target.png"))
