@@ -138,7 +138,6 @@ class MemSegQuerySegmenter(Segmenter):
         if self.head.config.decoder != "memseg":
             raise RauInputError(f"--seg-head: {head_dir} prompts LiteMedSAM's decoder, not the memory segmenter's")
         self.memseg = memseg
-        self.precision = memseg.precision
 
     def segment(self, target: np.ndarray, boxes_xyxy_px: dict[str, Box | None],
                 reference: AnnotatedImage | None = None, cues: dict[str, SegCue] | None = None,

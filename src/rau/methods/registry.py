@@ -168,10 +168,9 @@ def _rau_seg(o: RauOptions) -> Method:
     if SegHeadConfig.read(folder).decoder == "memseg":
         from rau.methods.memseg import DEFAULT_MEMSEG_DIR
         from rau.methods.rau_seg import MemSegQuerySegmenter
-
-        seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision), device=o.device)
         from rau.training.checkpoints import model_folder
 
+        seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision), device=o.device)
         seg.head.check_memseg(model_folder(o.memseg or DEFAULT_MEMSEG_DIR))
         shared = seg.memseg
     else:
@@ -239,7 +238,6 @@ def _rau_refine(o: RauRefineOptions) -> Method:
     """rau-seg (the VLM route) and reg-refine (the reference route), combined by agreement; the VLM
     route keeps the LiteMedSAM-decoder ``<seg>`` head unless ``seg_head`` names another."""
     from rau.methods.agreement import AgreementMethod
-
     from rau.models.refvlm.seghead import DEFAULT_HEAD_DIR
 
     rau = dataclasses.asdict(o)

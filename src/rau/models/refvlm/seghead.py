@@ -207,7 +207,7 @@ class SegHeadModel(DecoderFolderModel):
         """A ``decoder="memseg"`` head is tied to the memory segmenter it was trained with (weight hash)."""
         if self.config.memseg_sha256 and weights_sha256(model_dir) != self.config.memseg_sha256:
             raise RauInputError(f"--seg-head: this head was trained with another memory segmenter than {model_dir}; "
-                                "pass the matching --memseg or train a head for this one (rau train seg-head --memseg)")
+                                "pass the matching --memseg or train a head for this one (rau train seg-head-memseg --memseg)")
 
     def query_tokens(self, vlm_net, ref_features, tgt_features, blocks, past=None):
         """(N, n_queries, prompt_dim) prompt tokens of N answered blocks of ONE pair (inference;

@@ -216,7 +216,6 @@ def train_seghead(vlm_dir: str | Path, caches: Sequence[str | Path], seg_caches:
                         loss_label="loss (mask BCE + Dice)")
 
 
-
 def train_seghead_memseg(vlm_dir: str | Path, memseg_dir: str | Path, caches: Sequence[str | Path], out_dir: str | Path, *,
                          steps: int, batch_size: int = 8, lr: float = 3e-4, warmup: int = 20, seed: int = 0,
                          n_queries: int = 2, exclude: Sequence[str] = (), iou_weight: float = 1.0, save_every: int = 50,
@@ -282,7 +281,7 @@ def train_seghead_memseg(vlm_dir: str | Path, memseg_dir: str | Path, caches: Se
         pairs = draw_pairs(loaded, index, rng, batch_size, 1, 0.0, exclude)
         tgt, refs, ref_masks, gt, _ = batch_tensors(loaded, pairs, False)
         ref_np = ref_masks[:, 0, 0].numpy() > 0.5
-        prompts = torch.tensor([v.prompt(*astuple(tokenizer.encode(m))) for m in ref_np])
+        prompts = torch.tensor([v.prompt(*_prompt_args(tokenizer.encode(m))) for m in ref_np])
         rf, tf = F.adaptive_avg_pool2d(refs[:, 0], grid), F.adaptive_avg_pool2d(tgt, grid)
         pair = torch.arange(len(pairs))
         vlm.net.to(acc.device)
@@ -310,6 +309,6 @@ def train_seghead_memseg(vlm_dir: str | Path, memseg_dir: str | Path, caches: Se
                         desc="train rau-seg head (memseg)", loss_label="loss (mask BCE + Dice + IoU MSE)")
 
 
-def astuple(tokens) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _prompt_args(tokens) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A :class:`rau.tokens.masktok.MaskTokens` -> (loc, codes), the VLM prompt's arguments."""
     return tuple(tokens.loc), tuple(tokens.codes)
