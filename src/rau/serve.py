@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "samples" / "chest_xray"
 
 #: Columns of the per-structure table (``box_xyxy_px``: pixel-edge x0, y0, x1, y1 in target pixels).
-TABLE_HEADERS = ["structure", "answer", "found", "confidence", "score", "box_xyxy_px", "note"]
+TABLE_HEADERS = ["structure", "answer", "found", "confidence", "presence", "score", "box_xyxy_px", "note"]
 
 #: Export formats offered in the viewer (:data:`rau.data.export.FORMATS`; dicom-seg: DICOM targets only).
 EXPORT_FORMATS = ("nifti", "coco", "dicom-seg")
@@ -218,7 +218,8 @@ def table_rows(result: TargetResult) -> list[list[Any]]:
     for name, r in result.structures.items():
         box = ", ".join(f"{float(v):g}" for v in r.box_xyxy_px) if r.box_xyxy_px is not None else ""
         conf = round(float(r.confidence), 3) if r.confidence is not None else None
-        rows.append([name, r.answer or "", bool(r.found), conf, round(float(r.score), 4), box, r.reason or ""])
+        present = round(float(r.presence), 3) if r.presence is not None else None
+        rows.append([name, r.answer or "", bool(r.found), conf, present, round(float(r.score), 4), box, r.reason or ""])
     return rows
 
 

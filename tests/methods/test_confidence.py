@@ -483,3 +483,81 @@ def test_k_reference_features_and_a_calibration_that_reads_them():
     hi, lo = ({**rows[0]["features"], "agreement": v} for v in (0.9, 0.1))
     assert cal.predict(hi)[0] > cal.predict(lo)[0] + 0.3
     assert not set(K_FEATURES) & set(fit_calibration(_rows(), "toy").features)
+
+
+def _presence_rows(n_targets=120, seed=0):
+    """Calibration rows of two splits: "chest" (structures always present, masks right) and
+    "vessels", where segment "rare" is in few targets, "main" in most; an absent segment's output
+    (a mask on some other vessel) has a low score and is wrong."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in range(n_targets):
+        for name in ("lung", "heart"):
+            f = {"score": rng.normal(0.9, 0.05), "found": 1.0, "log_area_ratio": rng.normal(0, 0.1),
+                 "centroid_shift": 0.02, "largest_part": 1.0, "fit": rng.uniform(0.9, 0.98), "mirror_gain": -0.03,
+                 "orientation": 0.9, "smoothness": 0.97, "contrast": 0.2}
+            rows.append({"features": f, "right": True, "target": f"chest/{t}", "split": "chest", "structure": name,
+                         "in_truth": True})
+        for name, rate in (("main", 0.9), ("rare", 0.2)):
+            present = bool(rng.random() < rate)
+            right = present and bool(rng.random() < 0.7)
+            f = {"score": rng.normal(0.6 if present else 0.3, 0.12), "found": 1.0, "log_area_ratio": rng.normal(0, 0.4),
+                 "centroid_shift": abs(rng.normal(0.05, 0.05)), "largest_part": rng.uniform(0.6, 1.0),
+                 "fit": rng.uniform(0.85, 0.98), "mirror_gain": -0.03, "orientation": 0.0, "smoothness": 0.95,
+                 "contrast": 0.15}
+            rows.append({"features": f, "right": right, "target": f"vessels/{t}", "split": "vessels", "structure": name,
+                         "in_truth": present})
+    return rows
+
+
+def test_presence_model_calls_absent_structures_absent_and_keeps_right_masks(tmp_path):
+    """Where the calibration split has absent structures a presence model is fitted: it separates
+    present from absent on new rows, says "absent" mostly for the rare segment, never for the chest,
+    keeps >= 95% of right masks, survives a save/load, and abstain() withholds with the reason;
+    ``--min-confidence 0`` keeps everything."""
+    from rau.metrics import auroc
+    from rau.methods.confidence import Presence, assess
+
+    cal = fit_calibration(_presence_rows(300), "toy")
+    pres = cal.presence_model()
+    assert isinstance(pres, Presence) and 0 < pres.threshold <= 0.5
+    assert pres.structure_rates["rare"] < 0.4 < 0.8 < pres.structure_rates["main"]
+    test = _presence_rows(120, seed=1)
+    p = pres.predict([r["features"] for r in test], [r["structure"] for r in test])
+    inside = np.array([r["in_truth"] for r in test])
+    assert auroc(p, inside) > 0.85
+    called = p < pres.threshold
+    chest = np.array([r["split"] == "chest" for r in test])
+    assert not called[chest].any() and called[~inside].mean() > 0.4
+    right_mask = np.array([r["right"] for r in test])
+    assert called[right_mask].mean() <= 0.07
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    assert np.allclose(again.presence_model().predict([r["features"] for r in test], [r["structure"] for r in test]), p)
+    # a user's structure name the calibration never saw gets the pooled share of present
+    assert 0 < float(pres.predict([test[2]["features"]], ["my own vessel"])[0]) <= 1
+
+    # through assess and abstain: an output judged absent is withheld, with the reason
+    image, masks = synthetic_pair()
+    reference = AnnotatedImage(image, masks)
+    result = TargetResult("t", "r", "m", {"blob": StructureResult("blob", "yes", (0, 0, 9, 9), 0.9, masks["blob"])})
+    assess(result, reference, image, cal)
+    r = result.structures["blob"]
+    assert r.presence is not None and 0 <= r.presence <= 1
+    r.presence, r.absent = 0.01, pres.reason(0.01)
+    assert not abstain(result, 0.0).structures["blob"].abstained  # 0 keeps every output
+    abstain(result, 1e-6)
+    assert r.abstained and r.mask is None and r.answer == "no" and r.reason.startswith(REASON_ABSENT) and "presence" in r.reason
+
+
+def test_no_presence_model_without_absent_structures_and_a_malformed_one_is_refused(tmp_path):
+    rows = [r for r in _presence_rows() if r["split"] == "chest"]
+    for r in rows[::3]:  # some wrong masks, so that there is something to calibrate
+        r["right"] = False
+    assert fit_calibration(rows, "toy").presence is None
+    assert fit_calibration(_presence_rows(), "toy", presence=False).presence is None
+    doc = fit_calibration(_presence_rows(), "toy").to_json()
+    doc["presence"]["coef"] = doc["presence"]["coef"][:1]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(RauInputError, match="not a rau calibration file"):
+        Calibration.load(tmp_path / "bad.json")

@@ -92,7 +92,10 @@ class StructureResult:
     Set by :func:`rau.methods.confidence.assess`: ``confidence``, the calibrated probability that
     the output is right (None for a method without a calibration); ``flag``, the reason to abstain
     whatever the threshold (blank or noise target, reference does not fit); ``features``, what the
-    confidence was computed from. :func:`rau.methods.confidence.abstain` sets ``abstained``.
+    confidence was computed from; ``presence``, the calibrated probability that the structure is in
+    the target at all (None where the calibration has no presence model), and ``absent``, the reason
+    "structure absent from target" when ``presence`` is below the calibration's presence threshold.
+    :func:`rau.methods.confidence.abstain` sets ``abstained``.
     """
 
     label: str
@@ -105,6 +108,8 @@ class StructureResult:
     flag: str | None = None
     abstained: bool = False
     features: dict[str, float] | None = None
+    presence: float | None = None
+    absent: str | None = None
 
     @property
     def found(self) -> bool:

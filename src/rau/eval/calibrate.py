@@ -38,12 +38,18 @@ and ARCADE train 0..599).
    withheld such that the 95% upper bound on the share withheld stays within 5% (withholding a
    right "not there" answer loses nothing: it stays "no"). The plain 5% quantile withheld 7-12% of
    right ARCADE masks on the bench: the quantile of ~100 masks is itself uncertain.
+6. Presence (:func:`fit_presence`), where the correct-pair rows of step 4 hold at least
+   :data:`MIN_ABSENT` structures absent from their target: the same kind of model for "is it in the
+   target" (label: in the truth), its prior the per-name share present. Threshold: 0.5 (the likelier
+   answer), lowered per split so that, together with the confidence threshold, at most 5% of right
+   masks are withheld (the bound of step 5).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import dataclasses
 import datetime as _dt
 import json
 from pathlib import Path
@@ -53,7 +59,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 
 from rau.errors import RauInputError
-from rau.methods.confidence import FEATURES, PRIOR_FEATURE, RULES, Calibration, mirror_reason, rule_key, with_derived
+from rau.methods.confidence import FEATURES, PRIOR_FEATURE, RULES, Calibration, Presence, mirror_reason, rule_key, with_derived
 
 MIN_ROWS = 20
 #: A calibration split takes part in choosing the threshold when it has this many right masks.
@@ -123,7 +129,7 @@ def _prior_column(names: np.ndarray, right: np.ndarray, fold: np.ndarray, fit: n
 
 
 def calibration_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """(features, right, target, split, structure) of every assessed, asked structure in ``reports``;
+    """(features, right, target, split, structure, in_truth) of every assessed, asked structure in ``reports``;
     a blank or noise target's (never run) with ``features`` None and ``never_run`` True."""
     rows = []
     for doc in reports:
@@ -131,7 +137,7 @@ def calibration_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in doc["targets"]:
             if "right" in r and r.get("features"):
                 rows.append({"features": r["features"], "right": bool(r["right"]), "target": f"{split}/{r['target']}",
-                             "split": split, "structure": r.get("structure", "")})
+                             "split": split, "structure": r.get("structure", ""), "in_truth": bool(r.get("in_truth"))})
             elif "right" in r and r.get("flag"):  # a blank or noise target: never run, no features
                 rows.append({"features": None, "right": bool(r["right"]), "target": f"{split}/{r['target']}",
                              "split": split, "structure": r.get("structure", ""), "never_run": True})
@@ -166,7 +172,7 @@ def _isotonic_map(p: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float
 def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, seed: int = 0,
                     record: dict[str, Any] | None = None, use_prior: bool = True,
                     threshold_bound: bool = True, orientation_rule: bool = False,
-                    drop: tuple[str, ...] = (), rule_rates: bool = True) -> Calibration:
+                    drop: tuple[str, ...] = (), rule_rates: bool = True, presence: bool = True) -> Calibration:
     """Fit a :class:`Calibration` on ``rows`` (:func:`calibration_rows`); see the module docstring."""
     never_run = [r for r in rows if r.get("never_run")]
     target_rate = float((sum(r["right"] for r in never_run) + 1) / (len(never_run) + 2)) if never_run else None
@@ -225,15 +231,47 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     measured = [k for k in FEATURES if k not in drop and all(k in r["features"] for r in rows)]
     feature_names = measured + ([PRIOR_FEATURE] if use_prior else [])
     x = np.array([[r["features"][k] for k in measured] for r, g in zip(rows, keep) if g], np.float64)
-    y = y_all[keep].astype(np.float64)
     names = np.array([r.get("structure", "") for r, g in zip(rows, keep) if g], object)
     groups = np.array([r["target"] for r, g in zip(rows, keep) if g])
+    model = _fit_model(x, y_all[keep], names, groups, folds=folds, seed=seed, use_prior=use_prior)
+    cal = Calibration(method, model["mean"], model["std"], model["coef"], model["intercept"], model["iso_x"],
+                      model["iso_y"], 0.0, min_fit, min_orient, gated_rate, feature_names, dict(record or {}),
+                      model["rates"], model["pooled"], target_rate, per_rule, rule_pooled)
+    # rule-withheld rows: their rule's rate for their name (withheld by the rule whatever the threshold)
+    conf = np.array([cal.rule_confidence(k, str(n), f) if k else 0.0 for k, n, f in zip(rule_of, all_names, found)])
+    conf[keep] = model["oof"]  # out-of-fold: the threshold is not set on fitted values
+    # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
+    # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with
+    # the most structures would set it alone: DRR has 24 per target, Wingspan 3).
+    cuts = []
+    for split in sorted({r["split"] for r in rows}):
+        sel = correct & found & np.array([r["split"] == split for r in rows])
+        if sel.sum() >= MIN_SPLIT_MASKS:
+            cuts.append(keep_threshold(conf[sel], bound=threshold_bound))
+    cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found], bound=threshold_bound)
+    cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
+                       "n_never_run": len(never_run), "rule_strength": rule_strength,
+                       "splits": sorted({r["split"] for r in rows}), "out_of_fold": _oof_summary(rows, y_all, conf)})
+    if presence:
+        on = keep & np.array(["wrong" not in r["split"] and "in_truth" in r for r in rows])
+        pres = fit_presence([r for r, g in zip(rows, on) if g], measured, folds=folds, seed=seed,
+                            withheld=conf[on] < cal.threshold)
+        cal.presence = None if pres is None else dataclasses.asdict(pres)
+    return cal
+
+
+def _fit_model(x: np.ndarray, y: np.ndarray, names: np.ndarray, groups: np.ndarray, *, folds: int, seed: int,
+               use_prior: bool) -> dict[str, Any]:
+    """The logistic + isotonic model of step 4 (module doc) for labels ``y`` on features ``x`` (rows
+    of targets ``groups``, structures ``names``; with ``use_prior`` a last column, the shrunk share of
+    ``y`` per name, from the other folds) -> mean, std, coef, intercept, iso_x, iso_y (the model),
+    rates, pooled (the shares per name), oof (each row's out-of-fold calibrated probability)."""
+    y = np.asarray(y, np.float64)
     uniq = np.unique(groups)
     fold_of = dict(zip(uniq, np.random.default_rng(seed).permutation(len(uniq)) % folds))
     fold = np.array([fold_of[g] for g in groups])
-    everything = np.ones(len(y), bool)
     if use_prior:  # the final model reads each row's prior from the other folds (no row sees its own outcome)
-        x = np.column_stack([x, _prior_column(names, y, fold, everything)])
+        x = np.column_stack([x, _prior_column(names, y, fold, np.ones(len(y), bool))])
     mean, std = x.mean(0), x.std(0)
     std[std < 1e-9] = 1.0
     z = (x - mean) / std
@@ -252,24 +290,56 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     iso_x, iso_y = _isotonic_map(oof, y)
     coef, b = _logistic(z, y)
     rates, pooled = structure_rates(names, y) if use_prior else ({}, 0.5)
-    cal = Calibration(method, mean.tolist(), std.tolist(), coef.tolist(), b, iso_x, iso_y, 0.0, min_fit, min_orient,
-                      gated_rate, feature_names, dict(record or {}), rates, pooled, target_rate, per_rule, rule_pooled)
-    # rule-withheld rows: their rule's rate for their name (withheld by the rule whatever the threshold)
-    conf = np.array([cal.rule_confidence(k, str(n), f) if k else 0.0 for k, n, f in zip(rule_of, all_names, found)])
-    conf[keep] = np.interp(oof, iso_x, iso_y)  # out-of-fold: the threshold is not set on fitted values
-    # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
-    # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with
-    # the most structures would set it alone: DRR has 24 per target, Wingspan 3).
-    cuts = []
-    for split in sorted({r["split"] for r in rows}):
-        sel = correct & found & np.array([r["split"] == split for r in rows])
-        if sel.sum() >= MIN_SPLIT_MASKS:
-            cuts.append(keep_threshold(conf[sel], bound=threshold_bound))
-    cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found], bound=threshold_bound)
-    cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
-                       "n_never_run": len(never_run), "rule_strength": rule_strength,
-                       "splits": sorted({r["split"] for r in rows}), "out_of_fold": _oof_summary(rows, y_all, conf)})
-    return cal
+    return {"mean": mean.tolist(), "std": std.tolist(), "coef": coef.tolist(), "intercept": b, "iso_x": iso_x,
+            "iso_y": iso_y, "rates": rates, "pooled": pooled, "oof": np.interp(oof, iso_x, iso_y)}
+
+
+#: A presence model is fitted only when the calibration outputs hold this many absent structures.
+MIN_ABSENT = 20
+#: The presence threshold's ceiling: below it "absent" is the likelier answer.
+PRESENCE_CEILING = 0.5
+
+
+def fit_presence(rows: list[dict[str, Any]], measured: list[str], *, folds: int = 5, seed: int = 0,
+                 withheld: np.ndarray | None = None) -> Presence | None:
+    """:class:`rau.methods.confidence.Presence` on ``rows`` (correct-pair calibration outputs not
+    caught by a pair rule, each with ``in_truth``), features ``measured`` + the per-name share present,
+    or None with fewer than :data:`MIN_ABSENT` absent structures. Threshold: at most
+    :data:`PRESENCE_CEILING`, and per split with enough right masks at most :func:`keep_threshold` of
+    their out-of-fold presence among the right masks the confidence threshold keeps (``withheld``:
+    those it withholds), so that the two rules together keep >= 95% of right masks."""
+    from rau.metrics import auroc
+
+    present = np.array([r["in_truth"] for r in rows], bool)
+    if (~present).sum() < MIN_ABSENT or present.sum() < MIN_ABSENT:
+        return None
+    x = np.array([[r["features"][k] for k in measured] for r in rows], np.float64)
+    names = np.array([r.get("structure", "") for r in rows], object)
+    groups = np.array([r["target"] for r in rows])
+    model = _fit_model(x, present, names, groups, folds=folds, seed=seed, use_prior=True)
+    oof = model["oof"]
+    withheld = np.zeros(len(rows), bool) if withheld is None else np.asarray(withheld, bool)
+    right_mask = np.array([r["right"] and r["features"].get("found", 0) > 0 for r in rows], bool)
+    split_of = np.array([r["split"] for r in rows])
+    threshold = PRESENCE_CEILING
+    for split in sorted(set(split_of)):
+        sel = right_mask & (split_of == split)
+        if sel.sum() < MIN_SPLIT_MASKS:
+            continue
+        # masks the confidence threshold already withholds count against the same 5%
+        already = int((sel & withheld).sum())
+        kept = np.sort(oof[sel & ~withheld])
+        cut = keep_threshold(np.concatenate([np.full(already, -1.0), kept]))
+        threshold = min(threshold, max(cut, 0.0))
+    said_present = oof >= threshold
+    record = {"n": len(rows), "n_absent": int((~present).sum()), "out_of_fold": {
+        str(split): {"n": int((split_of == split).sum()), "auroc": auroc(oof[split_of == split], present[split_of == split]),
+                "identification": float((said_present == present)[split_of == split].mean()),
+                "right_masks_withheld": float((~said_present & right_mask & (split_of == split)).sum()
+                                              / max(1, (right_mask & (split_of == split)).sum()))}
+        for split in sorted(set(split_of))}}
+    return Presence([*measured, PRIOR_FEATURE], model["mean"], model["std"], model["coef"], model["intercept"],
+                    model["iso_x"], model["iso_y"], float(threshold), model["rates"], model["pooled"], record)
 
 
 def _oof_summary(rows: list[dict[str, Any]], right: np.ndarray, conf: np.ndarray) -> dict[str, dict[str, float]]:
@@ -331,13 +401,16 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
     from rau.methods import confidence
 
     work.mkdir(parents=True, exist_ok=True)
-    ensure_drr(drr_dir, quick, calib=True)
-    if confidence.default_orientation() is None:
+    split_names = list(splits or CALIB_SPLITS)
+    orientation = confidence.default_orientation() is None  # its images include DRR training poses
+    if orientation or "calib-drr" in split_names:  # no DRR render for calibrations without DRR splits
+        ensure_drr(drr_dir, quick, calib="calib-drr" in split_names)
+    if orientation:
         orient = fit_orientation(orientation_images(data, drr_dir), record={"command": "rau " + " ".join(argv or []),
                                                                              "commit": git_commit()})
         orient.save(confidence.CALIBRATION_DIR / "orientation.json")
         confidence._ORIENTATION.clear()
-    splits = resolve_splits(list(splits or CALIB_SPLITS), data, drr_dir, quick=quick, limit=None)
+    splits = resolve_splits(split_names, data, drr_dir, quick=quick, limit=None)
     reports = []
     options = {**method_options, "calibration": False}
     for split in splits:

@@ -70,10 +70,13 @@ def score_target(result, target, structures_asked: list[str], wanted: set[str] |
                                "in_truth": name in truth, "asked": name in structures_asked}
         if name in structures_asked and r is not None:
             said_yes = (r.answer or "").strip().lower().startswith("yes") and r.found
+            withheld = abstention_reason(r, min_confidence or 0.0) is not None
             row["id_correct"] = bool(said_yes == (name in truth))
+            # what the user gets at the default threshold: a withheld structure is answered "no"
+            row["id_delivered"] = bool((said_yes and not withheld) == (name in truth))
             row["score"] = r.score
             row.update(found=r.found, confidence=r.confidence, flag=r.flag, features=r.features,
-                       abstain=abstention_reason(r, min_confidence or 0.0) is not None)
+                       abstain=withheld, presence=r.presence, absent=r.absent is not None)
             if name not in truth:
                 row["right"] = not r.found
         if name in truth:
@@ -110,7 +113,10 @@ def calibration_summary(rows: list[dict[str, Any]], calibration=None, bins: int 
     threshold: ``abstain_wrong`` (share of wrong outputs withheld), ``abstain_right`` (share of right
     masks withheld: false abstention; a right "not there" loses nothing when withheld) and
     ``no_mask_all`` (share of outputs that deliver no mask, withheld or answered "not there": on
-    the wrong-input split every output should). NaN where the rows have no confidence."""
+    the wrong-input split every output should); ``presence_auroc``: the presence probability
+    separating structures in the target from absent ones, ``absent_right`` / ``absent_wrong``: the
+    shares of present / absent structures the presence model calls absent. NaN where the rows have
+    no confidence (or no presence)."""
     from rau.metrics import auroc
 
     asked = [r for r in rows if "right" in r]
@@ -127,6 +133,13 @@ def calibration_summary(rows: list[dict[str, Any]], calibration=None, bins: int 
                            "abstain_wrong": float(withheld[~ok].mean()) if (~ok).any() else float("nan"),
                            "abstain_right": float(withheld[ok & mask].mean()) if (ok & mask).any() else float("nan"),
                            "no_mask_all": float((withheld | ~mask).mean()) if len(asked) else float("nan")}
+    pres = [r for r in asked if r.get("presence") is not None]
+    inside = np.array([bool(r["in_truth"]) for r in pres], bool)
+    called = np.array([bool(r.get("absent")) for r in pres], bool)
+    out.update(n_presence=len(pres),
+               presence_auroc=auroc([r["presence"] for r in pres], inside) if pres else float("nan"),
+               absent_right=float(called[inside].mean()) if inside.any() else float("nan"),
+               absent_wrong=float(called[~inside].mean()) if (~inside).any() else float("nan"))
     if len(scored):
         edges = np.linspace(0, 1, bins + 1)
         idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
@@ -151,14 +164,17 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
         for k in METRIC_KEYS:
             entry[k] = mean_or_nan([r[k] for r in seg])
         entry["id_acc"] = mean_or_nan([float(r["id_correct"]) for r in ident])
+        entry["id_delivered"] = mean_or_nan([float(r["id_delivered"]) for r in ident if "id_delivered" in r])
         entry["n_id"] = len(ident)
         per[name] = entry
     scored = {n: e for n, e in per.items() if e["n"] > 0}
     mean = {k: mean_or_nan([e[k] for e in scored.values()]) for k in METRIC_KEYS}
     mean["id_acc"] = mean_or_nan([e["id_acc"] for e in per.values() if e["n_id"] > 0])
+    mean["id_delivered"] = mean_or_nan([e["id_delivered"] for e in per.values() if e["n_id"] > 0])
     seg_rows = [r for r in rows if r["in_truth"]]
     micro = {k: mean_or_nan([r[k] for r in seg_rows]) for k in METRIC_KEYS}
     micro["id_acc"] = mean_or_nan([float(r["id_correct"]) for r in rows if "id_correct" in r])
+    micro["id_delivered"] = mean_or_nan([float(r["id_delivered"]) for r in rows if "id_delivered" in r])
     return per, mean, micro
 
 
@@ -299,14 +315,14 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
     def fmt(v):
         return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
-    lines = ["| method | targets | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc | s/target | score AUROC |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | targets | Dice | IoU | HD95 px | box IoU | box acc@0.5 | id acc | id delivered | s/target | score AUROC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         m = r["mean"]
         conf = (r.get("confidence") or confidence_summary(r.get("targets", [])))["auroc"]
         lines.append(f"| {report_label(r)} | {r['n_targets']} | {fmt(m['dice'])} | {fmt(m['iou'])} | {fmt(m['hd95'])} | "
-                     f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {r['seconds_per_target']:.2f} | "
-                     f"{fmt(conf)} |")
+                     f"{fmt(m['box_iou'])} | {fmt(m['box_acc50'])} | {fmt(m['id_acc'])} | {fmt(m.get('id_delivered'))} | "
+                     f"{r['seconds_per_target']:.2f} | {fmt(conf)} |")
     return "\n".join(lines)
 
 
@@ -317,15 +333,17 @@ def confidence_table(reports: list[dict[str, Any]]) -> str:
     def fmt(v):
         return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
-    lines = ["| method | outputs | right | confidence AUROC | ECE | threshold | withheld: wrong | withheld: right masks | no mask delivered |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | outputs | right | confidence AUROC | ECE | threshold | withheld: wrong | withheld: right masks | "
+             "no mask delivered | presence AUROC | called absent: present / absent |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         c = r.get("calibration")
         if not c:
             continue
         share = c["n_right"] / c["n"] if c["n"] else float("nan")
         lines.append(f"| {report_label(r)} | {c['n']} | {fmt(share)} | {fmt(c['auroc'])} | {fmt(c['ece'])} | "
-                     f"{fmt(c['threshold'])} | {fmt(c['abstain_wrong'])} | {fmt(c['abstain_right'])} | {fmt(c['no_mask_all'])} |")
+                     f"{fmt(c['threshold'])} | {fmt(c['abstain_wrong'])} | {fmt(c['abstain_right'])} | {fmt(c['no_mask_all'])} | "
+                     f"{fmt(c.get('presence_auroc'))} | {fmt(c.get('absent_right'))} / {fmt(c.get('absent_wrong'))} |")
     return "\n".join(lines)
 
 

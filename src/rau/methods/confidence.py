@@ -17,9 +17,13 @@ probability that it is right, and says when not to answer.
   (:func:`rau.eval.calibrate.fit_calibration`), stored as JSON next to the weights
   (``rau/assets/calibration/<method>.json``). ``predict`` -> P(Dice >= 0.5), or, for a structure
   absent from the target, P(the method says so).
-- :func:`assess` sets ``confidence`` and the reason it would abstain on every structure of a
-  result (masks untouched); :func:`abstain` then removes the masks below ``min_confidence`` (default:
-  the calibration's threshold), with the reason.
+- :class:`Presence`: the same kind of model (logistic + isotonic) for another question, whether the
+  structure is in the target at all (a coronary segment the reference shows is often not in the
+  target's view), fitted where the calibration split has absent structures; stored inside the
+  calibration. Below its threshold an output is withheld as "structure absent from target".
+- :func:`assess` sets ``confidence``, ``presence`` and the reasons it would abstain on every
+  structure of a result (masks untouched); :func:`abstain` then removes the masks below
+  ``min_confidence`` (default: the calibration's threshold) and those judged absent, with the reason.
 
 Everything here is numpy/scipy and runs in milliseconds per target, except the two affine
 registrations of the mirror rule (SimpleITK, ~0.2 s per target).
@@ -282,6 +286,57 @@ def target_reason(checks: dict[str, float]) -> str | None:
 # ---- the calibrated model
 
 
+def _logistic_iso(x: np.ndarray, mean, std, coef, intercept, iso_x, iso_y) -> np.ndarray:
+    """A logistic model on standardised features, then its isotonic map -> probabilities in [0, 1]."""
+    z = (x - np.asarray(mean)) / np.asarray(std)
+    p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(coef) + intercept)))
+    return np.clip(np.interp(p, iso_x, iso_y), 0.0, 1.0)
+
+
+@dataclass
+class Presence:
+    """P(the structure is in the target) of one output: a logistic model on standardised
+    ``features`` (:data:`FEATURES` the calibration split measured, and :data:`PRIOR_FEATURE`, here
+    the structure name's shrunk share of targets that hold it when the reference does:
+    ``structure_rates``, ``prior_rate`` for a name it never saw) followed by an isotonic map,
+    fitted on the correct-pair calibration outputs (:func:`rau.eval.calibrate.fit_presence`).
+    ``threshold``: below it the output is "structure absent from target" (at most 0.5, the
+    likelier answer; lower where that would withhold more than 5% of right masks). ``record``: its
+    out-of-fold figures."""
+
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+    coef: list[float]
+    intercept: float
+    iso_x: list[float]
+    iso_y: list[float]
+    threshold: float
+    structure_rates: dict[str, float] = field(default_factory=dict)
+    prior_rate: float = 0.5
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, feats: list[dict[str, float]], structures: list[str]) -> np.ndarray:
+        """P(present) for each feature dict, ``structures`` their names."""
+        rows = [with_derived(r) for r in feats]
+        x = np.array([[self.structure_rates.get(n, self.prior_rate) if k == PRIOR_FEATURE else r[k] for k in self.features]
+                      for r, n in zip(rows, structures)], np.float64).reshape(len(rows), len(self.features))
+        return _logistic_iso(x, self.mean, self.std, self.coef, self.intercept, self.iso_x, self.iso_y)
+
+    def reason(self, p: float) -> str | None:
+        """"Structure absent from target" when ``p`` is below the threshold, else None."""
+        return f"{REASON_ABSENT} (presence {p:.2f} < {self.threshold:.2f})" if p < self.threshold else None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Presence:
+        pres = cls(**doc)
+        n = len(pres.features)
+        if not (len(pres.mean) == len(pres.std) == len(pres.coef) == n) or len(pres.iso_x) != len(pres.iso_y) \
+                or not pres.iso_x or unknown_features(pres.features):
+            raise ValueError("presence: inconsistent lengths or unknown features")
+        return pres
+
+
 @dataclass
 class Calibration:
     """Logistic model + isotonic map, per method; JSON on disk.
@@ -300,6 +355,8 @@ class Calibration:
     rule caught (a mirrored radiograph's heart mask is usually right, its lungs are swapped), kept
     apart for outputs with and without a mask (:func:`rule_key`), the confidence of an output a
     rule withholds (empty in files from before them: ``gated_rate``);
+    ``presence``: the :class:`Presence` model as JSON (None where the calibration split had too few
+    absent structures, and in files from before it);
     ``record``: how it was made."""
 
     method: str
@@ -320,6 +377,11 @@ class Calibration:
     target_rate: float | None = None
     rule_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     rule_pooled: dict[str, float] = field(default_factory=dict)
+    presence: dict[str, Any] | None = None
+
+    def presence_model(self) -> Presence | None:
+        """The :class:`Presence` model, or None (checked when the file is loaded)."""
+        return None if self.presence is None else Presence.from_json(self.presence)
 
     def rule_confidence(self, rule: str, name: str | None = None, found: bool = True) -> float:
         """The confidence of structure ``name``'s output when pair rule ``rule`` (:data:`RULES`)
@@ -352,9 +414,7 @@ class Calibration:
             names = structures or [None] * len(rows)
             rows = [r if PRIOR_FEATURE in r else {**r, PRIOR_FEATURE: self.structure_prior(n)} for r, n in zip(rows, names)]
         x = np.array([[r[k] for k in self.features] for r in rows], np.float64)
-        z = (x - np.asarray(self.mean)) / np.asarray(self.std)
-        p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
-        return np.clip(np.interp(p, self.iso_x, self.iso_y), 0.0, 1.0)
+        return _logistic_iso(x, self.mean, self.std, self.coef, self.intercept, self.iso_x, self.iso_y)
 
     def fit_reason(self, pair: dict[str, float]) -> str | None:
         """"Reference does not fit" (other anatomy, modality, noise) from the pair features, or None."""
@@ -402,6 +462,7 @@ class Calibration:
             if not (len(cal.mean) == len(cal.std) == len(cal.coef) == n) or len(cal.iso_x) != len(cal.iso_y) \
                     or not cal.iso_x or unknown_features(cal.features):
                 raise ValueError("inconsistent lengths or unknown features")
+            cal.presence_model()
         except (OSError, ValueError, TypeError) as exc:
             raise RauInputError(f"calibration {path}: not a rau calibration file ({exc})") from None
         return cal
@@ -501,13 +562,18 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
             reason = rule[1] if rule else None
         else:
             reason = mirror_reason(pair)
-    probs = {}
+    probs, present = {}, {}
+    presence = calibration.presence_model() if calibration is not None else None
     if calibration is not None and feats:
         names = list(feats)
         probs = dict(zip(names, calibration.predict([feats[n] for n in names], names).tolist()))
+        if presence is not None and reason is None:  # a flagged pair is withheld whatever is present
+            present = dict(zip(names, presence.predict([feats[n] for n in names], names).tolist()))
     for name, r in result.structures.items():
         r.features = feats.get(name)
         r.flag = reason
+        r.presence = present.get(name)
+        r.absent = presence.reason(r.presence) if r.presence is not None else None
         if calibration is not None:
             r.confidence = calibration.never_run_confidence() if never_run \
                 else calibration.rule_confidence(rule[0], name, bool(r.found)) if rule else probs.get(name)
@@ -527,12 +593,15 @@ def resolve_min_confidence(min_confidence: float | None, calibration: Calibratio
 
 
 def abstention_reason(r, min_confidence: float) -> str | None:
-    """Why ``r`` (an assessed StructureResult) is withheld at ``min_confidence``, or None;
-    ``min_confidence`` 0 withholds nothing."""
+    """Why ``r`` (an assessed StructureResult) is withheld at ``min_confidence``, or None: its
+    flag (target or pair rule), "structure absent from target" by the presence model (``absent``),
+    or a confidence below ``min_confidence``. ``min_confidence`` 0 withholds nothing."""
     if min_confidence <= 0:
         return None
     if r.flag is not None:
         return r.flag
+    if r.absent is not None:
+        return r.absent
     if r.confidence is None or r.confidence >= min_confidence:
         return None
     f = r.features or {}

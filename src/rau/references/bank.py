@@ -218,11 +218,13 @@ def predict_with_references(method, references: list, target, structures: list[s
 
 
 def _fused_confidence(parts: list, w: np.ndarray) -> dict:
-    """Confidence of a pixel vote: the weighted mean of the parts' (None if one has none); flagged
-    (blank, noise, no fit) only when every part is."""
+    """Confidence and presence of a pixel vote: the weighted means of the parts' (None if one has
+    none); flagged (blank, noise, no fit) only when every part is, absent only when every part is."""
     conf = None if any(p.confidence is None for p in parts) else float(sum(wi * p.confidence for wi, p in zip(w, parts)))
+    presence = None if any(p.presence is None for p in parts) else float(sum(wi * p.presence for wi, p in zip(w, parts)))
     flag = parts[0].flag if all(p.flag is not None for p in parts) else None
-    return {"confidence": conf, "flag": flag}
+    absent = parts[0].absent if all(p.absent is not None for p in parts) else None
+    return {"confidence": conf, "flag": flag, "presence": presence, "absent": absent}
 
 
 def fuse_results(results: list, method_name: str | None = None, weights: Sequence[float] | None = None):
