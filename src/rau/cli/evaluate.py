@@ -236,6 +236,15 @@ def calibrate(
         top = sorted(cal.rule_rates.get(rule, {}).items(), key=lambda kv: -kv[1])[:3]
         typer.echo(f"  withheld by '{rule}': share right {pooled:.2f} pooled (shrinkage {r.get('rule_strength', {}).get(rule, 0):g}); "
                    f"highest: {', '.join(f'{k} {v:.2f}' for k, v in top)}")
+    pres = cal.presence_model()
+    if pres is not None:  # out-of-fold, per split with absent structures
+        oof = {s: v for s, v in pres.record.get("out_of_fold", {}).items() if v.get("identification", 1.0) < 1.0}
+        typer.echo(f"  presence: {pres.record.get('n_absent', 0)} absent of {pres.record.get('n', 0)} outputs, threshold "
+                   f"{pres.threshold:.3f}; " + "; ".join(f"{s}: AUROC {v['auroc']:.3f}, identification {v['identification']:.3f}, "
+                                                       f"right masks called absent {v['right_masks_withheld']:.3f}"
+                                                       for s, v in oof.items()))
+    else:
+        typer.echo("  presence: no model (too few structures absent from their targets on these splits)")
 
 
 def eval_tokens(
