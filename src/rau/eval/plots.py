@@ -80,10 +80,11 @@ def prediction_grid(rows: list[dict[str, Any]], path: str | Path, title: str = "
     return _save(fig, path, dpi=110)
 
 
-def reliability_plot(reports: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+def reliability_plot(reports: list[dict[str, Any]], path: str | Path, title: str = "", *,
+                     xlabel: str = "confidence", ylabel: str = "share right (Dice >= 0.5)") -> Path | None:
     """Reliability diagram: per confidence bin, the share of right outputs against the mean
     confidence (the diagonal is perfect calibration), one line per method with a calibration;
-    None when no report has one."""
+    None when no report has one. The labels name other probabilities drawn the same way (presence)."""
     import matplotlib
 
     from rau.eval.evaluate import report_label
@@ -101,6 +102,6 @@ def reliability_plot(reports: list[dict[str, Any]], path: str | Path, title: str
         pts = cal["reliability"]
         ax.plot([p["confidence"] for p in pts], [p["right"] for p in pts], marker="o",
                 label=f"{report_label(r)} (ECE {cal['ece']:.3f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="share right (Dice >= 0.5)", title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path, 110)
