@@ -382,6 +382,9 @@ def test_k_references_go_into_memory_together_and_a_structure_missing_from_one_c
     assert asked == ["blob", "square"] and set(result.structures) == {"blob", "square"}
     assert sorted(calls) == [(["a", "b"], ["blob"]), (["b"], ["square"])]  # one memory of both where both annotate
     assert result.reference_id == "a+b"
+    # every structure is assessed, read against the first reference that annotates it, with its support
+    feats = {n: r.features for n, r in result.structures.items()}
+    assert feats["blob"]["support"] == 1.0 and feats["square"]["support"] == 0.5
     with pytest.raises(rau.RauInputError, match="none of the references"):
         method.predict_k([first], AnnotatedImage(tgt_img), ["square"])
 

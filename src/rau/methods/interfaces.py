@@ -213,7 +213,14 @@ class Method:
         segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
         results = {s: self._combine(s, None, segs.get(s), None) for s in structures}
         result = TargetResult(target.id, ref_id, self.name, results)
-        assess(result, references[0], target.image, self.calibration_for(len(references)), checks)  # features from the first reference
+        # how many of the k references annotate each structure ("support"): one that only one of
+        # three references shows is often not in the target (a coronary side branch)
+        support = {s: {"support": sum(s in r.masks and bool(r.masks[s].any()) for r in references) / len(references)}
+                   for s in structures}
+        # features from the first reference that annotates the structure
+        read_from = {s: next(r.masks[s] for r in references if s in r.masks and r.masks[s].any()) for s in structures}
+        assess(result, references[0], target.image, self.calibration_for(len(references)), checks,
+               reference_masks=read_from, extra=support)
         result.seconds = time.perf_counter() - start
         return result
 
