@@ -67,6 +67,10 @@ class AnnotatedImage:
         """(H, W) uint8 copy of the image, for rendering and 8-bit models."""
         return np.clip(np.rint(self.image * 255.0), 0, 255).astype(np.uint8)
 
+    def annotates(self, name: str) -> bool:
+        """True when this image has a non-empty mask for structure ``name``."""
+        return name in self.masks and bool(self.masks[name].any())
+
     def require_nonempty(self, structures: list[str] | None = None, role: str = "reference") -> None:
         """Raise RauInputError if a requested structure is missing or its mask is empty."""
         for name in structures if structures is not None else self.structures:

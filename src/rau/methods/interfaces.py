@@ -213,12 +213,12 @@ class Method:
         segs = self.segmenter.segment_k(target.image, references, {s: None for s in structures})
         results = {s: self._combine(s, None, segs.get(s), None) for s in structures}
         result = TargetResult(target.id, ref_id, self.name, results)
+        annotating = {s: [r for r in references if r.annotates(s)] for s in structures}
         # how many of the k references annotate each structure ("support"): one that only one of
         # three references shows is often not in the target (a coronary side branch)
-        support = {s: {"support": sum(s in r.masks and bool(r.masks[s].any()) for r in references) / len(references)}
-                   for s in structures}
+        support = {s: {"support": len(a) / len(references)} for s, a in annotating.items()}
         # features from the first reference that annotates the structure
-        read_from = {s: next(r.masks[s] for r in references if s in r.masks and r.masks[s].any()) for s in structures}
+        read_from = {s: a[0].masks[s] for s, a in annotating.items()}
         assess(result, references[0], target.image, self.calibration_for(len(references)), checks,
                reference_masks=read_from, extra=support)
         result.seconds = time.perf_counter() - start
@@ -240,7 +240,7 @@ class Method:
         RauInputError for one that none annotates."""
         if structures is None:
             structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
-        missing = [s for s in structures if not any(s in r.masks and r.masks[s].any() for r in references)]
+        missing = [s for s in structures if not any(r.annotates(s) for r in references)]
         if missing:
             raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")
         start = time.perf_counter()

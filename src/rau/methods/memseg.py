@@ -101,7 +101,7 @@ class MemSegSegmenter(Segmenter):
         out: dict[str, SegmentationOutput | None] = {n: None for n in boxes_xyxy_px}
         groups: dict[tuple[int, ...], list[str]] = {}
         for name, box in boxes_xyxy_px.items():
-            have = tuple(i for i, r in enumerate(references) if name in r.masks and r.masks[name].any())
+            have = tuple(i for i, r in enumerate(references) if r.annotates(name))
             if have and (box is not None or not self.model.config.box_prompt):
                 groups.setdefault(have, []).append(name)
         for have, names in groups.items():

@@ -99,12 +99,12 @@ class RegRefineMethod(Method):
         if withheld is not None:
             return withheld
         k = len(references)
-        annotated = {s: sum(s in r.masks and bool(r.masks[s].any()) for r in references) for s in structures}
+        annotated = {s: sum(r.annotates(s) for r in references) for s in structures}
         majority = [s for s in structures if 2 * annotated[s] > k]
         # per structure and reference (by rank): (localization, segmentation), None where it is not asked
         parts: dict[str, list] = {s: [None] * k for s in structures}
         for i, ref in enumerate(references):
-            have = [s for s in majority if s in ref.masks and ref.masks[s].any()]
+            have = [s for s in majority if ref.annotates(s)]
             if not have:
                 continue
             found = self.localizer.localize(ref, target, have)

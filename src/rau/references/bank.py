@@ -212,7 +212,7 @@ def predict_with_references(method, references: list, target, structures: list[s
         return method.predict_k(references, target, asked), asked
     asked = list(structures) if structures is not None else [s for s in references[0].structures
                                                              if references[0].masks[s].any()]
-    results = [method.predict(ref, target, [s for s in asked if s in ref.masks and ref.masks[s].any()])
+    results = [method.predict(ref, target, [s for s in asked if ref.annotates(s)])
                for ref in references]
     return fuse_results(results, method.name), asked
 
