@@ -98,7 +98,7 @@ def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=
         own = {"unet": tiny_unet}
     elif name == "rau":
         own = {"vlm": tiny_vlm}
-    elif name == "sam2-memory":
+    elif name in ("sam2-memory", "oracle-memory"):
         own = {"memseg": tiny_memseg}
     elif name == "reg-memseg":
         own = {"memseg": tiny_memseg}
@@ -124,6 +124,7 @@ BUILT = {
     "rau-tokens": ("rau-vlm", None, None),
     "rau-seg": ("rau-vlm", "seg-head", None),
     "sam2-memory": (None, "memseg", None),
+    "oracle-memory": (None, "memseg", None),
     "reg-memseg": ("registration", "memseg", None),
     "rau-memseg": ("rau-vlm", "memseg", None),
     "reg-refine": ("registration", "refiner", None),
@@ -163,6 +164,31 @@ def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, t
             assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 128
         assert 0.0 <= s.score <= 1.0
         assert s.found or s.reason
+
+
+def test_oracle_memory_reads_the_target_as_its_reference(tiny_memseg):
+    """oracle-memory: the target's own image and masks go into memory (its result equals sam2-memory
+    run with the target as reference); a structure the target lacks is "no" without running; a
+    target without truth is refused."""
+    import numpy as np
+
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, tgt_masks = synthetic_pair((128, 112), shift=(6, -4))
+    ref = AnnotatedImage(ref_img, ref_masks, {"id": "ref"})
+    tgt = AnnotatedImage(tgt_img, {"blob": tgt_masks["blob"]}, {"id": "tgt"})
+    oracle = create_method("oracle-memory", **{**SHARED, "memseg": tiny_memseg})
+    memory = create_method("sam2-memory", **{**SHARED, "memseg": tiny_memseg})
+    assert oracle.reads_target_truth and not memory.reads_target_truth
+    got = oracle.predict(ref, tgt)
+    want = memory.predict(tgt, tgt, ["blob"])
+    assert got.reference_id == "ref" and list(got.structures) == ["blob", "square"]
+    assert (got.structures["blob"].mask is None) == (want.structures["blob"].mask is None)
+    if want.structures["blob"].mask is not None:
+        assert np.array_equal(got.structures["blob"].mask, want.structures["blob"].mask)
+    square = got.structures["square"]
+    assert square.answer == "no" and square.mask is None and "ground truth" in square.reason
+    with pytest.raises(rau.RauInputError, match="ground-truth masks"):
+        oracle.predict(ref, AnnotatedImage(tgt_img, {}, {"id": "bare"}))
 
 
 def test_rau_seg_with_a_memseg_head_prompts_the_memory_segmenter(tiny_ref, tiny_memseg, tmp_path):

@@ -150,7 +150,7 @@ def report(
 
 def bench(
     out: Annotated[Path, typer.Option(help="Output folder: <split>_<method>.json, dice_<split>.png, overlays, BENCH.md.")] = Path("runs/bench"),
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau-seg,rau,reg-refine,registration,reg-box,reg-fuse,oracle-box; add rau-refine, rau-box, rau-tokens, chexanatomy with --chex, sam2-memory, reg-memseg, rau-memseg with --memseg).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: rau-seg,rau,reg-refine,registration,reg-box,reg-fuse,oracle-box; add rau-refine, rau-box, rau-tokens, chexanatomy with --chex, sam2-memory, reg-memseg, rau-memseg, oracle-memory with --memseg).")] = None,
     splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits: wingspan, arcade, drr, drr-unseen, wrong (deliberately wrong inputs) (default: all); "
                                                     "the calibration splits calib-wingspan, calib-arcade, calib-drr, calib-wrong on request.")] = None,
     overlays: Annotated[Optional[str], typer.Option(help="Comma-separated methods to draw best/worst overlays for (default: the first non-oracle method).")] = None,

@@ -75,7 +75,7 @@ class Split:
     limit: int | None = None
     structures: tuple[str, ...] | None = None  # None: every structure the reference annotates
     #: False where targets may carry no ground truth (the wrong-input split): methods that read the
-    #: target's truth (``oracle-box``) have nothing to read there and are skipped.
+    #: target's truth (``oracle-box``, ``oracle-memory``) have nothing to read there and are skipped.
     truth: bool = True
     #: Leave out the targets a ``limit``-target seeded pick takes (the bench split's own targets),
     #: so a calibration split can draw from the same folder without scoring them.
@@ -313,7 +313,7 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
     overlays = []
     for split in splits:
         docs = [d for d in reports.get(split.name, []) if d["method"] in overlay_methods] if overlay_methods else \
-            [d for d in reports.get(split.name, []) if d["method"] != "oracle-box"][:1]
+            [d for d in reports.get(split.name, []) if not d["method"].startswith("oracle-")][:1]
         for doc in docs:
             overlays += best_worst_overlays(doc, split, method_options, out)
     from rau.eval.evaluate import model_config

@@ -13,7 +13,7 @@ keywords of :func:`rau.methods.create_method`; messages name the command-line fl
 | RegistrationOptions   | registration                              |
 | BoxPromptOptions      | reg-box, reg-fuse, oracle-box             |
 | RauOptions            | rau, rau-ot, rau-box, rau-tokens, rau-seg |
-| Sam2MemoryOptions     | sam2-memory                               |
+| Sam2MemoryOptions     | sam2-memory, oracle-memory                |
 | MemSegOptions         | reg-memseg                                |
 | RefineOptions         | reg-refine                                |
 | RauRefineOptions      | rau-refine                                |

@@ -213,6 +213,13 @@ def _sam2_memory(o: Sam2MemoryOptions) -> Method:
     return Method("sam2-memory", None, _memseg(o.memseg, o.device, o.precision))
 
 
+def _oracle_memory(o: Sam2MemoryOptions) -> Method:
+    """``sam2-memory``'s segmenter with the target's own image and masks as its reference."""
+    from rau.methods.oracle import SelfReferenceMethod
+
+    return SelfReferenceMethod("oracle-memory", None, _sam2_memory(o).segmenter)
+
+
 def _reg_memseg(o: MemSegOptions) -> Method:
     """Registration's warped reference mask is the memory segmenter's prior; the reference image
     and mask are in its memory."""
@@ -288,6 +295,9 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("sam2-memory", "the memory segmenter: the reference's image and masks in SAM2-style memory segment the target",
                "shipped memory segmenter (or --memseg FOLDER, or a real SAM2 with --sam2 FOLDER)", Sam2MemoryOptions,
                _sam2_memory),
+    MethodSpec("oracle-memory", "the memory segmenter given the target itself as its reference: how closely it can "
+               "follow a perfect reference (evaluation only)",
+               "shipped memory segmenter (or --memseg FOLDER, or --sam2 FOLDER)", Sam2MemoryOptions, _oracle_memory),
     MethodSpec("rau-memseg", "the RAU VLM's answer and box place the reference mask as the memory segmenter's prior",
                "shipped RAU VLM + memory segmenter (or --vlm, --memseg FOLDER)", RauOptions, _rau_memseg),
     MethodSpec("reg-memseg", "registration's warped masks are the memory segmenter's prior, the reference in its memory",
