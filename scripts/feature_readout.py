@@ -1,10 +1,8 @@
 """Issue 15, diagnosis: does the memory segmenter follow the reference as well as its own features could?
 
-A training-free memory readout (the non-parametric core of STM/XMem-style memory reading): each cell of
-the target's LiteMedSAM embedding (64 x 64) takes the reference mask's value (area-pooled to the same grid)
-from its ``K`` most similar reference cells (cosine similarity / ``TAU``, minus ``LAM`` x squared cell
-distance in units of the side: same place is more likely), softmax-weighted; upsampled to the 256 frame,
-mapped back to the target's pixels and thresholded at 0.5. Compared with the shipped memory segmenter
+The training-free memory readout of :mod:`rau.models.memseg.readout` (each cell of the target's
+LiteMedSAM embedding takes the reference mask's value from its 8 most similar reference cells, cosine /
+0.05 minus LAM x squared cell distance), mapped back to the target's pixels and thresholded at 0.5. Compared with the shipped memory segmenter
 (``sam2-memory``) and their probability blends ``w * memseg + (1 - w) * readout`` on the pairs of a
 ``rau bench`` / ``rau calibrate`` report, scored on the structures that report scores.
 
@@ -22,15 +20,14 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rau.data.dataset import load_dataset
 from rau.encoders.litemedsam import frame_to_image
 from rau.methods.memseg import DEFAULT_MEMSEG_DIR, MemSegSegmenter
 from rau.metrics import dice
+from rau.models.memseg.readout import feature_readout
 from rau.training.recipes.seghead import mask_to_frame
 
-TAU, K, GRID = 0.05, 8, 64
 LAMS, WEIGHTS = (20, 100), (0.0, 0.3, 0.5, 0.7, 1.0)
 
 
@@ -38,17 +35,9 @@ def readout(seg, target_image, reference, names, lam):
     """(len(names), H, W) readout probabilities of the reference's masks in the target's pixels."""
     et, scale = seg.embed(target_image)
     er, _ = seg.embed(reference.image)
-    ft = F.normalize(et[0].flatten(1), dim=0)
-    fr = F.normalize(er[0].flatten(1), dim=0)
-    yy, xx = torch.meshgrid(torch.arange(float(GRID)), torch.arange(float(GRID)), indexing="ij")
-    pos = torch.stack([yy.flatten(), xx.flatten()], 1) / GRID
-    value, index = ((ft.T @ fr) / TAU - lam * torch.cdist(pos, pos) ** 2).topk(K, dim=1)
-    masks = torch.stack([F.adaptive_avg_pool2d(torch.from_numpy(mask_to_frame(reference.masks[s])).float()[None, None],
-                                               GRID).flatten() for s in names], 1)
-    cells = (torch.softmax(value, 1)[:, :, None] * masks[index]).sum(1)
-    frame = F.interpolate(cells.T.reshape(1, len(names), GRID, GRID), size=(256, 256), mode="bilinear",
-                          align_corners=False)
-    return frame_to_image(frame, scale, target_image.shape)[0].numpy()
+    masks = torch.from_numpy(np.stack([mask_to_frame(reference.masks[s]) for s in names]))[:, None]
+    frame = feature_readout(et[0], er, masks, locality=lam)
+    return frame_to_image(frame[None], scale, target_image.shape)[0].numpy()
 
 
 def draw(path, target, names, memory, probs):

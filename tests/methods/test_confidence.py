@@ -17,6 +17,7 @@ from rau.methods.confidence import (
     K_FEATURES,
     REASON_ABSENT,
     REASON_LOW,
+    SEGMENTER_FEATURES,
     Calibration,
     abstain,
     pair_features,
@@ -102,7 +103,7 @@ def test_structure_features_of_found_and_missing_outputs():
     assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation",
                                                                                        "smoothness", "contrast", "edge",
                                                                                        "inside_contrast",
-                                                                                       *K_FEATURES} == set(FEATURES)
+                                                                                       *K_FEATURES, *SEGMENTER_FEATURES} == set(FEATURES)
     assert "structure_prior" not in FEATURES  # the calibration supplies it from the structure's name
 
 

@@ -11,7 +11,11 @@ probability that it is right, and says when not to answer.
   registration? A physical rule too ("mirrored"), the same for every method.
 - :func:`pair_features` and :func:`structure_features`: cheap measurements of one output
   (reference/target thumbnail agreement, and whether it fits the target better mirrored; the
-  mask's size and position next to the reference's, its fragmentation, the method's own score).
+  mask's size and position next to the reference's, its fragmentation, the method's own score);
+  and what a segmenter measures itself (:attr:`rau.methods.interfaces.SegmentationOutput.features`):
+  the memory segmenter's ``readout_agreement``, the Dice between its mask and a training-free readout
+  of the reference mask through the encoder's own features (:mod:`rau.models.memseg.readout`): low
+  where the decoder redraws a structure it trained on instead of the one the reference shows.
 - :class:`Calibration`: a logistic model over those features followed by isotonic regression,
   fitted on a calibration split (pairs never used by the bench) per method
   (:func:`rau.eval.calibrate.fit_calibration`), stored as JSON next to the weights
@@ -45,11 +49,16 @@ from rau.errors import RauInputError
 
 #: The features of one output, in the order the logistic model reads them.
 FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
-            "orientation", "smoothness", "contrast", "score_logit", "edge", "inside_contrast", "agreement", "support")
+            "orientation", "smoothness", "contrast", "score_logit", "edge", "inside_contrast", "agreement", "support",
+            "readout_agreement")
 
 #: Features only a k-reference result has (:func:`k_reference_features`): a calibration fitted on
 #: one-reference outputs lacks them, one fitted with ``rau calibrate --k-references K`` reads them.
 K_FEATURES = ("agreement", "support")
+
+#: Features a segmenter measures on its own output (:attr:`rau.methods.interfaces.SegmentationOutput.features`):
+#: only the memory segmenter's results have them, and a calibration fitted without them ignores them.
+SEGMENTER_FEATURES = ("readout_agreement",)
 
 #: A feature the calibration itself supplies: the share of right outputs for the structure's name on
 #: the calibration split, shrunk towards the pooled share (:meth:`Calibration.structure_prior`). A

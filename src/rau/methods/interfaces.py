@@ -77,13 +77,16 @@ class SegmentationOutput:
     prob: (H, W) float32 foreground probability when the backend has one (used for fusion);
     box_xyxy_px: the backend's own box, replacing the localizer's (e.g. the extent of a mask that
     refines the localizer's box), or None; reason: why the mask is empty, when the backend knows
-    (the structure is then answered "no")."""
+    (the structure is then answered "no"); features: measurements only the backend can make, handed
+to the confidence (:data:`rau.methods.confidence.FEATURES`, e.g. the memory segmenter's
+``readout_agreement``)."""
 
     mask: np.ndarray
     score: float
     prob: np.ndarray | None = None
     box_xyxy_px: Box | None = None
     reason: str | None = None
+    features: dict[str, float] | None = None
 
 
 class Segmenter(ABC):
@@ -133,6 +136,11 @@ def fuse_probabilities(seg_prob: np.ndarray, loc_prob: np.ndarray, sigma_px: flo
     return (np.asarray(seg_prob, np.float32) + blurred) / 2.0 > 0.5
 
 
+def segmenter_features(segs: dict) -> dict[str, dict[str, float]]:
+    """structure -> the features a segmenter measured on its output (:attr:`SegmentationOutput.features`)."""
+    return {s: dict(o.features) for s, o in segs.items() if o is not None and o.features}
+
+
 class Method:
     """Runs one reference/target pair. The target image is encoded once by the segmenter for all
     structures (see :class:`rau.methods.interfaces.Segmenter`).
@@ -177,7 +185,7 @@ class Method:
         sigma = self.fuse_sigma * max(target.shape) if self.fuse_sigma else None
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         result = TargetResult(target.id, reference.id, self.name, results)
-        assess(result, reference, target.image, self.calibration, checks)
+        assess(result, reference, target.image, self.calibration, checks, extra=segmenter_features(segs))
         result.seconds = time.perf_counter() - start
         return result
 
@@ -216,11 +224,13 @@ class Method:
         annotating = {s: [r for r in references if r.annotates(s)] for s in structures}
         # how many of the k references annotate each structure ("support"): one that only one of
         # three references shows is often not in the target (a coronary side branch)
-        support = {s: {"support": len(a) / len(references)} for s, a in annotating.items()}
+        extra = {s: {"support": len(a) / len(references)} for s, a in annotating.items()}
+        for s, more in segmenter_features(segs).items():
+            extra.setdefault(s, {}).update(more)
         # features from the first reference that annotates the structure
         read_from = {s: a[0].masks[s] for s, a in annotating.items()}
         assess(result, references[0], target.image, self.calibration_for(len(references)), checks,
-               reference_masks=read_from, extra=support)
+               reference_masks=read_from, extra=extra)
         result.seconds = time.perf_counter() - start
         return result
 

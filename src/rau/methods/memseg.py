@@ -28,6 +28,7 @@ from rau.data.annotated import AnnotatedImage
 from rau.errors import RauInputError
 from rau.geometry import Box
 from rau.methods.interfaces import SegmentationOutput, Segmenter
+from rau.metrics import dice
 
 MEMO_IMAGES = 12  # embeddings remembered (target + k references; 4 MB each)
 #: The shipped memory segmenter (scripts/memseg_recipe.sh reproduces it).
@@ -115,6 +116,7 @@ class MemSegSegmenter(Segmenter):
         import torch
 
         from rau.encoders.litemedsam import frame_to_image
+        from rau.models.memseg.readout import feature_readout
         from rau.training.recipes.seghead import mask_to_frame
 
         hw = target.shape
@@ -139,8 +141,12 @@ class MemSegSegmenter(Segmenter):
                                       masks[:, :, None].float(), boxes, prompts, tokens)
         logits = frame_to_image(low, scale, hw)[:, 0].cpu().numpy()
         ious = iou[:, 0].cpu().numpy()
+        # what the encoder's own features say the references show, untrained (the confidence's readout_agreement)
+        read = frame_to_image(feature_readout(emb[0], refs, masks)[:, None], scale, hw)[:, 0].cpu().numpy() > 0.5
         out = {}
         for i, name in enumerate(names):
             prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
-            out[name] = SegmentationOutput(logits[i] > self.threshold, float(np.clip(ious[i], 0.0, 1.0)), prob)
+            mask = logits[i] > self.threshold
+            out[name] = SegmentationOutput(mask, float(np.clip(ious[i], 0.0, 1.0)), prob,
+                                           features={"readout_agreement": dice(mask, read[i])})
         return out
