@@ -164,6 +164,8 @@ def test_every_method_contract(name, tiny_vlm, tiny_unet, tiny_chex, tiny_ref, t
             assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 128
         assert 0.0 <= s.score <= 1.0
         assert s.found or s.reason
+        if name in ("sam2-memory", "reg-memseg", "oracle-memory"):  # the memory segmenter's own measurement
+            assert 0.0 <= s.features["readout_agreement"] <= 1.0
 
 
 def test_oracle_memory_reads_the_target_as_its_reference(tiny_memseg):

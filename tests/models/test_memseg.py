@@ -135,8 +135,34 @@ def test_segmenter_maps_masks_back_to_target_pixels(lite, one_torch_thread):
         assert 0.0 <= out[name].score <= 1.0
     two = seg.segment_k(tgt_img, [reference, reference], {"blob": None})
     assert two["blob"].mask.shape == (128, 112)
+    for output in (*[out[n] for n in ("blob", "square")], two["blob"]):
+        assert set(output.features) == {"readout_agreement"} and 0.0 <= output.features["readout_agreement"] <= 1.0
     with pytest.raises(RauInputError, match="reference"):
         seg.segment(tgt_img, {"blob": None}, None)
+
+
+def test_feature_readout_carries_the_reference_mask_by_feature_similarity():
+    """The training-free readout: a target whose features are the reference's, shifted by 8 cells,
+    gets the reference mask shifted by 8 cells (32 frame pixels); K references are read together; a
+    mismatch is refused."""
+    from rau.models.memseg.readout import feature_readout
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(256, 64, 64, generator=g)
+    target = torch.roll(reference, shifts=8, dims=2)
+    mask = torch.zeros(FRAME, FRAME)
+    mask[80:160, 60:140] = 1
+    read = feature_readout(target, reference[None], mask[None, None])
+    assert read.shape == (1, FRAME, FRAME)
+    moved = torch.roll(mask, shifts=32, dims=1)
+    inter = ((read[0] > 0.5) & (moved > 0.5)).sum().item()
+    assert 2 * inter / ((read[0] > 0.5).sum().item() + moved.sum().item()) > 0.9
+    empty = torch.zeros_like(mask)
+    both = feature_readout(target, torch.stack([reference, torch.randn(256, 64, 64, generator=g)]),
+                           torch.stack([torch.stack([mask, empty]), torch.stack([empty, empty])]))
+    assert both.shape == (2, FRAME, FRAME) and (both[0] > 0.5).sum() > 0 and (both[1] > 0.5).sum() == 0
+    with pytest.raises(ValueError, match="do not match"):
+        feature_readout(target, reference[None], torch.stack([mask, mask])[None])
 
 
 # ----------------------------------------------------------------------------- follows the reference
