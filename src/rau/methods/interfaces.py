@@ -78,8 +78,8 @@ class SegmentationOutput:
     box_xyxy_px: the backend's own box, replacing the localizer's (e.g. the extent of a mask that
     refines the localizer's box), or None; reason: why the mask is empty, when the backend knows
     (the structure is then answered "no"); features: measurements only the backend can make, handed
-to the confidence (:data:`rau.methods.confidence.FEATURES`, e.g. the memory segmenter's
-``readout_agreement``)."""
+    to the confidence (:data:`rau.methods.confidence.FEATURES`, e.g. the memory segmenter's
+    ``readout_agreement``)."""
 
     mask: np.ndarray
     score: float

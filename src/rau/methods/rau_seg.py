@@ -169,7 +169,8 @@ class MemSegQuerySegmenter(Segmenter):
         segs = self.memseg.decode(target, [reference], names, boxes_xyxy_px, priors, toks)
         for name, seg in segs.items():
             if seg.mask.any():
-                out[name] = SegmentationOutput(seg.mask, seg.score, seg.prob, mask_to_box(seg.mask))
+                out[name] = SegmentationOutput(seg.mask, seg.score, seg.prob, mask_to_box(seg.mask), features=seg.features)
             else:
-                out[name] = SegmentationOutput(seg.mask, 0.0, seg.prob, None, "the <seg> query decodes to an empty mask")
+                out[name] = SegmentationOutput(seg.mask, 0.0, seg.prob, None, "the <seg> query decodes to an empty mask",
+                                               features=seg.features)
         return out
