@@ -406,7 +406,9 @@ def test_k_references_go_into_memory_together_and_a_structure_missing_from_one_c
     calls = []
     real = method.segmenter.decode
     method.segmenter.decode = lambda t, refs, names, *a: calls.append(([r.id for r in refs], names)) or real(t, refs, names, *a)
-    result, asked = predict_with_references(method, [first, second], AnnotatedImage(tgt_img, {}, {"id": "t"}))
+    fitted = method.calibration_k.record.get("k_references")  # the shipped k-reference calibration: 3
+    with pytest.warns(UserWarning, match=f"calibrated with {fitted} references, not 2"):
+        result, asked = predict_with_references(method, [first, second], AnnotatedImage(tgt_img, {}, {"id": "t"}))
     assert asked == ["blob", "square"] and set(result.structures) == {"blob", "square"}
     assert sorted(calls) == [(["a", "b"], ["blob"]), (["b"], ["square"])]  # one memory of both where both annotate
     assert result.reference_id == "a+b"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -197,8 +198,16 @@ class Method:
     def calibration_for(self, k: int = 1):
         """The calibration that assesses this method's results from ``k`` references (its threshold is
         the default ``min_confidence``): :attr:`calibration_k` for k > 1 references fused in memory
-        when there is one, else :attr:`calibration` (k = 1, or one result per reference)."""
+        when there is one, else :attr:`calibration` (k = 1, or one result per reference). Warns once
+        when :attr:`calibration_k` was fitted with another number of references (its threshold then
+        withholds more or fewer right masks than it aims at: with 8 references `sam2-memory`'s k = 3
+        calibration withholds 9% of right ARCADE masks, docs/RESULTS.md)."""
         if k > 1 and self.fuses_in_memory and self.calibration_k is not None:
+            fitted = (getattr(self.calibration_k, "record", None) or {}).get("k_references")
+            if fitted and fitted != k:
+                warnings.warn(f"{self.name}: its confidence for k references was calibrated with {fitted} references, not "
+                              f"{k}; its threshold may withhold more or fewer right masks than it aims at (rau calibrate "
+                              f"--method {self.name} --k-references {k} fits one for {k})", stacklevel=2)
             return self.calibration_k
         return self.calibration
 
