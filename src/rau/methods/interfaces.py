@@ -207,7 +207,7 @@ class Method:
             if fitted and fitted != k:
                 warnings.warn(f"{self.name}: its confidence for k references was calibrated with {fitted} references, not "
                               f"{k}; its threshold may withhold more or fewer right masks than it aims at (rau calibrate "
-                              f"--method {self.name} --k-references {k} fits one for {k})", stacklevel=2)
+                              f"--method {self.name} --k-references {k} fits one for {k})")
             return self.calibration_k
         return self.calibration
 
@@ -258,7 +258,7 @@ class Method:
         checks, withheld result or None). Structures default to every one some reference annotates;
         RauInputError for one that none annotates."""
         if structures is None:
-            structures = sorted({s for r in references for s in r.structures if r.masks[s].any()})
+            structures = sorted({s for r in references for s in r.structures if r.annotates(s)})
         missing = [s for s in structures if not any(r.annotates(s) for r in references)]
         if missing:
             raise RauInputError(f"--structures: {', '.join(map(repr, missing))} annotated in none of the references")

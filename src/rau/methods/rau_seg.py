@@ -12,7 +12,7 @@ held-out box IoU 0.890 vs 0.789; docs/HISTORY.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +169,7 @@ class MemSegQuerySegmenter(Segmenter):
         segs = self.memseg.decode(target, [reference], names, boxes_xyxy_px, priors, toks)
         for name, seg in segs.items():
             if seg.mask.any():
-                out[name] = SegmentationOutput(seg.mask, seg.score, seg.prob, mask_to_box(seg.mask), features=seg.features)
+                out[name] = replace(seg, box_xyxy_px=mask_to_box(seg.mask))
             else:
-                out[name] = SegmentationOutput(seg.mask, 0.0, seg.prob, None, "the <seg> query decodes to an empty mask",
-                                               features=seg.features)
+                out[name] = replace(seg, score=0.0, box_xyxy_px=None, reason="the <seg> query decodes to an empty mask")
         return out

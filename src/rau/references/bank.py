@@ -211,7 +211,7 @@ def predict_with_references(method, references: list, target, structures: list[s
             {s for r in references for s in r.structures if r.masks[s].any()})
         return method.predict_k(references, target, asked), asked
     asked = list(structures) if structures is not None else [s for s in references[0].structures
-                                                             if references[0].masks[s].any()]
+                                                             if references[0].annotates(s)]
     results = [method.predict(ref, target, [s for s in asked if ref.annotates(s)])
                for ref in references]
     return fuse_results(results, method.name), asked
