@@ -282,3 +282,35 @@ def test_a_finer_decoder_grid_reads_the_full_embedding_and_adds_no_weights(lite,
         MemSegConfig(**TINY, decoder_grid=8)
     with pytest.raises(RauInputError, match="multiple of 32"):
         fine.predict(*_inputs(b=1, k=1, side=16))
+
+
+def test_trained_readout_starts_as_the_feature_readout_is_the_default_prior_and_learns(lite, one_torch_thread):
+    """readout=True: the readout path (identity key at init) equals the training-free readout, is the
+    decoder's default dense prior (an explicit prior still wins), its parameters get gradients, and
+    a model folder without it cannot be mistaken for one with it."""
+    from rau.models.memseg.readout import feature_readout
+
+    model = _model(lite, mask_prompt=True, readout=True, readout_grid=16)
+    target, refs, masks = _inputs()
+    model.net.train()
+    low, iou, read = model.net(target, refs, masks, return_readout=True)
+    assert read.shape == (2, 1, FRAME, FRAME) and float(read.detach().min()) >= 0 and float(read.detach().max()) <= 1
+    assert torch.allclose(read[0, 0], feature_readout(target[0], refs[0], masks[0, :, 0][None])[0], atol=1e-5)
+    (low.mean() + read.mean()).backward()
+    for name in ("readout_key.weight", "readout_log_tau", "readout_log_locality"):
+        assert dict(model.net.named_parameters())[name].grad is not None, name
+    model.net.eval()
+    with torch.no_grad():
+        prior = model.net.read(target, refs, masks)
+    a, _ = model.predict(target, refs, masks)
+    b, _ = model.predict(target, refs, masks, prompt_masks=prior)
+    c, _ = model.predict(target, refs, masks, prompt_masks=masks.mean(1))
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+    mixed, _ = model.predict(target, refs, masks, prompt_masks=masks.mean(1), prompt_use=torch.tensor([True, False]))
+    assert torch.allclose(mixed[0], c[0], atol=1e-5) and torch.allclose(mixed[1], a[1], atol=1e-5)
+    with pytest.raises(RauInputError, match="prompt_use"):
+        model.predict(target, refs, masks, prompt_use=torch.tensor([True, False]))
+    with pytest.raises(RauInputError, match="mask_prompt"):
+        MemSegConfig(**TINY, readout=True)
+    with pytest.raises(RauInputError, match="readout_grid"):
+        MemSegConfig(**TINY, mask_prompt=True, readout=True, readout_grid=8)

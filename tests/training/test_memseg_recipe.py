@@ -172,3 +172,25 @@ def test_registration_like_priors_range_from_exact_to_off_and_replace_the_refere
     assert torch.equal(always, masks)
     with pytest.raises(RauInputError, match="target_prior"):
         train_memseg([_cache()], "unused", steps=1, target_prior=0.5, config=MemSegConfig(**TINY))
+
+
+def test_readout_path_trains_alone_or_with_the_decoder_and_starts_from_a_model_without_it(tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    from rau.encoders.litemedsam import load
+
+    path = save_memseg_cache(_cache(), tmp_path / "c.npz")
+    plain = _train([path], tmp_path / "plain")
+    config = MemSegConfig(**TINY, mask_prompt=True, readout=True, readout_grid=16)
+    common = dict(steps=2, batch_size=2, lr=1e-2, seed=0, k_references=2, exclude=["clavicle*"], save_every=2,
+                  warmup=0, config=config, device="cpu", progress=False, lite=load(), init_from=plain)
+    alone = train_memseg([path], tmp_path / "alone", readout_only=True, **common)
+    a, start = load_file(str(alone / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    assert all(torch.equal(a[k], start[k]) for k in start)  # the decoder and memory did not move
+    assert not torch.equal(a["readout_key.weight"], torch.eye(256)[:, :, None, None])  # the readout did
+    joint = train_memseg([path], tmp_path / "joint", readout_weight=1.0, **common)
+    record = json.loads((joint / "training.json").read_text())
+    assert record["readout_weight"] == 1.0 and record["config"]["readout"] is True
+    with pytest.raises(RauInputError, match="readout"):
+        train_memseg([path], tmp_path / "bad", steps=2, readout_only=True, config=MemSegConfig(**TINY, mask_prompt=True),
+                     device="cpu", progress=False)

@@ -63,6 +63,11 @@ def memseg(
                                           "(a registration-like prior, so the model learns to read reg-memseg's warped mask).")] = 0.0,
     prior_amplitude: Annotated[float, option("--target-prior: the largest displacement-field scale, a fraction of the side.")] = 0.03,
     prior_shift: Annotated[float, option("--target-prior: the largest shift, a fraction of the side.")] = 0.04,
+    readout: Annotated[bool, option("With --mask-prompt: a trained readout path (the reference masks' values carried by learned "
+                                    "feature similarity) is the decoder's default prior.")] = False,
+    readout_grid: Annotated[int, option("--readout: cells per side of the readout (64, 32 or 16).")] = 64,
+    readout_weight: Annotated[float, option("--readout: weight of the readout's own BCE + Dice in the loss.")] = 1.0,
+    readout_only: Annotated[bool, option("--readout: train the readout path alone (no decoder pass; fast).")] = False,
     seed: Annotated[int, option("Seed: init and pairs.")] = 0,
     save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
     threads: ThreadsOpt = None,
@@ -74,8 +79,10 @@ def memseg(
         from rau.models.memseg.configuration import MemSegConfig
         from rau.training.recipes.memseg import train_memseg
 
-        config = MemSegConfig(grid=grid, decoder_grid=decoder_grid, memory_layers=memory_layers, box_prompt=box_prompt, mask_prompt=mask_prompt)
+        config = MemSegConfig(grid=grid, decoder_grid=decoder_grid, memory_layers=memory_layers, box_prompt=box_prompt,
+                              mask_prompt=mask_prompt, readout=readout, readout_grid=readout_grid)
         final = train_memseg(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                             readout_weight=readout_weight if readout else 0.0, readout_only=readout_only,
                              k_references=k_references, vary_k=vary_k, exclude=exclude or (), pseudo=pseudo, target_prior=target_prior,
                              prior_deform=(prior_amplitude, prior_shift), init_from=init_from, stop_after=stop_after, save_every=save_every,
                              warmup=warmup, config=config, device=device, threads=threads,

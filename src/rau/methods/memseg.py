@@ -127,18 +127,19 @@ class MemSegSegmenter(Segmenter):
         boxes = None
         if self.model.config.box_prompt:
             boxes = torch.tensor([boxes_xyxy_px[name] for name in names], dtype=torch.float32) * scale
-        prompts = None
+        prompts = use = None
         if self.model.config.mask_prompt and cues:
-            priors = []
+            priors, given = [], []
             for i, name in enumerate(names):
                 cue = cues.get(name)
-                if isinstance(cue, np.ndarray) and cue.shape == hw:
-                    priors.append(torch.from_numpy(mask_to_frame(cue >= 0.5)).float())
-                else:
-                    priors.append(masks[i].float().mean(0))
+                given.append(isinstance(cue, np.ndarray) and cue.shape == hw)
+                # without a cue: the model's default prior (its trained readout, or the references' mean mask)
+                priors.append(torch.from_numpy(mask_to_frame(cue >= 0.5)).float() if given[-1] else masks[i].float().mean(0))
             prompts = torch.stack(priors)[:, None]
+            if self.model.config.readout and not all(given):
+                use = torch.tensor(given)
         low, iou = self.model.predict(emb.expand(n, -1, -1, -1), refs[None].expand(n, -1, -1, -1, -1),
-                                      masks[:, :, None].float(), boxes, prompts, tokens)
+                                      masks[:, :, None].float(), boxes, prompts, tokens, prompt_use=use)
         logits = frame_to_image(low, scale, hw)[:, 0].cpu().numpy()
         ious = iou[:, 0].cpu().numpy()
         # what the encoder's own features say the references show, untrained (the confidence's readout_agreement)

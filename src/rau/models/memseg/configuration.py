@@ -45,7 +45,11 @@ class MemSegConfig:
     the target frame (SAM's mask input through LiteMedSAM's fine-tuned mask downscaling): at
     inference the references' mean mask placed as is, or a registration-warped one, a location
     prior that memory attention and the image correct; mask_scale / mask_bias: a {0, 1} reference mask enters the
-    memory encoder as ``mask * scale + bias`` (SAM2's sigmoid_scale/bias_for_mem_enc).
+    memory encoder as ``mask * scale + bias`` (SAM2's sigmoid_scale/bias_for_mem_enc); readout: a trained
+    readout path (:func:`rau.models.memseg.readout.readout` through a learned key projection, on a
+    ``readout_grid`` grid) carries the reference masks' values to the target, and its map is the
+    decoder's default dense prior (STM/XMem's memory read: the value is the mask itself, so a shape
+    never trained on is carried, not redrawn).
     """
 
     hidden_size: int = EMBED_DIM
@@ -62,6 +66,8 @@ class MemSegConfig:
     mask_prompt: bool = False
     mask_scale: float = 20.0
     mask_bias: float = -10.0
+    readout: bool = False
+    readout_grid: int = EMBED_GRID
     format: str = FORMAT
 
     def __post_init__(self) -> None:
@@ -84,6 +90,10 @@ class MemSegConfig:
         if self.decoder_grid is not None and (self.decoder_grid not in GRIDS or self.decoder_grid < self.grid):
             raise RauInputError(f"decoder_grid: expected None or one of {GRIDS} not coarser than grid {self.grid}, "
                                 f"got {self.decoder_grid!r}")
+        if self.readout_grid not in GRIDS:
+            raise RauInputError(f"readout_grid: expected one of {GRIDS}, got {self.readout_grid!r}")
+        if self.readout and not self.mask_prompt:
+            raise RauInputError("readout: the trained readout is the decoder's dense prior, so it needs mask_prompt=True")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise RauInputError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
 

@@ -77,6 +77,17 @@ def _build_net(config: MemSegConfig, lite=None):
                 head.requires_grad_(False)  # multimask heads: their masks are never used
             self.prompt_encoder = copy.deepcopy(base.prompt_encoder).requires_grad_(False)
             self.prompt_encoder.mask_downscaling.requires_grad_(config.mask_prompt)  # SAM's mask-input path
+            if config.readout:  # the trained readout path: starts as the training-free feature readout
+                import math
+
+                from rau.models.memseg import readout as ro
+
+                self.readout_key = nn.Conv2d(config.hidden_size, config.hidden_size, 1)
+                with torch.no_grad():
+                    self.readout_key.weight.copy_(torch.eye(config.hidden_size)[:, :, None, None])
+                    self.readout_key.bias.zero_()
+                self.readout_log_tau = nn.Parameter(torch.tensor(math.log(ro.TAU)))
+                self.readout_log_locality = nn.Parameter(torch.tensor(math.log(ro.LOCALITY)))
 
         def _pool(self, x, size: int = grid):
             if x.shape[-1] == size and x.shape[-2] == size:
@@ -96,14 +107,35 @@ def _build_net(config: MemSegConfig, lite=None):
 
             return seq(mem), seq(pos) + self.memory_temporal_pe.to(pos.dtype)
 
-        def forward(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None, tokens=None):
+        def read(self, target, references, reference_masks):
+            """The trained readout: (B, 256, S, S), (B, K, 256, S, S), (B, K, 1, 256, 256) -> (B, 1, 256,
+            256) probabilities in the target frame (the reference masks' values carried by similarity
+            of the learned keys)."""
+            from rau.models.memseg import readout as ro
+
+            g = config.readout_grid
+            b, k = references.shape[:2]
+            key_t = self.readout_key(self._pool(target, g))
+            key_r = self.readout_key(self._pool(references.flatten(0, 1), g)).reshape(b, k, -1, g, g)
+            grid = ro.readout(key_t, key_r, reference_masks.transpose(1, 2), tau=self.readout_log_tau.exp(),
+                              locality=self.readout_log_locality.exp())
+            return ro.to_frame(grid)
+
+        def forward(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None, tokens=None,
+                    return_readout: bool = False, prompt_use=None):
             """target (B, 256, S, S) LiteMedSAM embedding, references (B, K, 256, S, S), reference
             masks (B, K, 1, 256, 256) in [0, 1] in the 256 frame, [box_xyxy (B, 4) frame px],
             [prompt_masks (B, 1, 256, 256) in [0, 1], the target-frame prior; default: the
             references' mean mask], [tokens (B, T, 256): extra sparse prompt tokens, e.g. RAU's
             ``<seg>`` query projected by a ``decoder="memseg"`` head] -> (mask logits (B, 1, 256,
-            256) in the frame, predicted IoU (B, 1))."""
+            256) in the frame, predicted IoU (B, 1)[, the trained readout (B, 1, 256, 256) with
+            ``return_readout``]). A ``readout`` model's default prior is its readout; ``prompt_use`` (B,)
+            bool (training) keeps ``prompt_masks`` only where True, the readout elsewhere."""
             b = target.shape[0]
+            need = config.readout and (return_readout or prompt_masks is None or prompt_use is not None)
+            read = self.read(target, references, reference_masks) if need else None
+            if read is not None and prompt_masks is not None and prompt_use is not None:
+                prompt_masks = torch.where(prompt_use[:, None, None, None], prompt_masks.to(read.dtype), read)
             tgt = self._pool(target)
             memory, memory_pos = self.memory(references, reference_masks)
             current = tgt.flatten(2).permute(2, 0, 1)  # (g*g, B, 256)
@@ -119,7 +151,7 @@ def _build_net(config: MemSegConfig, lite=None):
                 cond = self._pool(target, dg) + F.interpolate(cond - tgt, size=(dg, dg), mode="bilinear", align_corners=False)
             pe = self.prompt_encoder.pe_layer((dg, dg))[None].to(cond.dtype)
             if config.mask_prompt:
-                prior = reference_masks.mean(1) if prompt_masks is None else prompt_masks
+                prior = prompt_masks if prompt_masks is not None else read if read is not None else reference_masks.mean(1)
                 dense = self._pool(self.prompt_encoder.mask_downscaling(
                     prior.to(cond.dtype) * config.mask_scale + config.mask_bias), dg)
             else:
@@ -134,7 +166,7 @@ def _build_net(config: MemSegConfig, lite=None):
                                          dense_prompt_embeddings=dense, multimask_output=False)
             if low.shape[-1] != FRAME:  # decoder grid < 64: the decoder's 4x upscaling stops short of the frame
                 low = F.interpolate(low, size=(FRAME, FRAME), mode="bilinear", align_corners=False)
-            return low, iou
+            return (low, iou, read) if return_readout else (low, iou)
 
     return MemSegNet()
 
@@ -188,20 +220,25 @@ class MemSegModel(DecoderFolderModel):
     def config_dict(self) -> dict:
         return asdict(self.config)
 
-    def predict(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None, tokens=None):
+    def predict(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None, tokens=None, prompt_use=None):
         """Inference (eval mode, no gradients) with the shapes checked: target (B, 256, S, S),
         references (B, K, 256, S, S), reference_masks (B, K, 1, 256, 256) {0, 1} in the 256 frame,
         box_xyxy (B, 4) frame pixels iff ``config.box_prompt``, prompt_masks (B, 1, 256, 256) (only
         with ``config.mask_prompt``; default the references' mean mask), tokens (B, T, 256) extra
-        prompt tokens -> (logits (B, 1, 256, 256) in the frame, IoU (B, 1)), float32 on the model's device."""
+        prompt tokens, prompt_use (B,) bool (a ``readout`` model: ``prompt_masks`` only where True, its readout
+        elsewhere) -> (logits (B, 1, 256, 256) in the frame, IoU (B, 1)), float32 on the model's device."""
         import torch
 
         check_inputs(self.config, target, references, reference_masks, box_xyxy, prompt_masks, tokens)
+        if prompt_use is not None and (prompt_masks is None or not self.config.readout
+                                       or tuple(prompt_use.shape) != (target.shape[0],)):
+            raise RauInputError("prompt_use: a (B,) bool for a readout model given prompt_masks")
         dev = self.device
         self.net.eval()
         with torch.inference_mode():
             low, iou = self.net(target.to(dev).float(), references.to(dev).float(), reference_masks.to(dev).float(),
                                 None if box_xyxy is None else box_xyxy.to(dev).float(),
                                 None if prompt_masks is None else prompt_masks.to(dev).float(),
-                                None if tokens is None else tokens.to(dev).float())
+                                None if tokens is None else tokens.to(dev).float(),
+                                prompt_use=None if prompt_use is None else prompt_use.to(dev).bool())
         return low.float(), iou.float()

@@ -281,18 +281,21 @@ def deform_prompts(masks, rng: np.random.Generator, amplitude: float, shift: flo
     return (out >= 0.5).to(masks.dtype)
 
 
-def training_prompts(ref_masks, gt, rng: np.random.Generator, prompt_jitter, target_prior: float, prior_deform):
+def training_prompts(ref_masks, gt, rng: np.random.Generator, prompt_jitter, target_prior: float, prior_deform,
+                     return_use: bool = False):
     """The (B, 1, H, W) priors of a ``mask_prompt`` model for one step: the references' mean mask,
     jittered (:func:`jitter_prompts`: where the structure sits in the reference, as the default
     prior at inference), or with probability ``target_prior`` per pair the target's own mask
-    deformed (:func:`deform_prompts`: a registration-like prior, as ``reg-memseg`` gives)."""
+    deformed (:func:`deform_prompts`: a registration-like prior, as ``reg-memseg`` gives).
+    ``return_use``: also the (B,) bool of the pairs given the deformed target mask (a ``readout``
+    model reads its readout as the prior of the others)."""
     import torch
 
     prompts = jitter_prompts(ref_masks.mean(1), rng, *prompt_jitter)
+    use = torch.as_tensor(rng.random(gt.shape[0]) < target_prior) if target_prior > 0 else torch.zeros(gt.shape[0], dtype=torch.bool)
     if target_prior > 0:
-        use = torch.as_tensor(rng.random(gt.shape[0]) < target_prior)[:, None, None, None]
-        prompts = torch.where(use, deform_prompts(gt[:, None].to(prompts.dtype), rng, *prior_deform), prompts)
-    return prompts
+        prompts = torch.where(use[:, None, None, None], deform_prompts(gt[:, None].to(prompts.dtype), rng, *prior_deform), prompts)
+    return (prompts, use) if return_use else prompts
 
 
 # ----------------------------------------------------------------------------- training
@@ -314,12 +317,26 @@ def memseg_loss(logits, iou_pred, target, iou_weight: float = 1.0):
     return seg_loss(low, target) + iou_weight * F.mse_loss(iou_pred[:, 0].float(), iou), dice
 
 
+def readout_loss(probabilities, target):
+    """BCE + Dice of (B, 1, 256, 256) readout probabilities against (B, 256, 256) {0, 1} masks ->
+    (loss, dice at 0.5 (B,))."""
+    import torch
+
+    from rau.training.recipes.seghead import seg_loss
+
+    p = probabilities[:, 0].float().clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        pred = (p > 0.5).float()
+        dice = 2 * (pred * target).flatten(1).sum(1) / (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).clamp(min=1)
+    return seg_loss(torch.logit(p), target), dice
+
+
 def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path, *, steps: int, batch_size: int = 2,
                  lr: float = 1e-4, seed: int = 0, k_references: int = 1, vary_k: bool = False, exclude: Sequence[str] = (),
                  pseudo: float = 0.0, stop_after: int | None = None, init_from: str | Path | None = None, prompt_jitter: tuple[float, float, float] = (0.05, 0.1, 8.0),
                  target_prior: float = 0.0, prior_deform: tuple[float, float] = (0.03, 0.04),
                  save_every: int = 50, log_every: int = 5, warmup: int = 20, iou_weight: float = 1.0,
-                 config: MemSegConfig | None = None, device: str = "auto", threads: int | None = None,
+                 readout_weight: float = 0.0, readout_only: bool = False, config: MemSegConfig | None = None, device: str = "auto", threads: int | None = None,
                  command: str | None = None, progress: bool = True, lite=None,
                  on_step: Callable[[int, dict], None] | None = None) -> Path:
     """Train a memory segmenter on memseg caches (paths, or caches already loaded) -> ``out_dir/final``.
@@ -333,8 +350,10 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
     of pairs whose prior is instead the target's mask deformed by ``prior_deform`` = (amplitude,
     shift) (:func:`deform_prompts`), so the model learns to read a registration prior; ``init_from``: a
     memseg model or checkpoint folder whose weights start the run (its config may differ only in
-    ``decoder_grid``, which adds no weights); ``stop_after``: as in
-    :func:`rau.training.engine.run_training` (a stage of a longer schedule)."""
+    ``decoder_grid``, which adds no weights, and in ``readout``: a readout path it lacks starts as the
+    training-free readout); ``stop_after``: as in :func:`rau.training.engine.run_training` (a stage of a
+    longer schedule). With ``config.readout``: ``readout_weight`` x the readout map's own BCE + Dice is
+    added to the loss; ``readout_only`` trains the readout path alone (no decoder pass)."""
     import torch
 
     from rau.models.memseg.modeling import MemSegModel
@@ -345,6 +364,10 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
     if steps < 1 or batch_size < 1 or k_references < 1 or not lr > 0 or iou_weight < 0 or not 0 <= pseudo <= 1:
         raise RauInputError(f"steps, batch_size and k_references must be >= 1, lr > 0, iou_weight >= 0 and pseudo in "
                             f"[0, 1]; got {steps}, {batch_size}, {k_references}, {lr}, {iou_weight}, {pseudo}")
+    if (readout_weight > 0 or readout_only) and not (config or MemSegConfig()).readout:
+        raise RauInputError("readout_weight / readout_only: need a model built with readout=True (--readout)")
+    if readout_weight < 0:
+        raise RauInputError(f"readout_weight: expected >= 0, got {readout_weight}")
     if isinstance(exclude, str):
         raise RauInputError(f"exclude: expected a list of name patterns, got the string {exclude!r}")
     if not caches:
@@ -368,13 +391,17 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
         from rau.training.checkpoints import model_folder
 
         start = MemSegModel.from_pretrained(model_folder(init_from))
-        model.net.load_state_dict(start.net.state_dict())
+        missing, unexpected = model.net.load_state_dict(start.net.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("readout_") for k in missing):
+            raise RauInputError(f"init_from: {init_from} does not fit this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     run_key = {"kind": "memseg", "caches": [Path(c.path).name for c in loaded], "pairs": len(index),
                "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
                "k_references": k_references, "vary_k": vary_k, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
                "pseudo": pseudo, "init_from": None if init_from is None else str(Path(init_from).resolve()), "prompt_jitter": list(prompt_jitter), "config": asdict(config)}
     if target_prior > 0:  # only then: runs without it keep their key (and resume)
         run_key.update(target_prior=target_prior, prior_deform=list(prior_deform))
+    if config.readout:
+        run_key.update(readout_weight=readout_weight, readout_only=readout_only)
 
     held: dict = {}
 
@@ -386,14 +413,26 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
         k = int(rng.integers(1, k_references + 1)) if vary_k else k_references
         pairs = draw_pairs(loaded, index, rng, batch_size, k, pseudo, exclude)
         tgt, refs, ref_masks, gt, boxes = batch_tensors(loaded, pairs, config.box_prompt, held["embeddings"])
-        prompts = (training_prompts(ref_masks, gt, rng, prompt_jitter, target_prior, prior_deform)
-                   if config.mask_prompt else None)
-        tgt, refs, ref_masks, gt, boxes, prompts = (None if x is None else x.to(acc.device)
-                                                    for x in (tgt, refs, ref_masks, gt, boxes, prompts))
+        prompts, use = (training_prompts(ref_masks, gt, rng, prompt_jitter, target_prior, prior_deform, return_use=True)
+                        if config.mask_prompt else (None, None))
+        if not config.readout:
+            use = None  # the jittered reference prior stays where no deformed target mask is given
+        tgt, refs, ref_masks, gt, boxes, prompts, use = (None if x is None else x.to(acc.device)
+                                                         for x in (tgt, refs, ref_masks, gt, boxes, prompts, use))
+        if readout_only:
+            with acc.autocast():
+                read = acc.unwrap_model(net).read(tgt, refs, ref_masks)
+            loss, dice = readout_loss(read, gt)
+            return loss, {"dice": float(dice.mean())}
         with acc.autocast():
-            low, iou = net(tgt, refs, ref_masks, boxes, prompts)
-        loss, dice = memseg_loss(low, iou, gt, iou_weight)
-        return loss, {"dice": float(dice.mean())}
+            out = net(tgt, refs, ref_masks, boxes, prompts, return_readout=config.readout, prompt_use=use)
+        loss, dice = memseg_loss(out[0], out[1], gt, iou_weight)
+        logs = {"dice": float(dice.mean())}
+        if config.readout and readout_weight > 0:
+            extra, read_dice = readout_loss(out[2], gt)
+            loss = loss + readout_weight * extra
+            logs["readout_dice"] = float(read_dice.mean())
+        return loss, logs
 
     return run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
                         log_every=log_every, device=device, command=command, progress=progress,
