@@ -208,7 +208,7 @@ def predict_with_references(method, references: list, target, structures: list[s
     non-empty. Returns (fused TargetResult, asked)."""
     if len(references) > 1 and getattr(method, "fuses_in_memory", False):
         asked = list(structures) if structures is not None else sorted(
-            {s for r in references for s in r.structures if r.masks[s].any()})
+            {s for r in references for s in r.structures if r.annotates(s)})
         return method.predict_k(references, target, asked), asked
     asked = list(structures) if structures is not None else [s for s in references[0].structures
                                                              if references[0].annotates(s)]

@@ -413,17 +413,18 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
         k = int(rng.integers(1, k_references + 1)) if vary_k else k_references
         pairs = draw_pairs(loaded, index, rng, batch_size, k, pseudo, exclude)
         tgt, refs, ref_masks, gt, boxes = batch_tensors(loaded, pairs, config.box_prompt, held["embeddings"])
+        if readout_only:  # no decoder pass, so no priors to draw
+            tgt, refs, ref_masks, gt = (x.to(acc.device) for x in (tgt, refs, ref_masks, gt))
+            with acc.autocast():
+                read = acc.unwrap_model(net).read(tgt, refs, ref_masks)
+            loss, dice = readout_loss(read, gt)
+            return loss, {"dice": float(dice.mean())}
         prompts, use = (training_prompts(ref_masks, gt, rng, prompt_jitter, target_prior, prior_deform, return_use=True)
                         if config.mask_prompt else (None, None))
         if not config.readout:
             use = None  # the jittered reference prior stays where no deformed target mask is given
         tgt, refs, ref_masks, gt, boxes, prompts, use = (None if x is None else x.to(acc.device)
                                                          for x in (tgt, refs, ref_masks, gt, boxes, prompts, use))
-        if readout_only:
-            with acc.autocast():
-                read = acc.unwrap_model(net).read(tgt, refs, ref_masks)
-            loss, dice = readout_loss(read, gt)
-            return loss, {"dice": float(dice.mean())}
         with acc.autocast():
             out = net(tgt, refs, ref_masks, boxes, prompts, return_readout=config.readout, prompt_use=use)
         loss, dice = memseg_loss(out[0], out[1], gt, iou_weight)
