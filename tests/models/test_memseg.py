@@ -314,3 +314,32 @@ def test_trained_readout_starts_as_the_feature_readout_is_the_default_prior_and_
         MemSegConfig(**TINY, readout=True)
     with pytest.raises(RauInputError, match="readout_grid"):
         MemSegConfig(**TINY, mask_prompt=True, readout=True, readout_grid=8)
+
+
+def test_readout_residual_corrects_the_prior_it_is_given(lite, one_torch_thread):
+    """readout_residual=True: the output is the prior on the logit scale (clipped) plus the plain
+    decoder's logits times the learned gain, for the readout prior and for a prior the caller gives;
+    the gain gets a gradient; the option needs the readout path and a positive gain."""
+    from rau.models.memseg.modeling import prior_logit
+
+    plain = _model(lite, mask_prompt=True, readout=True, readout_grid=16)
+    model = _model(lite, mask_prompt=True, readout=True, readout_grid=16, readout_residual=True, residual_gain=0.25)
+    missing, unexpected = model.net.load_state_dict(plain.net.state_dict(), strict=False)
+    assert missing == ["readout_log_gain"] and not unexpected
+    target, refs, masks = _inputs()
+    given = masks.mean(1)
+    for prompt in (None, given):
+        base, _ = plain.predict(target, refs, masks, prompt_masks=prompt)
+        out, _ = model.predict(target, refs, masks, prompt_masks=prompt)
+        with torch.no_grad():
+            prior = model.net.read(target, refs, masks) if prompt is None else prompt
+        assert torch.allclose(out, prior_logit(prior) + 0.25 * base, atol=1e-4)
+    assert float(prior_logit(torch.ones(1)).item()) == pytest.approx(3.89, abs=0.01)
+    model.net.train()
+    low, _ = model.net(target, refs, masks)
+    low.mean().backward()
+    assert model.net.readout_log_gain.grad is not None
+    with pytest.raises(RauInputError, match="readout_residual"):
+        MemSegConfig(**TINY, mask_prompt=True, readout_residual=True)
+    with pytest.raises(RauInputError, match="residual_gain"):
+        MemSegConfig(**TINY, mask_prompt=True, readout=True, readout_residual=True, residual_gain=0)

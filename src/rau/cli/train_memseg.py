@@ -68,6 +68,9 @@ def memseg(
     readout_grid: Annotated[int, option("--readout: cells per side of the readout (64, 32 or 16).")] = 64,
     readout_weight: Annotated[float, option("--readout: weight of the readout's own BCE + Dice in the loss.")] = 1.0,
     readout_only: Annotated[bool, option("--readout: train the readout path alone (no decoder pass; fast).")] = False,
+    readout_residual: Annotated[bool, option("--readout: the output is the prior (the readout) on the logit scale plus the "
+                                             "decoder's logits times a learned gain: the decoder corrects it.")] = False,
+    residual_gain: Annotated[float, option("--readout-residual: the decoder's gain at init.")] = 0.5,
     seed: Annotated[int, option("Seed: init and pairs.")] = 0,
     save_every: Annotated[int, option("Checkpoint every N steps.")] = 50,
     threads: ThreadsOpt = None,
@@ -80,7 +83,8 @@ def memseg(
         from rau.training.recipes.memseg import train_memseg
 
         config = MemSegConfig(grid=grid, decoder_grid=decoder_grid, memory_layers=memory_layers, box_prompt=box_prompt,
-                              mask_prompt=mask_prompt, readout=readout, readout_grid=readout_grid)
+                              mask_prompt=mask_prompt, readout=readout, readout_grid=readout_grid,
+                              readout_residual=readout_residual, residual_gain=residual_gain)
         final = train_memseg(cache, output_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                              readout_weight=readout_weight if readout else 0.0, readout_only=readout_only,
                              k_references=k_references, vary_k=vary_k, exclude=exclude or (), pseudo=pseudo, target_prior=target_prior,

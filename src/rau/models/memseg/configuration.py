@@ -49,7 +49,10 @@ class MemSegConfig:
     readout path (:func:`rau.models.memseg.readout.readout` through a learned key projection, on a
     ``readout_grid`` grid) carries the reference masks' values to the target, and its map is the
     decoder's default dense prior (STM/XMem's memory read: the value is the mask itself, so a shape
-    never trained on is carried, not redrawn).
+    never trained on is carried, not redrawn); readout_residual (needs readout): the output is the
+    decoder's dense prior on the logit scale (the readout, or a prior the caller gives, e.g. a
+    registration-warped mask) plus the decoder's logits times a learned gain (``residual_gain`` at
+    init): the decoder corrects the mask it is given instead of drawing a new one.
     """
 
     hidden_size: int = EMBED_DIM
@@ -68,6 +71,8 @@ class MemSegConfig:
     mask_bias: float = -10.0
     readout: bool = False
     readout_grid: int = EMBED_GRID
+    readout_residual: bool = False
+    residual_gain: float = 0.5
     format: str = FORMAT
 
     def __post_init__(self) -> None:
@@ -94,6 +99,10 @@ class MemSegConfig:
             raise RauInputError(f"readout_grid: expected one of {GRIDS}, got {self.readout_grid!r}")
         if self.readout and not self.mask_prompt:
             raise RauInputError("readout: the trained readout is the decoder's dense prior, so it needs mask_prompt=True")
+        if self.readout_residual and not self.readout:
+            raise RauInputError("readout_residual: the decoder corrects the readout, so it needs readout=True")
+        if not float(self.residual_gain) > 0:
+            raise RauInputError(f"residual_gain: expected a value > 0, got {self.residual_gain!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise RauInputError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
 

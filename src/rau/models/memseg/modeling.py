@@ -45,6 +45,18 @@ def _to_batch_first(out, batch: int, tokens: int):
     raise RuntimeError(f"SAM2 memory attention returned shape {tuple(out.shape)}; expected (1, {batch}, {tokens}, C)")
 
 
+#: A {0, 1} prior is +-this on the logit scale in a ``readout_residual`` model (probabilities clipped
+#: to [1 - PRIOR_CLIP, PRIOR_CLIP]): the decoder's scaled logits can overturn it where the image says so.
+PRIOR_CLIP = 0.98
+
+
+def prior_logit(prior):
+    """(B, 1, H, W) prior probabilities -> logits, clipped to +-logit(:data:`PRIOR_CLIP`) (~3.9)."""
+    import torch
+
+    return torch.logit(prior.clamp(1 - PRIOR_CLIP, PRIOR_CLIP))
+
+
 def _build_net(config: MemSegConfig, lite=None):
     import copy
 
@@ -88,6 +100,8 @@ def _build_net(config: MemSegConfig, lite=None):
                     self.readout_key.bias.zero_()
                 self.readout_log_tau = nn.Parameter(torch.tensor(math.log(ro.TAU)))
                 self.readout_log_locality = nn.Parameter(torch.tensor(math.log(ro.LOCALITY)))
+            if config.readout_residual:  # the decoder's logits, scaled, correct the prior's
+                self.readout_log_gain = nn.Parameter(torch.tensor(math.log(config.residual_gain)))
 
         def _pool(self, x, size: int = grid):
             if x.shape[-1] == size and x.shape[-2] == size:
@@ -130,7 +144,9 @@ def _build_net(config: MemSegConfig, lite=None):
             ``<seg>`` query projected by a ``decoder="memseg"`` head] -> (mask logits (B, 1, 256,
             256) in the frame, predicted IoU (B, 1)[, the trained readout (B, 1, 256, 256) with
             ``return_readout``]). A ``readout`` model's default prior is its readout; ``prompt_use`` (B,)
-            bool (training) keeps ``prompt_masks`` only where True, the readout elsewhere."""
+            bool (training) keeps ``prompt_masks`` only where True, the readout elsewhere. A
+            ``readout_residual`` model returns the prior's logits (:func:`prior_logit`) plus the decoder's
+            times its learned gain."""
             b = target.shape[0]
             need = config.readout and (return_readout or prompt_masks is None or prompt_use is not None)
             read = self.read(target, references, reference_masks) if need else None
@@ -150,6 +166,7 @@ def _build_net(config: MemSegConfig, lite=None):
             if dg != grid:  # the full-resolution target embedding + memory attention's change, upsampled
                 cond = self._pool(target, dg) + F.interpolate(cond - tgt, size=(dg, dg), mode="bilinear", align_corners=False)
             pe = self.prompt_encoder.pe_layer((dg, dg))[None].to(cond.dtype)
+            prior = None
             if config.mask_prompt:
                 prior = prompt_masks if prompt_masks is not None else read if read is not None else reference_masks.mean(1)
                 dense = self._pool(self.prompt_encoder.mask_downscaling(
@@ -166,6 +183,8 @@ def _build_net(config: MemSegConfig, lite=None):
                                          dense_prompt_embeddings=dense, multimask_output=False)
             if low.shape[-1] != FRAME:  # decoder grid < 64: the decoder's 4x upscaling stops short of the frame
                 low = F.interpolate(low, size=(FRAME, FRAME), mode="bilinear", align_corners=False)
+            if config.readout_residual:  # the prior on the logit scale, corrected by the decoder
+                low = prior_logit(prior.to(low.dtype)) + self.readout_log_gain.exp().to(low.dtype) * low
             return (low, iou, read) if return_readout else (low, iou)
 
     return MemSegNet()
