@@ -4,6 +4,7 @@ twin resumes to the same weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -193,7 +194,7 @@ def test_readout_path_trains_alone_or_with_the_decoder_and_starts_from_a_model_w
     assert record["readout_weight"] == 1.0 and record["config"]["readout"] is True
     # the decoder as a correction of the readout: starts from a readout model, its gain among the trained weights
     residual = train_memseg([path], tmp_path / "residual", readout_weight=1.0,
-                            **{**common, "init_from": joint, "config": MemSegConfig(**{**vars(config), "readout_residual": True})})
+                            **{**common, "init_from": joint, "config": dataclasses.replace(config, readout_residual=True)})
     assert json.loads((residual / "training.json").read_text())["config"]["readout_residual"] is True
     assert "readout_log_gain" in load_file(str(residual / "model.safetensors"))
     with pytest.raises(RauInputError, match="readout"):
