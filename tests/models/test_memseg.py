@@ -141,6 +141,34 @@ def test_segmenter_maps_masks_back_to_target_pixels(lite, one_torch_thread):
         seg.segment(tgt_img, {"blob": None}, None)
 
 
+def test_a_structure_it_never_trained_on_is_copied_from_the_reference(lite, one_torch_thread):
+    """A name outside the model's training record is not decoded: it is the caller's prior where one
+    is given, else the memory readout (here a target identical to the reference: the reference mask);
+    a known name (any case or punctuation) is decoded as before; a record without names decodes all."""
+    from conftest import synthetic_pair
+    from rau.data.annotated import AnnotatedImage
+    from rau.methods.memseg import MemSegSegmenter
+    from rau.metrics import dice
+
+    model = _model(lite)
+    model.training = {"structures": ["Blob"]}
+    seg = MemSegSegmenter(model=model, precision="fp32")
+    assert seg.knows("blob") and seg.knows(" BLOB") and not seg.knows("square")
+    img, masks = synthetic_pair((96, 96))
+    reference = AnnotatedImage(img, masks, {"id": "ref"})
+    out = seg.segment(img, {"blob": None, "square": None}, reference)
+    decoded = MemSegSegmenter(model=model, precision="fp32", follow_unknown=False).segment(img, {"blob": None, "square": None}, reference)
+    assert np.array_equal(out["blob"].mask, decoded["blob"].mask) and out["blob"].score == decoded["blob"].score
+    assert dice(out["square"].mask, masks["square"]) > 0.8 and dice(decoded["square"].mask, masks["square"]) < 0.5
+    assert 0.5 <= out["square"].score <= 1.0  # the readout's mean probability inside its mask
+    cue = np.zeros((96, 96), np.float32)
+    cue[10:30, 10:40] = 0.9
+    given = seg.segment(img, {"square": None}, reference, cues={"square": cue})
+    assert np.array_equal(given["square"].mask, cue >= 0.5)
+    model.training = {}
+    assert MemSegSegmenter(model=model, precision="fp32").knows("square")
+
+
 def test_feature_readout_carries_the_reference_mask_by_feature_similarity():
     """The training-free readout: a target whose features are the reference's, shifted by 8 cells,
     gets the reference mask shifted by 8 cells (32 frame pixels); K references are read together; a

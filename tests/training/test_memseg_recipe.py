@@ -147,6 +147,8 @@ def test_tiny_run_resumes_after_a_kill_to_the_same_weights(tmp_path, one_torch_t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     varied = _train([path], tmp_path / "varied", vary_k=True)  # 1 or 2 memory frames per step
     assert json.loads((varied / "training.json").read_text())["vary_k"] is True
+    # the names it trained on: the drawable ones (clavicle excluded, lung in one image only)
+    assert json.loads((whole / "training.json").read_text())["structures"] == ["heart"]
     start = load_file(str(tmp_path / "killed" / "checkpoint-2" / "model.safetensors"))
     assert not all(torch.equal(a[k], start[k]) for k in a)  # it did train
     with pytest.raises(RauInputError, match="other settings"):
@@ -182,6 +184,8 @@ def test_readout_path_trains_alone_or_with_the_decoder_and_starts_from_a_model_w
 
     path = save_memseg_cache(_cache(), tmp_path / "c.npz")
     plain = _train([path], tmp_path / "plain")
+    record = json.loads((plain / "training.json").read_text())
+    (plain / "training.json").write_text(json.dumps({**record, "structures": ["heart", "aorta"]}))  # as if it knew more
     config = MemSegConfig(**TINY, mask_prompt=True, readout=True, readout_grid=16)
     common = dict(steps=2, batch_size=2, lr=1e-2, seed=0, k_references=2, exclude=["clavicle*"], save_every=2,
                   warmup=0, config=config, device="cpu", progress=False, lite=load(), init_from=plain)
@@ -192,6 +196,7 @@ def test_readout_path_trains_alone_or_with_the_decoder_and_starts_from_a_model_w
     joint = train_memseg([path], tmp_path / "joint", readout_weight=1.0, **common)
     record = json.loads((joint / "training.json").read_text())
     assert record["readout_weight"] == 1.0 and record["config"]["readout"] is True
+    assert record["structures"] == ["aorta", "heart"]  # what its start knew stays known
     # the decoder as a correction of the readout: starts from a readout model, its gain among the trained weights
     residual = train_memseg([path], tmp_path / "residual", readout_weight=1.0,
                             **{**common, "init_from": joint, "config": dataclasses.replace(config, readout_residual=True)})

@@ -38,7 +38,15 @@ DEFAULT_MEMSEG_DIR = ASSETS_DIR / "memseg"
 class MemSegSegmenter(Segmenter):
     """Reference mask in memory -> target mask. ``model_dir``: a memseg model folder (or a run
     folder with ``final/``), or pass a loaded ``model``. ``equalize``, ``precision``: the
-    encoder's, as :class:`rau.methods.medsam.MedSamSegmenter`; ``threshold`` on the logits."""
+    encoder's, as :class:`rau.methods.medsam.MedSamSegmenter`; ``threshold`` on the logits.
+
+    ``follow_unknown``: a structure whose name the model never trained on (:meth:`knows`) is not drawn
+    by the decoder, which redraws the shapes it learnt (the clavicles it never saw slide onto rib
+    edges), but copied from the reference: the caller's prior where one is given (``reg-memseg``:
+    registration's warped mask), else the memory readout (:func:`rau.models.memseg.readout.feature_readout`
+    with :data:`~rau.models.memseg.readout.FOLLOW`: the reference masks' values carried to the target
+    by feature similarity); its score is the copied probability's mean inside the mask. A model whose
+    record lists no names decodes every structure. Figures: docs/RESULTS.md."""
 
     name = "memseg"
     uses_reference = True
@@ -46,7 +54,7 @@ class MemSegSegmenter(Segmenter):
     reads_cues = True
 
     def __init__(self, model_dir: str | Path | None = None, *, model=None, device: str = "cpu", equalize: bool = True,
-                 threshold: float = 0.0, precision: str | None = None):
+                 threshold: float = 0.0, precision: str | None = None, follow_unknown: bool = True):
         from rau.encoders import litemedsam
         from rau.models.memseg.modeling import MemSegModel
         from rau.training.checkpoints import model_folder
@@ -58,10 +66,19 @@ class MemSegSegmenter(Segmenter):
         self.model.device = device
         self.net = litemedsam.load(None, device)
         self.device, self.equalize, self.threshold = device, equalize, threshold
+        self.follow_unknown = bool(follow_unknown)
         self.precision = litemedsam.resolve_precision(precision, device)
         # A box-prompt model cannot decode without a box (the attribute tells Method callers).
         self.needs_boxes = bool(self.model.config.box_prompt)
         self._memo: OrderedDict = OrderedDict()
+
+    def knows(self, name: str) -> bool:
+        """True when the model trained on structure ``name`` (:func:`rau.models.memseg.modeling.structure_key`
+        form) or its record lists no names; with ``follow_unknown`` an unknown one follows the reference."""
+        from rau.models.memseg.modeling import structure_key
+
+        names = self.model.trained_structures
+        return names is None or structure_key(name) in names
 
     def embed(self, image: np.ndarray):
         """(H, W) image in [0, 1] -> ((1, 256, 64, 64) float32 embedding on the device, scale =
@@ -116,7 +133,7 @@ class MemSegSegmenter(Segmenter):
         import torch
 
         from rau.encoders.litemedsam import frame_to_image
-        from rau.models.memseg.readout import feature_readout
+        from rau.models.memseg.readout import FOLLOW, feature_readout
         from rau.training.recipes.seghead import mask_to_frame
 
         hw = target.shape
@@ -144,10 +161,24 @@ class MemSegSegmenter(Segmenter):
         ious = iou[:, 0].cpu().numpy()
         # what the encoder's own features say the references show, untrained (the confidence's readout_agreement)
         read = frame_to_image(feature_readout(emb[0], refs, masks)[:, None], scale, hw)[:, 0].cpu().numpy() > 0.5
+        follow = [i for i, name in enumerate(names) if self.follow_unknown and not self.knows(name)]
+        copied = {}  # a structure it never trained on: the reference copied (the caller's prior, else the readout)
+        for i in follow:
+            cue = (cues or {}).get(names[i])
+            if isinstance(cue, np.ndarray) and cue.shape == hw:
+                copied[i] = np.clip(cue, 0.0, 1.0).astype(np.float32)
+        if rest := [i for i in follow if i not in copied]:
+            frame = feature_readout(emb[0], refs, masks[rest], **FOLLOW)
+            copied.update(zip(rest, frame_to_image(frame[:, None], scale, hw)[:, 0].cpu().numpy().astype(np.float32)))
         out = {}
         for i, name in enumerate(names):
-            prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
-            mask = logits[i] > self.threshold
-            out[name] = SegmentationOutput(mask, float(np.clip(ious[i], 0.0, 1.0)), prob,
-                                           features={"readout_agreement": dice(mask, read[i])})
+            if i in copied:
+                prob = copied[i]
+                mask = prob >= 0.5
+                score = float(prob[mask].mean()) if mask.any() else 0.0  # how surely the copied values say "inside"
+            else:
+                prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
+                mask = logits[i] > self.threshold
+                score = float(np.clip(ious[i], 0.0, 1.0))
+            out[name] = SegmentationOutput(mask, score, prob, features={"readout_agreement": dice(mask, read[i])})
         return out

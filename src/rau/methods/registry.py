@@ -170,7 +170,8 @@ def _rau_seg(o: RauOptions) -> Method:
         from rau.methods.rau_seg import MemSegQuerySegmenter
         from rau.training.checkpoints import model_folder
 
-        seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision), device=o.device)
+        seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision, follow_unknown=False),
+                                   device=o.device)
         seg.head.check_memseg(model_folder(o.memseg or DEFAULT_MEMSEG_DIR))
         shared = seg.memseg
     else:
@@ -188,19 +189,21 @@ def _rau_memseg(o: RauOptions) -> Method:
     memory segmenter's prior (the reference image and mask in its memory); a structure the VLM
     answers "not visible" gets no mask."""
     _require_refvlm(o, "rau-memseg")
-    seg = _memseg(o.memseg, o.device, o.precision)
+    seg = _memseg(o.memseg, o.device, o.precision, follow_unknown=False)
     loc, _ = _rau_parts(o, with_segmenter=False, seg_cues="prior", shared=seg)
     return Method("rau-memseg", loc, seg)
 
 
-def _memseg(folder, device: str, precision: str | None):
-    """The memory segmenter of ``folder`` (None: the shipped one), or a one-line error naming the fix."""
+def _memseg(folder, device: str, precision: str | None, follow_unknown: bool = True):
+    """The memory segmenter of ``folder`` (None: the shipped one), or a one-line error naming the fix.
+    ``follow_unknown`` (:class:`~rau.methods.memseg.MemSegSegmenter`): off for the VLM methods ``rau-seg`` and
+    ``rau-memseg`` until their calibrations, fitted on decoded masks, are refitted with it."""
     from rau.methods.memseg import DEFAULT_MEMSEG_DIR, MemSegSegmenter
 
     folder = folder or DEFAULT_MEMSEG_DIR
     if not ((Path(folder) / "model.safetensors").is_file() or (Path(folder) / "final" / "model.safetensors").is_file()):
         raise RauInputError(f"--memseg: {folder} holds no memory segmenter (rau train memseg; or --sam2 FOLDER for a real SAM2)")
-    return MemSegSegmenter(folder, device=device, precision=precision)
+    return MemSegSegmenter(folder, device=device, precision=precision, follow_unknown=follow_unknown)
 
 
 def _sam2_memory(o: Sam2MemoryOptions) -> Method:

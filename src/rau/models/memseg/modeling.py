@@ -22,16 +22,24 @@ Built from ``transformers``' SAM2 video classes (``Sam2VideoMemoryEncoder``,
 encoder is batch-first NCHW; the memory attention takes SEQUENCE-first (tokens, batch, channels)
 inputs and returns (1, batch, tokens, channels).
 
-Folder: ``config.json`` (:class:`MemSegConfig`), ``model.safetensors`` (``net``), ``training.json``.
+Folder: ``config.json`` (:class:`MemSegConfig`), ``model.safetensors`` (``net``), ``training.json``
+(its ``structures``: the names the model was trained on, :attr:`MemSegModel.trained_structures`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 from rau.errors import RauInputError
 from rau.models.decoder import DecoderFolderModel
 from rau.models.memseg.configuration import FORMAT, FRAME, MemSegConfig
+
+
+def structure_key(name: str) -> str:
+    """A structure name as the training vocabulary compares it: lower case, every run of other
+    characters than letters and digits one ``_`` ("Left Lung" and "left-lung" -> "left_lung")."""
+    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
 
 
 def _to_batch_first(out, batch: int, tokens: int):
@@ -238,6 +246,15 @@ class MemSegModel(DecoderFolderModel):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+    @property
+    def trained_structures(self) -> frozenset[str] | None:
+        """The structure names this model was trained on (:func:`structure_key` form), from its
+        training record's ``structures``; None when the record has none (e.g. a checkpoint folder)."""
+        names = self.training.get("structures") if isinstance(self.training, dict) else None
+        if not isinstance(names, list):
+            return None
+        return frozenset(structure_key(n) for n in names)
 
     def predict(self, target, references, reference_masks, box_xyxy=None, prompt_masks=None, tokens=None, prompt_use=None):
         """Inference (eval mode, no gradients) with the shapes checked: target (B, 256, S, S),

@@ -353,7 +353,9 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
     ``decoder_grid``, which adds no weights, and in ``readout``: a readout path it lacks starts as the
     training-free readout); ``stop_after``: as in :func:`rau.training.engine.run_training` (a stage of a
     longer schedule). With ``config.readout``: ``readout_weight`` x the readout map's own BCE + Dice is
-    added to the loss; ``readout_only`` trains the readout path alone (no decoder pass)."""
+    added to the loss; ``readout_only`` trains the readout path alone (no decoder pass). The model's
+    training record lists the structure names it was trained on (``structures``: every name drawn,
+    plus those of ``init_from``'s record), :attr:`MemSegModel.trained_structures`."""
     import torch
 
     from rau.models.memseg.modeling import MemSegModel
@@ -394,6 +396,9 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
         missing, unexpected = model.net.load_state_dict(start.net.state_dict(), strict=False)
         if unexpected or any(not k.startswith("readout_") for k in missing):
             raise RauInputError(f"init_from: {init_from} does not fit this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # the names it learns (and those its start learnt): a segmenter told a name outside them follows the reference
+    structures = sorted({str(loaded[c].names[st]) for c, st in {(int(c), int(st)) for c, _, st in index}}
+                        | set((start.training.get("structures") or []) if init_from is not None else []))
     run_key = {"kind": "memseg", "caches": [Path(c.path).name for c in loaded], "pairs": len(index),
                "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
                "k_references": k_references, "vary_k": vary_k, "exclude": [str(p) for p in exclude], "iou_weight": iou_weight,
@@ -438,4 +443,4 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
     return run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
                         log_every=log_every, device=device, command=command, progress=progress,
                         desc="train memseg", loss_label="loss (mask BCE + Dice + IoU MSE)", on_step=on_step,
-                        stop_after=stop_after)
+                        stop_after=stop_after, extra_training=lambda: {"structures": structures})
