@@ -40,6 +40,8 @@ BAD = [
     (Sam2MemoryOptions, {"memseg": 3}, "--memseg"),
     (MemSegOptions, {"memseg": ""}, "--memseg"),
     (MemSegOptions, {"seed": -2}, "--seed"),
+    (MemSegOptions, {"follow_unknown": "no"}, "--follow-unknown"),
+    (Sam2MemoryOptions, {"follow_unknown": 1}, "--follow-unknown"),
     (RefineOptions, {"refiner": 3}, "--refiner"),
     (RauRefineOptions, {"refiner": ""}, "--refiner"),
     (RauRefineOptions, {"vlm": 2}, "--vlm"),

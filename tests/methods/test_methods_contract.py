@@ -346,6 +346,33 @@ def test_reg_memseg_hands_registration_s_warped_mask_to_the_segmenter_as_its_pri
     assert all(isinstance(v, np.ndarray) and v.shape == (96, 96) for v in seen.values())
 
 
+def test_a_structure_the_memory_segmenter_never_trained_on_is_registration_s_warped_mask_in_reg_memseg(
+        tiny_memseg, tmp_path, monkeypatch):
+    """reg-memseg with a model whose record names "blob" only: "square" is registration's warped mask,
+    "blob" is decoded; --decode-unknown (follow_unknown=False) decodes both."""
+    import json
+    import shutil
+
+    from rau.methods.memseg import MemSegSegmenter
+
+    folder = shutil.copytree(tiny_memseg, tmp_path / "memseg")
+    (folder / "training.json").write_text(json.dumps({"structures": ["blob"]}))
+    ref, tgt = AnnotatedImage(*synthetic_pair((96, 96))), AnnotatedImage(synthetic_pair((96, 96), shift=(5, -3))[0])
+    seen = {}
+    real = MemSegSegmenter.segment_k
+
+    def spy(self, target, references, boxes, cues=None):
+        seen.update(cues or {})
+        return real(self, target, references, boxes, cues)
+
+    monkeypatch.setattr(MemSegSegmenter, "segment_k", spy)
+    follow = create_method("reg-memseg", memseg=folder).predict(ref, tgt)
+    decode = create_method("reg-memseg", memseg=folder, follow_unknown=False).predict(ref, tgt)
+    assert np.array_equal(follow.structures["square"].mask, seen["square"] >= 0.5)
+    assert not np.array_equal(decode.structures["square"].mask, follow.structures["square"].mask)
+    assert np.array_equal(follow.structures["blob"].mask, decode.structures["blob"].mask)
+
+
 def test_rau_memseg_hands_the_reference_mask_moved_into_the_vlm_box_to_the_segmenter(tiny_ref, tiny_memseg, monkeypatch):
     from rau.methods.memseg import MemSegSegmenter
     from rau.geometry import mask_to_box

@@ -116,6 +116,9 @@ ChexOpt = Annotated[Optional[Path], typer.Option("--chex", help="Trained CheXana
 SegHeadOpt = Annotated[Optional[Path], typer.Option("--seg-head", help="Method rau-seg: a `rau train seg-head` folder (default: the shipped head, if any).")]
 RefinerOpt = Annotated[Optional[Path], typer.Option("--refiner", help="Method reg-refine: a `rau train refine` folder (default: the shipped refiner).")]
 MemSegOpt = Annotated[Optional[Path], typer.Option("--memseg", help="Methods sam2-memory/reg-memseg: a `rau train memseg` folder (default: the shipped memory segmenter).")]
+FollowOpt = Annotated[bool, typer.Option("--follow-unknown/--decode-unknown", help="Methods sam2-memory/reg-memseg: a structure "
+    "whose name the memory segmenter never trained on is copied from the reference (reg-memseg: registration's warped mask; "
+    "sam2-memory: the memory readout) instead of drawn by its decoder (default: follow).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
@@ -136,7 +139,7 @@ ExcludeOpt = Annotated[Optional[list[str]], option(
 def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2: Optional[Path], segmenter: Optional[str],
                    seed: int = 0, unet: Optional[Path] = None, chex: Optional[Path] = None,
                    seg_head: Optional[Path] = None, precision: Optional[str] = None,
-                   memseg: Optional[Path] = None, refiner: Optional[Path] = None) -> dict[str, Any]:
+                   memseg: Optional[Path] = None, refiner: Optional[Path] = None, follow_unknown: bool = True) -> dict[str, Any]:
     """The keyword arguments of :func:`rau.methods.create_method` from the shared method options.
 
     A bad ``--precision`` fails here, before any model loads."""
@@ -145,4 +148,4 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
     resolve_precision(precision, device)
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
             "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision, "memseg": memseg,
-            "refiner": refiner}
+            "refiner": refiner, "follow_unknown": follow_unknown}

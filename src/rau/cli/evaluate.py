@@ -23,6 +23,7 @@ from rau.cli.common import (
     PrecisionOpt,
     ProgressOpt,
     Sam2Opt,
+    FollowOpt,
     MemSegOpt,
     RefinerOpt,
     SegHeadOpt,
@@ -83,6 +84,7 @@ def eval_(
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    follow_unknown: FollowOpt = True,
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
@@ -102,7 +104,8 @@ def eval_(
             if len(ds) == 0:
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
-        options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg, refiner=refiner)
+        options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg, refiner=refiner,
+                                 follow_unknown=follow_unknown)
         m = create_method(name, **options)
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device, **model_config(options),
@@ -168,6 +171,7 @@ def bench(
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    follow_unknown: FollowOpt = True,
     refiner: RefinerOpt = None,
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     precision: PrecisionOpt = None,
@@ -182,7 +186,7 @@ def bench(
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
                           argv=sys.argv[1:], k=k_references, overlay_methods=split_names(overlays, "--overlays"),
                           method_options={**method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head,
-                                                           precision, memseg, refiner=refiner),
+                                                           precision, memseg, refiner=refiner, follow_unknown=follow_unknown),
                                           **({"calibration": calibration} if calibration else {})})
     typer.echo(path.read_text())
 
@@ -206,6 +210,7 @@ def calibrate(
     vlm: VlmOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    follow_unknown: FollowOpt = True,
     refiner: RefinerOpt = None,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
@@ -226,7 +231,8 @@ def calibrate(
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
                               k=k_references, splits=split_names(splits, "--splits") if splits else None,
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
-                                                                               seg_head, precision, memseg, refiner=refiner))
+                                                                               seg_head, precision, memseg, refiner=refiner,
+                                                                               follow_unknown=follow_unknown))
     r = cal.record
     orient = f"min orientation agreement {cal.min_orientation:+.3f}" if cal.min_orientation is not None else "no orientation rule"
     rules = "fit, orientation, mirrored" if cal.min_orientation is not None else "fit, mirrored"

@@ -19,6 +19,7 @@ from rau.cli.common import (
     ChexOpt,
     DeviceOpt,
     LoraOpt,
+    FollowOpt,
     MemSegOpt,
     RefinerOpt,
     MethodOpt,
@@ -66,6 +67,7 @@ def localize(
     chex: ChexOpt = None,
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
+    follow_unknown: FollowOpt = True,
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     formats: Annotated[Optional[str], typer.Option(help="Also export each result as these comma-separated formats: nifti, coco, dicom-seg (default: none).")] = None,
@@ -93,7 +95,7 @@ def localize(
             raise ValueError("--target/--targets: give one target (--target) or a batch (--targets), not both")
         vol = None
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
-                                 precision=precision, memseg=memseg, refiner=refiner)
+                                 precision=precision, memseg=memseg, refiner=refiner, follow_unknown=follow_unknown)
         if (bank is None) == (reference is None):
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:

@@ -38,7 +38,7 @@ SEGMENTERS = ("medsam", "sam2-memory")
 MAX_SEED = 2**32 - 1
 #: Options the command line exposes as ``--flag`` (the others are Python-only).
 _CLI_FLAGS = frozenset({"device", "vlm", "lora", "sam2", "segmenter", "seed", "unet", "chex", "seg_head", "precision",
-                        "memseg", "refiner"})
+                        "memseg", "refiner", "follow_unknown"})
 
 
 def option_label(name: str) -> str:
@@ -55,6 +55,11 @@ def _shown(value: Any) -> str:
 def _check_device(value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         raise RauInputError(f"--device: expected a torch device name such as 'cpu' or 'cuda:0', got {_shown(value)}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise RauInputError(f"{option_label(name)}: expected True or False, got {_shown(value)}")
 
 
 def _check_folder(name: str, value: Any) -> None:
@@ -200,17 +205,21 @@ class Sam2MemoryOptions(MethodOptions):
     """``memseg``: a memory-segmenter folder (``rau train memseg``; None: the shipped one), used
     unless a real SAM2 is asked for; ``sam2``: local SAM2 checkpoint folder (none ships with rau);
     ``sam2_config``: a Sam2VideoConfig (random weights when ``sam2`` is None, for tests);
-    ``device``: torch device; ``precision``: LiteMedSAM encoder precision."""
+    ``device``: torch device; ``precision``: LiteMedSAM encoder precision; ``follow_unknown``: a
+    structure the memory segmenter never trained on is copied from the reference instead of decoded
+    (:class:`rau.methods.memseg.MemSegSegmenter`)."""
 
     device: str = "cpu"
     precision: str | None = None
     memseg: str | Path | None = None
     sam2: str | Path | None = None
     sam2_config: Any = None
+    follow_unknown: bool = True
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check_precision(self.precision)
+        _check_flag("follow_unknown", self.follow_unknown)
         _check_folder("memseg", self.memseg)
         _check_folder("sam2", self.sam2)
         _check_sam2_config(self.sam2_config)
@@ -236,16 +245,20 @@ class RefineOptions(MethodOptions):
 @dataclass(frozen=True)
 class MemSegOptions(MethodOptions):
     """Registration's warped mask as the memory segmenter's prior. ``memseg``: its folder (None:
-    the shipped one); ``device``, ``precision``, ``seed`` as in :class:`BoxPromptOptions`."""
+    the shipped one); ``device``, ``precision``, ``seed`` as in :class:`BoxPromptOptions`;
+    ``follow_unknown`` as in :class:`Sam2MemoryOptions` (here a structure it never trained on is
+    registration's warped mask)."""
 
     device: str = "cpu"
     precision: str | None = None
     memseg: str | Path | None = None
     seed: int = 0
+    follow_unknown: bool = True
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check_precision(self.precision)
+        _check_flag("follow_unknown", self.follow_unknown)
         _check_folder("memseg", self.memseg)
         object.__setattr__(self, "seed", _check_seed(self.seed))
 

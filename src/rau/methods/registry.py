@@ -213,7 +213,7 @@ def _sam2_memory(o: Sam2MemoryOptions) -> Method:
         from rau.methods.sam2_memory import Sam2MemorySegmenter
 
         return Method("sam2-memory", None, Sam2MemorySegmenter(checkpoint=o.sam2, config=o.sam2_config, device=o.device))
-    return Method("sam2-memory", None, _memseg(o.memseg, o.device, o.precision))
+    return Method("sam2-memory", None, _memseg(o.memseg, o.device, o.precision, o.follow_unknown))
 
 
 def _oracle_memory(o: Sam2MemoryOptions) -> Method:
@@ -228,7 +228,7 @@ def _reg_memseg(o: MemSegOptions) -> Method:
     and mask are in its memory."""
     from rau.methods.registration import RegistrationLocalizer
 
-    return Method("reg-memseg", RegistrationLocalizer(seed=o.seed), _memseg(o.memseg, o.device, o.precision))
+    return Method("reg-memseg", RegistrationLocalizer(seed=o.seed), _memseg(o.memseg, o.device, o.precision, o.follow_unknown))
 
 
 def _reg_refine(o: RefineOptions) -> Method:
