@@ -327,12 +327,10 @@ def test_sam2_memory_is_the_memory_segmenter_or_a_real_sam2():
         create_method("sam2-memory", memseg="runs/m", sam2="runs/s")
 
 
-def test_reg_memseg_hands_registration_s_warped_mask_to_the_segmenter_as_its_prior(tiny_memseg, monkeypatch):
+def _spy_on_memseg_cues(monkeypatch) -> dict:
+    """The cues every MemSegSegmenter.segment_k call is given, gathered into the returned dict."""
     from rau.methods.memseg import MemSegSegmenter
 
-    ref_img, ref_masks = synthetic_pair((96, 96))
-    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
-    method = create_method("reg-memseg", memseg=tiny_memseg)
     seen = {}
     real = MemSegSegmenter.segment_k
 
@@ -341,6 +339,14 @@ def test_reg_memseg_hands_registration_s_warped_mask_to_the_segmenter_as_its_pri
         return real(self, target, references, boxes, cues)
 
     monkeypatch.setattr(MemSegSegmenter, "segment_k", spy)
+    return seen
+
+
+def test_reg_memseg_hands_registration_s_warped_mask_to_the_segmenter_as_its_prior(tiny_memseg, monkeypatch):
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
+    method = create_method("reg-memseg", memseg=tiny_memseg)
+    seen = _spy_on_memseg_cues(monkeypatch)
     method.predict(AnnotatedImage(ref_img, ref_masks), AnnotatedImage(tgt_img))
     assert set(seen) == {"blob", "square"}
     assert all(isinstance(v, np.ndarray) and v.shape == (96, 96) for v in seen.values())
@@ -353,19 +359,10 @@ def test_a_structure_the_memory_segmenter_never_trained_on_is_registration_s_war
     import json
     import shutil
 
-    from rau.methods.memseg import MemSegSegmenter
-
     folder = shutil.copytree(tiny_memseg, tmp_path / "memseg")
     (folder / "training.json").write_text(json.dumps({"structures": ["blob"]}))
     ref, tgt = AnnotatedImage(*synthetic_pair((96, 96))), AnnotatedImage(synthetic_pair((96, 96), shift=(5, -3))[0])
-    seen = {}
-    real = MemSegSegmenter.segment_k
-
-    def spy(self, target, references, boxes, cues=None):
-        seen.update(cues or {})
-        return real(self, target, references, boxes, cues)
-
-    monkeypatch.setattr(MemSegSegmenter, "segment_k", spy)
+    seen = _spy_on_memseg_cues(monkeypatch)
     follow = create_method("reg-memseg", memseg=folder).predict(ref, tgt)
     decode = create_method("reg-memseg", memseg=folder, follow_unknown=False).predict(ref, tgt)
     assert np.array_equal(follow.structures["square"].mask, seen["square"] >= 0.5)
