@@ -112,3 +112,10 @@ def test_describe_methods_gives_one_line_per_method():
     assert [name for name, _, _ in rows] == list(METHODS)
     for _, summary, weights in rows:
         assert summary and weights and "\n" not in summary + weights
+
+
+def test_a_run_that_decodes_unknown_structures_says_so_in_its_config():
+    from rau.eval.evaluate import model_config
+
+    assert model_config({"follow_unknown": False})["follow_unknown"] is False
+    assert "follow_unknown" not in model_config({"follow_unknown": True})  # the default leaves the record as it was
