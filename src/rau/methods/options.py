@@ -177,8 +177,7 @@ class RauOptions(MethodOptions):
             _check_folder(name, getattr(self, name))
         _check_choice("segmenter", self.segmenter, SEGMENTERS)
         _check_sam2_config(self.sam2_config)
-        if not isinstance(self.assign, bool):
-            raise RauInputError(f"assign: expected True or False, got {_shown(self.assign)}")
+        _check_flag("assign", self.assign)
         if self.lora is not None and self.vlm is None:
             raise RauInputError(
                 "--lora: a LoRA adapter applies to a Qwen2.5-VL --vlm, and --vlm is not given; "

@@ -397,7 +397,7 @@ def train_memseg(caches: Sequence[str | Path | MemSegCache], out_dir: str | Path
         if unexpected or any(not k.startswith("readout_") for k in missing):
             raise RauInputError(f"init_from: {init_from} does not fit this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     # the names it learns (and those its start learnt): a segmenter told a name outside them follows the reference
-    structures = sorted({str(loaded[c].names[st]) for c, st in {(int(c), int(st)) for c, _, st in index}}
+    structures = sorted({str(loaded[c].names[st]) for c, _, st in index}
                         | set((start.training.get("structures") or []) if init_from is not None else []))
     run_key = {"kind": "memseg", "caches": [Path(c.path).name for c in loaded], "pairs": len(index),
                "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
