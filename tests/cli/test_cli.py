@@ -44,7 +44,7 @@ def test_localize_default_method_with_medsam(pair_files):
 
 
 @pytest.mark.parametrize("case", ["unreadable", "size_mismatch", "empty_mask", "unknown_structure", "missing_target", "bad_method",
-                                  "bad_precision"])
+                                  "bad_precision", "bad_calibration"])
 def test_localize_bad_input(pair_files, case):
     out = pair_files / "out_bad"
     extra = ["--method", "registration"]
@@ -62,11 +62,29 @@ def test_localize_bad_input(pair_files, case):
         extra = ["--method", "nope"]
     elif case == "bad_precision":
         extra += ["--precision", "int4"]
+    elif case == "bad_calibration":
+        (pair_files / "cal.json").write_text("{}")
+        extra += ["--calibration", str(pair_files / "cal.json")]
     res = runner.invoke(app, localize_args(pair_files, out, *extra))
     assert res.exit_code == 2
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert not out.exists()
+
+
+def test_localize_reads_the_calibration_it_is_given(pair_files):
+    """--calibration FILE replaces the method's shipped calibration; 'none' reports no confidence."""
+    from rau.methods.confidence import calibration_path
+
+    runs = {}
+    for name, cal in (("shipped", None), ("file", str(calibration_path("registration"))), ("none", "none")):
+        out = pair_files / f"out_cal_{name}"
+        res = runner.invoke(app, localize_args(pair_files, out, "--method", "registration",
+                                               *(["--calibration", cal] if cal else [])))
+        assert res.exit_code == 0, res.output
+        runs[name] = {k: s["confidence"] for k, s in json.loads((out / "result.json").read_text())["structures"].items()}
+    assert runs["file"] == runs["shipped"] and all(v is not None for v in runs["shipped"].values())
+    assert all(v is None for v in runs["none"].values())
 
 
 def test_failed_write_leaves_no_partial_output(pair_files, monkeypatch):

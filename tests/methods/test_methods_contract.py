@@ -364,10 +364,58 @@ def test_a_structure_the_memory_segmenter_never_trained_on_is_registration_s_war
     ref, tgt = AnnotatedImage(*synthetic_pair((96, 96))), AnnotatedImage(synthetic_pair((96, 96), shift=(5, -3))[0])
     seen = _spy_on_memseg_cues(monkeypatch)
     follow = create_method("reg-memseg", memseg=folder).predict(ref, tgt)
-    decode = create_method("reg-memseg", memseg=folder, follow_unknown=False).predict(ref, tgt)
+    decode = create_method("reg-memseg", memseg=folder, follow_unknown=False, calibration=False).predict(ref, tgt)
     assert np.array_equal(follow.structures["square"].mask, seen["square"] >= 0.5)
     assert not np.array_equal(decode.structures["square"].mask, follow.structures["square"].mask)
     assert np.array_equal(follow.structures["blob"].mask, decode.structures["blob"].mask)
+
+
+def test_the_vlm_methods_memory_segmenter_copies_unknown_structures_unless_told_to_decode(tiny_ref, tiny_memseg, tmp_path):
+    """rau-memseg and rau-seg (memseg head) take --follow-unknown / --decode-unknown to their memory segmenter
+    (copying its prior, the reference mask moved into the VLM's box, for a name it never trained on: as reg-memseg)."""
+    import json
+    import shutil
+
+    from rau.models.refvlm.seghead import SegHeadConfig, SegHeadModel, weights_sha256
+
+    folder = shutil.copytree(tiny_memseg, tmp_path / "memseg")
+    (folder / "training.json").write_text(json.dumps({"structures": ["blob"]}))
+    head = SegHeadModel(SegHeadConfig(hidden_size=32, seg_after="box", decoder="memseg", vlm_sha256=weights_sha256(tiny_ref),
+                                      memseg_sha256=weights_sha256(folder))).save_pretrained(tmp_path / "head")
+    for name, extra in (("rau-memseg", {}), ("rau-seg", {"seg_head": head})):
+        for follow in (True, False):
+            method = create_method(name, vlm=tiny_ref, memseg=folder, follow_unknown=follow, calibration=False, **extra)
+            seg = getattr(method.segmenter, "memseg", method.segmenter)
+            assert seg.follow_unknown is follow and seg.knows("Blob") and not seg.knows("square")
+    img, masks = synthetic_pair((96, 96))
+    prior = np.roll(masks["square"], 7, axis=1).astype(np.float32)
+    out = method.segmenter.memseg.segment(img, {"blob": None, "square": None}, AnnotatedImage(img, masks),
+                                          cues={"blob": prior, "square": prior})
+    seg.follow_unknown = True
+    copied = seg.segment(img, {"blob": None, "square": None}, AnnotatedImage(img, masks), cues={"blob": prior, "square": prior})
+    assert np.array_equal(copied["square"].mask, prior >= 0.5) and not np.array_equal(out["square"].mask, prior >= 0.5)
+    assert np.array_equal(copied["blob"].mask, out["blob"].mask)
+
+
+def test_a_calibration_fitted_in_the_other_mode_of_unknown_structures_warns(tiny_memseg, tmp_path):
+    """A calibration's record says whether it was fitted decoding every structure (``follow_unknown: false``;
+    absent: copying unknown ones); a run in the other mode warns once, a run in the same mode does not."""
+    import warnings
+
+    from rau.eval.calibrate import fit_calibration
+    from tests.methods.test_confidence import _rows
+
+    copying, decoding = tmp_path / "copying.json", tmp_path / "decoding.json"
+    fit_calibration(_rows(), "sam2-memory").save(copying)
+    fit_calibration(_rows(), "sam2-memory", record={"follow_unknown": False}).save(decoding)
+    for path, follow, warns in ((copying, True, False), (copying, False, True), (decoding, False, False), (decoding, True, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            create_method("sam2-memory", memseg=tiny_memseg, calibration=path, follow_unknown=follow)
+        said = [str(w.message) for w in caught if "never trained on" in str(w.message)]
+        assert len(said) == int(warns), (path.name, follow, said)
+        if warns:
+            assert said[0].startswith("sam2-memory: its confidence was calibrated") and "rau calibrate" in said[0]
 
 
 def test_rau_memseg_hands_the_reference_mask_moved_into_the_vlm_box_to_the_segmenter(tiny_ref, tiny_memseg, monkeypatch):

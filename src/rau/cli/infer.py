@@ -56,6 +56,8 @@ def localize(
         "'confidence': the probability that the output is right) is below this, with the reason (no mask, answer 'no', "
         "'abstained': true). Default: the method's calibrated threshold (blank, noise and no-fit targets are withheld at any threshold > 0); "
         "0 keeps every output.")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Confidence calibration JSON (rau calibrate), or 'none' for no "
+        "confidence. Default: the method's shipped one.")] = None,
     structures: StructOpt = None,
     method: MethodOpt = None,
     device: DeviceOpt = "cpu",
@@ -96,6 +98,8 @@ def localize(
         vol = None
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
                                  precision=precision, memseg=memseg, refiner=refiner, follow_unknown=follow_unknown)
+        if calibration:
+            options["calibration"] = calibration
         if (bank is None) == (reference is None):
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:

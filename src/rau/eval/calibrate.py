@@ -422,7 +422,9 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
                              progress=progress, k=k)[split.name]
     record = {"command": "rau " + " ".join(argv or []), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "commit": git_commit(), "machine": machine_line(), "k_references": k,
-              "reports": [str(work / report_name(s.name, method, k)) for s in splits]}
+              "reports": [str(work / report_name(s.name, method, k)) for s in splits],
+              # fitted decoding every structure (--decode-unknown); absent: copying those the model never trained on
+              **({"follow_unknown": False} if method_options.get("follow_unknown") is False else {})}
     cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record)
     cal.save(out)
     write_json(work / f"calibration_{method}.json", cal.to_json())

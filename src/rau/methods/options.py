@@ -155,9 +155,10 @@ class RauOptions(MethodOptions):
     (None: the shipped compact VLM); ``lora``: a LoRA adapter folder for a Qwen ``vlm``;
     ``seg_head``: a ``<seg>`` head folder (``rau-seg`` only; None: the shipped head); ``memseg``: a
     memory-segmenter folder (``rau-memseg``, and ``rau-seg`` with a memseg head; None: the shipped
-    one); ``assign``:
-    one-to-one assignment of boxes to structures (``rau-ot`` sets it); the others as in
-    :class:`BoxPromptOptions`."""
+    one); ``follow_unknown``: as in :class:`Sam2MemoryOptions`, for the memory segmenter of ``rau-memseg``
+    and of ``rau-seg`` with a memseg head (a structure it never trained on is the reference mask moved
+    into the VLM's box); ``assign``: one-to-one assignment of boxes to structures (``rau-ot`` sets it);
+    the others as in :class:`BoxPromptOptions`."""
 
     device: str = "cpu"
     precision: str | None = None
@@ -168,6 +169,7 @@ class RauOptions(MethodOptions):
     sam2_config: Any = None
     seg_head: str | Path | None = None
     memseg: str | Path | None = None
+    follow_unknown: bool = True
     assign: bool = False
 
     def __post_init__(self) -> None:
@@ -177,6 +179,7 @@ class RauOptions(MethodOptions):
             _check_folder(name, getattr(self, name))
         _check_choice("segmenter", self.segmenter, SEGMENTERS)
         _check_sam2_config(self.sam2_config)
+        _check_flag("follow_unknown", self.follow_unknown)
         _check_flag("assign", self.assign)
         if self.lora is not None and self.vlm is None:
             raise RauInputError(
