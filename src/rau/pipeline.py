@@ -163,6 +163,7 @@ def result_to_json(result: TargetResult, target: AnnotatedImage) -> dict[str, An
             "confidence": None if r.confidence is None else round(float(r.confidence), 4),
             "presence": None if r.presence is None else round(float(r.presence), 4),
             "abstained": bool(r.abstained),
+            "copied": bool(r.copied),
         }
     return {
         "method": result.method,

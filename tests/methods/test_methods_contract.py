@@ -366,6 +366,7 @@ def test_a_structure_the_memory_segmenter_never_trained_on_is_registration_s_war
     follow = create_method("reg-memseg", memseg=folder).predict(ref, tgt)
     decode = create_method("reg-memseg", memseg=folder, follow_unknown=False, calibration=False).predict(ref, tgt)
     assert np.array_equal(follow.structures["square"].mask, seen["square"] >= 0.5)
+    assert follow.structures["square"].copied and not decode.structures["square"].copied  # said in result.json
     assert not np.array_equal(decode.structures["square"].mask, follow.structures["square"].mask)
     assert np.array_equal(follow.structures["blob"].mask, decode.structures["blob"].mask)
 

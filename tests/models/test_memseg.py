@@ -161,6 +161,7 @@ def test_a_structure_it_never_trained_on_is_copied_from_the_reference(lite, one_
     assert np.array_equal(out["blob"].mask, decoded["blob"].mask) and out["blob"].score == decoded["blob"].score
     assert dice(out["square"].mask, masks["square"]) > 0.8 and dice(decoded["square"].mask, masks["square"]) < 0.5
     assert 0.5 <= out["square"].score <= 1.0  # the readout's mean probability inside its mask
+    assert out["square"].copied and not out["blob"].copied and not decoded["square"].copied  # result.json "copied"
     cue = np.zeros((96, 96), np.float32)
     cue[10:30, 10:40] = 0.9
     given = seg.segment(img, {"square": None}, reference, cues={"square": cue})

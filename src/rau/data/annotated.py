@@ -99,7 +99,8 @@ class StructureResult:
     confidence was computed from; ``presence``, the calibrated probability that the structure is in
     the target at all (None where the calibration has no presence model), and ``absent``, the reason
     "structure absent from target" when ``presence`` is below the calibration's presence threshold.
-    :func:`rau.methods.confidence.abstain` sets ``abstained``.
+    :func:`rau.methods.confidence.abstain` sets ``abstained``. ``copied``: the mask is the reference copied onto
+    the target rather than drawn by the segmenter (:attr:`rau.methods.interfaces.SegmentationOutput.copied`).
     """
 
     label: str
@@ -114,6 +115,7 @@ class StructureResult:
     features: dict[str, float] | None = None
     presence: float | None = None
     absent: str | None = None
+    copied: bool = False
 
     @property
     def found(self) -> bool:

@@ -80,7 +80,8 @@ class SegmentationOutput:
     refines the localizer's box), or None; reason: why the mask is empty, when the backend knows
     (the structure is then answered "no"); features: measurements only the backend can make, handed
     to the confidence (:data:`rau.methods.confidence.FEATURES`, e.g. the memory segmenter's
-    ``readout_agreement``)."""
+    ``readout_agreement``); copied: the mask is the reference copied onto the target (the caller's prior or the
+    memory readout), not the backend's own drawing (a structure the memory segmenter never trained on)."""
 
     mask: np.ndarray
     score: float
@@ -88,6 +89,7 @@ class SegmentationOutput:
     box_xyxy_px: Box | None = None
     reason: str | None = None
     features: dict[str, float] | None = None
+    copied: bool = False
 
 
 class Segmenter(ABC):
@@ -303,4 +305,5 @@ class Method:
             answer, reason = "no", seg.reason
         if reason is None and not found:
             reason = "the segmenter returned an empty mask" if seg is not None else "no box to segment"
-        return StructureResult(name, answer, box, float(score), mask if found else None, reason)
+        return StructureResult(name, answer, box, float(score), mask if found else None, reason,
+                               copied=found and seg is not None and seg.copied)

@@ -180,5 +180,6 @@ class MemSegSegmenter(Segmenter):
                 prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
                 mask = logits[i] > self.threshold
                 score = float(np.clip(ious[i], 0.0, 1.0))
-            out[name] = SegmentationOutput(mask, score, prob, features={"readout_agreement": dice(mask, read[i])})
+            out[name] = SegmentationOutput(mask, score, prob, features={"readout_agreement": dice(mask, read[i])},
+                                           copied=i in copied)
         return out
