@@ -40,7 +40,7 @@ TARGET_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".d
 #: summary.csv: one row per target x structure; a failed target has one row, structure empty.
 #: ``status``: ok, skipped (a complete earlier result, re-read) or error (``error``: why, one line).
 SUMMARY_COLUMNS = ("target", "structure", "answer", "found", "score", "x0", "y0", "x1", "y1", "seconds", "status", "error",
-                   "confidence", "abstained", "reason", "presence")
+                   "confidence", "abstained", "reason", "presence", "copied")
 
 #: The summary is rewritten (atomically) after a target at most this often, so a killed batch leaves
 #: a usable CSV at little cost on long batches; it is always written at the end.
@@ -172,7 +172,8 @@ def _summary_rows(target: Path, status: str, doc: dict | None = None, seconds: f
                      "seconds": doc["seconds"], "status": status, "error": "",
                      "confidence": "" if s.get("confidence") is None else s["confidence"],
                      "abstained": str(bool(s.get("abstained"))).lower(), "reason": s.get("reason") or "",
-                     "presence": "" if s.get("presence") is None else s["presence"]})
+                     "presence": "" if s.get("presence") is None else s["presence"],
+                     "copied": str(bool(s.get("copied"))).lower()})
     return rows
 
 
@@ -327,7 +328,8 @@ def read_result(out_dir: str | Path) -> TargetResult:
         box = tuple(float(v) for v in s["box_xyxy"]) if s["box_xyxy"] is not None else None
         structures[name] = StructureResult(s["label"], s["answer"], box, float(s["score"]),
                                            mask if mask.any() else None, s["reason"], confidence=s.get("confidence"),
-                                           abstained=bool(s.get("abstained")), presence=s.get("presence"))
+                                           abstained=bool(s.get("abstained")), presence=s.get("presence"),
+                                           copied=bool(s.get("copied")))
     return TargetResult(file_stem(Path(doc["target"])), doc["reference"], doc["method"], structures, float(doc["seconds"]))
 
 

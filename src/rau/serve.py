@@ -219,7 +219,8 @@ def table_rows(result: TargetResult) -> list[list[Any]]:
         box = ", ".join(f"{float(v):g}" for v in r.box_xyxy_px) if r.box_xyxy_px is not None else ""
         conf = round(float(r.confidence), 3) if r.confidence is not None else None
         present = round(float(r.presence), 3) if r.presence is not None else None
-        rows.append([name, r.answer or "", bool(r.found), conf, present, round(float(r.score), 4), box, r.reason or ""])
+        note = r.reason or ("copied from the reference (a structure the model never trained on)" if r.copied else "")
+        rows.append([name, r.answer or "", bool(r.found), conf, present, round(float(r.score), 4), box, note])
     return rows
 
 

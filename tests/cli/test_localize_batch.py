@@ -65,7 +65,7 @@ def test_batch_writes_a_folder_per_target_reports_the_bad_file_and_rerun_skips(b
 
     rows = read_csv(out / "summary.csv")
     assert list(rows[0]) == ["target", "structure", "answer", "found", "score", "x0", "y0", "x1", "y1", "seconds", "status", "error",
-                             "confidence", "abstained", "reason", "presence"]  # the first 12 as before issue 17, then its 4
+                             "confidence", "abstained", "reason", "presence", "copied"]  # 12 as before issue 17, its 4, then "copied"
     bad = [r for r in rows if r["status"] == "error"]
     assert len(bad) == 1 and bad[0]["target"].endswith("bad.png") and "bad.png" in bad[0]["error"] and bad[0]["structure"] == ""
     ok = [r for r in rows if r["status"] == "ok"]

@@ -129,3 +129,15 @@ def test_serve_without_gradio_names_the_extra(monkeypatch):
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1
     assert lines[0].startswith("error: ") and "pip install 'rau[serve]'" in lines[0]
+
+
+def test_the_table_notes_a_mask_copied_from_the_reference():
+    from rau.data.annotated import StructureResult, TargetResult
+    from rau.serve import TABLE_HEADERS, table_rows
+
+    mask = np.ones((4, 4), bool)
+    result = TargetResult("t", "r", "sam2-memory", {"clavicle": StructureResult("clavicle", "yes", (0, 0, 4, 4), 0.8, mask, copied=True),
+                                                     "heart": StructureResult("heart", "yes", (0, 0, 4, 4), 0.9, mask)})
+    note = TABLE_HEADERS.index("note")
+    rows = {r[0]: r for r in table_rows(result)}
+    assert rows["clavicle"][note].startswith("copied from the reference") and rows["heart"][note] == ""
