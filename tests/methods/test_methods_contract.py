@@ -372,8 +372,9 @@ def test_a_structure_the_memory_segmenter_never_trained_on_is_registration_s_war
 
 
 def test_the_vlm_methods_memory_segmenter_copies_unknown_structures_unless_told_to_decode(tiny_ref, tiny_memseg, tmp_path):
-    """rau-memseg and rau-seg (memseg head) take --follow-unknown / --decode-unknown to their memory segmenter
-    (copying its prior, the reference mask moved into the VLM's box, for a name it never trained on: as reg-memseg)."""
+    """rau-memseg and rau-seg (memseg head) take --follow-unknown / --decode-unknown to their memory segmenter,
+    which copies the memory readout for a name it never trained on, not their prior (the reference mask moved into
+    the VLM's box); reg-memseg copies its prior (registration's warped mask)."""
     import json
     import shutil
 
@@ -387,15 +388,21 @@ def test_the_vlm_methods_memory_segmenter_copies_unknown_structures_unless_told_
         for follow in (True, False):
             method = create_method(name, vlm=tiny_ref, memseg=folder, follow_unknown=follow, calibration=False, **extra)
             seg = getattr(method.segmenter, "memseg", method.segmenter)
-            assert seg.follow_unknown is follow and seg.knows("Blob") and not seg.knows("square")
+            assert seg.follow_unknown is follow and seg.copy_from == "readout"
+            assert seg.knows("Blob") and not seg.knows("square")
+    assert create_method("reg-memseg", memseg=folder, calibration=False).segmenter.copy_from == "prior"
     img, masks = synthetic_pair((96, 96))
     prior = np.roll(masks["square"], 7, axis=1).astype(np.float32)
-    out = method.segmenter.memseg.segment(img, {"blob": None, "square": None}, AnnotatedImage(img, masks),
-                                          cues={"blob": prior, "square": prior})
+    ref, boxes = AnnotatedImage(img, masks), {"blob": None, "square": None}
     seg.follow_unknown = True
-    copied = seg.segment(img, {"blob": None, "square": None}, AnnotatedImage(img, masks), cues={"blob": prior, "square": prior})
-    assert np.array_equal(copied["square"].mask, prior >= 0.5) and not np.array_equal(out["square"].mask, prior >= 0.5)
-    assert np.array_equal(copied["blob"].mask, out["blob"].mask)
+    copied = seg.segment(img, boxes, ref, cues={"blob": prior, "square": prior})
+    readout = seg.segment(img, boxes, ref)  # no prior at all: the readout
+    assert copied["square"].copied and np.array_equal(copied["square"].mask, readout["square"].mask)
+    assert not np.array_equal(copied["square"].mask, prior >= 0.5) and not copied["blob"].copied
+    from rau.methods.memseg import MemSegSegmenter
+
+    with pytest.raises(rau.RauInputError, match="^copy_from: expected one of prior, readout"):
+        MemSegSegmenter(folder, copy_from="box")
 
 
 def test_a_calibration_fitted_in_the_other_mode_of_unknown_structures_warns(tiny_memseg, tmp_path):

@@ -31,6 +31,8 @@ from rau.methods.interfaces import SegmentationOutput, Segmenter
 from rau.metrics import dice
 
 MEMO_IMAGES = 12  # embeddings remembered (target + k references; 4 MB each)
+#: What :class:`MemSegSegmenter` copies for a structure it never trained on (its ``copy_from``).
+COPY_FROM = ("prior", "readout")
 #: The shipped memory segmenter (scripts/memseg_recipe.sh reproduces it).
 DEFAULT_MEMSEG_DIR = ASSETS_DIR / "memseg"
 
@@ -42,11 +44,13 @@ class MemSegSegmenter(Segmenter):
 
     ``follow_unknown``: a structure whose name the model never trained on (:meth:`knows`) is not drawn
     by the decoder, which redraws the shapes it learnt (the clavicles it never saw slide onto rib
-    edges), but copied from the reference: the caller's prior where one is given (``reg-memseg``:
-    registration's warped mask), else the memory readout (:func:`rau.models.memseg.readout.feature_readout`
-    with :data:`~rau.models.memseg.readout.FOLLOW`: the reference masks' values carried to the target
-    by feature similarity); its score is the copied probability's mean inside the mask. A model whose
-    record lists no names decodes every structure. Figures: docs/RESULTS.md."""
+    edges), but copied from the reference; its score is the copied probability's mean inside the mask.
+    ``copy_from`` says what is copied: "prior", the caller's prior where one is given (``reg-memseg``:
+    registration's warped mask), else the memory readout; "readout", always the memory readout
+    (:func:`rau.models.memseg.readout.feature_readout` with :data:`~rau.models.memseg.readout.FOLLOW`: the
+    reference masks' values carried to the target by feature similarity; ``rau-seg`` and ``rau-memseg``,
+    whose prior is the reference mask moved into a box, unbent). A model whose record lists no names
+    decodes every structure. Figures: docs/RESULTS.md."""
 
     name = "memseg"
     uses_reference = True
@@ -54,19 +58,22 @@ class MemSegSegmenter(Segmenter):
     reads_cues = True
 
     def __init__(self, model_dir: str | Path | None = None, *, model=None, device: str = "cpu", equalize: bool = True,
-                 threshold: float = 0.0, precision: str | None = None, follow_unknown: bool = True):
+                 threshold: float = 0.0, precision: str | None = None, follow_unknown: bool = True,
+                 copy_from: str = "prior"):
         from rau.encoders import litemedsam
         from rau.models.memseg.modeling import MemSegModel
         from rau.training.checkpoints import model_folder
 
         if (model_dir is None) == (model is None):
             raise RauInputError("model_dir: pass a memseg model folder or a loaded model (exactly one)")
+        if copy_from not in COPY_FROM:
+            raise RauInputError(f"copy_from: expected one of {', '.join(COPY_FROM)}, got {copy_from!r}")
         self.model = model if model is not None else MemSegModel.from_pretrained(model_folder(model_dir), device=device)
         self.model.net.to(device).eval()
         self.model.device = device
         self.net = litemedsam.load(None, device)
         self.device, self.equalize, self.threshold = device, equalize, threshold
-        self.follow_unknown = bool(follow_unknown)
+        self.follow_unknown, self.copy_from = bool(follow_unknown), copy_from
         self.precision = litemedsam.resolve_precision(precision, device)
         # A box-prompt model cannot decode without a box (the attribute tells Method callers).
         self.needs_boxes = bool(self.model.config.box_prompt)
@@ -163,7 +170,7 @@ class MemSegSegmenter(Segmenter):
         read = frame_to_image(feature_readout(emb[0], refs, masks)[:, None], scale, hw)[:, 0].cpu().numpy() > 0.5
         follow = [i for i, name in enumerate(names) if self.follow_unknown and not self.knows(name)]
         copied = {}  # a structure it never trained on: the reference copied (the caller's prior, else the readout)
-        for i in follow:
+        for i in follow if self.copy_from == "prior" else ():
             cue = (cues or {}).get(names[i])
             if isinstance(cue, np.ndarray) and cue.shape == hw:
                 copied[i] = np.clip(cue, 0.0, 1.0).astype(np.float32)

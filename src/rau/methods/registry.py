@@ -171,7 +171,7 @@ def _rau_seg(o: RauOptions) -> Method:
         from rau.methods.rau_seg import MemSegQuerySegmenter
         from rau.training.checkpoints import model_folder
 
-        seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision, o.follow_unknown),
+        seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision, o.follow_unknown, "readout"),
                                    device=o.device)
         seg.head.check_memseg(model_folder(o.memseg or DEFAULT_MEMSEG_DIR))
         shared = seg.memseg
@@ -190,20 +190,22 @@ def _rau_memseg(o: RauOptions) -> Method:
     memory segmenter's prior (the reference image and mask in its memory); a structure the VLM
     answers "not visible" gets no mask."""
     _require_refvlm(o, "rau-memseg")
-    seg = _memseg(o.memseg, o.device, o.precision, o.follow_unknown)
+    seg = _memseg(o.memseg, o.device, o.precision, o.follow_unknown, "readout")
     loc, _ = _rau_parts(o, with_segmenter=False, seg_cues="prior", shared=seg)
     return Method("rau-memseg", loc, seg)
 
 
-def _memseg(folder, device: str, precision: str | None, follow_unknown: bool = True):
+def _memseg(folder, device: str, precision: str | None, follow_unknown: bool = True, copy_from: str = "prior"):
     """The memory segmenter of ``folder`` (None: the shipped one), or a one-line error naming the fix.
-    ``follow_unknown``: :class:`~rau.methods.memseg.MemSegSegmenter`'s."""
+    ``follow_unknown``, ``copy_from``: :class:`~rau.methods.memseg.MemSegSegmenter`'s (the VLM methods copy the
+    readout: on calib-drr it follows the never-seen clavicles and scapulae better than their prior, the reference
+    mask moved into the VLM's box, 0.808 vs 0.704; HISTORY 2026-12-06 s18)."""
     from rau.methods.memseg import DEFAULT_MEMSEG_DIR, MemSegSegmenter
 
     folder = folder or DEFAULT_MEMSEG_DIR
     if not ((Path(folder) / "model.safetensors").is_file() or (Path(folder) / "final" / "model.safetensors").is_file()):
         raise RauInputError(f"--memseg: {folder} holds no memory segmenter (rau train memseg; or --sam2 FOLDER for a real SAM2)")
-    return MemSegSegmenter(folder, device=device, precision=precision, follow_unknown=follow_unknown)
+    return MemSegSegmenter(folder, device=device, precision=precision, follow_unknown=follow_unknown, copy_from=copy_from)
 
 
 def _sam2_memory(o: Sam2MemoryOptions) -> Method:
