@@ -276,3 +276,19 @@ def test_bench_skips_truth_reading_methods_where_targets_carry_no_truth(tiny_arc
                         method_options={}, progress=False)
     assert [d["method"] for d in reports["wrong"]] == ["registration"]
     assert not (tmp_path / "bench" / "wrong_oracle-box.json").exists()
+
+
+def test_rau_s_own_warnings_are_one_line_on_the_command_line(monkeypatch, capsys):
+    """`rau` (its console entry) shows rau's warnings as one `warning:` line; other packages' keep Python's form."""
+    import warnings
+
+    from rau.cli.common import one_line_warnings
+    from rau.methods import registry
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    one_line_warnings()
+    warnings.showwarning(UserWarning("m: its confidence may be off"), UserWarning, registry.__file__, 1)
+    warnings.showwarning(UserWarning("elsewhere"), UserWarning, "/somewhere/else.py", 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "warning: m: its confidence may be off"
+    assert "warning: elsewhere" not in err  # handed on to the showwarning it replaced (pytest's, here)

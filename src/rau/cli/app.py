@@ -16,6 +16,7 @@ from __future__ import annotations
 import typer
 
 from rau.cli import data, evaluate, infer, serve, train, train_masks, train_memseg, train_refine
+from rau.cli.common import one_line_warnings
 
 app = typer.Typer(
     add_completion=False,
@@ -73,6 +74,7 @@ app.add_typer(train_app, name="train", rich_help_panel=DATA,
 
 
 def main() -> None:
+    one_line_warnings()
     app()
 
 

@@ -42,6 +42,22 @@ def fail(exc: BaseException) -> NoReturn:
     raise typer.Exit(code=USER_ERROR_EXIT)
 
 
+def one_line_warnings() -> None:
+    """Show rau's own warnings as one ``warning: <message>`` line on stderr (as errors are), not Python's
+    file:line form with the source line; other packages' warnings keep Python's form."""
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(str(Path(__file__).resolve().parents[1])):
+            typer.echo(f"warning: {first_line(message) if isinstance(message, BaseException) else message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a :data:`USER_ERRORS` raised inside the block into one ``error:`` line and exit code 2."""
