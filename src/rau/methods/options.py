@@ -156,8 +156,8 @@ class RauOptions(MethodOptions):
     ``seg_head``: a ``<seg>`` head folder (``rau-seg`` only; None: the shipped head); ``memseg``: a
     memory-segmenter folder (``rau-memseg``, and ``rau-seg`` with a memseg head; None: the shipped
     one); ``follow_unknown``: as in :class:`Sam2MemoryOptions`, for the memory segmenter of ``rau-memseg``
-    and of ``rau-seg`` with a memseg head (a structure it never trained on is the reference mask moved
-    into the VLM's box); ``assign``: one-to-one assignment of boxes to structures (``rau-ot`` sets it);
+    and of ``rau-seg`` with a memseg head (a structure it never trained on is copied by the memory readout
+    where the VLM answers "visible"); ``assign``: one-to-one assignment of boxes to structures (``rau-ot`` sets it);
     the others as in :class:`BoxPromptOptions`."""
 
     device: str = "cpu"

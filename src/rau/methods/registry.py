@@ -373,8 +373,8 @@ def _warn_calibration_mode(method: Method) -> None:
     for cal in {id(c): c for c in (method.calibration, method.calibration_k) if c is not None}.values():
         fitted = (getattr(cal, "record", None) or {}).get("follow_unknown", True) is not False
         if fitted != seg.follow_unknown:
-            flag = "--follow-unknown" if seg.follow_unknown else "--decode-unknown"
-            warnings.warn(f"{method.name}: its confidence was calibrated {'copying' if fitted else 'decoding'} structures the memory segmenter never "
+            flag, mode = ("--follow-unknown" if seg.follow_unknown else "--decode-unknown"), ("copying" if fitted else "decoding")
+            warnings.warn(f"{method.name}: its confidence was calibrated {mode} structures the memory segmenter never "
                           f"trained on, and this run uses {flag}; their confidence may be off (rau calibrate --method "
                           f"{method.name} {flag} fits one; pass it with --calibration)")
             return
