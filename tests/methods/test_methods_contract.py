@@ -426,6 +426,25 @@ def test_a_calibration_fitted_in_the_other_mode_of_unknown_structures_warns(tiny
             assert said[0].startswith("sam2-memory: its confidence was calibrated") and "rau calibrate" in said[0]
 
 
+def test_decode_unknown_reads_the_shipped_decoding_calibration(tiny_memseg):
+    """--decode-unknown reads <method>[_k]_decode.json where one is shipped (fitted decoding every structure), so it
+    does not warn; copying reads <method>.json; a method without a decoding file keeps its usual one."""
+    import warnings
+
+    from rau.methods.confidence import calibration_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mismatch warning would fail here
+        decode = create_method("sam2-memory", memseg=tiny_memseg, follow_unknown=False)
+        follow = create_method("sam2-memory", memseg=tiny_memseg)
+    assert decode.calibration.record["follow_unknown"] is False and decode.calibration_k.record["follow_unknown"] is False
+    assert "follow_unknown" not in follow.calibration.record
+    assert calibration_path("sam2-memory", True, decode=True).name == "sam2-memory_k_decode.json"
+    assert not calibration_path("registration", decode=True).is_file()
+    reg = create_method("registration", follow_unknown=False)
+    assert reg.calibration is not None and "follow_unknown" not in reg.calibration.record
+
+
 def test_rau_memseg_hands_the_reference_mask_moved_into_the_vlm_box_to_the_segmenter(tiny_ref, tiny_memseg, monkeypatch):
     from rau.methods.memseg import MemSegSegmenter
     from rau.geometry import mask_to_box

@@ -193,7 +193,8 @@ def bench(
 
 def calibrate(
     method: MethodOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Calibration JSON to write (default: the method's shipped file, src/rau/assets/calibration/<method>.json).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Calibration JSON to write (default: the method's shipped file, src/rau/assets/calibration/<method>.json; "
+                                                    "<method>_k.json with --k-references, <method>[_k]_decode.json with --decode-unknown).")] = None,
     work: Annotated[Path, typer.Option(help="Folder for the calibration runs (<split>_<method>.json; reused when present, so a killed run resumes).")] = Path("runs/calib"),
     data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
     drr_dir: Annotated[Path, typer.Option(help="DRR folders (train/ as references; calib/ rendered here on first use).")] = Path("runs/drr"),
@@ -227,7 +228,7 @@ def calibrate(
         name = method or DEFAULT_METHOD
         if k_references < 1:
             raise RauInputError(f"--k-references: must be a positive integer, got {k_references}")
-        target = out or calibration_path(name, k_references > 1)
+        target = out or calibration_path(name, k_references > 1, decode=not follow_unknown)
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
                               k=k_references, splits=split_names(splits, "--splits") if splits else None,
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,

@@ -481,15 +481,19 @@ def unknown_features(names: list[str]) -> list[str]:
     return [n for n in names if n not in FEATURES and n != PRIOR_FEATURE]
 
 
-def calibration_path(method: str, k_references: bool = False) -> Path:
-    """Where the shipped calibration of ``method`` lives: ``assets/calibration/<method>.json``, and
-    for its k-reference results ``<method>_k.json``."""
-    return CALIBRATION_DIR / f"{method}{'_k' if k_references else ''}.json"
+def calibration_path(method: str, k_references: bool = False, decode: bool = False) -> Path:
+    """Where the shipped calibration of ``method`` lives: ``assets/calibration/<method>.json``, for its
+    k-reference results ``<method>_k.json``, and for a memory-segmenter method run with ``--decode-unknown``
+    (``decode``: every structure decoded, none copied) ``<method>[_k]_decode.json``."""
+    return CALIBRATION_DIR / f"{method}{'_k' if k_references else ''}{'_decode' if decode else ''}.json"
 
 
-def default_calibration(method: str, k_references: bool = False) -> Calibration | None:
-    """The shipped calibration of a registry method (:func:`calibration_path`), or None."""
-    path = calibration_path(method, k_references)
+def default_calibration(method: str, k_references: bool = False, decode: bool = False) -> Calibration | None:
+    """The shipped calibration of a registry method (:func:`calibration_path`), or None; with ``decode``, its
+    decoding one where shipped, else its usual one."""
+    path = calibration_path(method, k_references, decode)
+    if decode and not path.is_file():
+        path = calibration_path(method, k_references)
     return Calibration.load(path) if path.is_file() else None
 
 

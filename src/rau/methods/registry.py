@@ -348,14 +348,16 @@ def create_method(name: str | None = None, **options: Any) -> Method:
 
     calibration = options.pop("calibration", None)
     spec = _spec(name)
-    method = spec.build(options_for(spec.options, options))
+    opts = options_for(spec.options, options)
+    method = spec.build(opts)
     if calibration is False or calibration == "none":
         method.calibration = None
     elif calibration:  # a user's file assesses results of one and of k references alike
         method.calibration = Calibration.load(calibration)
-    else:
-        method.calibration = default_calibration(spec.name)
-        method.calibration_k = default_calibration(spec.name, k_references=True)
+    else:  # --decode-unknown reads the method's decoding calibration where one is shipped
+        decode = getattr(opts, "follow_unknown", True) is False
+        method.calibration = default_calibration(spec.name, decode=decode)
+        method.calibration_k = default_calibration(spec.name, k_references=True, decode=decode)
     _warn_calibration_mode(method)
     return method
 
@@ -376,7 +378,7 @@ def _warn_calibration_mode(method: Method) -> None:
             flag, mode = ("--follow-unknown" if seg.follow_unknown else "--decode-unknown"), ("copying" if fitted else "decoding")
             warnings.warn(f"{method.name}: its confidence was calibrated {mode} structures the memory segmenter never "
                           f"trained on, and this run uses {flag}; their confidence may be off (rau calibrate --method "
-                          f"{method.name} {flag} fits one; pass it with --calibration)")
+                          f"{method.name} {flag} fits one)")
             return
 
 
