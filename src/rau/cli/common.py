@@ -132,9 +132,10 @@ ChexOpt = Annotated[Optional[Path], typer.Option("--chex", help="Trained CheXana
 SegHeadOpt = Annotated[Optional[Path], typer.Option("--seg-head", help="Method rau-seg: a `rau train seg-head` folder (default: the shipped head, if any).")]
 RefinerOpt = Annotated[Optional[Path], typer.Option("--refiner", help="Method reg-refine: a `rau train refine` folder (default: the shipped refiner).")]
 MemSegOpt = Annotated[Optional[Path], typer.Option("--memseg", help="Methods sam2-memory/reg-memseg: a `rau train memseg` folder (default: the shipped memory segmenter).")]
-FollowOpt = Annotated[bool, typer.Option("--follow-unknown/--decode-unknown", help="Methods sam2-memory/reg-memseg: a structure "
-    "whose name the memory segmenter never trained on is copied from the reference (reg-memseg: registration's warped mask; "
-    "sam2-memory: the memory readout) instead of drawn by its decoder (default: follow).")]
+FollowOpt = Annotated[bool, typer.Option("--follow-unknown/--decode-unknown", help="Methods sam2-memory, reg-memseg, rau-seg, "
+    "rau-memseg: a structure whose name the memory segmenter never trained on is copied from the reference (reg-memseg: "
+    "registration's warped mask; the others: the memory readout) instead of drawn by its decoder (default: follow; "
+    "--decode-unknown reads the method's <method>_decode.json calibration).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]

@@ -339,8 +339,8 @@ def create_method(name: str | None = None, **options: Any) -> Method:
     (``rau-seg`` head folder), ``memseg`` (memory-segmenter folder), ``segmenter`` ("medsam" | "sam2-memory"), ``sam2`` (SAM2 checkpoint
     folder), ``sam2_config``, ``unet`` (U-Net folder), ``chex`` (CheXanatomy folder), ``seed``
     (registration), ``assign``, ``calibration`` (a confidence calibration JSON, or False / "none" for
-    none; default: the shipped ones of this method, if any, for one and for k references:
-    :mod:`rau.methods.confidence`). Each method takes the options of its class in
+    none; default: the shipped ones of this method, if any, for one and for k references, and with
+    ``follow_unknown=False`` its decoding ones where shipped: :mod:`rau.methods.confidence`). Each method takes the options of its class in
     :mod:`rau.methods.options` and ignores the other methods' options (callers may pass one shared
     set); an option no method takes, or a bad value, raises RauInputError.
     """
@@ -373,7 +373,7 @@ def _warn_calibration_mode(method: Method) -> None:
     if not isinstance(seg, MemSegSegmenter):
         return
     for cal in {id(c): c for c in (method.calibration, method.calibration_k) if c is not None}.values():
-        fitted = (getattr(cal, "record", None) or {}).get("follow_unknown", True) is not False
+        fitted = cal.record.get("follow_unknown", True) is not False
         if fitted != seg.follow_unknown:
             flag, mode = ("--follow-unknown" if seg.follow_unknown else "--decode-unknown"), ("copying" if fitted else "decoding")
             warnings.warn(f"{method.name}: its confidence was calibrated {mode} structures the memory segmenter never "
