@@ -42,6 +42,7 @@ BAD = [
     (MemSegOptions, {"seed": -2}, "--seed"),
     (MemSegOptions, {"follow_unknown": "no"}, "--follow-unknown"),
     (Sam2MemoryOptions, {"follow_unknown": 1}, "--follow-unknown"),
+    (RauOptions, {"segment_all": "yes"}, "--segment-all"),
     (RefineOptions, {"refiner": 3}, "--refiner"),
     (RauRefineOptions, {"refiner": ""}, "--refiner"),
     (RauRefineOptions, {"vlm": 2}, "--vlm"),

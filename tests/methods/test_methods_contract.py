@@ -445,13 +445,44 @@ def test_decode_unknown_reads_the_shipped_decoding_calibration(tiny_memseg):
     assert reg.calibration is not None and "follow_unknown" not in reg.calibration.record
 
 
+def test_the_vlm_methods_calibration_follows_segment_all_and_warns_on_the_other_mode(tiny_ref, tiny_memseg, tmp_path):
+    """--segment-visible reads <method>[_k][_decode]_visible.json where shipped, else the nearest file; a
+    calibration whose record says it was fitted in the other mode (``segment_all``; absent: the VLM's "no"
+    stood) warns once; a method without the choice (sam2-memory) never warns about it."""
+    import warnings
+
+    from rau.eval.calibrate import fit_calibration
+    from rau.methods.confidence import calibration_path
+    from tests.methods.test_confidence import _rows
+
+    assert calibration_path("rau-seg", visible=True).name == "rau-seg_visible.json"
+    assert calibration_path("rau-seg", True, decode=True, visible=True).name == "rau-seg_k_decode_visible.json"
+    old, segmenting = tmp_path / "old.json", tmp_path / "all.json"
+    fit_calibration(_rows(), "rau-memseg").save(old)
+    fit_calibration(_rows(), "rau-memseg", record={"segment_all": True}).save(segmenting)
+    for path, segment_all, warns in ((old, False, False), (old, True, True), (segmenting, True, False),
+                                     (segmenting, False, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            method = create_method("rau-memseg", vlm=tiny_ref, memseg=tiny_memseg, calibration=path, segment_all=segment_all)
+        said = [str(w.message) for w in caught if "not visible" in str(w.message)]
+        assert method.segment_all is segment_all and len(said) == int(warns), (path.name, segment_all, said)
+        if warns:
+            flag = "--segment-all" if segment_all else "--segment-visible"
+            assert said[0].startswith("rau-memseg: its confidence was calibrated") and f"rau calibrate --method rau-memseg {flag}" in said[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert create_method("sam2-memory", memseg=tiny_memseg, calibration=segmenting).segment_all is None
+    assert not [w for w in caught if "not visible" in str(w.message)]
+
+
 def test_rau_memseg_hands_the_reference_mask_moved_into_the_vlm_box_to_the_segmenter(tiny_ref, tiny_memseg, monkeypatch):
     from rau.methods.memseg import MemSegSegmenter
     from rau.geometry import mask_to_box
 
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
-    method = create_method("rau-memseg", vlm=tiny_ref, memseg=tiny_memseg)
+    method = create_method("rau-memseg", vlm=tiny_ref, memseg=tiny_memseg, segment_all=False)  # the VLM's "no" stands
     assert method.localizer.shared is method.segmenter  # one encoder pass per image for both
     seen = {}
     real = MemSegSegmenter.segment_k
@@ -463,7 +494,7 @@ def test_rau_memseg_hands_the_reference_mask_moved_into_the_vlm_box_to_the_segme
     monkeypatch.setattr(MemSegSegmenter, "segment_k", spy)
     result = method.predict(AnnotatedImage(ref_img, ref_masks), AnnotatedImage(tgt_img))
     for name, loc in result.structures.items():
-        if loc.answer != "yes":  # the VLM said "not visible": no prior, no mask
+        if loc.answer != "yes":  # the VLM said "not visible" (or its box does not decode): no prior, no mask
             assert name not in seen and not loc.found
             continue
         box, prior = seen[name]
@@ -536,23 +567,76 @@ def test_shipped_chexanatomy_runs_with_no_flags_on_the_sample():
         assert r.answer == "yes" and dice(r.mask, truth) > 0.5, name
 
 
-def test_a_localizers_not_visible_is_not_overruled_by_a_memory_segmenter(tiny_memseg):
-    """rau-memseg's contract: a structure the VLM answers "not visible" gets no mask, although the
-    memory segmenter (which needs no box) would segment it from the reference alone."""
+@pytest.mark.parametrize("segment_all", [None, False, True])
+def test_a_localizers_not_visible_is_overruled_by_a_memory_segmenter_only_with_segment_all(tiny_memseg, segment_all):
+    """A structure the localizer answers "not visible" gets no mask, although the memory segmenter (which
+    needs no box) would segment it from the reference alone (the paper's gate: ``segment_all`` None or
+    False); with ``segment_all`` its mask is kept, answered "yes", scored P(yes) x the segmenter's score,
+    and the localizer's features reach the confidence."""
     from rau.methods.interfaces import Localization, Localizer, Method
     from rau.methods.memseg import MemSegSegmenter
 
     class SaysNoToSquare(Localizer):
         def localize(self, reference, target, structures):
-            return {s: Localization("yes", (10.0, 10.0, 60.0, 60.0), 0.9) if s == "blob"
-                    else Localization("no", None, 0.1, "the model answers that the structure is not visible")
+            return {s: Localization("yes", (10.0, 10.0, 60.0, 60.0), 0.9, features={"p_yes": 0.95}) if s == "blob"
+                    else Localization("no", None, 0.1, "the model answers that the structure is not visible",
+                                      features={"p_yes": 0.1})
                     for s in structures}
 
     ref_img, ref_masks = synthetic_pair((96, 96))
     tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
     seg = MemSegSegmenter(tiny_memseg, threshold=-1e9)  # every pixel foreground: a mask for whatever it is asked
-    result = Method("m", SaysNoToSquare(), seg).predict(AnnotatedImage(ref_img, ref_masks, {"id": "r"}),
-                                                        AnnotatedImage(tgt_img, {}, {"id": "t"}))
+    method = Method("m", SaysNoToSquare(), seg)
+    method.segment_all = segment_all
+    ref, tgt = AnnotatedImage(ref_img, ref_masks, {"id": "r"}), AnnotatedImage(tgt_img, {}, {"id": "t"})
+    result = method.predict(ref, tgt)
     assert result.structures["blob"].found
     square = result.structures["square"]
-    assert not square.found and square.mask is None and square.answer == "no" and "not visible" in square.reason
+    assert square.features["p_yes"] == 0.1 and result.structures["blob"].features["p_yes"] == 0.95
+    if not segment_all:
+        assert not square.found and square.mask is None and square.answer == "no" and "not visible" in square.reason
+        assert square.score == 0.0
+        return
+    alone = seg.segment(tgt_img, {"square": None}, ref)["square"]  # memory alone, as sam2-memory
+    assert square.found and square.answer == "yes" and square.reason is None
+    assert np.array_equal(square.mask, alone.mask) and square.score == pytest.approx(0.1 * alone.score)
+
+
+@pytest.mark.parametrize("segment_all", [True, False])
+def test_rau_seg_segments_what_its_vlm_answers_not_visible_from_memory_alone_with_segment_all(
+        tiny_ref, tiny_memseg, tmp_path, monkeypatch, segment_all):
+    """rau-seg (memseg head) with --segment-all (default) hands the structures without a <seg> cue (the VLM
+    answers "not visible") to the memory segmenter with no box, as sam2-memory; --segment-visible does not."""
+    from rau.methods.memseg import MemSegSegmenter
+    from rau.methods.rau_vlm import RefVlmLocalizer
+    from rau.methods.interfaces import Localization
+    from rau.models.refvlm.seghead import SegHeadConfig, SegHeadModel, weights_sha256
+
+    head = SegHeadModel(SegHeadConfig(hidden_size=32, seg_after="box", decoder="memseg", vlm_sha256=weights_sha256(tiny_ref),
+                                      memseg_sha256=weights_sha256(tiny_memseg))).save_pretrained(tmp_path / "head")
+    method = create_method("rau-seg", vlm=tiny_ref, seg_head=head, memseg=tiny_memseg, segment_all=segment_all,
+                           calibration=False)
+    assert method.segment_all is segment_all and method.segmenter.segment_all is segment_all
+    real = RefVlmLocalizer.localize
+
+    def square_not_visible(self, reference, target, structures):
+        out = real(self, reference, target, structures)
+        out["square"] = Localization("no", None, 0.2, "the model answers that the structure is not visible",
+                                     features={"p_yes": 0.2})
+        return out
+
+    monkeypatch.setattr(RefVlmLocalizer, "localize", square_not_visible)
+    asked = []
+    real_segment = MemSegSegmenter.segment
+    monkeypatch.setattr(MemSegSegmenter, "segment", lambda self, t, boxes, ref, cues=None:
+                        asked.append(dict(boxes)) or real_segment(self, t, boxes, ref, cues))
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
+    result = method.predict(AnnotatedImage(ref_img, ref_masks, {"id": "r"}), AnnotatedImage(tgt_img, {}, {"id": "t"}))
+    if segment_all:  # one call for every structure without a cue (the tiny VLM may say "no" to blob too), no box
+        assert len(asked) == 1 and "square" in asked[0] and set(asked[0].values()) == {None}
+    else:
+        assert asked == []
+    square = result.structures["square"]
+    assert square.features["p_yes"] == 0.2
+    assert square.answer == ("yes" if segment_all and square.found else "no")

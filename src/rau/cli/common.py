@@ -136,6 +136,11 @@ FollowOpt = Annotated[bool, typer.Option("--follow-unknown/--decode-unknown", he
     "rau-memseg: a structure whose name the memory segmenter never trained on is copied from the reference (reg-memseg: "
     "registration's warped mask; the others: the memory readout) instead of drawn by its decoder (default: follow; "
     "--decode-unknown reads the method's <method>_decode.json calibration).")]
+SegmentAllOpt = Annotated[bool, typer.Option("--segment-all/--segment-visible", help="Methods rau-seg, rau-memseg: a "
+    "structure the VLM answers \"not visible\" is still segmented by the memory segmenter from memory alone, and the "
+    "calibrated confidence and presence (which read the VLM's answer) decide what is withheld (default). "
+    "--segment-visible: the VLM's \"no\" stands and no mask is delivered (the paper's gate; reads the method's "
+    "<method>_visible.json calibration).")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
@@ -156,7 +161,8 @@ ExcludeOpt = Annotated[Optional[list[str]], option(
 def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2: Optional[Path], segmenter: Optional[str],
                    seed: int = 0, unet: Optional[Path] = None, chex: Optional[Path] = None,
                    seg_head: Optional[Path] = None, precision: Optional[str] = None,
-                   memseg: Optional[Path] = None, refiner: Optional[Path] = None, follow_unknown: bool = True) -> dict[str, Any]:
+                   memseg: Optional[Path] = None, refiner: Optional[Path] = None, follow_unknown: bool = True,
+                   segment_all: bool = True) -> dict[str, Any]:
     """The keyword arguments of :func:`rau.methods.create_method` from the shared method options.
 
     A bad ``--precision`` fails here, before any model loads."""
@@ -165,4 +171,4 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
     resolve_precision(precision, device)
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
             "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision, "memseg": memseg,
-            "refiner": refiner, "follow_unknown": follow_unknown}
+            "refiner": refiner, "follow_unknown": follow_unknown, "segment_all": segment_all}

@@ -24,6 +24,7 @@ from rau.cli.common import (
     ProgressOpt,
     Sam2Opt,
     FollowOpt,
+    SegmentAllOpt,
     MemSegOpt,
     RefinerOpt,
     SegHeadOpt,
@@ -85,6 +86,7 @@ def eval_(
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
     follow_unknown: FollowOpt = True,
+    segment_all: SegmentAllOpt = True,
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
@@ -105,7 +107,7 @@ def eval_(
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
         options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg, refiner=refiner,
-                                 follow_unknown=follow_unknown)
+                                 follow_unknown=follow_unknown, segment_all=segment_all)
         m = create_method(name, **options)
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device, **model_config(options),
@@ -172,6 +174,7 @@ def bench(
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
     follow_unknown: FollowOpt = True,
+    segment_all: SegmentAllOpt = True,
     refiner: RefinerOpt = None,
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     precision: PrecisionOpt = None,
@@ -186,7 +189,7 @@ def bench(
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
                           argv=sys.argv[1:], k=k_references, overlay_methods=split_names(overlays, "--overlays"),
                           method_options={**method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head,
-                                                           precision, memseg, refiner=refiner, follow_unknown=follow_unknown),
+                                                           precision, memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all),
                                           **({"calibration": calibration} if calibration else {})})
     typer.echo(path.read_text())
 
@@ -194,7 +197,8 @@ def bench(
 def calibrate(
     method: MethodOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Calibration JSON to write (default: the method's shipped file, src/rau/assets/calibration/<method>.json; "
-                                                    "<method>_k.json with --k-references, <method>[_k]_decode.json with --decode-unknown).")] = None,
+                                                    "<method>_k.json with --k-references, <method>[_k]_decode.json with --decode-unknown, "
+                                                    "<method>[_k][_decode]_visible.json with --segment-visible).")] = None,
     work: Annotated[Path, typer.Option(help="Folder for the calibration runs (<split>_<method>.json; reused when present, so a killed run resumes).")] = Path("runs/calib"),
     data: Annotated[Path, typer.Option(help="Folder holding wingspan_cxr/ and arcade_syntax/.")] = Path("../shared/datasets"),
     drr_dir: Annotated[Path, typer.Option(help="DRR folders (train/ as references; calib/ rendered here on first use).")] = Path("runs/drr"),
@@ -212,6 +216,7 @@ def calibrate(
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
     follow_unknown: FollowOpt = True,
+    segment_all: SegmentAllOpt = True,
     refiner: RefinerOpt = None,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
@@ -228,12 +233,12 @@ def calibrate(
         name = method or DEFAULT_METHOD
         if k_references < 1:
             raise RauInputError(f"--k-references: must be a positive integer, got {k_references}")
-        target = out or calibration_path(name, k_references > 1, decode=not follow_unknown)
+        target = out or calibration_path(name, k_references > 1, decode=not follow_unknown, visible=not segment_all)
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
                               k=k_references, splits=split_names(splits, "--splits") if splits else None,
                               argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
                                                                                seg_head, precision, memseg, refiner=refiner,
-                                                                               follow_unknown=follow_unknown))
+                                                                               follow_unknown=follow_unknown, segment_all=segment_all))
     r = cal.record
     orient = f"min orientation agreement {cal.min_orientation:+.3f}" if cal.min_orientation is not None else "no orientation rule"
     rules = "fit, orientation, mirrored" if cal.min_orientation is not None else "fit, mirrored"

@@ -20,6 +20,7 @@ from rau.cli.common import (
     DeviceOpt,
     LoraOpt,
     FollowOpt,
+    SegmentAllOpt,
     MemSegOpt,
     RefinerOpt,
     MethodOpt,
@@ -70,6 +71,7 @@ def localize(
     seg_head: SegHeadOpt = None,
     memseg: MemSegOpt = None,
     follow_unknown: FollowOpt = True,
+    segment_all: SegmentAllOpt = True,
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     formats: Annotated[Optional[str], typer.Option(help="Also export each result as these comma-separated formats: nifti, coco, dicom-seg (default: none).")] = None,
@@ -97,7 +99,7 @@ def localize(
             raise ValueError("--target/--targets: give one target (--target) or a batch (--targets), not both")
         vol = None
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
-                                 precision=precision, memseg=memseg, refiner=refiner, follow_unknown=follow_unknown)
+                                 precision=precision, memseg=memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all)
         if calibration:
             options["calibration"] = calibration
         if (bank is None) == (reference is None):

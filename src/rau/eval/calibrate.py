@@ -424,7 +424,9 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
               "commit": git_commit(), "machine": machine_line(), "k_references": k,
               "reports": [str(work / report_name(s.name, method, k)) for s in splits],
               # fitted decoding every structure (--decode-unknown); absent: copying those the model never trained on
-              **({"follow_unknown": False} if method_options.get("follow_unknown") is False else {})}
+              **({"follow_unknown": False} if method_options.get("follow_unknown") is False else {}),
+              # the VLM methods' mode (--segment-all / --segment-visible) as their reports record it; absent: no such choice
+              **{k: v for r in reports for k, v in r.get("config", {}).items() if k == "segment_all"}}
     cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record)
     cal.save(out)
     write_json(work / f"calibration_{method}.json", cal.to_json())

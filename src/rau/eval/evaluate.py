@@ -242,7 +242,9 @@ def evaluate(
         "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
         "n_targets": len(chosen),
         "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,
-                   "structures": structures, "pairs": pairs},
+                   "structures": structures, "pairs": pairs,
+                   # the VLM methods' mode (Method.segment_all); absent where the method has no such choice
+                   **({"segment_all": method.segment_all} if getattr(method, "segment_all", None) is not None else {})},
         "targets": rows,
     }
 

@@ -50,7 +50,7 @@ from rau.errors import RauInputError
 #: The features of one output, in the order the logistic model reads them.
 FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
             "orientation", "smoothness", "contrast", "score_logit", "edge", "inside_contrast", "agreement", "support",
-            "readout_agreement")
+            "readout_agreement", "p_yes")
 
 #: Features only a k-reference result has (:func:`k_reference_features`): a calibration fitted on
 #: one-reference outputs lacks them, one fitted with ``rau calibrate --k-references K`` reads them.
@@ -59,6 +59,11 @@ K_FEATURES = ("agreement", "support")
 #: Features a segmenter measures on its own output (:attr:`rau.methods.interfaces.SegmentationOutput.features`):
 #: only the memory segmenter's results have them, and a calibration fitted without them ignores them.
 SEGMENTER_FEATURES = ("readout_agreement",)
+
+#: Features a localizer measures (:attr:`rau.methods.interfaces.Localization.features`): the RAU VLM's
+#: P(yes) for "is the structure visible", for every structure it answers; a calibration fitted without
+#: it ignores it.
+LOCALIZER_FEATURES = ("p_yes",)
 
 #: A feature the calibration itself supplies: the share of right outputs for the structure's name on
 #: the calibration split, shrunk towards the pooled share (:meth:`Calibration.structure_prior`). A
@@ -481,20 +486,24 @@ def unknown_features(names: list[str]) -> list[str]:
     return [n for n in names if n not in FEATURES and n != PRIOR_FEATURE]
 
 
-def calibration_path(method: str, k_references: bool = False, decode: bool = False) -> Path:
+def calibration_path(method: str, k_references: bool = False, decode: bool = False, visible: bool = False) -> Path:
     """Where the shipped calibration of ``method`` lives: ``assets/calibration/<method>.json``, for its
-    k-reference results ``<method>_k.json``, and for a memory-segmenter method run with ``--decode-unknown``
-    (``decode``: every structure decoded, none copied) ``<method>[_k]_decode.json``."""
-    return CALIBRATION_DIR / f"{method}{'_k' if k_references else ''}{'_decode' if decode else ''}.json"
+    k-reference results ``<method>_k.json``, for a memory-segmenter method run with ``--decode-unknown``
+    (``decode``: every structure decoded, none copied) ``<method>[_k]_decode.json``, and for a VLM method run
+    with ``--segment-visible`` (``visible``: the VLM's "no" stands) ``<method>[_k][_decode]_visible.json``."""
+    return CALIBRATION_DIR / f"{method}{'_k' if k_references else ''}{'_decode' if decode else ''}{'_visible' if visible else ''}.json"
 
 
-def default_calibration(method: str, k_references: bool = False, decode: bool = False) -> Calibration | None:
-    """The shipped calibration of a registry method (:func:`calibration_path`), or None; with ``decode``, its
-    decoding one where shipped, else its usual one."""
-    path = calibration_path(method, k_references, decode)
-    if decode and not path.is_file():
-        path = calibration_path(method, k_references)
-    return Calibration.load(path) if path.is_file() else None
+def default_calibration(method: str, k_references: bool = False, decode: bool = False,
+                        visible: bool = False) -> Calibration | None:
+    """The shipped calibration of a registry method (:func:`calibration_path`), or None: the one of the
+    asked mode where shipped, else the nearest (without ``visible``, then without ``decode``); a mode
+    mismatch is what :func:`rau.methods.registry.create_method` warns about."""
+    for d, v in dict.fromkeys([(decode, visible), (decode, False), (False, visible), (False, False)]):
+        path = calibration_path(method, k_references, d, v)
+        if path.is_file():
+            return Calibration.load(path)
+    return None
 
 
 def k_reference_features(masks: list[np.ndarray | None], annotated: int) -> dict[str, float]:

@@ -39,7 +39,9 @@ class Localization:
     mask: a (H, W) bool mask when the localizer also produces one (registration does), else None;
     prob: (H, W) float32 soft version of ``mask`` (e.g. the linearly warped reference mask), or None;
     cue: a spatial cue beyond the box for segmenters that read cues (``Segmenter.reads_cues``), e.g.
-    RAU's ``<seg>`` query (:class:`rau.methods.rau_seg.SegCue`); None otherwise.
+    RAU's ``<seg>`` query (:class:`rau.methods.rau_seg.SegCue`); None otherwise;
+    features: measurements only the localizer can make, handed to the confidence
+    (:data:`rau.methods.confidence.LOCALIZER_FEATURES`, e.g. the RAU VLM's ``p_yes``), or None.
     """
 
     answer: str | None = None
@@ -49,6 +51,7 @@ class Localization:
     mask: np.ndarray | None = None
     prob: np.ndarray | None = None
     cue: object | None = None
+    features: dict[str, float] | None = None
 
 
 class Localizer(ABC):
@@ -139,9 +142,15 @@ def fuse_probabilities(seg_prob: np.ndarray, loc_prob: np.ndarray, sigma_px: flo
     return (np.asarray(seg_prob, np.float32) + blurred) / 2.0 > 0.5
 
 
-def segmenter_features(segs: dict) -> dict[str, dict[str, float]]:
-    """structure -> the features a segmenter measured on its output (:attr:`SegmentationOutput.features`)."""
-    return {s: dict(o.features) for s, o in segs.items() if o is not None and o.features}
+def segmenter_features(segs: dict, locs: dict | None = None) -> dict[str, dict[str, float]]:
+    """structure -> the features a segmenter measured on its output (:attr:`SegmentationOutput.features`)
+    and, from ``locs``, those the localizer measured (:attr:`Localization.features`)."""
+    out: dict[str, dict[str, float]] = {}
+    for parts in (locs or {}, segs):
+        for s, o in parts.items():
+            if o is not None and o.features:
+                out.setdefault(s, {}).update(o.features)
+    return out
 
 
 class Method:
@@ -155,10 +164,16 @@ class Method:
     (:func:`rau.methods.confidence.assess`: a confidence per structure; masks are not changed).
     ``calibration_k``: the one for results of k references fused in memory (:meth:`predict_k`),
     fitted with the references' agreement (``rau calibrate --k-references K``); None: ``calibration``.
+    ``segment_all``: a structure the localizer answers "not visible" is still segmented by a segmenter
+    that can do without a box (the memory segmenter, from memory alone) and kept; the calibrated
+    confidence and presence models, which read the localizer's answer (``p_yes``), decide what is
+    withheld. False (the paper's RAU): the localizer's "no" stands and no mask is delivered. None (the
+    default): the method has no such choice (its localizer's "no" stands).
     """
 
     calibration = None
     calibration_k = None
+    segment_all: bool | None = None
 
     def __init__(self, name: str, localizer: Localizer | None, segmenter: Segmenter | None,
                  *, fuse_sigma: float | None = None):
@@ -188,7 +203,7 @@ class Method:
         sigma = self.fuse_sigma * max(target.shape) if self.fuse_sigma else None
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         result = TargetResult(target.id, reference.id, self.name, results)
-        assess(result, reference, target.image, self.calibration, checks, extra=segmenter_features(segs))
+        assess(result, reference, target.image, self.calibration, checks, extra=segmenter_features(segs, locs))
         result.seconds = time.perf_counter() - start
         return result
 
@@ -281,8 +296,12 @@ class Method:
         return TargetResult(target.id, reference_id, self.name, results, time.perf_counter() - start)
 
     def _combine(self, name: str, loc: Localization | None, seg, sigma: float | None) -> StructureResult:
+        overruled = False  # the localizer says not visible and the segmenter drew it anyway
         if loc is not None and loc.answer == "no" and loc.box_xyxy_px is None:
-            seg = None  # the localizer says not visible: a segmenter that needs no box (memory) must not overrule it
+            if self.segment_all is True and seg is not None and seg.mask.any():
+                overruled = True
+            else:  # the localizer's "no" stands: a segmenter that needs no box (memory) does not overrule it
+                seg = None
         if seg is not None and sigma is not None and seg.prob is not None and loc is not None and loc.prob is not None:
             mask, score = fuse_probabilities(seg.prob, loc.prob, sigma), seg.score
         elif seg is not None:
@@ -296,11 +315,13 @@ class Method:
             box = seg.box_xyxy_px
         if box is None and mask is not None:
             box = mask_to_box(mask)
-        if loc is not None and self.segmenter is not None:
-            score = loc.score * score if loc.box_xyxy_px is not None else 0.0
+        if loc is not None and self.segmenter is not None:  # a "no" answer's score is the VLM's P(yes)
+            score = loc.score * score if loc.box_xyxy_px is not None or overruled else 0.0
         found = mask is not None and bool(mask.any())
         answer = loc.answer if loc is not None and loc.answer is not None else ("yes" if found else "no")
         reason = loc.reason if loc is not None else None
+        if overruled:
+            answer, reason = "yes", None
         if seg is not None and seg.reason is not None and not found:  # the segmenter knows why: not visible
             answer, reason = "no", seg.reason
         if reason is None and not found:

@@ -38,7 +38,7 @@ SEGMENTERS = ("medsam", "sam2-memory")
 MAX_SEED = 2**32 - 1
 #: Options the command line exposes as ``--flag`` (the others are Python-only).
 _CLI_FLAGS = frozenset({"device", "vlm", "lora", "sam2", "segmenter", "seed", "unet", "chex", "seg_head", "precision",
-                        "memseg", "refiner", "follow_unknown"})
+                        "memseg", "refiner", "follow_unknown", "segment_all"})
 
 
 def option_label(name: str) -> str:
@@ -157,7 +157,10 @@ class RauOptions(MethodOptions):
     memory-segmenter folder (``rau-memseg``, and ``rau-seg`` with a memseg head; None: the shipped
     one); ``follow_unknown``: as in :class:`Sam2MemoryOptions`, for the memory segmenter of ``rau-memseg``
     and of ``rau-seg`` with a memseg head (a structure it never trained on is copied by the memory readout
-    where the VLM answers "visible"); ``assign``: one-to-one assignment of boxes to structures (``rau-ot`` sets it);
+    where the VLM answers "visible"); ``segment_all``: ``rau-seg`` (memseg head) and ``rau-memseg`` segment a
+    structure the VLM answers "not visible" from memory alone too, and the calibrated confidence and presence
+    decide what is withheld (:attr:`rau.methods.interfaces.Method.segment_all`; False: the VLM's "no" stands, the
+    paper's gate); ``assign``: one-to-one assignment of boxes to structures (``rau-ot`` sets it);
     the others as in :class:`BoxPromptOptions`."""
 
     device: str = "cpu"
@@ -170,6 +173,7 @@ class RauOptions(MethodOptions):
     seg_head: str | Path | None = None
     memseg: str | Path | None = None
     follow_unknown: bool = True
+    segment_all: bool = True
     assign: bool = False
 
     def __post_init__(self) -> None:
@@ -180,6 +184,7 @@ class RauOptions(MethodOptions):
         _check_choice("segmenter", self.segmenter, SEGMENTERS)
         _check_sam2_config(self.sam2_config)
         _check_flag("follow_unknown", self.follow_unknown)
+        _check_flag("segment_all", self.segment_all)
         _check_flag("assign", self.assign)
         if self.lora is not None and self.vlm is None:
             raise RauInputError(

@@ -123,6 +123,10 @@ class MemSegQuerySegmenter(Segmenter):
     projected by a ``decoder="memseg"`` head into prompt tokens of its mask decoder (what). The
     target is encoded once (the memory segmenter's memo serves the VLM's features too). The mask's
     extent becomes the box, as with :class:`SegHeadSegmenter`.
+
+    ``segment_all``: a structure without a cue (the VLM answers "not visible", or its box does not
+    decode) is segmented from memory alone, as ``sam2-memory`` does (:attr:`Method.segment_all`
+    keeps it); else it gets None.
     """
 
     name = "seg-head+memseg"
@@ -130,7 +134,7 @@ class MemSegQuerySegmenter(Segmenter):
     needs_boxes = True
     reads_cues = True
 
-    def __init__(self, head_dir: str | Path, *, memseg, device: str = "cpu"):
+    def __init__(self, head_dir: str | Path, *, memseg, device: str = "cpu", segment_all: bool = False):
         from rau.errors import RauInputError
         from rau.models.refvlm.seghead import SegHeadModel
 
@@ -138,11 +142,14 @@ class MemSegQuerySegmenter(Segmenter):
         if self.head.config.decoder != "memseg":
             raise RauInputError(f"--seg-head: {head_dir} prompts LiteMedSAM's decoder, not the memory segmenter's")
         self.memseg = memseg
+        self.segment_all = bool(segment_all)
+        self.needs_boxes = not self.segment_all
 
     def segment(self, target: np.ndarray, boxes_xyxy_px: dict[str, Box | None],
                 reference: AnnotatedImage | None = None, cues: dict[str, SegCue] | None = None,
                 ) -> dict[str, SegmentationOutput | None]:
-        """Structures with a cue and a box get the memory segmenter's mask; others get None."""
+        """Structures with a cue and a box get the memory segmenter's mask; the others get None, or
+        with ``segment_all`` the memory segmenter's mask from memory alone."""
         import torch
 
         from rau.errors import RauInputError
@@ -152,6 +159,8 @@ class MemSegQuerySegmenter(Segmenter):
             raise RauInputError("reference: rau-seg's memory segmenter reads the reference's masks; pass the reference")
         out: dict[str, SegmentationOutput | None] = {n: None for n in boxes_xyxy_px}
         names = [n for n, c in (cues or {}).items() if isinstance(c, SegCue) and boxes_xyxy_px.get(n) is not None]
+        if self.segment_all and (alone := [n for n in boxes_xyxy_px if n not in names]):
+            out.update(self.memseg.segment(target, {n: None for n in alone}, reference))
         if not names:
             return out
         tokens: dict[int, Any] = {}

@@ -135,27 +135,30 @@ class RefVlmLocalizer(Localizer):
         bins = self.model.config.bins
         query = self._seg_query(ref_feats, tgt_feats, ref_tokens, answers, past) if self.seg_cues in ("box", "mask") else None
         for k, (name, a) in enumerate(zip(structures, answers)):
+            feats = {"p_yes": float(a.p_yes)}  # the confidence reads the VLM's answer (Method.segment_all)
             if not a.visible:
-                out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible")
+                out[name] = Localization("no", None, a.p_yes, "the model answers that the structure is not visible",
+                                         features=feats)
                 continue
             score = a.p_yes * a.box_score
             if self.seg_cues is not None:  # the answer's box + a cue for the segmenter (mask codes unused)
                 reason = box_tokens_reason(a.loc, bins)
                 if reason is not None:
-                    out[name] = Localization("no", None, 0.0, f"model answer does not decode: {reason}")
+                    out[name] = Localization("no", None, 0.0, f"model answer does not decode: {reason}", features=feats)
                     continue
                 box = loc_tokens_to_box(a.loc, hw, bins)
                 # "prior": the reference mask placed in the box; else rau-seg's <seg> query
                 cue = move_into_box(reference.masks[name], box, hw) if query is None else query.cue(k)
-                out[name] = Localization("yes", box, score, cue=cue)
+                out[name] = Localization("yes", box, score, cue=cue, features=feats)
                 continue
             decoded = self.tokenizer.decode(a.loc, a.codes, hw)
             if decoded.mask is None:
-                out[name] = Localization("no", decoded.box_xyxy_px, 0.0, f"model answer does not decode: {decoded.reason}")
+                out[name] = Localization("no", decoded.box_xyxy_px, 0.0, f"model answer does not decode: {decoded.reason}",
+                                         features=feats)
                 continue
             box = loc_tokens_to_box(a.loc, hw, bins)
             prob = paste_probs(self.tokenizer.decode_crop(a.codes), box, hw).astype(np.float32)
-            out[name] = Localization("yes", decoded.box_xyxy_px, score, None, decoded.mask, prob)
+            out[name] = Localization("yes", decoded.box_xyxy_px, score, None, decoded.mask, prob, features=feats)
         return out
 
     def _seg_query(self, ref_feats, tgt_feats, ref_tokens, answers, past=None):

@@ -172,7 +172,7 @@ def _rau_seg(o: RauOptions) -> Method:
         from rau.training.checkpoints import model_folder
 
         seg = MemSegQuerySegmenter(folder, memseg=_memseg(o.memseg, o.device, o.precision, o.follow_unknown, "readout"),
-                                   device=o.device)
+                                   device=o.device, segment_all=o.segment_all)
         seg.head.check_memseg(model_folder(o.memseg or DEFAULT_MEMSEG_DIR))
         shared = seg.memseg
     else:
@@ -182,17 +182,21 @@ def _rau_seg(o: RauOptions) -> Method:
         seg = SegHeadSegmenter(folder, shared=shared, device=o.device)
     loc, _ = _rau_parts(o, with_segmenter=False, seg_cues=seg.head.config.seg_after, shared=shared)
     seg.head.check_vlm(loc.model_dir)  # a head is tied to the VLM it was trained on (weight hash)
-    return Method("rau-seg", loc, seg)
+    method = Method("rau-seg", loc, seg)
+    method.segment_all = getattr(seg, "segment_all", None)  # the LiteMedSAM-decoder head needs the VLM's box
+    return method
 
 
 def _rau_memseg(o: RauOptions) -> Method:
     """The RAU VLM answers and boxes each structure; its box places the reference mask as the
     memory segmenter's prior (the reference image and mask in its memory); a structure the VLM
-    answers "not visible" gets no mask."""
+    answers "not visible" is segmented from memory alone (``segment_all``, default) or gets no mask."""
     _require_refvlm(o, "rau-memseg")
     seg = _memseg(o.memseg, o.device, o.precision, o.follow_unknown, "readout")
     loc, _ = _rau_parts(o, with_segmenter=False, seg_cues="prior", shared=seg)
-    return Method("rau-memseg", loc, seg)
+    method = Method("rau-memseg", loc, seg)
+    method.segment_all = o.segment_all
+    return method
 
 
 def _memseg(folder, device: str, precision: str | None, follow_unknown: bool = True, copy_from: str = "prior"):
@@ -354,30 +358,42 @@ def create_method(name: str | None = None, **options: Any) -> Method:
         method.calibration = None
     elif calibration:  # a user's file assesses results of one and of k references alike
         method.calibration = Calibration.load(calibration)
-    else:  # --decode-unknown reads the method's decoding calibration where one is shipped
+    else:  # --decode-unknown / --segment-visible read the method's calibration of that mode where one is shipped
         decode = getattr(opts, "follow_unknown", True) is False
-        method.calibration = default_calibration(spec.name, decode=decode)
-        method.calibration_k = default_calibration(spec.name, k_references=True, decode=decode)
+        visible = method.segment_all is False
+        method.calibration = default_calibration(spec.name, decode=decode, visible=visible)
+        method.calibration_k = default_calibration(spec.name, k_references=True, decode=decode, visible=visible)
     _warn_calibration_mode(method)
     return method
 
 
 def _warn_calibration_mode(method: Method) -> None:
-    """Warn once when ``method``'s memory segmenter copies unknown structures and its calibration was fitted
-    decoding them, or the reverse (its record's ``follow_unknown``, absent: copying): the confidence of
-    structures the model never trained on is then read for the other mode's masks (decoded clavicles with a
-    copying calibration: ECE 0.30 on drr-unseen, HISTORY 2026-12-06)."""
+    """Warn once when ``method``'s calibration was fitted in another mode than the run's: its memory
+    segmenter copies unknown structures and the calibration was fitted decoding them, or the reverse (the
+    record's ``follow_unknown``, absent: copying; the confidence of structures the model never trained on is
+    then read for the other mode's masks: decoded clavicles with a copying calibration had ECE 0.30 on
+    drr-unseen, HISTORY 2026-12-06); or a VLM method segments what its VLM answers "not visible" and the
+    calibration was fitted with the VLM's "no" standing, or the reverse (the record's ``segment_all``, absent:
+    the "no" stood, as before the choice existed)."""
     from rau.methods.memseg import MemSegSegmenter
 
+    cals = {id(c): c for c in (method.calibration, method.calibration_k) if c is not None}.values()
     seg = getattr(method.segmenter, "memseg", method.segmenter)
-    if not isinstance(seg, MemSegSegmenter):
-        return
-    for cal in {id(c): c for c in (method.calibration, method.calibration_k) if c is not None}.values():
+    for cal in cals if isinstance(seg, MemSegSegmenter) else ():
         fitted = cal.record.get("follow_unknown", True) is not False
         if fitted != seg.follow_unknown:
             flag, mode = ("--follow-unknown" if seg.follow_unknown else "--decode-unknown"), ("copying" if fitted else "decoding")
             warnings.warn(f"{method.name}: its confidence was calibrated {mode} structures the memory segmenter never "
                           f"trained on, and this run uses {flag}; their confidence may be off (rau calibrate --method "
+                          f"{method.name} {flag} fits one)")
+            return
+    for cal in cals if method.segment_all is not None else ():
+        fitted = cal.record.get("segment_all", False) is True
+        if fitted != method.segment_all:
+            flag = "--segment-all" if method.segment_all else "--segment-visible"
+            mode = "segmenting" if fitted else "withholding"
+            warnings.warn(f"{method.name}: its confidence was calibrated {mode} the structures its VLM answers \"not "
+                          f"visible\", and this run uses {flag}; the confidence may be off (rau calibrate --method "
                           f"{method.name} {flag} fits one)")
             return
 
