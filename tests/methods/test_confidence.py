@@ -15,6 +15,7 @@ from rau.eval.evaluate import calibration_summary
 from rau.methods.confidence import (
     FEATURES,
     K_FEATURES,
+    LOCALIZER_FEATURES,
     REASON_ABSENT,
     REASON_LOW,
     SEGMENTER_FEATURES,
@@ -103,7 +104,8 @@ def test_structure_features_of_found_and_missing_outputs():
     assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation",
                                                                                        "smoothness", "contrast", "edge",
                                                                                        "inside_contrast",
-                                                                                       *K_FEATURES, *SEGMENTER_FEATURES} == set(FEATURES)
+                                                                                       *K_FEATURES, *SEGMENTER_FEATURES,
+                                                                                       *LOCALIZER_FEATURES} == set(FEATURES)
     assert "structure_prior" not in FEATURES  # the calibration supplies it from the structure's name
 
 
