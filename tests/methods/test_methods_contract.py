@@ -405,6 +405,28 @@ def test_the_vlm_methods_memory_segmenter_copies_unknown_structures_unless_told_
         MemSegSegmenter(folder, copy_from="box")
 
 
+def test_the_memory_decoder_runs_only_on_the_structures_it_knows(tiny_memseg, tmp_path):
+    """A structure the memory segmenter never trained on is copied, so the decoder does not draw it: its batch
+    holds the known ones only, and with none known it is not run; --decode-unknown decodes them all."""
+    import json
+    import shutil
+
+    from rau.methods.memseg import MemSegSegmenter
+
+    folder = shutil.copytree(tiny_memseg, tmp_path / "memseg")
+    (folder / "training.json").write_text(json.dumps({"structures": ["blob"]}))
+    img, masks = synthetic_pair((96, 96))
+    ref = AnnotatedImage(img, masks)
+    for follow, asked, batches in ((True, ["blob", "square"], [1]), (True, ["square"], []),
+                                   (False, ["blob", "square"], [2])):
+        seg = MemSegSegmenter(folder, follow_unknown=follow)
+        seen, real = [], seg.model.predict
+        seg.model.predict = lambda target, *a, **k: seen.append(target.shape[0]) or real(target, *a, **k)
+        out = seg.segment(img, {n: None for n in asked}, ref)
+        assert seen == batches and set(out) == set(asked)
+        assert out["square"].copied is follow and out["square"].mask.shape == (96, 96)
+
+
 def test_a_calibration_fitted_in_the_other_mode_of_unknown_structures_warns(tiny_memseg, tmp_path):
     """A calibration's record says whether it was fitted decoding every structure (``follow_unknown: false``;
     absent: copying unknown ones); a run in the other mode warns once, a run in the same mode does not."""

@@ -136,7 +136,8 @@ class MemSegSegmenter(Segmenter):
     def decode(self, target, references, names, boxes_xyxy_px, cues, tokens=None) -> dict[str, SegmentationOutput]:
         """``names`` (all annotated by every one of ``references``) in one batch; ``cues`` as in
         :meth:`segment`; ``tokens``: (len(names), T, 256) extra decoder prompt tokens (RAU's
-        ``<seg>`` query, :class:`rau.methods.rau_seg.MemSegQuerySegmenter`) or None."""
+        ``<seg>`` query, :class:`rau.methods.rau_seg.MemSegQuerySegmenter`) or None. With
+        ``follow_unknown`` the decoder runs only on the names it knows; the others are copied."""
         import torch
 
         from rau.encoders.litemedsam import frame_to_image
@@ -162,13 +163,23 @@ class MemSegSegmenter(Segmenter):
             prompts = torch.stack(priors)[:, None]
             if self.model.config.readout and not all(given):
                 use = torch.tensor(given)
-        low, iou = self.model.predict(emb.expand(n, -1, -1, -1), refs[None].expand(n, -1, -1, -1, -1),
-                                      masks[:, :, None].float(), boxes, prompts, tokens, prompt_use=use)
-        logits = frame_to_image(low, scale, hw)[:, 0].cpu().numpy()
-        ious = iou[:, 0].cpu().numpy()
+        follow = [i for i, name in enumerate(names) if self.follow_unknown and not self.knows(name)]
+        drawn = [i for i in range(n) if i not in follow]  # the decoder draws only the structures it knows
+        logits, ious = {}, {}
+        if drawn:
+            pick = torch.tensor(drawn)
+
+            def sub(x):  # the drawn structures' rows of a per-structure batch
+                return x if x is None or len(drawn) == n else x[pick]
+
+            m = len(drawn)
+            low, iou = self.model.predict(emb.expand(m, -1, -1, -1), refs[None].expand(m, -1, -1, -1, -1),
+                                          sub(masks)[:, :, None].float(), sub(boxes), sub(prompts), sub(tokens),
+                                          prompt_use=sub(use))
+            logits = dict(zip(drawn, frame_to_image(low, scale, hw)[:, 0].cpu().numpy()))
+            ious = dict(zip(drawn, iou[:, 0].cpu().numpy()))
         # what the encoder's own features say the references show, untrained (the confidence's readout_agreement)
         read = frame_to_image(feature_readout(emb[0], refs, masks)[:, None], scale, hw)[:, 0].cpu().numpy() > 0.5
-        follow = [i for i, name in enumerate(names) if self.follow_unknown and not self.knows(name)]
         copied = {}  # a structure it never trained on: the reference copied (the caller's prior, else the readout)
         for i in follow if self.copy_from == "prior" else ():
             cue = (cues or {}).get(names[i])
