@@ -165,6 +165,8 @@ def result_to_json(result: TargetResult, target: AnnotatedImage) -> dict[str, An
             "abstained": bool(r.abstained),
             "copied": bool(r.copied),
         }
+        if r.features and "p_yes" in r.features:  # the RAU VLM's P(visible); below 0.5 it answered "not visible"
+            structures[name]["vlm_p_yes"] = round(float(r.features["p_yes"]), 4)
     return {
         "method": result.method,
         "target": target.meta.get("source", target.id),

@@ -29,6 +29,7 @@ def test_localize_registration_contract(pair_files):
     for name, s in doc["structures"].items():
         assert {"label", "answer", "box_xyxy", "score", "mask"} <= set(s)
         assert s["copied"] is False  # registration draws every mask itself (the memory segmenter may copy)
+        assert "vlm_p_yes" not in s  # only the RAU VLM methods say what their VLM answered
         mask = Image.open(out / s["mask"])
         assert mask.size == tgt_size  # target is 112x128, reference 96x96
     assert Image.open(out / "overlay.png").mode == "RGB"

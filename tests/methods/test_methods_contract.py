@@ -615,6 +615,9 @@ def test_a_localizers_not_visible_is_overruled_by_a_memory_segmenter_only_with_s
     assert result.structures["blob"].found
     square = result.structures["square"]
     assert square.features["p_yes"] == 0.1 and result.structures["blob"].features["p_yes"] == 0.95
+    from rau.pipeline import result_to_json
+
+    assert result_to_json(result, tgt)["structures"]["square"]["vlm_p_yes"] == 0.1  # what the VLM answered
     if not segment_all:
         assert not square.found and square.mask is None and square.answer == "no" and "not visible" in square.reason
         assert square.score == 0.0
