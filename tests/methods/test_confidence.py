@@ -101,7 +101,7 @@ def test_structure_features_of_found_and_missing_outputs():
     split[30:40, 30:35] = True
     assert structure_features(0.9, split, ref)["largest_part"] < 1
     missing = structure_features(0.1, None, ref)
-    assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation",
+    assert missing["found"] == 0 and missing["log_area_ratio"] < -3 and set(missing) | {"fit", "mirror_gain", "orientation", "mirror_fit_gain",
                                                                                        "smoothness", "contrast", "edge",
                                                                                        "inside_contrast",
                                                                                        *K_FEATURES, *SEGMENTER_FEATURES,

@@ -24,6 +24,7 @@ method that is not an oracle.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -45,7 +46,12 @@ CALIB_SPLITS = ("calib-wingspan", "calib-arcade", "calib-drr", "calib-wrong")
 #: Extra calibration splits, chosen with ``rau calibrate --splits``: ``calib-arcade-val`` is ARCADE
 #: val without the ``arcade`` split's targets, for a model trained on all of ARCADE train (the
 #: shipped memory segmenter), which ``calib-arcade``'s train images are not held out from.
-EXTRA_CALIB_SPLITS = ("calib-arcade-val",)
+EXTRA_CALIB_SPLITS = ("calib-arcade-val", "calib-wingspan-random", "calib-arcade-random", "calib-arcade-val-random",
+                      "calib-drr-random")
+#: A calibration split's twin with this suffix has the same targets, each with a seeded RANDOM reference
+#: instead of the most similar one: the pairs a user who brings one reference makes, on which the pair
+#: rules ("reference does not fit", "mirrored") must not withhold right outputs.
+RANDOM_SUFFIX = "-random"
 #: Structure families held out of ALL memory-segmenter training (scripts/memseg_recipe.sh
 #: ``--exclude``); the ``drr-unseen`` split scores these alone.
 HELD_OUT = ("left_clavicle", "right_clavicle", "left_scapula", "right_scapula")
@@ -80,13 +86,20 @@ class Split:
     #: Leave out the targets a ``limit``-target seeded pick takes (the bench split's own targets),
     #: so a calibration split can draw from the same folder without scoring them.
     without_pick: int | None = None
+    #: How each target's reference is chosen (:func:`rau.eval.evaluate.evaluate`'s ``reference``):
+    #: "similar" (thumbnail NCC, the bench's rule) or "random" (seeded; the ``-random`` calibration twins).
+    reference_choice: str = "similar"
 
 
 def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, limit: int | None) -> list[Split]:
-    """Split definitions; ``quick`` shrinks each to a minutes-long subset."""
+    """Split definitions; ``quick`` shrinks each to a minutes-long subset. A ``calib-*-random`` name is
+    its calibration split's twin with random references (:data:`RANDOM_SUFFIX`)."""
     out = []
     for name in names:
-        if name == "wingspan":
+        if name in EXTRA_CALIB_SPLITS and name.endswith(RANDOM_SUFFIX):
+            base = resolve_splits([name[: -len(RANDOM_SUFFIX)]], data, drr_dir, quick=quick, limit=limit)[0]
+            out.append(dataclasses.replace(base, name=name, reference_choice="random"))
+        elif name == "wingspan":
             out.append(Split(name, data / "wingspan_cxr", data / "wingspan_cxr", slice(160, 200), slice(0, 160),
                              limit=8 if quick else limit))
         elif name == "arcade":
@@ -203,7 +216,8 @@ def run_bench(out: Path, *, methods: list[str], splits: list[Split], method_opti
                       "bank": str(out / f"bank_{split.name}.npz") if bank is not None else None, "k_references": k,
                       **model_config(method_options)}
             doc = evaluate(tset, rset, method, limit=split.limit, seed=seed, progress=progress, config=config,
-                           bank=bank, k=k, structures=list(split.structures) if split.structures else None)
+                           bank=bank, k=k, structures=list(split.structures) if split.structures else None,
+                           reference=split.reference_choice)
             write_json(out / report_name(split.name, name, k), doc)
             reports.setdefault(split.name, []).append(doc)
     return reports
@@ -301,8 +315,8 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
     commit, started = git_commit(), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = methods or default_methods()
     split_names = split_names or list(SPLITS)
-    if {"drr", "drr-unseen", "calib-drr"} & set(split_names):
-        ensure_drr(drr_dir, quick, calib="calib-drr" in split_names)
+    if {"drr", "drr-unseen", "calib-drr", "calib-drr-random"} & set(split_names):
+        ensure_drr(drr_dir, quick, calib=bool({"calib-drr", "calib-drr-random"} & set(split_names)))
     splits = resolve_splits(split_names, data, drr_dir, quick=quick, limit=limit)
     reports = run_bench(out, methods=methods, splits=splits, method_options=method_options, seed=seed, progress=progress,
                         k=k)
