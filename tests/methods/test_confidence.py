@@ -564,3 +564,34 @@ def test_no_presence_model_without_absent_structures_and_a_malformed_one_is_refu
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(RauInputError, match="not a rau calibration file"):
         Calibration.load(tmp_path / "bad.json")
+
+
+def test_the_mirrored_rule_threshold_is_fitted_above_the_right_outputs_of_random_reference_pairs(tmp_path):
+    """With the most similar reference no right output fits the mirrored reference better (gain <= 0): the
+    threshold stays the physical 0. A random-reference split whose right outputs reach gains up to ~0.05
+    raises it to their 99% quantile, so they are no longer withheld as "mirrored"; a file from before keeps 0."""
+    from rau.eval.calibrate import mirror_threshold
+    from rau.methods.confidence import MAX_MIRROR_FIT_GAIN, mirror_reason
+
+    rows = _rows()
+    rng = np.random.default_rng(3)
+    for r in rows:
+        r["features"]["mirror_fit_gain"] = float(rng.uniform(-0.1, -0.01))
+    correct = np.array([r["right"] for r in rows])
+    assert mirror_threshold(rows, correct) == MAX_MIRROR_FIT_GAIN == 0.0
+    twins = [{**r, "split": "s-random", "features": {**r["features"], "mirror_fit_gain": float(rng.uniform(-0.1, 0.05))}}
+             for r in rows]
+    both = rows + twins
+    cut = mirror_threshold(both, np.array([r["right"] for r in both]))
+    assert 0.04 < cut <= 0.05
+    cal = fit_calibration(both, "toy")
+    assert cal.max_mirror_gain == pytest.approx(cut)
+    pair = {"fit": 0.9, "mirror_fit_gain": 0.03}
+    assert mirror_reason(pair) is not None and cal.pair_rule(pair) is None  # the physical rule would withhold it
+    assert cal.pair_rule({**pair, "mirror_fit_gain": 0.2})[0] == "mirrored"
+    cal.save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json").max_mirror_gain == pytest.approx(cut)
+    doc = cal.to_json()
+    doc.pop("max_mirror_gain")  # a file from before the fitted threshold: the physical rule
+    (tmp_path / "old.json").write_text(__import__("json").dumps(doc))
+    assert Calibration.load(tmp_path / "old.json").pair_rule(pair)[0] == "mirrored"
