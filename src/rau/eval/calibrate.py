@@ -205,12 +205,13 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     min_orient = float(np.quantile(orient[correct & found], 0.01)) if (correct & found).any() else -1.0
     if not orientation_rule:  # the agreement stays a feature of the logistic model
         min_orient = None
-    # fit: calibration pairs have the most similar reference, a user's may be less alike, so the rule
-    # sits midway between the wrong inputs' fits (other anatomy, modality, noise) and the lowest
-    # split's 1% quantile of right outputs' fits
-    splits = sorted({r["split"] for r in rows if "wrong" not in r["split"]})
-    hi = min(float(np.quantile(fit[correct & np.array([r["split"] == sp for r in rows])], 0.01))
-             for sp in splits if (correct & np.array([r["split"] == sp for r in rows])).any())
+    # fit: the rule sits midway between the wrong inputs' fits (other anatomy, modality, noise) and the
+    # lowest split's 1% quantile of right masks' fits (a withheld right "not there" loses nothing), over
+    # the correct-pair splits with enough right masks (a random-reference twin holds pairs less alike
+    # than the most similar ones)
+    anchor = rule_anchor(rows, correct & found)
+    hi = min(float(np.quantile(fit[anchor & np.array([r["split"] == sp for r in rows])], 0.01))
+             for sp in sorted({r["split"] for r, a in zip(rows, anchor) if a}))
     # (mirrored targets are the orientation rule's: they fit their reference as well as right ones)
     bad = ~y_all & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
     lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
@@ -218,7 +219,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     # the "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit: the
     # physical gain > 0, raised where more than 1% of a correct-pair split's right outputs lie above it
     # (a random reference unlike the target can fit a little better mirrored)
-    max_mirror_gain = mirror_threshold(rows, correct)
+    max_mirror_gain = mirror_threshold(rows, anchor)
     mirrored = np.array([mirror_reason(r["features"], max_mirror_gain) is not None for r in rows])
     caught = {"fit": fit < min_fit, "mirrored": mirrored,
               "orientation": (orient < min_orient) if min_orient is not None else np.zeros(len(rows), bool)}
@@ -274,11 +275,21 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     return cal
 
 
+def rule_anchor(rows: list[dict[str, Any]], right_masks: np.ndarray) -> np.ndarray:
+    """The rows the pair rules are set on: ``right_masks`` (right masks on correct pairs) of the splits
+    holding at least :data:`MIN_SPLIT_MASKS` of them (all of them where none does): a split with a handful
+    of right masks, such as ARCADE with random references (19 of ~600 outputs), would set the rules
+    on luck."""
+    split_of = np.array([r["split"] for r in rows])
+    enough = [sp for sp in set(split_of[right_masks]) if (right_masks & (split_of == sp)).sum() >= MIN_SPLIT_MASKS]
+    return right_masks & np.isin(split_of, enough) if enough else right_masks
+
+
 def mirror_threshold(rows: list[dict[str, Any]], correct: np.ndarray, share: float = 0.01) -> float:
     """The "mirrored" rule's threshold on ``mirror_fit_gain``: the physical 0, raised to the smallest gain
-    above which at most ``share`` of each correct-pair split's right outputs lie (``correct``: right
-    outputs on correct pairs). With the most similar references no right output lies above 0; with a
-    random one (the ``-random`` calibration splits) some do."""
+    above which at most ``share`` of each split's ``correct`` rows lie (:func:`rule_anchor`: right masks on
+    correct pairs). With the most similar references no right mask lies above 0; with a random one (the
+    ``-random`` calibration splits) some do."""
     gains = np.array([r["features"].get("mirror_fit_gain", np.nan) for r in rows], np.float64)
     split_of = np.array([r["split"] for r in rows])
     cut = MAX_MIRROR_FIT_GAIN
