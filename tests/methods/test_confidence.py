@@ -566,32 +566,21 @@ def test_no_presence_model_without_absent_structures_and_a_malformed_one_is_refu
         Calibration.load(tmp_path / "bad.json")
 
 
-def test_the_mirrored_rule_threshold_is_fitted_above_the_right_outputs_of_random_reference_pairs(tmp_path):
-    """With the most similar reference no right output fits the mirrored reference better (gain <= 0): the
-    threshold stays the physical 0. A random-reference split whose right outputs reach gains up to ~0.05
-    raises it to their 99% quantile, so they are no longer withheld as "mirrored"; a file from before keeps 0."""
-    from rau.eval.calibrate import mirror_threshold
-    from rau.methods.confidence import MAX_MIRROR_FIT_GAIN, mirror_reason
+def test_the_fit_rule_is_set_on_right_masks_of_splits_with_enough_of_them():
+    """A random-reference twin (right masks at lower fits) lowers ``min_fit`` so that its right masks are not
+    withheld as "reference does not fit"; right "not there" answers, which lose nothing when withheld, and a
+    split with fewer than 20 right masks do not set it."""
+    from rau.eval.calibrate import rule_anchor
 
     rows = _rows()
-    rng = np.random.default_rng(3)
-    for r in rows:
-        r["features"]["mirror_fit_gain"] = float(rng.uniform(-0.1, -0.01))
-    correct = np.array([r["right"] for r in rows])
-    assert mirror_threshold(rows, correct) == MAX_MIRROR_FIT_GAIN == 0.0
-    twins = [{**r, "split": "s-random", "features": {**r["features"], "mirror_fit_gain": float(rng.uniform(-0.1, 0.05))}}
-             for r in rows]
-    both = rows + twins
-    cut = mirror_threshold(both, np.array([r["right"] for r in both]))
-    assert 0.04 < cut <= 0.05
-    cal = fit_calibration(both, "toy")
-    assert cal.max_mirror_gain == pytest.approx(cut)
-    pair = {"fit": 0.9, "mirror_fit_gain": 0.03}
-    assert mirror_reason(pair) is not None and cal.pair_rule(pair) is None  # the physical rule would withhold it
-    assert cal.pair_rule({**pair, "mirror_fit_gain": 0.2})[0] == "mirrored"
-    cal.save(tmp_path / "c.json")
-    assert Calibration.load(tmp_path / "c.json").max_mirror_gain == pytest.approx(cut)
-    doc = cal.to_json()
-    doc.pop("max_mirror_gain")  # a file from before the fitted threshold: the physical rule
-    (tmp_path / "old.json").write_text(__import__("json").dumps(doc))
-    assert Calibration.load(tmp_path / "old.json").pair_rule(pair)[0] == "mirrored"
+    rng = np.random.default_rng(4)
+    twins = [{**r, "split": "s-random", "features": {**r["features"], "fit": float(rng.uniform(0.4, 0.98))}} for r in rows]
+    few = [{**r, "split": "few", "right": i < 10, "features": {**r["features"], "fit": 0.05}} for i, r in enumerate(rows[:60])]
+    absent = [{**r, "split": "s-absent", "right": True, "features": {**r["features"], "found": 0.0, "fit": -0.5}}
+              for r in rows[:30]]
+    both = rows + twins + few + absent
+    right_masks = np.array([r["right"] and r["features"]["found"] > 0 for r in both])
+    anchor = rule_anchor(both, right_masks)
+    assert {r["split"] for r, a in zip(both, anchor) if a} == {"s", "s-random"}
+    alone, with_twins = fit_calibration(rows, "toy"), fit_calibration(both, "toy")
+    assert with_twins.min_fit < alone.min_fit and 0.35 < with_twins.min_fit < 0.45

@@ -61,7 +61,6 @@ from scipy.optimize import isotonic_regression, minimize
 from rau.errors import RauInputError
 from rau.methods.confidence import (
     FEATURES,
-    MAX_MIRROR_FIT_GAIN,
     PRIOR_FEATURE,
     RULES,
     Calibration,
@@ -216,11 +215,8 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     bad = ~y_all & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
     lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
     min_fit = (lo + hi) / 2 if lo < hi else hi
-    # the "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit: the
-    # physical gain > 0, raised where more than 1% of a correct-pair split's right outputs lie above it
-    # (a random reference unlike the target can fit a little better mirrored)
-    max_mirror_gain = mirror_threshold(rows, anchor)
-    mirrored = np.array([mirror_reason(r["features"], max_mirror_gain) is not None for r in rows])
+    # the physical "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
+    mirrored = np.array([mirror_reason(r["features"]) is not None for r in rows])
     caught = {"fit": fit < min_fit, "mirrored": mirrored,
               "orientation": (orient < min_orient) if min_orient is not None else np.zeros(len(rows), bool)}
     gated = caught["fit"] | caught["mirrored"] | caught["orientation"]
@@ -250,8 +246,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     model = _fit_model(x, y_all[keep], names, groups, folds=folds, seed=seed, use_prior=use_prior)
     cal = Calibration(method, model["mean"], model["std"], model["coef"], model["intercept"], model["iso_x"],
                       model["iso_y"], 0.0, min_fit, min_orient, gated_rate, feature_names, dict(record or {}),
-                      model["rates"], model["pooled"], target_rate, per_rule, rule_pooled,
-                      max_mirror_gain=max_mirror_gain)
+                      model["rates"], model["pooled"], target_rate, per_rule, rule_pooled)
     # rule-withheld rows: their rule's rate for their name (withheld by the rule whatever the threshold)
     conf = np.array([cal.rule_confidence(k, str(n), f) if k else 0.0 for k, n, f in zip(rule_of, all_names, found)])
     conf[keep] = model["oof"]  # out-of-fold: the threshold is not set on fitted values
@@ -283,21 +278,6 @@ def rule_anchor(rows: list[dict[str, Any]], right_masks: np.ndarray) -> np.ndarr
     split_of = np.array([r["split"] for r in rows])
     enough = [sp for sp in set(split_of[right_masks]) if (right_masks & (split_of == sp)).sum() >= MIN_SPLIT_MASKS]
     return right_masks & np.isin(split_of, enough) if enough else right_masks
-
-
-def mirror_threshold(rows: list[dict[str, Any]], correct: np.ndarray, share: float = 0.01) -> float:
-    """The "mirrored" rule's threshold on ``mirror_fit_gain``: the physical 0, raised to the smallest gain
-    above which at most ``share`` of each split's ``correct`` rows lie (:func:`rule_anchor`: right masks on
-    correct pairs). With the most similar references no right mask lies above 0; with a random one (the
-    ``-random`` calibration splits) some do."""
-    gains = np.array([r["features"].get("mirror_fit_gain", np.nan) for r in rows], np.float64)
-    split_of = np.array([r["split"] for r in rows])
-    cut = MAX_MIRROR_FIT_GAIN
-    for split in sorted(set(split_of[correct])):
-        g = gains[correct & (split_of == split) & np.isfinite(gains)]  # reports from before the measurement lack it
-        if len(g):
-            cut = max(cut, float(np.quantile(g, 1.0 - share)))
-    return cut
 
 
 def _fit_model(x: np.ndarray, y: np.ndarray, names: np.ndarray, groups: np.ndarray, *, folds: int, seed: int,

@@ -280,12 +280,13 @@ def mask_image_features(image: np.ndarray, mask: np.ndarray | None, gradient: np
     return {"edge": edge, "inside_contrast": float(abs(x[ring].mean() - x[mask].mean()) / spread)}
 
 
-def mirror_reason(pair: dict[str, float], max_gain: float = MAX_MIRROR_FIT_GAIN) -> str | None:
-    """"Mirrored" from the pair's ``mirror_fit_gain`` above ``max_gain`` (the physical rule: 0, the
-    target fits the mirrored reference better; a calibration may raise it,
-    :attr:`Calibration.max_mirror_gain`), or None."""
+def mirror_reason(pair: dict[str, float]) -> str | None:
+    """"Mirrored" from the pair's ``mirror_fit_gain`` (physical rule, no calibration), or None. With a
+    reference unlike the target (a user's one reference) a right pair can fit the mirrored reference a
+    little better too; the rule stays physical because raising its threshold to spare those let half
+    of the mirrored radiographs through (docs/HISTORY.md, 2026-12-06 s19)."""
     gain = pair.get("mirror_fit_gain")
-    if gain is not None and gain > max_gain:
+    if gain is not None and gain > MAX_MIRROR_FIT_GAIN:
         return f"{REASON_MIRROR} (it fits the mirrored reference better: correlation {gain:+.3f})"
     return None
 
@@ -373,10 +374,6 @@ class Calibration:
     rule withholds (empty in files from before them: ``gated_rate``);
     ``presence``: the :class:`Presence` model as JSON (None where the calibration split had too few
     absent structures, and in files from before it);
-    ``max_mirror_gain``: the "mirrored" rule's threshold on ``mirror_fit_gain`` (:func:`mirror_reason`):
-    the physical 0 in files from before it; fitted with random-reference calibration pairs, the
-    smallest gain >= 0 above which at most 1% of each correct-pair split's right outputs lie (with a
-    reference unlike the target, a right pair can fit the mirrored reference a little better);
     ``record``: how it was made."""
 
     method: str
@@ -398,7 +395,6 @@ class Calibration:
     rule_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     rule_pooled: dict[str, float] = field(default_factory=dict)
     presence: dict[str, Any] | None = None
-    max_mirror_gain: float = MAX_MIRROR_FIT_GAIN
 
     def presence_model(self) -> Presence | None:
         """The :class:`Presence` model, or None (checked when the file is loaded)."""
@@ -454,8 +450,7 @@ class Calibration:
         "does not fit" (an angiogram against a chest may also fit the chest better mirrored, and
         "mirrored" would name the wrong cause), the physical "mirrored" rule (:func:`mirror_reason`),
         then the orientation rule."""
-        mirrored = lambda p: mirror_reason(p, self.max_mirror_gain)  # noqa: E731
-        for key, reason in zip(RULES, (self.fit_reason, mirrored, self.orientation_reason)):
+        for key, reason in zip(RULES, (self.fit_reason, mirror_reason, self.orientation_reason)):
             why = reason(pair)
             if why is not None:
                 return key, why
