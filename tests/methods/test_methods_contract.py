@@ -498,6 +498,26 @@ def test_the_vlm_methods_calibration_follows_segment_all_and_warns_on_the_other_
     assert not [w for w in caught if "not visible" in str(w.message)]
 
 
+def test_the_vlm_methods_ship_a_calibration_for_each_mode():
+    """rau-seg and rau-memseg ship a calibration fitted in each of their four modes (--segment-all /
+    --segment-visible x --follow-unknown / --decode-unknown), so none of them warns."""
+    import warnings
+
+    from rau.methods.confidence import calibration_path
+
+    for name in ("rau-seg", "rau-memseg"):
+        for decode in (False, True):
+            for visible in (False, True):
+                path = calibration_path(name, decode=decode, visible=visible)
+                assert path.is_file(), path.name
+                record = __import__("json").loads(path.read_text())["record"]
+                assert record.get("segment_all", False) is (not visible) and (record.get("follow_unknown", True) is not decode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mode mismatch would fail here
+        method = create_method("rau-memseg", segment_all=False, follow_unknown=False)
+    assert method.calibration.record.get("follow_unknown") is False and "segment_all" not in method.calibration.record
+
+
 def test_rau_memseg_hands_the_reference_mask_moved_into_the_vlm_box_to_the_segmenter(tiny_ref, tiny_memseg, monkeypatch):
     from rau.methods.memseg import MemSegSegmenter
     from rau.geometry import mask_to_box
