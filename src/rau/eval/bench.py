@@ -12,7 +12,9 @@ Splits (fixed once; never trained or tuned on):
   mirrored radiographs; :mod:`rau.eval.wrong_inputs`), where a method should withhold its answers.
 - ``calib-*`` (:data:`CALIB_SPLITS`, not run by default): the pairs ``rau calibrate`` fits the
   confidence on (Wingspan 120..159, ARCADE train images 600..999, never in the refiner's training
-  (0..599), DRR poses of seed 3, wrong inputs built from those).
+  (0..599), DRR poses of seed 3, wrong inputs built from those). ``calib-wingspan-random``,
+  ``calib-arcade-val-random`` ... (:data:`EXTRA_CALIB_SPLITS`): the same targets, each with a seeded random
+  reference instead of the most similar one (a user's one reference).
 
 Each report also carries the calibrated confidence's figures (:func:`rau.eval.evaluate.calibration_summary`:
 AUROC right vs wrong, ECE, shares withheld) and a reliability plot per split.
