@@ -584,3 +584,21 @@ def test_the_fit_rule_is_set_on_right_masks_of_splits_with_enough_of_them():
     assert {r["split"] for r, a in zip(both, anchor) if a} == {"s", "s-random"}
     alone, with_twins = fit_calibration(rows, "toy"), fit_calibration(both, "toy")
     assert with_twins.min_fit < alone.min_fit and 0.35 < with_twins.min_fit < 0.45
+
+
+def test_a_feature_only_some_segmenters_measure_reads_as_the_calibration_mean_when_missing():
+    """rau-seg with the former <seg> head has no memory readout: its outputs lack ``readout_agreement``, which
+    the method's calibration (fitted on the memory segmenter's outputs) reads. It reads as the calibration
+    split's mean; a missing feature every output has is still an error."""
+    rows = _rows()
+    rng = np.random.default_rng(5)
+    for r in rows:
+        r["features"].update(readout_agreement=float(rng.uniform(0.5, 1.0)), p_yes=float(rng.uniform(0.0, 1.0)))
+    cal = fit_calibration(rows, "toy")
+    assert {"readout_agreement", "p_yes"} <= set(cal.features)
+    f = dict(rows[0]["features"])
+    at_mean = {**f, **{k: m for k, m in zip(cal.features, cal.mean) if k in ("readout_agreement", "p_yes")}}
+    lacking = {k: v for k, v in f.items() if k not in ("readout_agreement", "p_yes")}
+    assert cal.predict(lacking)[0] == pytest.approx(cal.predict(at_mean)[0])
+    with pytest.raises(KeyError):
+        cal.predict({k: v for k, v in f.items() if k != "fit"})

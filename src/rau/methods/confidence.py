@@ -303,6 +303,16 @@ def target_reason(checks: dict[str, float]) -> str | None:
 # ---- the calibrated model
 
 
+def _feature(row: dict[str, float], name: str, mean: float) -> float:
+    """Feature ``name`` of one output; one that only some segmenters or localizers measure
+    (:data:`SEGMENTER_FEATURES`, :data:`LOCALIZER_FEATURES`: e.g. ``rau-seg`` with the former ``<seg>`` head
+    has no memory readout) reads as the calibration split's mean, no evidence either way. Any other
+    missing feature is an error (KeyError)."""
+    if name in row or name not in SEGMENTER_FEATURES + LOCALIZER_FEATURES:
+        return row[name]
+    return mean
+
+
 def _logistic_iso(x: np.ndarray, mean, std, coef, intercept, iso_x, iso_y) -> np.ndarray:
     """A logistic model on standardised features, then its isotonic map -> probabilities in [0, 1]."""
     z = (x - np.asarray(mean)) / np.asarray(std)
@@ -336,7 +346,8 @@ class Presence:
     def predict(self, feats: list[dict[str, float]], structures: list[str]) -> np.ndarray:
         """P(present) for each feature dict, ``structures`` their names."""
         rows = [with_derived(r) for r in feats]
-        x = np.array([[self.structure_rates.get(n, self.prior_rate) if k == PRIOR_FEATURE else r[k] for k in self.features]
+        x = np.array([[self.structure_rates.get(n, self.prior_rate) if k == PRIOR_FEATURE else _feature(r, k, m)
+                       for k, m in zip(self.features, self.mean)]
                       for r, n in zip(rows, structures)], np.float64).reshape(len(rows), len(self.features))
         return _logistic_iso(x, self.mean, self.std, self.coef, self.intercept, self.iso_x, self.iso_y)
 
@@ -430,7 +441,7 @@ class Calibration:
         if PRIOR_FEATURE in self.features:
             names = structures or [None] * len(rows)
             rows = [r if PRIOR_FEATURE in r else {**r, PRIOR_FEATURE: self.structure_prior(n)} for r, n in zip(rows, names)]
-        x = np.array([[r[k] for k in self.features] for r in rows], np.float64)
+        x = np.array([[_feature(r, k, m) for k, m in zip(self.features, self.mean)] for r in rows], np.float64)
         return _logistic_iso(x, self.mean, self.std, self.coef, self.intercept, self.iso_x, self.iso_y)
 
     def fit_reason(self, pair: dict[str, float]) -> str | None:
