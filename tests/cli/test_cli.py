@@ -255,8 +255,9 @@ def test_calib_arcade_val_never_holds_the_arcade_splits_targets(tmp_path):
 
 def test_a_random_reference_twin_is_its_calibration_split_with_random_references(tmp_path):
     from rau.errors import RauInputError
-    from rau.eval.bench import resolve_splits
+    from rau.eval.bench import needs_calib_drr, resolve_splits
 
+    assert needs_calib_drr(["calib-drr-random"]) and needs_calib_drr(["calib-drr"]) and not needs_calib_drr(["drr"])
     twin, base = resolve_splits(["calib-arcade-val-random", "calib-arcade-val"], tmp_path, tmp_path / "drr", quick=False,
                                 limit=None)
     assert (twin.name, twin.reference_choice, base.reference_choice) == ("calib-arcade-val-random", "random", "similar")

@@ -137,6 +137,11 @@ def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, 
     return out
 
 
+def needs_calib_drr(split_names) -> bool:
+    """True when ``split_names`` hold a split of the calibration DRR poses (``calib-drr`` or its random twin)."""
+    return bool({"calib-drr", "calib-drr" + RANDOM_SUFFIX} & set(split_names))
+
+
 def ensure_drr(drr_dir: Path, quick: bool, calib: bool = False) -> None:
     """Render the DRR reference (seed 0) and held-out (seed 1) folders unless present, and with
     ``calib`` the calibration poses (seed 3)."""
@@ -317,8 +322,8 @@ def main_bench(out: Path, *, methods: list[str] | None, split_names: list[str] |
     commit, started = git_commit(), _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = methods or default_methods()
     split_names = split_names or list(SPLITS)
-    if {"drr", "drr-unseen", "calib-drr", "calib-drr-random"} & set(split_names):
-        ensure_drr(drr_dir, quick, calib=bool({"calib-drr", "calib-drr-random"} & set(split_names)))
+    if {"drr", "drr-unseen"} & set(split_names) or needs_calib_drr(split_names):
+        ensure_drr(drr_dir, quick, calib=needs_calib_drr(split_names))
     splits = resolve_splits(split_names, data, drr_dir, quick=quick, limit=limit)
     reports = run_bench(out, methods=methods, splits=splits, method_options=method_options, seed=seed, progress=progress,
                         k=k)

@@ -416,15 +416,24 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
     ``splits``: the calibration splits (default :data:`rau.eval.bench.CALIB_SPLITS`; e.g.
     ``calib-arcade-val`` in place of ``calib-arcade`` for a model trained on all of ARCADE train)."""
     from rau.atomic import write_json
-    from rau.eval.bench import CALIB_SPLITS, ensure_drr, git_commit, machine_line, report_name, resolve_splits, run_bench
+    from rau.eval.bench import (
+        CALIB_SPLITS,
+        ensure_drr,
+        git_commit,
+        machine_line,
+        needs_calib_drr,
+        report_name,
+        resolve_splits,
+        run_bench,
+    )
 
     from rau.methods import confidence
 
     work.mkdir(parents=True, exist_ok=True)
     split_names = list(splits or CALIB_SPLITS)
     orientation = confidence.default_orientation() is None  # its images include DRR training poses
-    if orientation or "calib-drr" in split_names:  # no DRR render for calibrations without DRR splits
-        ensure_drr(drr_dir, quick, calib=bool({"calib-drr", "calib-drr-random"} & set(split_names)))
+    if orientation or needs_calib_drr(split_names):  # no DRR render for calibrations without DRR splits
+        ensure_drr(drr_dir, quick, calib=needs_calib_drr(split_names))
     if orientation:
         orient = fit_orientation(orientation_images(data, drr_dir), record={"command": "rau " + " ".join(argv or []),
                                                                              "commit": git_commit()})
@@ -446,7 +455,7 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
               # fitted decoding every structure (--decode-unknown); absent: copying those the model never trained on
               **({"follow_unknown": False} if method_options.get("follow_unknown") is False else {}),
               # the VLM methods' mode (--segment-all / --segment-visible) as their reports record it; absent: no such choice
-              **{k: v for r in reports for k, v in r.get("config", {}).items() if k == "segment_all"}}
+              **{"segment_all": r["config"]["segment_all"] for r in reports if "segment_all" in r.get("config", {})}}
     cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record)
     cal.save(out)
     write_json(work / f"calibration_{method}.json", cal.to_json())

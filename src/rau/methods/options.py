@@ -156,8 +156,8 @@ class RauOptions(MethodOptions):
     ``seg_head``: a ``<seg>`` head folder (``rau-seg`` only; None: the shipped head); ``memseg``: a
     memory-segmenter folder (``rau-memseg``, and ``rau-seg`` with a memseg head; None: the shipped
     one); ``follow_unknown``: as in :class:`Sam2MemoryOptions`, for the memory segmenter of ``rau-memseg``
-    and of ``rau-seg`` with a memseg head (a structure it never trained on is copied by the memory readout
-    where the VLM answers "visible"); ``segment_all``: ``rau-seg`` (memseg head) and ``rau-memseg`` segment a
+    and of ``rau-seg`` with a memseg head (a structure it never trained on is copied by the memory readout);
+    ``segment_all``: ``rau-seg`` (memseg head) and ``rau-memseg`` segment a
     structure the VLM answers "not visible" from memory alone too, and the calibrated confidence and presence
     decide what is withheld (:attr:`rau.methods.interfaces.Method.segment_all`; False: the VLM's "no" stands, the
     paper's gate); ``assign``: one-to-one assignment of boxes to structures (``rau-ot`` sets it);
