@@ -13,7 +13,7 @@ and ARCADE train 0..599).
    midway between the 99% quantile of the wrong inputs' reference fit (other anatomy, modality,
    noise; mirrored targets are the "mirrored" rule's) and the lowest split's 1% quantile of right
    outputs' fit (calibration pairs have the most similar reference; a user's may be less alike).
-   Rows it catches, and those of the physical "mirrored" rule
+   Rows it catches, and those of the "mirrored" rule
    (:func:`rau.methods.confidence.mirror_reason`), get as confidence the share of right among the
    rows their rule caught, per structure name shrunk towards that rule's pooled share by a
    strength chosen by leave-one-target-out log loss (:func:`choose_strength`; ``rule_rates``: a
@@ -215,7 +215,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     bad = ~y_all & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
     lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
     min_fit = (lo + hi) / 2 if lo < hi else hi
-    # the physical "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
+    # the "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
     mirrored = np.array([mirror_reason(r["features"]) is not None for r in rows])
     caught = {"fit": fit < min_fit, "mirrored": mirrored,
               "orientation": (orient < min_orient) if min_orient is not None else np.zeros(len(rows), bool)}

@@ -7,8 +7,9 @@ probability that it is right, and says when not to answer.
 
 - :func:`target_checks`: does the target look like an image at all (blank, noise)?
   Physical rules, the same for every method.
-- :func:`rau.methods.registration.mirror_fit_gain`: does the target fit the mirrored reference better, after affine
-  registration? A physical rule too ("mirrored"), the same for every method.
+- :func:`mirror_reason`: is the target mirrored left-right against the reference? The laterality
+  model (:mod:`rau.models.laterality`) reads which way round each image is from its own anatomy;
+  a confident disagreement of the two is the "mirrored" rule, the same for every method.
 - :func:`pair_features` and :func:`structure_features`: cheap measurements of one output
   (reference/target thumbnail agreement, and whether it fits the target better mirrored; the
   mask's size and position next to the reference's, its fragmentation, the method's own score);
@@ -30,7 +31,8 @@ probability that it is right, and says when not to answer.
   ``min_confidence`` (default: the calibration's threshold) and those judged absent, with the reason.
 
 Everything here is numpy/scipy and runs in milliseconds per target, except the two affine
-registrations of the mirror rule (SimpleITK, ~0.2 s per target).
+registrations of ``mirror_fit_gain`` (SimpleITK, ~0.2 s per target) and the laterality CNN
+(a 64 x 64 thumbnail per image, milliseconds).
 """
 
 from __future__ import annotations
@@ -76,11 +78,17 @@ MIN_CONTRAST = 0.01
 #: datasets is above 0.8 (docs/RESULTS.md), white noise is near 0.
 MIN_SMOOTHNESS = 0.5
 
-#: Above this gain in affine-registered correlation from mirroring the reference left-right, the
-#: target is taken as mirrored (:func:`rau.methods.registration.mirror_fit_gain`): it fits the
-#: mirrored reference better than the reference itself. A physical rule, the same for every method
-#: (docs/RESULTS.md, scripts/mirror_rule.py: no correct calibration pair above it, Wingspan, DRR and
-#: ARCADE 40 each; 9 of the 12 mirrored calibration targets, 11 with the orientation rule).
+#: Below this laterality agreement (:meth:`rau.models.laterality.modeling.LateralityModel.agreement`,
+#: in [-1, 1]) the target is taken as mirrored: both images show a side, confidently opposite.
+#: Set on the calibration pairs (docs/HISTORY.md, 2026-12-06 s20): it catches 12 of the 12 mirrored
+#: calibration radiographs and flags 0 of 80 correct Wingspan, 0 of 80 DRR and 2 of 240 correct
+#: ARCADE pairs, with the most similar reference or a random one.
+MIN_LATERALITY = -0.5
+
+#: The former "mirrored" rule, used only where a pair has no ``laterality`` (no laterality model,
+#: or a report made before it): above this gain in affine-registered correlation from mirroring the
+#: reference left-right (:func:`rau.methods.registration.mirror_fit_gain`). With a reference
+#: unlike the target it flagged 10% of correct Wingspan and 41% of correct ARCADE pairs.
 MAX_MIRROR_FIT_GAIN = 0.0
 
 #: The default ``min_confidence`` of a method without a calibration: above 0, so flagged targets
@@ -94,7 +102,7 @@ REASON_MIRROR = "reference does not fit this image: the target looks mirrored le
 REASON_ABSENT = "structure absent from target"
 REASON_LOW = "low confidence"
 #: The pair rules, in the order they are tried (:meth:`Calibration.pair_rule`): reference fit,
-#: the physical "mirrored" rule, the thumbnail orientation rule (off in current calibrations).
+#: the "mirrored" rule (:func:`mirror_reason`), the thumbnail orientation rule (off in current calibrations).
 RULES = ("fit", "mirrored", "orientation")
 
 
@@ -138,8 +146,9 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
     similarity); ``mirror_gain``: how much better the target's thumbnail fits the left-right mirrored
     reference's; ``orientation``: :meth:`Orientation.agreement` of the shipped orientation model
     (< 0: the target faces the other way; 0 without the model); with ``registered``,
-    ``mirror_fit_gain``: :func:`rau.methods.registration.mirror_fit_gain` (the physical
-    "mirrored" rule's measurement)."""
+    ``mirror_fit_gain``: :func:`rau.methods.registration.mirror_fit_gain`, and ``laterality``: the
+    shipped laterality model's agreement (:func:`default_laterality`; the "mirrored" rule's
+    measurement; absent without the model)."""
     from rau.methods.registration import mirror_fit_gain
 
     r, t = _small(reference, 32), _small(target, 32)
@@ -149,6 +158,9 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
            "orientation": orient.agreement(reference, target) if orient is not None else 0.0}
     if registered:
         out["mirror_fit_gain"] = mirror_fit_gain(target, reference)
+        lat = default_laterality()
+        if lat is not None:
+            out["laterality"] = lat.agreement(reference, target)
     return out
 
 
@@ -205,6 +217,21 @@ def default_orientation() -> Orientation | None:
     if key not in _ORIENTATION:
         _ORIENTATION[key] = Orientation.load(path) if path.is_file() else None
     return _ORIENTATION[key]
+
+
+LATERALITY_DIR = Path(__file__).resolve().parents[1] / "assets" / "laterality"
+_LATERALITY: dict[str, Any] = {}
+
+
+def default_laterality():
+    """The shipped laterality model (``assets/laterality``, on CPU), or None where it is not there; read once."""
+    key = str(LATERALITY_DIR)
+    if key not in _LATERALITY:
+        from rau.models.laterality.modeling import LateralityModel
+
+        _LATERALITY[key] = (LateralityModel.from_pretrained(LATERALITY_DIR, what="shipped laterality model")
+                            if (LATERALITY_DIR / "model.safetensors").is_file() else None)
+    return _LATERALITY[key]
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:
@@ -281,10 +308,15 @@ def mask_image_features(image: np.ndarray, mask: np.ndarray | None, gradient: np
 
 
 def mirror_reason(pair: dict[str, float]) -> str | None:
-    """"Mirrored" from the pair's ``mirror_fit_gain`` (physical rule, no calibration), or None. With a
-    reference unlike the target (a user's one reference) a right pair can fit the mirrored reference a
-    little better too; the rule stays physical because raising its threshold to spare those let half
-    of the mirrored radiographs through (docs/HISTORY.md, 2026-12-06 s19)."""
+    """"Mirrored" from the pair's ``laterality`` (below :data:`MIN_LATERALITY`), or None: the same
+    rule for every method, no calibration. A pair without ``laterality`` falls back to the former
+    registration rule (``mirror_fit_gain`` > 0), which cannot tell a mirrored chest from a correct
+    one against an unlike reference (docs/HISTORY.md, 2026-12-06 s19)."""
+    lat = pair.get("laterality")
+    if lat is not None:
+        if lat < MIN_LATERALITY:
+            return f"{REASON_MIRROR} (the two images show opposite sides: laterality agreement {lat:+.2f})"
+        return None
     gain = pair.get("mirror_fit_gain")
     if gain is not None and gain > MAX_MIRROR_FIT_GAIN:
         return f"{REASON_MIRROR} (it fits the mirrored reference better: correlation {gain:+.3f})"
@@ -459,7 +491,7 @@ class Calibration:
     def pair_rule(self, pair: dict[str, float]) -> tuple[str, str] | None:
         """The pair rules in order, first one wins -> (its :data:`RULES` key, the reason), or None:
         "does not fit" (an angiogram against a chest may also fit the chest better mirrored, and
-        "mirrored" would name the wrong cause), the physical "mirrored" rule (:func:`mirror_reason`),
+        "mirrored" would name the wrong cause), the "mirrored" rule (:func:`mirror_reason`),
         then the orientation rule."""
         for key, reason in zip(RULES, (self.fit_reason, mirror_reason, self.orientation_reason)):
             why = reason(pair)

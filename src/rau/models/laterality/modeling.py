@@ -1,0 +1,83 @@
+"""Laterality: which way round an image is, read from its own anatomy (the heart's side on a chest
+radiograph, the spine and catheter on an angiogram).
+
+A small CNN ``g`` reads a ``image_size`` x ``image_size`` thumbnail; the score is
+``g(x) - g(mirror(x))``, odd under mirroring by construction: a mirrored image scores exactly the
+negative. It is trained on images in their usual orientation only (:mod:`rau.training.recipes.laterality`),
+so ``score > 0`` means "as usual". :meth:`LateralityModel.agreement` of a reference and a target is the
+product of their squashed scores: close to +1 when both face the same way, to -1 when one is
+mirrored, near 0 when either shows no side the model knows. The "mirrored" rule of the confidence
+(:func:`rau.methods.confidence.mirror_reason`) reads it.
+
+A model folder holds ``model.safetensors`` + ``config.json`` (+ ``training.json``), as the U-Net's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rau.errors import RauInputError
+from rau.models.laterality.configuration import LateralityConfig
+from rau.models.unet.modeling import UNetModel, preprocess, resize
+
+
+def build_network(config: LateralityConfig):
+    """``g``: (B, 1, S, S) -> (B,) logits; four conv blocks (GroupNorm, ReLU, 2x max-pool), then a
+    linear read of the (S/16)^2 grid, which keeps where in the image a pattern is. Seeded init."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        layers, c = [], 1
+        w = config.width
+        for o in (w, 2 * w, 4 * w, 4 * w):
+            layers += [nn.Conv2d(c, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(),
+                       nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(), nn.MaxPool2d(2)]
+            c = o
+        side = config.image_size // 16
+        return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.2), nn.Linear(c * side * side, 1), nn.Flatten(0))
+
+
+def odd_score(net, x):
+    """``g(x) - g(mirror(x))`` for a (B, 1, S, S) batch -> (B,)."""
+    return net(x) - net(x.flip(-1))
+
+
+def to_thumbnail(image: np.ndarray, config: LateralityConfig):
+    """(H, W) image -> (1, 1, S, S) float32 tensor: equalised at its own size, then resized."""
+    import torch
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise RauInputError(f"laterality: expected a (H, W) grayscale image, got shape {image.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(preprocess(image, "equalize")))[None, None]
+    return resize(t, (config.image_size, config.image_size)).clamp_(0.0, 1.0)
+
+
+class LateralityModel(UNetModel):
+    """The laterality CNN with its config; the model-folder protocol is the U-Net's."""
+
+    config_class = LateralityConfig
+    kind = "laterality"
+
+    def __repr__(self) -> str:
+        return f"LateralityModel(image_size={self.config.image_size}, width={self.config.width})"
+
+    @staticmethod
+    def build_network(config):
+        return build_network(config)
+
+    def predict_probs(self, image, structures=None):  # noqa: D102 - no masks here
+        raise NotImplementedError("the laterality model scores images; use score()")
+
+    def score(self, image: np.ndarray) -> float:
+        """> 0: the image is the usual way round; < 0: mirrored; exactly odd under mirroring."""
+        import torch
+
+        with torch.inference_mode():
+            return float(odd_score(self.net, to_thumbnail(image, self.config).to(self.device))[0])
+
+    def agreement(self, reference: np.ndarray, target: np.ndarray) -> float:
+        """tanh(score(reference)) x tanh(score(target)), in [-1, 1]: < 0 when one is mirrored."""
+        return float(np.tanh(self.score(reference)) * np.tanh(self.score(target)))

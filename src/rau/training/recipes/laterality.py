@@ -1,0 +1,128 @@
+"""Train the laterality model (:mod:`rau.models.laterality`) on :func:`rau.training.engine.run_training`.
+
+Data: images in their usual orientation only; the model's score is odd under mirroring, so the
+mirrored class comes for free and the loss is ``softplus(-score)`` of augmented images (the
+logistic loss of "usual" against "mirrored"). Default images (:func:`laterality_sources`): Wingspan
+0..119, DRR training poses, ARCADE train; never a calibration or bench target (Wingspan 120..199,
+the DRR calibration/test poses, ARCADE val). Augmentation: rotation, isotropic scale, shift, gamma.
+Step ``s`` draws its batch and augmentation from ``(seed, s)`` alone, so a resumed run ends with
+the weights of an uninterrupted one. AdamW, cosine decay to 0.1 x lr.
+
+CPU-sized (about 2 minutes on 2 cores): ``rau train laterality --out runs/laterality``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rau.errors import RauInputError
+from rau.models.laterality.configuration import LateralityConfig
+from rau.models.laterality.modeling import LateralityModel, odd_score, to_thumbnail
+from rau.training.engine import run_training
+
+#: Augmentation ranges (recorded in the run).
+AUGMENTATION: dict[str, Any] = {"rotate_deg": 10.0, "scale": [0.85, 1.15], "shift_fraction": 0.08,
+                                "gamma": [0.7, 1.42], "padding": "border"}
+
+
+def laterality_sources(data: str | Path, drr_dir: str | Path) -> list[tuple[Path, slice | None, int]]:
+    """The default training images as (dataset folder, id slice, at most n evenly spaced)."""
+    data, drr_dir = Path(data), Path(drr_dir)
+    return [(data / "wingspan_cxr", slice(0, 120), 120), (drr_dir / "train", None, 300),
+            (data / "arcade_syntax" / "train", None, 600)]
+
+
+def load_thumbnails(sources: Sequence[tuple[Path, slice | None, int]], config: LateralityConfig,
+                    progress: bool = True):
+    """-> ((N, 1, S, S) float32 tensor, ids "folder/id")."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from rau.data.dataset import load_dataset
+
+    images, ids = [], []
+    for root, sl, n in sources:
+        ds = load_dataset(root).slice(sl)
+        entries = ds.entries[:: max(1, len(ds.entries) // n)][:n]
+        for e in tqdm(entries, desc=f"read {Path(root).name}", disable=not progress, leave=False):
+            images.append(to_thumbnail(ds.load(e, []).image, config)[0])
+            ids.append(f"{Path(root).name}/{e.id}")
+    if len(images) < 4:
+        raise RauInputError(f"laterality: {len(images)} training images, need at least 4")
+    return torch.stack(images), ids
+
+
+def augment(x, generator):
+    """Random rotation, scale, shift and gamma of a (B, 1, S, S) batch in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    a = AUGMENTATION
+    b = x.shape[0]
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=generator)
+
+    ang = uniform(-1, 1, b) * math.radians(a["rotate_deg"])
+    sc = uniform(*a["scale"], b)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(ang) / sc, -torch.sin(ang) / sc
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(ang) / sc, torch.cos(ang) / sc
+    theta[:, :, 2] = uniform(-1, 1, b, 2) * a["shift_fraction"]
+    y = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="border",
+                      align_corners=False)
+    gamma = torch.exp(uniform(*np.log(a["gamma"]), b, 1, 1, 1))
+    return y.clamp(1e-4, 1.0) ** gamma
+
+
+def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir: str | Path, *,
+                     steps: int = 600, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                     config: LateralityConfig | None = None, device: str = "cpu", threads: int = 2,
+                     checkpoint_every: int = 100, progress: bool = True, command: str | None = None,
+                     on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Train into the run folder ``out_dir`` (resuming its latest checkpoint) -> ``out_dir/final``."""
+    import torch
+
+    if steps < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
+        raise RauInputError(f"steps, batch_size, checkpoint_every must be >= 1 and lr > 0, "
+                            f"got {steps}, {batch_size}, {checkpoint_every}, {lr}")
+    cfg = config or LateralityConfig(seed=seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        images, ids = load_thumbnails(sources, cfg, progress)
+        model = LateralityModel(cfg)
+        digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+        run_key = {"data": {"sources": [[str(r), None if s is None else [s.start, s.stop], n] for r, s, n in sources],
+                            "n_images": len(ids), "ids_sha256": digest},
+                   "config": cfg.to_dict(), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                   "augmentation": AUGMENTATION}
+
+        def step_loss(net, step, acc):
+            gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, step]).integers(2**62)))
+            idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+            x = augment(images[idx], gen).to(acc.device)
+            return torch.nn.functional.softplus(-odd_score(net, x).float()).mean()
+
+        def extra_training() -> dict[str, Any]:
+            model.net.eval()
+            with torch.inference_mode():
+                s = torch.cat([odd_score(model.net, images[i:i + 256].to(model.device)).cpu()
+                               for i in range(0, len(images), 256)])
+            return {"optimizer": "AdamW", "lr_schedule": "cosine to 0.1 x lr",
+                    "loss": "softplus(-score) of augmented usual-orientation images", "torch": torch.__version__,
+                    "metrics": {"train_accuracy_no_aug": float((s > 0).float().mean())}}
+
+        return run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=0, min_lr_ratio=0.1,
+                            schedule="cosine", save_every=checkpoint_every, device=device, command=command,
+                            progress=progress, desc="train laterality", loss_label="logistic",
+                            on_step=on_step, extra_training=extra_training)
+    finally:
+        torch.set_num_threads(before)
