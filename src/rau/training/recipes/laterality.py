@@ -86,8 +86,9 @@ def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
                      steps: int = 600, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                      config: LateralityConfig | None = None, device: str = "cpu", threads: int = 2,
                      checkpoint_every: int = 100, progress: bool = True, command: str | None = None,
-                     on_step: Callable[[int, dict], None] | None = None) -> Path:
-    """Train into the run folder ``out_dir`` (resuming its latest checkpoint) -> ``out_dir/final``."""
+                     on_step: Callable[[int, dict], None] | None = None, stop_after: int | None = None) -> Path:
+    """Train into the run folder ``out_dir`` (resuming its latest checkpoint) -> ``out_dir/final``;
+    ``stop_after``: end after that many steps with a checkpoint and no ``final/`` (as a kill would)."""
     import torch
 
     if steps < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
@@ -106,7 +107,9 @@ def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
                    "augmentation": AUGMENTATION}
 
         def step_loss(net, step, acc):
-            gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, step]).integers(2**62)))
+            step_seed = int(np.random.default_rng([seed, step]).integers(2**62))
+            gen = torch.Generator().manual_seed(step_seed)
+            torch.manual_seed(step_seed)  # the dropout masks too, so a resumed run draws the same ones
             idx = torch.randint(0, len(images), (batch_size,), generator=gen)
             x = augment(images[idx], gen).to(acc.device)
             return torch.nn.functional.softplus(-odd_score(net, x).float()).mean()
@@ -116,13 +119,13 @@ def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
             with torch.inference_mode():
                 s = torch.cat([odd_score(model.net, images[i:i + 256].to(model.device)).cpu()
                                for i in range(0, len(images), 256)])
-            return {"optimizer": "AdamW", "lr_schedule": "cosine to 0.1 x lr",
+            return {"recipe": "laterality", "optimizer": "AdamW", "lr_schedule": "cosine to 0.1 x lr",
                     "loss": "softplus(-score) of augmented usual-orientation images", "torch": torch.__version__,
                     "metrics": {"train_accuracy_no_aug": float((s > 0).float().mean())}}
 
         return run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=0, min_lr_ratio=0.1,
                             schedule="cosine", save_every=checkpoint_every, device=device, command=command,
                             progress=progress, desc="train laterality", loss_label="logistic",
-                            on_step=on_step, extra_training=extra_training)
+                            on_step=on_step, extra_training=extra_training, stop_after=stop_after)
     finally:
         torch.set_num_threads(before)
