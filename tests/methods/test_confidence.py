@@ -602,3 +602,17 @@ def test_a_feature_only_some_segmenters_measure_reads_as_the_calibration_mean_wh
     assert cal.predict(lacking)[0] == pytest.approx(cal.predict(at_mean)[0])
     with pytest.raises(KeyError):
         cal.predict({k: v for k, v in f.items() if k != "fit"})
+
+
+def test_random_reference_twins_set_the_pair_rules_only():
+    """The twins' rows anchor the pair rules and are scored as held-out data; the model, its threshold and
+    the rules' shares come from the other splits alone (with ``twins_rules_only=False`` they pull them)."""
+    rows = _rows()
+    twins = [{**r, "split": "s-random", "right": False, "features": {**r["features"], "fit": 0.99}} for r in rows]
+    alone = fit_calibration(rows, "toy")
+    only = fit_calibration(rows + twins, "toy")
+    mixed = fit_calibration(rows + twins, "toy", twins_rules_only=False)
+    assert only.min_fit == alone.min_fit and only.threshold == alone.threshold
+    assert np.allclose(only.coef, alone.coef) and np.allclose(only.iso_y, alone.iso_y)
+    assert not np.allclose(mixed.coef, alone.coef)
+    assert only.record["twins_rules_only"] and "s-random" in only.record["out_of_fold"]

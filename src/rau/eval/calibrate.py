@@ -26,6 +26,11 @@ and ARCADE train 0..599).
    calibration outputs, and caught 2 more of the 12 mirrored calibration targets, none on the bench
    (docs/RESULTS.md). The orientation model (:func:`fit_orientation`) is fitted first, on
    calibration-side images only, if none ships.
+   Random-reference twins of the splits (``calib-*-random``: each target with a seeded random
+   reference, as a user's one reference may be) anchor the pair rules and nothing else: steps 4-6
+   and the rules' shares read the other splits, and the twins' rows are scored by the fitted model
+   as held-out data (``twins_rules_only``; fitted on them too, the model was under-confident on the
+   bench's ARCADE pairs, docs/HISTORY.md 2026-12-06 s20).
 4. On the other rows: an L2 logistic model on standardised features, out-of-fold (5 folds by
    target) probabilities mapped to the share right by isotonic regression (scipy), then the
    logistic refitted on all rows. With ``use_prior`` (default) one more feature,
@@ -181,8 +186,14 @@ def _isotonic_map(p: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float
 def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, seed: int = 0,
                     record: dict[str, Any] | None = None, use_prior: bool = True,
                     threshold_bound: bool = True, orientation_rule: bool = False,
-                    drop: tuple[str, ...] = (), rule_rates: bool = True, presence: bool = True) -> Calibration:
-    """Fit a :class:`Calibration` on ``rows`` (:func:`calibration_rows`); see the module docstring."""
+                    drop: tuple[str, ...] = (), rule_rates: bool = True, presence: bool = True,
+                    twins_rules_only: bool = True) -> Calibration:
+    """Fit a :class:`Calibration` on ``rows`` (:func:`calibration_rows`); see the module docstring.
+    ``twins_rules_only``: rows of random-reference twins (``calib-*-random``) anchor the pair rules
+    and nothing else; the model, threshold, rule shares and presence are fitted on the other splits,
+    and the twins' rows are scored by that model as held-out data."""
+    from rau.eval.bench import RANDOM_SUFFIX
+
     never_run = [r for r in rows if r.get("never_run")]
     target_rate = float((sum(r["right"] for r in never_run) + 1) / (len(never_run) + 2)) if never_run else None
     rows = [r for r in rows if not r.get("never_run")]
@@ -222,6 +233,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     gated = caught["fit"] | caught["mirrored"] | caught["orientation"]
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
     all_names = np.array([r.get("structure", "") for r in rows], object)
+    twin = np.array([twins_rules_only and r["split"].endswith(RANDOM_SUFFIX) for r in rows])
     rule_of = np.full(len(rows), "", object)  # each row's first rule that catches it, as in Calibration.pair_rule
     for rule in reversed(RULES):
         rule_of[caught[rule]] = rule
@@ -230,13 +242,13 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     all_targets = np.array([r["target"] for r in rows])
     per_rule, rule_pooled, rule_strength = {}, {}, {}
     for rule in [rule_key(k, f) for k in RULES for f in (True, False)]:
-        sel = key_of == rule
+        sel = (key_of == rule) & ~twin
         if rule_rates and sel.any():
             targets = all_targets[sel]
             strength = choose_strength(all_names[sel], y_all[sel], targets) if len(np.unique(targets)) > 1 else 1e9
             per_rule[rule], rule_pooled[rule] = structure_rates(all_names[sel], y_all[sel], strength)
             rule_strength[rule] = strength
-    keep = ~gated
+    keep = ~gated & ~twin
     # a feature some rows lack (reports written before it existed) is left out
     measured = [k for k in FEATURES if k not in drop and all(k in r["features"] for r in rows)]
     feature_names = measured + ([PRIOR_FEATURE] if use_prior else [])
@@ -250,17 +262,21 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     # rule-withheld rows: their rule's rate for their name (withheld by the rule whatever the threshold)
     conf = np.array([cal.rule_confidence(k, str(n), f) if k else 0.0 for k, n, f in zip(rule_of, all_names, found)])
     conf[keep] = model["oof"]  # out-of-fold: the threshold is not set on fitted values
+    held = twin & ~gated  # never fitted on: scored by the fitted model, out of sample
+    if held.any():
+        conf[held] = cal.predict([r["features"] for r, h in zip(rows, held) if h], list(all_names[held]))
     # a withheld right mask is lost; a withheld right "not there" loses nothing (it stays "no").
     # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with
     # the most structures would set it alone: DRR has 24 per target, Wingspan 3).
     cuts = []
-    for split in sorted({r["split"] for r in rows}):
+    for split in sorted({r["split"] for r, t in zip(rows, twin) if not t}):
         sel = correct & found & np.array([r["split"] == split for r in rows])
         if sel.sum() >= MIN_SPLIT_MASKS:
             cuts.append(keep_threshold(conf[sel], bound=threshold_bound))
-    cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found], bound=threshold_bound)
+    cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found & ~twin], bound=threshold_bound)
     cal.record.update({"n_outputs": len(rows), "n_right": int(y_all.sum()), "n_gated": int(gated.sum()),
                        "n_never_run": len(never_run), "rule_strength": rule_strength,
+                       "twins_rules_only": bool(twin.any()),
                        "splits": sorted({r["split"] for r in rows}), "out_of_fold": _oof_summary(rows, y_all, conf)})
     if presence:
         on = keep & np.array(["wrong" not in r["split"] and "in_truth" in r for r in rows])
