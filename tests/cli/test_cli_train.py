@@ -18,7 +18,7 @@ from rau.cli.common import parse_range, split_names, split_numbers, user_errors
 
 runner = CliRunner()
 TRAININGS = ("vlm", "chex-cache", "chex", "refvlm", "grpo", "seg-cache", "seg-head", "masktok", "unet",
-             "memseg-cache", "memseg")
+             "memseg-cache", "memseg", "refine-cache", "refine", "laterality")
 CLI_DIR = Path(__file__).resolve().parents[2] / "src" / "rau" / "cli"
 
 
@@ -213,3 +213,10 @@ def test_memseg_bad_grid_is_one_error_line(tmp_path):
     res = runner.invoke(app, ["train", "memseg", "--cache", str(tmp_path / "none.npz"), "--output-dir",
                               str(tmp_path / "r"), "--grid", "48", "--no-progress"])
     assert one_error_line(res).startswith("error: grid")
+
+
+def test_train_laterality_bad_value_is_one_error_line(tmp_path):
+    res = runner.invoke(app, ["train", "laterality", "--output-dir", str(tmp_path / "run"), "--drr-dir",
+                              str(tmp_path / "drr"), "--steps", "0"])
+    assert "--steps" in one_error_line(res)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "drr").exists()

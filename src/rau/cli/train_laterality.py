@@ -34,6 +34,11 @@ def laterality(
         from rau.eval.bench import ensure_drr
         from rau.training.recipes.laterality import laterality_sources, train_laterality
 
+        if steps < 1 or batch_size < 1 or lr <= 0 or save_every < 1:  # before any DRR is rendered
+            from rau.errors import RauInputError
+
+            raise RauInputError(f"--steps, --batch-size, --save-every must be >= 1 and --lr > 0, "
+                                f"got {steps}, {batch_size}, {save_every}, {lr}")
         ensure_drr(drr_dir, False)
         final = train_laterality(laterality_sources(data, drr_dir), output_dir, steps=steps, batch_size=batch_size,
                                  lr=lr, seed=seed, device=device, threads=threads, checkpoint_every=save_every,
