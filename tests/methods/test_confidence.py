@@ -616,3 +616,22 @@ def test_random_reference_twins_set_the_pair_rules_only():
     assert np.allclose(only.coef, alone.coef) and np.allclose(only.iso_y, alone.iso_y)
     assert not np.allclose(mixed.coef, alone.coef)
     assert only.record["twins_rules_only"] and "s-random" in only.record["out_of_fold"]
+
+
+def test_a_method_without_calibration_uses_the_default_fit_rule(monkeypatch):
+    """An angiogram read against a chest with an uncalibrated method is "does not fit" by the default
+    method's min_fit (the thumbnail fit is the same for every method); a look-alike pair is not."""
+    import rau.methods.confidence as confidence
+    from rau.methods.registry import DEFAULT_METHOD
+
+    min_fit = confidence.default_calibration(DEFAULT_METHOD).min_fit
+    image, masks = synthetic_pair()
+    reference = AnnotatedImage(image, masks)
+    for fit, unfit in ((min_fit - 0.1, True), (min_fit + 0.1, False)):
+        pair = {"fit": fit, "mirror_gain": 0.0, "orientation": 1.0, "mirror_fit_gain": -0.1, "laterality": 1.0}
+        monkeypatch.setattr(confidence, "pair_features", lambda r, t, registered=True, p=pair: p)
+        result = TargetResult("t", "r", "m", {"blob": StructureResult("blob", "yes", (0, 0, 9, 9), 0.9, masks["blob"])})
+        confidence.assess(result, reference, image, None)
+        flag = result.structures["blob"].flag
+        assert (flag is not None and flag.startswith(confidence.REASON_FIT)) is unfit
+        assert result.structures["blob"].confidence == (0.0 if unfit else None)

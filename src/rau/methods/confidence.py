@@ -323,6 +323,23 @@ def mirror_reason(pair: dict[str, float]) -> str | None:
     return None
 
 
+def uncalibrated_reason(pair: dict[str, float]) -> str | None:
+    """The pair rules of a method without a calibration: the default method's "does not fit" rule
+    (its calibration's ``min_fit``; the thumbnail fit does not depend on the method), then "mirrored".
+    Before the laterality rule, the registration "mirrored" rule caught most angiograms read against a
+    chest for these methods, for the wrong reason (docs/HISTORY.md, 2026-12-06 s20)."""
+    from rau.methods.registry import DEFAULT_METHOD
+
+    if DEFAULT_METHOD not in _DEFAULT_RULES:  # read once
+        _DEFAULT_RULES[DEFAULT_METHOD] = default_calibration(DEFAULT_METHOD)
+    default = _DEFAULT_RULES[DEFAULT_METHOD]
+    why = default.fit_reason(pair) if default is not None else None
+    return why or mirror_reason(pair)
+
+
+_DEFAULT_RULES: dict[str, Any] = {}
+
+
 def target_reason(checks: dict[str, float]) -> str | None:
     """The reason to abstain on every structure of a target from its own pixels, or None."""
     if checks["contrast"] < MIN_CONTRAST:
@@ -629,7 +646,7 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
             rule = calibration.pair_rule(pair)
             reason = rule[1] if rule else None
         else:
-            reason = mirror_reason(pair)
+            reason = uncalibrated_reason(pair)
     probs, present = {}, {}
     presence = calibration.presence_model() if calibration is not None else None
     if calibration is not None and feats:
