@@ -219,9 +219,9 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     # lowest split's 1% quantile of right masks' fits (a withheld right "not there" loses nothing), over
     # the correct-pair splits with enough right masks (a random-reference twin holds pairs less alike
     # than the most similar ones)
+    split_of = np.array([r["split"] for r in rows])
     anchor = rule_anchor(rows, correct & found)
-    hi = min(float(np.quantile(fit[anchor & np.array([r["split"] == sp for r in rows])], 0.01))
-             for sp in sorted({r["split"] for r, a in zip(rows, anchor) if a}))
+    hi = min(float(np.quantile(fit[anchor & (split_of == sp)], 0.01)) for sp in sorted(set(split_of[anchor])))
     # (mirrored targets are the orientation rule's: they fit their reference as well as right ones)
     bad = ~y_all & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
     lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
@@ -233,7 +233,7 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     gated = caught["fit"] | caught["mirrored"] | caught["orientation"]
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
     all_names = np.array([r.get("structure", "") for r in rows], object)
-    twin = np.array([twins_rules_only and r["split"].endswith(RANDOM_SUFFIX) for r in rows])
+    twin = np.char.endswith(split_of.astype(str), RANDOM_SUFFIX) & twins_rules_only
     rule_of = np.full(len(rows), "", object)  # each row's first rule that catches it, as in Calibration.pair_rule
     for rule in reversed(RULES):
         rule_of[caught[rule]] = rule
@@ -269,8 +269,8 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     # Every correct-pair split with enough right masks keeps >= 95% of them (pooled, the split with
     # the most structures would set it alone: DRR has 24 per target, Wingspan 3).
     cuts = []
-    for split in sorted({r["split"] for r, t in zip(rows, twin) if not t}):
-        sel = correct & found & np.array([r["split"] == split for r in rows])
+    for split in sorted(set(split_of[~twin])):
+        sel = correct & found & (split_of == split)
         if sel.sum() >= MIN_SPLIT_MASKS:
             cuts.append(keep_threshold(conf[sel], bound=threshold_bound))
     cal.threshold = min(cuts) if cuts else keep_threshold(conf[correct & found & ~twin], bound=threshold_bound)
