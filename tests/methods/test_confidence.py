@@ -209,6 +209,14 @@ def _rows(n=300, seed=0):
     return rows
 
 
+def _wrong_rows(n=30, seed=9):
+    """Wrong-input rows (another kind of image the kind model does not know: no ``kind``) that fit
+    their reference at 0.55-0.6: they set ``min_fit``."""
+    rng = np.random.default_rng(seed)
+    return [{"features": {**r["features"], "fit": float(rng.uniform(0.55, 0.6))}, "right": False,
+             "target": f"w{i}", "split": "calib-wrong"} for i, r in enumerate(_rows(n, seed))]
+
+
 def test_fit_calibration_separates_and_calibrates_and_round_trips(tmp_path):
     from rau.metrics import auroc
 
@@ -219,7 +227,7 @@ def test_fit_calibration_separates_and_calibrates_and_round_trips(tmp_path):
     assert auroc(p, y) > 0.9 and np.all((0 <= p) & (p <= 1))
     summary = calibration_summary([{"right": bool(a), "confidence": float(b)} for a, b in zip(y, p)])
     assert summary["ece"] < 0.1
-    assert 0 < cal.threshold < 1 and cal.min_fit is not None
+    assert 0 < cal.threshold < 1 and cal.min_fit is None  # no wrong inputs to separate: no fit rule
     cal.save(tmp_path / "c.json")
     again = Calibration.load(tmp_path / "c.json")
     assert np.allclose(again.predict([r["features"] for r in test]), p)
@@ -272,7 +280,7 @@ def test_an_image_unlike_the_reference_is_called_unfit_not_mirrored(monkeypatch)
     name the cause that matters (does not fit), and the mirrored rule applies to look-alikes."""
     import rau.methods.confidence as confidence
 
-    cal = fit_calibration(_rows(), "toy")
+    cal = fit_calibration(_rows() + _wrong_rows(), "toy")
     image, masks = synthetic_pair()
     reference = AnnotatedImage(image, masks)
     for fit, gain, mirrored in ((cal.min_fit - 0.2, 0.5, False), (cal.min_fit + 0.05, 0.05, True)):
@@ -572,7 +580,7 @@ def test_the_fit_rule_is_set_on_right_masks_of_splits_with_enough_of_them():
     split with fewer than 20 right masks do not set it."""
     from rau.eval.calibrate import rule_anchor
 
-    rows = _rows()
+    rows = _rows() + _wrong_rows()
     rng = np.random.default_rng(4)
     twins = [{**r, "split": "s-random", "features": {**r["features"], "fit": float(rng.uniform(0.4, 0.98))}} for r in rows]
     few = [{**r, "split": "few", "right": i < 10, "features": {**r["features"], "fit": 0.05}} for i, r in enumerate(rows[:60])]
@@ -635,3 +643,26 @@ def test_a_method_without_calibration_uses_the_default_fit_rule(monkeypatch):
         flag = result.structures["blob"].flag
         assert (flag is not None and flag.startswith(confidence.REASON_FIT)) is unfit
         assert result.structures["blob"].confidence == (0.0 if unfit else None)
+
+
+def test_other_kinds_of_image_do_not_fit_whatever_their_fit_and_leave_min_fit_to_the_rest():
+    """The image-kind rule withholds a pair of different kinds (an angiogram against a chest) before the
+    thumbnail fit is read; the wrong inputs it catches do not pull ``min_fit`` up, and its rows are the fit
+    rule's (one rule key, "fit")."""
+    from rau.methods.confidence import MIN_KIND, REASON_FIT, kind_reason
+
+    assert kind_reason({"kind": MIN_KIND - 0.01}).startswith(REASON_FIT) and kind_reason({"kind": 0.9}) is None
+    assert kind_reason({}) is None  # no model, no rule
+    rows = _rows()
+    wrong = [{"features": {**r["features"], "fit": 0.7, "kind": 0.02}, "right": False, "target": f"w{i}",
+              "split": "calib-wrong"} for i, r in enumerate(rows[:40])]
+    blind = [{**w, "features": {k: v for k, v in w["features"].items() if k != "kind"}} for w in wrong]
+    blob = [{**w, "features": {**w["features"], "fit": 0.5, "kind": 0.9}, "target": f"b{i}"} for i, w in enumerate(wrong)]
+    seen, unseen, rest = (fit_calibration(rows + w, "toy") for w in (wrong, blind, blob + wrong))
+    assert 0.77 < unseen.min_fit < 0.79  # without the kind, midway between the angiograms and the right masks
+    assert seen.min_fit is None  # the kind rule caught every wrong input: no fit rule
+    assert 0.67 < rest.min_fit < 0.69  # set on what the kind rule leaves (fit 0.5), not on what it caught
+    pair = {**wrong[0]["features"]}
+    assert seen.pair_rule(pair)[0] == "fit" and "different kinds of image" in seen.pair_reason(pair)
+    assert seen.pair_rule({**pair, "kind": 0.95}) is None
+    assert "fit" in seen.rule_pooled and seen.rule_pooled["fit"] < 0.1

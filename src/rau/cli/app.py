@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from rau.cli import data, evaluate, infer, serve, train, train_laterality, train_masks, train_memseg, train_refine
+from rau.cli import data, evaluate, infer, serve, train, train_checks, train_masks, train_memseg, train_refine
 from rau.cli.common import one_line_warnings
 
 app = typer.Typer(
@@ -66,12 +66,13 @@ for name, fn in (
     ("seg-head-memseg", train_memseg.seg_head_memseg),
     ("refine-cache", train_refine.refine_cache),
     ("refine", train_refine.refine),
-    ("laterality", train_laterality.laterality),
+    ("laterality", train_checks.laterality),
+    ("image-kind", train_checks.image_kind),
 ):
     train_app.command(name)(fn)
 
 app.add_typer(train_app, name="train", rich_help_panel=DATA,
-              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg, seg-head-memseg, refine-cache, refine, laterality.")
+              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg, seg-head-memseg, refine-cache, refine, laterality, image-kind.")
 
 
 def main() -> None:

@@ -13,6 +13,10 @@ and ARCADE train 0..599).
    midway between the 99% quantile of the wrong inputs' reference fit (other anatomy, modality,
    noise; mirrored targets are the "mirrored" rule's) and the lowest split's 1% quantile of right
    outputs' fit (calibration pairs have the most similar reference; a user's may be less alike).
+   Pairs of different kinds of image (the image-kind rule, :func:`rau.methods.confidence.kind_reason`,
+   tried first whatever the fit) are left out of those wrong inputs: the fit rule is set on what
+   the image-kind rule leaves, and counts its rows as its own ("reference does not fit"); where it
+   leaves none, there is no thumbnail-fit rule (``min_fit`` None).
    Rows it catches, and those of the "mirrored" rule
    (:func:`rau.methods.confidence.mirror_reason`), get as confidence the share of right among the
    rows their rule caught, per structure name shrunk towards that rule's pooled share by a
@@ -70,6 +74,7 @@ from rau.methods.confidence import (
     RULES,
     Calibration,
     Presence,
+    kind_reason,
     mirror_reason,
     rule_key,
     with_derived,
@@ -222,13 +227,18 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     split_of = np.array([r["split"] for r in rows])
     anchor = rule_anchor(rows, correct & found)
     hi = min(float(np.quantile(fit[anchor & (split_of == sp)], 0.01)) for sp in sorted(set(split_of[anchor])))
-    # (mirrored targets are the orientation rule's: they fit their reference as well as right ones)
-    bad = ~y_all & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
-    lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
-    min_fit = (lo + hi) / 2 if lo < hi else hi
+    # (mirrored targets are the orientation rule's: they fit their reference as well as right ones;
+    # pairs of different kinds of image are the image-kind rule's, tried first, whatever the fit)
+    other_kind = np.array([kind_reason(r["features"]) is not None for r in rows])
+    bad = ~y_all & ~other_kind & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
+    if bad.any():
+        lo = float(np.quantile(fit[bad], 0.99))
+        min_fit = (lo + hi) / 2 if lo < hi else hi
+    else:  # nothing left for it to catch (the kind rule caught every wrong input): no fit rule
+        min_fit = None
     # the "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
     mirrored = np.array([mirror_reason(r["features"]) is not None for r in rows])
-    caught = {"fit": fit < min_fit, "mirrored": mirrored,
+    caught = {"fit": other_kind | ((fit < min_fit) if min_fit is not None else False), "mirrored": mirrored,
               "orientation": (orient < min_orient) if min_orient is not None else np.zeros(len(rows), bool)}
     gated = caught["fit"] | caught["mirrored"] | caught["orientation"]
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))

@@ -40,6 +40,27 @@ def _u16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 65535), 0, 65535).astype(np.uint16)
 
 
+def _draws(rng: np.random.Generator, size: int, n_arcade: int):
+    """The seeded draws of a wrong-input set, in their order: white noise, smooth noise, the ARCADE
+    entries (indices into the id-sorted part) of the "modality" targets."""
+    noise = [rng.random((size, size)) for _ in range(COUNTS["noise"])]
+    smooth = []
+    for _ in range(COUNTS["smooth_noise"]):
+        blobs = ndimage.gaussian_filter(rng.random((size, size)), sigma=rng.uniform(3, 12))
+        smooth.append((blobs - blobs.min()) / max(np.ptp(blobs), 1e-9))
+    return noise, smooth, sorted(rng.choice(n_arcade, COUNTS["modality"], replace=False).tolist())
+
+
+def modality_ids(role: str, data: Path, size: int = 512) -> list[str]:
+    """The ARCADE ids of the "modality" targets of ``role``'s wrong-input set (e.g. to keep them out
+    of a model's training), without writing it."""
+    from rau.data.dataset import load_dataset
+
+    _, arcade_part, seed = ROLES[role]
+    arcade = load_dataset(Path(data) / "arcade_syntax" / arcade_part)
+    return [arcade.entries[j].id for j in _draws(np.random.default_rng(seed), size, len(arcade))[2]]
+
+
 def build_wrong_inputs(out: Path, data: Path, role: str = "bench", size: int = 512) -> Path:
     """Write the wrong-input targets of ``role`` ("bench" or "calib") into ``out`` unless present."""
     from rau.data.dataset import load_dataset
@@ -59,15 +80,15 @@ def build_wrong_inputs(out: Path, data: Path, role: str = "bench", size: int = 5
             save_png(m.astype(np.uint8) * 255, out / "masks" / s / f"{name}.png")
         kinds[name] = kind
 
-    for i in range(COUNTS["noise"]):
-        put(f"noise_{i}", "noise", rng.random((size, size)))
-    for i in range(COUNTS["smooth_noise"]):
-        blobs = ndimage.gaussian_filter(rng.random((size, size)), sigma=rng.uniform(3, 12))
-        put(f"smooth_noise_{i}", "noise", (blobs - blobs.min()) / max(np.ptp(blobs), 1e-9))
+    arcade = load_dataset(data / "arcade_syntax" / arcade_part)
+    noise, smooth, picks = _draws(rng, size, len(arcade))
+    for i, x in enumerate(noise):
+        put(f"noise_{i}", "noise", x)
+    for i, x in enumerate(smooth):
+        put(f"smooth_noise_{i}", "noise", x)
     for i, level in enumerate((0.0, 0.5)[: COUNTS["blank"]]):
         put(f"blank_{i}", "blank", np.full((size, size), level))
-    arcade = load_dataset(data / "arcade_syntax" / arcade_part)
-    for j in sorted(rng.choice(len(arcade), COUNTS["modality"], replace=False).tolist()):
+    for j in picks:
         put(f"angiogram_{arcade.entries[j].id}", "modality", arcade.load(arcade.entries[j], []).image)
     ws = load_dataset(data / "wingspan_cxr").slice(slice(ids.start, ids.stop))
     for j in sorted(rng.choice(len(ws), COUNTS["mirror"], replace=False).tolist()):

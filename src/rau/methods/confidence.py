@@ -10,6 +10,10 @@ probability that it is right, and says when not to answer.
 - :func:`mirror_reason`: is the target mirrored left-right against the reference? The laterality
   model (:mod:`rau.models.laterality`) reads which way round each image is from its own anatomy;
   a confident disagreement of the two is the "mirrored" rule, the same for every method.
+- :func:`kind_reason`: are the reference and the target different kinds of image (an angiogram
+  against a chest, a CT slice, smooth noise)? The image-kind model (:mod:`rau.models.imagekind`)
+  reads each image on its own; a low probability that the two are the same kind is the first
+  "reference does not fit" rule, the same for every method, before the calibration's thumbnail-fit rule.
 - :func:`pair_features` and :func:`structure_features`: cheap measurements of one output
   (reference/target thumbnail agreement, and whether it fits the target better mirrored; the
   mask's size and position next to the reference's, its fragmentation, the method's own score);
@@ -31,8 +35,8 @@ probability that it is right, and says when not to answer.
   ``min_confidence`` (default: the calibration's threshold) and those judged absent, with the reason.
 
 Everything here is numpy/scipy and runs in milliseconds per target, except the two affine
-registrations of ``mirror_fit_gain`` (SimpleITK, ~0.2 s per target) and the laterality CNN
-(a 64 x 64 thumbnail per image, milliseconds).
+registrations of ``mirror_fit_gain`` (SimpleITK, ~0.2 s per target) and the laterality and
+image-kind CNNs (a 64 x 64 thumbnail per image, milliseconds).
 """
 
 from __future__ import annotations
@@ -84,6 +88,12 @@ MIN_SMOOTHNESS = 0.5
 #: calibration radiographs and flags 0 of 80 correct Wingspan, 0 of 80 DRR and 2 of 240 correct
 #: ARCADE pairs, with the most similar reference or a random one.
 MIN_LATERALITY = -0.5
+
+#: Below this probability that the reference and the target are the same kind of image (the
+#: image-kind model's agreement, :meth:`rau.models.imagekind.modeling.ImageKindModel.agreement`)
+#: the reference does not fit, whatever the thumbnail fit: an angiogram against a chest, a CT slice,
+#: smooth noise. Set on the calibration pairs (docs/HISTORY.md, 2026-12-07 s21).
+MIN_KIND = 0.5
 
 #: The former "mirrored" rule, used only where a pair has no ``laterality`` (no laterality model,
 #: or a report made before it): above this gain in affine-registered correlation from mirroring the
@@ -148,7 +158,9 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
     (< 0: the target faces the other way; 0 without the model); with ``registered``,
     ``mirror_fit_gain``: :func:`rau.methods.registration.mirror_fit_gain`, and ``laterality``: the
     shipped laterality model's agreement (:func:`default_laterality`; the "mirrored" rule's
-    measurement; absent without the model)."""
+    measurement; absent without the model), and ``kind``: the shipped image-kind model's probability
+    that the two are the same kind of image (:func:`default_imagekind`; the first "does not fit"
+    rule, :func:`kind_reason`; absent without the model)."""
     from rau.methods.registration import mirror_fit_gain
 
     r, t = _small(reference, 32), _small(target, 32)
@@ -161,6 +173,9 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
         lat = default_laterality()
         if lat is not None:
             out["laterality"] = lat.agreement(reference, target)
+        kind = default_imagekind()
+        if kind is not None:
+            out["kind"] = kind.agreement(reference, target)
     return out
 
 
@@ -220,18 +235,30 @@ def default_orientation() -> Orientation | None:
 
 
 LATERALITY_DIR = Path(__file__).resolve().parents[1] / "assets" / "laterality"
-_LATERALITY: dict[str, Any] = {}
+IMAGEKIND_DIR = Path(__file__).resolve().parents[1] / "assets" / "imagekind"
+_SHIPPED: dict[str, Any] = {}
+
+
+def _shipped(folder: Path, load) -> Any:
+    """The model folder ``folder`` read by ``load`` once, or None where it is not there."""
+    key = str(folder)
+    if key not in _SHIPPED:
+        _SHIPPED[key] = load(folder) if (folder / "model.safetensors").is_file() else None
+    return _SHIPPED[key]
 
 
 def default_laterality():
     """The shipped laterality model (``assets/laterality``, on CPU), or None where it is not there; read once."""
-    key = str(LATERALITY_DIR)
-    if key not in _LATERALITY:
-        from rau.models.laterality.modeling import LateralityModel
+    from rau.models.laterality.modeling import LateralityModel
 
-        _LATERALITY[key] = (LateralityModel.from_pretrained(LATERALITY_DIR, what="shipped laterality model")
-                            if (LATERALITY_DIR / "model.safetensors").is_file() else None)
-    return _LATERALITY[key]
+    return _shipped(LATERALITY_DIR, lambda f: LateralityModel.from_pretrained(f, what="shipped laterality model"))
+
+
+def default_imagekind():
+    """The shipped image-kind model (``assets/imagekind``, on CPU), or None where it is not there; read once."""
+    from rau.models.imagekind.modeling import ImageKindModel
+
+    return _shipped(IMAGEKIND_DIR, lambda f: ImageKindModel.from_pretrained(f, what="shipped image-kind model"))
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:
@@ -323,6 +350,16 @@ def mirror_reason(pair: dict[str, float]) -> str | None:
     return None
 
 
+def kind_reason(pair: dict[str, float]) -> str | None:
+    """"Does not fit" from the pair's ``kind`` (below :data:`MIN_KIND`: the two look like different
+    kinds of image), or None; the same rule for every method, no calibration, tried before the
+    calibration's thumbnail-fit rule (:meth:`Calibration.fit_reason`)."""
+    kind = pair.get("kind")
+    if kind is not None and kind < MIN_KIND:
+        return f"{REASON_FIT} (the two look like different kinds of image: same kind with probability {kind:.2f})"
+    return None
+
+
 def uncalibrated_reason(pair: dict[str, float]) -> str | None:
     """The pair rules of a method without a calibration: the default method's "does not fit" rule
     (its calibration's ``min_fit``; the thumbnail fit does not depend on the method), then "mirrored".
@@ -333,7 +370,7 @@ def uncalibrated_reason(pair: dict[str, float]) -> str | None:
     if DEFAULT_METHOD not in _DEFAULT_RULES:  # read once
         _DEFAULT_RULES[DEFAULT_METHOD] = default_calibration(DEFAULT_METHOD)
     default = _DEFAULT_RULES[DEFAULT_METHOD]
-    why = default.fit_reason(pair) if default is not None else None
+    why = default.fit_reason(pair) if default is not None else kind_reason(pair)
     return why or mirror_reason(pair)
 
 
@@ -494,7 +531,11 @@ class Calibration:
         return _logistic_iso(x, self.mean, self.std, self.coef, self.intercept, self.iso_x, self.iso_y)
 
     def fit_reason(self, pair: dict[str, float]) -> str | None:
-        """"Reference does not fit" (other anatomy, modality, noise) from the pair features, or None."""
+        """"Reference does not fit" (other anatomy, modality, noise) from the pair features, or None:
+        the image-kind rule (:func:`kind_reason`), then the thumbnail fit below ``min_fit``."""
+        why = kind_reason(pair)
+        if why is not None:
+            return why
         if self.min_fit is not None and pair["fit"] < self.min_fit:
             return f"{REASON_FIT} (similarity {pair['fit']:.2f} < {self.min_fit:.2f}: other anatomy or modality?)"
         return None

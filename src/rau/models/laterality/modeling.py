@@ -16,27 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from rau.errors import RauInputError
 from rau.models.laterality.configuration import LateralityConfig
-from rau.models.unet.modeling import UNetModel, preprocess, resize
+from rau.models.thumbnail import thumbnail_cnn
+from rau.models.thumbnail import to_thumbnail as thumbnail
+from rau.models.unet.modeling import UNetModel
 
 
 def build_network(config: LateralityConfig):
-    """``g``: (B, 1, S, S) -> (B,) logits; four conv blocks (GroupNorm, ReLU, 2x max-pool), then a
-    linear read of the (S/16)^2 grid, which keeps where in the image a pattern is. Seeded init."""
-    import torch
+    """``g``: (B, 1, S, S) -> (B,) logits, the shared thumbnail CNN (:func:`rau.models.thumbnail.thumbnail_cnn`)."""
     from torch import nn
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        layers, c = [], 1
-        w = config.width
-        for o in (w, 2 * w, 4 * w, 4 * w):
-            layers += [nn.Conv2d(c, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(),
-                       nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(), nn.MaxPool2d(2)]
-            c = o
-        side = config.image_size // 16
-        return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.2), nn.Linear(c * side * side, 1), nn.Flatten(0))
+    return nn.Sequential(*thumbnail_cnn(config, 1), nn.Flatten(0))
 
 
 def odd_score(net, x):
@@ -46,13 +36,7 @@ def odd_score(net, x):
 
 def to_thumbnail(image: np.ndarray, config: LateralityConfig):
     """(H, W) image -> (1, 1, S, S) float32 tensor: equalised at its own size, then resized."""
-    import torch
-
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 2:
-        raise RauInputError(f"laterality: expected a (H, W) grayscale image, got shape {image.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(preprocess(image, "equalize")))[None, None]
-    return resize(t, (config.image_size, config.image_size)).clamp_(0.0, 1.0)
+    return thumbnail(image, config.image_size, "laterality")
 
 
 class LateralityModel(UNetModel):

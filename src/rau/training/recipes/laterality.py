@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,62 +23,15 @@ import numpy as np
 
 from rau.errors import RauInputError
 from rau.models.laterality.configuration import LateralityConfig
-from rau.models.laterality.modeling import LateralityModel, odd_score, to_thumbnail
+from rau.models.laterality.modeling import LateralityModel, odd_score
 from rau.training.engine import run_training
-
-#: Augmentation ranges (recorded in the run).
-AUGMENTATION: dict[str, Any] = {"rotate_deg": 10.0, "scale": [0.85, 1.15], "shift_fraction": 0.08,
-                                "gamma": [0.7, 1.42], "padding": "border"}
-
+from rau.training.recipes.thumbnails import AUGMENTATION, augment, load_thumbnails
 
 def laterality_sources(data: str | Path, drr_dir: str | Path) -> list[tuple[Path, slice | None, int]]:
     """The default training images as (dataset folder, id slice, at most n evenly spaced)."""
     data, drr_dir = Path(data), Path(drr_dir)
     return [(data / "wingspan_cxr", slice(0, 120), 120), (drr_dir / "train", None, 300),
             (data / "arcade_syntax" / "train", None, 600)]
-
-
-def load_thumbnails(sources: Sequence[tuple[Path, slice | None, int]], config: LateralityConfig,
-                    progress: bool = True):
-    """-> ((N, 1, S, S) float32 tensor, ids "folder/id")."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from rau.data.dataset import load_dataset
-
-    images, ids = [], []
-    for root, sl, n in sources:
-        ds = load_dataset(root).slice(sl)
-        entries = ds.entries[:: max(1, len(ds.entries) // n)][:n]
-        for e in tqdm(entries, desc=f"read {Path(root).name}", disable=not progress, leave=False):
-            images.append(to_thumbnail(ds.load(e, []).image, config)[0])
-            ids.append(f"{Path(root).name}/{e.id}")
-    if len(images) < 4:
-        raise RauInputError(f"laterality: {len(images)} training images, need at least 4")
-    return torch.stack(images), ids
-
-
-def augment(x, generator):
-    """Random rotation, scale, shift and gamma of a (B, 1, S, S) batch in [0, 1]."""
-    import torch
-    import torch.nn.functional as F
-
-    a = AUGMENTATION
-    b = x.shape[0]
-
-    def uniform(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(*shape, generator=generator)
-
-    ang = uniform(-1, 1, b) * math.radians(a["rotate_deg"])
-    sc = uniform(*a["scale"], b)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(ang) / sc, -torch.sin(ang) / sc
-    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(ang) / sc, torch.cos(ang) / sc
-    theta[:, :, 2] = uniform(-1, 1, b, 2) * a["shift_fraction"]
-    y = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="border",
-                      align_corners=False)
-    gamma = torch.exp(uniform(*np.log(a["gamma"]), b, 1, 1, 1))
-    return y.clamp(1e-4, 1.0) ** gamma
 
 
 def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir: str | Path, *,
@@ -98,7 +50,7 @@ def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        images, ids = load_thumbnails(sources, cfg, progress)
+        images, ids = load_thumbnails(sources, cfg.image_size, "laterality", progress)
         model = LateralityModel(cfg)
         digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
         run_key = {"data": {"sources": [[str(r), None if s is None else [s.start, s.stop], n] for r, s, n in sources],

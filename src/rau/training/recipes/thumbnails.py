@@ -1,0 +1,62 @@
+"""What the thumbnail-CNN recipes share (:mod:`rau.training.recipes.laterality`,
+:mod:`rau.training.recipes.imagekind`): reading dataset images as thumbnails, and a seeded
+geometric + gamma augmentation of a batch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rau.errors import RauInputError
+from rau.models.thumbnail import to_thumbnail
+
+#: Augmentation ranges (recorded in the runs).
+AUGMENTATION: dict[str, Any] = {"rotate_deg": 10.0, "scale": [0.85, 1.15], "shift_fraction": 0.08,
+                                "gamma": [0.7, 1.42], "padding": "border"}
+
+
+def load_thumbnails(sources: Sequence[tuple[Path, slice | None, int]], size: int, what: str, progress: bool = True):
+    """Sources as (dataset folder, id slice, at most n evenly spaced) -> ((N, 1, size, size)
+    float32 tensor, ids "folder/id"); at least 4 images."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from rau.data.dataset import load_dataset
+
+    images, ids = [], []
+    for root, sl, n in sources:
+        ds = load_dataset(root).slice(sl)
+        entries = ds.entries[:: max(1, len(ds.entries) // n)][:n]
+        for e in tqdm(entries, desc=f"read {Path(root).name}", disable=not progress, leave=False):
+            images.append(to_thumbnail(ds.load(e, []).image, size, what)[0])
+            ids.append(f"{Path(root).name}/{e.id}")
+    if len(images) < 4:
+        raise RauInputError(f"{what}: {len(images)} training images, need at least 4")
+    return torch.stack(images), ids
+
+
+def augment(x, generator, augmentation: dict[str, Any] = AUGMENTATION):
+    """Random rotation, scale, shift and gamma of a (B, 1, S, S) batch in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    a = augmentation
+    b = x.shape[0]
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=generator)
+
+    ang = uniform(-1, 1, b) * math.radians(a["rotate_deg"])
+    sc = uniform(*a["scale"], b)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(ang) / sc, -torch.sin(ang) / sc
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(ang) / sc, torch.cos(ang) / sc
+    theta[:, :, 2] = uniform(-1, 1, b, 2) * a["shift_fraction"]
+    y = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="border",
+                      align_corners=False)
+    gamma = torch.exp(uniform(*np.log(a["gamma"]), b, 1, 1, 1))
+    return y.clamp(1e-4, 1.0) ** gamma
