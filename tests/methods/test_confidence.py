@@ -626,17 +626,22 @@ def test_random_reference_twins_set_the_pair_rules_only():
     assert only.record["twins_rules_only"] and "s-random" in only.record["out_of_fold"]
 
 
-def test_a_method_without_calibration_uses_the_default_fit_rule(monkeypatch):
-    """An angiogram read against a chest with an uncalibrated method is "does not fit" by the default
-    method's min_fit (the thumbnail fit is the same for every method); a look-alike pair is not."""
+def test_a_method_without_calibration_uses_the_kind_rule_and_the_default_fit_rule(monkeypatch):
+    """An angiogram read against a chest with an uncalibrated method is "does not fit" by the image-kind rule
+    whatever its thumbnail fit, and a look-alike of the same kind by the default method's ``min_fit`` where it
+    has one (the thumbnail fit is the same for every method); a look-alike pair of the same kind fits."""
     import rau.methods.confidence as confidence
     from rau.methods.registry import DEFAULT_METHOD
 
     min_fit = confidence.default_calibration(DEFAULT_METHOD).min_fit
     image, masks = synthetic_pair()
     reference = AnnotatedImage(image, masks)
-    for fit, unfit in ((min_fit - 0.1, True), (min_fit + 0.1, False)):
-        pair = {"fit": fit, "mirror_gain": 0.0, "orientation": 1.0, "mirror_fit_gain": -0.1, "laterality": 1.0}
+    cases = [(0.99, 0.02, True), (0.99, 0.99, False)]
+    if min_fit is not None:
+        cases += [(min_fit - 0.1, 0.99, True), (min_fit + 0.1, 0.99, False)]
+    for fit, kind, unfit in cases:
+        pair = {"fit": fit, "mirror_gain": 0.0, "orientation": 1.0, "mirror_fit_gain": -0.1, "laterality": 1.0,
+                "kind": kind}
         monkeypatch.setattr(confidence, "pair_features", lambda r, t, registered=True, p=pair: p)
         result = TargetResult("t", "r", "m", {"blob": StructureResult("blob", "yes", (0, 0, 9, 9), 0.9, masks["blob"])})
         confidence.assess(result, reference, image, None)
