@@ -16,7 +16,8 @@ and ARCADE train 0..599).
    Pairs of different kinds of image (the image-kind rule, :func:`rau.methods.confidence.kind_reason`,
    tried first whatever the fit) are left out of those wrong inputs: the fit rule is set on what
    the image-kind rule leaves, and counts its rows as its own ("reference does not fit"); where it
-   leaves none, there is no thumbnail-fit rule (``min_fit`` None).
+   leaves none, ``min_fit`` is the right masks' 1% quantile (a same-kind reference that fits that
+   badly is mostly wrong: without the rule, random-reference ARCADE outputs lost their ranking).
    Rows it catches, and those of the "mirrored" rule
    (:func:`rau.methods.confidence.mirror_reason`), get as confidence the share of right among the
    rows their rule caught, per structure name shrunk towards that rule's pooled share by a
@@ -231,14 +232,13 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
     # pairs of different kinds of image are the image-kind rule's, tried first, whatever the fit)
     other_kind = np.array([kind_reason(r["features"]) is not None for r in rows])
     bad = ~y_all & ~other_kind & np.array(["wrong" in r["split"] and "/mirror_" not in r["target"] for r in rows])
-    if bad.any():
-        lo = float(np.quantile(fit[bad], 0.99))
-        min_fit = (lo + hi) / 2 if lo < hi else hi
-    else:  # nothing left for it to catch (the kind rule caught every wrong input): no fit rule
-        min_fit = None
+    lo = float(np.quantile(fit[bad], 0.99)) if bad.any() else hi
+    # where the kind rule caught every wrong input the rule stays at the right masks' 1% quantile: a
+    # same-kind reference that fits that badly is mostly wrong (random ARCADE pairs, docs/HISTORY.md s21)
+    min_fit = (lo + hi) / 2 if lo < hi else hi
     # the "mirrored" rule (rau.methods.confidence.mirror_reason) withholds its rows whatever the fit
     mirrored = np.array([mirror_reason(r["features"]) is not None for r in rows])
-    caught = {"fit": other_kind | ((fit < min_fit) if min_fit is not None else False), "mirrored": mirrored,
+    caught = {"fit": other_kind | (fit < min_fit), "mirrored": mirrored,
               "orientation": (orient < min_orient) if min_orient is not None else np.zeros(len(rows), bool)}
     gated = caught["fit"] | caught["mirrored"] | caught["orientation"]
     gated_rate = float((y_all[gated].sum() + 1) / (gated.sum() + 2))
