@@ -154,6 +154,12 @@ def option(help_text: str, *names: str) -> Any:
     return typer.Option(*names, help=help_text)
 
 
+# options several trainings share (help text only; each command sets its own default)
+RunDirOpt = Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")]
+StepsOpt = Annotated[int, option("Optimizer steps.")]
+SaveEveryOpt = Annotated[int, option("Checkpoint every N steps.")]
+PeakLrOpt = Annotated[float, option("AdamW peak learning rate (cosine to 10%).")]
+
 ExcludeOpt = Annotated[Optional[list[str]], option(
     "Structure-name pattern held out (shell style, e.g. '*clavicle*'); repeat for several.", "--exclude")]
 

@@ -19,7 +19,11 @@ import typer
 
 from rau.cli.common import (
     CacheWeightsOpt,
+    PeakLrOpt,
     ProgressOpt,
+    RunDirOpt,
+    SaveEveryOpt,
+    StepsOpt,
     ThreadsOpt,
     TrainDeviceOpt,
     command_line,
@@ -31,18 +35,12 @@ from rau.cli.common import (
     user_errors,
 )
 
-
-
 # options several trainings share (help text only; each command sets its own default)
-RunDirOpt = Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")]
-StepsOpt = Annotated[int, option("Optimizer steps.")]
 WarmupOpt = Annotated[int, option("Linear warmup steps.")]
 LocSigmaOpt = Annotated[float, option("Gaussian soft-label width over location bins (0 = plain cross-entropy).")]
 HiddenOpt = Annotated[int, option("Decoder width (new models only).")]
 LayersOpt = Annotated[int, option("Decoder layers (new models only).")]
 SeedOpt = Annotated[int, option("Seed: init and data order.")]
-SaveEveryOpt = Annotated[int, option("Checkpoint every N steps.")]
-PeakLrOpt = Annotated[float, option("AdamW peak learning rate (cosine to 10%).")]
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     """TrainConfig fields from a JSON file: a plain object, or a run's config.json (its "config")."""

@@ -18,16 +18,23 @@ from typing import Annotated
 
 import typer
 
-from rau.cli.common import ProgressOpt, TrainDeviceOpt, command_line, option, user_errors
+from rau.cli.common import (
+    PeakLrOpt,
+    ProgressOpt,
+    RunDirOpt,
+    SaveEveryOpt,
+    StepsOpt,
+    TrainDeviceOpt,
+    command_line,
+    option,
+    user_errors,
+)
 
-OutputDirOpt = Annotated[Path, option("Run folder: checkpoints, loss.json/png, final/. An existing run there is resumed.")]
 DataOpt = Annotated[Path, option("Folder holding wingspan_cxr/ and arcade_syntax/.")]
 DrrDirOpt = Annotated[Path, option("DRR folders (train/ is read; rendered there on first use).")]
 BatchOpt = Annotated[int, option("Images per step.")]
-LrOpt = Annotated[float, option("AdamW peak learning rate (cosine to 10%).")]
 SeedOpt = Annotated[int, option("Seed: init, batches and augmentation.")]
 ThreadsOpt = Annotated[int, option("torch CPU threads.")]
-SaveEveryOpt = Annotated[int, option("Checkpoint every N steps.")]
 
 
 def _command(recipe: str, sources: str, train: str, what: str, steps_default: int, batch_default: int, doc: str):
@@ -35,12 +42,12 @@ def _command(recipe: str, sources: str, train: str, what: str, steps_default: in
     its ``sources(data, drr_dir)`` and ``train(sources, output_dir, ...)`` functions)."""
 
     def command(
-        output_dir: OutputDirOpt,
+        output_dir: RunDirOpt,
         data: DataOpt = Path("../shared/datasets"),
         drr_dir: DrrDirOpt = Path("runs/drr"),
-        steps: Annotated[int, option("Optimizer steps.")] = steps_default,
+        steps: StepsOpt = steps_default,
         batch_size: BatchOpt = batch_default,
-        lr: LrOpt = 1e-3,
+        lr: PeakLrOpt = 1e-3,
         seed: SeedOpt = 0,
         threads: ThreadsOpt = 2,
         save_every: SaveEveryOpt = 100,
