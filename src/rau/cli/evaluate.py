@@ -242,9 +242,8 @@ def calibrate(
     r = cal.record
     orient = f"min orientation agreement {cal.min_orientation:+.3f}" if cal.min_orientation is not None else "no orientation rule"
     rules = "kind, fit, orientation, mirrored" if cal.min_orientation is not None else "kind, fit, mirrored"
-    fit = f"min fit {cal.min_fit:.3f}" if cal.min_fit is not None else "no thumbnail-fit rule (the kind rule caught every wrong input)"
     typer.echo(f"{name}: {r['n_outputs']} outputs ({r['n_right']} right, {r['n_gated']} caught by the pair rules: {rules}), "
-               f"threshold {cal.threshold:.3f}, {fit}, {orient} -> {target}")
+               f"threshold {cal.threshold:.3f}, min fit {cal.min_fit:.3f}, {orient} -> {target}")
     for rule, pooled in cal.rule_pooled.items():  # the confidence of what each rule withholds
         top = sorted(cal.rule_rates.get(rule, {}).items(), key=lambda kv: -kv[1])[:3]
         typer.echo(f"  withheld by '{rule}': share right {pooled:.2f} pooled (shrinkage {r.get('rule_strength', {}).get(rule, 0):g}); "

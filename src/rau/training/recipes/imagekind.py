@@ -110,7 +110,8 @@ def load_kind_images(sources: dict[str, list], config: ImageKindConfig, seed: in
                 root, sl, n, leave_out = src
                 x, got_ids = load_thumbnails([(root, sl, n + len(leave_out))], config.image_size, "image kind",
                                              progress)
-                got = [(i, t) for i, t in zip(got_ids, x) if i.split("/", 1)[1] not in set(leave_out)][:n]
+                leave_out = set(leave_out)
+                got = [(i, t) for i, t in zip(got_ids, x) if i.split("/", 1)[1] not in leave_out][:n]
             for i, t in got:
                 images.append(t)
                 ids.append(f"{kind}:{i}")
