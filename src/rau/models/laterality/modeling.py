@@ -4,9 +4,11 @@ radiograph, the spine and catheter on an angiogram).
 A small CNN ``g`` reads a ``image_size`` x ``image_size`` thumbnail; the score is
 ``g(x) - g(mirror(x))``, odd under mirroring by construction: a mirrored image scores exactly the
 negative. It is trained on images in their usual orientation only (:mod:`rau.training.recipes.laterality`),
-so ``score > 0`` means "as usual". :meth:`LateralityModel.agreement` of a reference and a target is the
-product of their squashed scores: close to +1 when both face the same way, to -1 when one is
-mirrored, near 0 when either shows no side the model knows. The "mirrored" rule of the confidence
+so ``score > 0`` means "as usual". Its scale is set after training (the config's ``temperature``,
+fitted on images it never saw): P(usual) = sigmoid(score / temperature) (:meth:`LateralityModel.p_usual`).
+:meth:`LateralityModel.agreement` of a reference and a target is (2 p_ref - 1)(2 p_target - 1): close to
++1 when both face the same way, to -1 when one is mirrored, near 0 when either shows no side the model
+knows; P(same way round) = (1 + agreement) / 2. The "mirrored" rule of the confidence
 (:func:`rau.methods.confidence.mirror_reason`) reads it.
 
 A model folder holds ``model.safetensors`` + ``config.json`` (+ ``training.json``), as the U-Net's.
@@ -46,7 +48,8 @@ class LateralityModel(UNetModel):
     kind = "laterality"
 
     def __repr__(self) -> str:
-        return f"LateralityModel(image_size={self.config.image_size}, width={self.config.width})"
+        c = self.config
+        return f"LateralityModel(image_size={c.image_size}, width={c.width}, temperature={c.temperature:.3g})"
 
     @staticmethod
     def build_network(config):
@@ -62,6 +65,12 @@ class LateralityModel(UNetModel):
         with torch.inference_mode():
             return float(odd_score(self.net, to_thumbnail(image, self.config).to(self.device))[0])
 
+    def p_usual(self, image: np.ndarray) -> float:
+        """P(the image is the usual way round) = sigmoid(score / temperature)."""
+        return float(1.0 / (1.0 + np.exp(-self.score(image) / self.config.temperature)))
+
     def agreement(self, reference: np.ndarray, target: np.ndarray) -> float:
-        """tanh(score(reference)) x tanh(score(target)), in [-1, 1]: < 0 when one is mirrored."""
-        return float(np.tanh(self.score(reference)) * np.tanh(self.score(target)))
+        """(2 p_ref - 1)(2 p_target - 1) = tanh(s_ref / 2T) tanh(s_target / 2T), in [-1, 1]: < 0 when
+        one is mirrored (with the default T = 0.5, tanh(s_ref) tanh(s_target))."""
+        t = 2.0 * self.config.temperature
+        return float(np.tanh(self.score(reference) / t) * np.tanh(self.score(target) / t))
