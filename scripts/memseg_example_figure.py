@@ -1,7 +1,7 @@
 """Issue 15 figure: one held-out DRR pose (drr_0000 with its most similar training pose drr_0036 as
 reference), sam2-memory / reg-memseg (memory segmenter CKPT) / registration on clavicles, a scapula and a
 lung; green truth, red prediction. Usage: python scripts/memseg_example_figure.py CKPT OUT.png"""
-import sys, numpy as np, matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+import sys, matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
 from rau.data.dataset import load_dataset
 from rau.methods import create_method
 ck=sys.argv[1]; out=sys.argv[2]

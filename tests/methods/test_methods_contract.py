@@ -85,8 +85,6 @@ SHARED = dict(device="cpu", vlm=None, lora=None, sam2=None, segmenter=None, seed
 
 def _options(name, tiny_vlm, tiny_unet, tiny_chex=None, tiny_ref=None, tiny_seg=None, tiny_memseg=None,
              tiny_refiner=None):
-    from rau.methods.sam2_memory import tiny_sam2_config
-
     own = {}
     if name == "rau-seg":
         own = {"vlm": tiny_ref, "seg_head": tiny_seg}

@@ -99,7 +99,7 @@ def feature_readout(target, references, reference_masks, *, tau: float = TAU, ne
     probabilities in the target's frame."""
     import torch
 
-    k, s = references.shape[0], reference_masks.shape[0]
+    k = references.shape[0]
     if references.shape[1:] != target.shape or reference_masks.shape[1] != k:
         raise ValueError(f"feature_readout: target {tuple(target.shape)}, references {tuple(references.shape)} and "
                          f"masks {tuple(reference_masks.shape)} do not match")
