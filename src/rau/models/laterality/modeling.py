@@ -67,7 +67,7 @@ class LateralityModel(UNetModel):
 
     def p_usual(self, image: np.ndarray) -> float:
         """P(the image is the usual way round) = sigmoid(score / temperature)."""
-        return float(1.0 / (1.0 + np.exp(-self.score(image) / self.config.temperature)))
+        return float(0.5 + 0.5 * np.tanh(self.score(image) / (2.0 * self.config.temperature)))
 
     def agreement(self, reference: np.ndarray, target: np.ndarray) -> float:
         """(2 p_ref - 1)(2 p_target - 1) = tanh(s_ref / 2T) tanh(s_target / 2T), in [-1, 1]: < 0 when

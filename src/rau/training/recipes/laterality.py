@@ -76,6 +76,7 @@ def calibrate_laterality(folder: str | Path, heldout: Sequence[tuple[Path, slice
     into its ``config.json`` (atomically; the weights do not change), with a ``temperature``
     record in ``training.json``. Returns T."""
     import torch
+    from scipy.special import expit
 
     model = LateralityModel.from_pretrained(folder, what="laterality model")
     images, ids = load_thumbnails(heldout, model.config.image_size, "laterality temperature", progress)
@@ -84,8 +85,6 @@ def calibrate_laterality(folder: str | Path, heldout: Sequence[tuple[Path, slice
         s = torch.cat([odd_score(model.net, images[i:i + 256]) for i in range(0, len(images), 256)]).double().numpy()
     t = fit_temperature(s)
     model.config.temperature = t
-    from scipy.special import expit
-
     p_wrong = expit(-s / t)  # P(mirrored) of each usual-orientation image
     record = {"value": t, "n_images": len(ids), "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16],
               "sources": [[str(r), None if sl is None else [sl.start, sl.stop], n] for r, sl, n in heldout],
@@ -119,7 +118,8 @@ def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
         run_key = {"data": {"sources": [[str(r), None if s is None else [s.start, s.stop], n] for r, s, n in sources],
                             "n_images": len(ids), "ids_sha256": digest},
                    # the temperature is fitted after training: not part of what the steps compute
-                   "config": {k: v for k, v in cfg.to_dict().items() if k != "temperature"}, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                   "config": {k: v for k, v in cfg.to_dict().items() if k != "temperature"},
+                   "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                    "augmentation": AUGMENTATION}
 
         def step_loss(net, step, acc):
