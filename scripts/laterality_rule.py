@@ -1,11 +1,14 @@
 """The laterality model behind the "mirrored" rule (rau.methods.confidence.MIN_LATERALITY), measured:
 
 - ``--heldout``: accuracy (score > 0) on images it never trained on, in their usual orientation, next to
-  the linear thumbnail orientation model (``assets/calibration/orientation.json``);
+  the linear thumbnail orientation model (``assets/calibration/orientation.json``); then the images the
+  score's temperature is fitted on (:func:`rau.training.recipes.laterality.laterality_heldout_sources`):
+  how many read the wrong way round, the lowest score, and the temperature they give (session s22);
 - ``--reports``: on every (target, reference) pair of calibration or bench reports (``rau calibrate
   --work`` / ``rau bench --out``; correct pairs, and the mirrored targets of a wrong-input split), how
   many pairs the rule flags, next to the former registration rule (``mirror_fit_gain`` > 0, read
-  from the reports). Images come from the dataset folders (HISTORY 2026-12-06, session s20).
+  from the reports). The agreement reads the scores with the model's temperature (0.5 before s22:
+  ``tanh(score)``). Images come from the folders each report's config names (HISTORY 2026-12-06, s20, s22).
 
     .venv/bin/python scripts/laterality_rule.py --heldout --reports runs/calib_s19_rr --drr-dir runs/drr_full
 """
@@ -31,8 +34,6 @@ def main() -> None:
     ap.add_argument("--drr-dir", type=Path, default=Path("runs/drr"))
     ap.add_argument("--heldout", action="store_true", help="held-out accuracy table")
     ap.add_argument("--reports", type=Path, default=None, help="folder of <split>_<method>.json reports")
-    ap.add_argument("--wrong-inputs", type=Path, nargs="*", default=[Path("runs/wrong_inputs_calib"), Path("runs/wrong_inputs_bench")],
-                    help="folders of wrong-input targets the reports name")
     a = ap.parse_args()
     model = LateralityModel.from_pretrained(a.model)
     if a.heldout:
@@ -45,22 +46,32 @@ def main() -> None:
             images = [ds.load(e, []).image for e in ds.entries]
             lin = np.mean([linear.score(i) > 0 for i in images]) if linear is not None else float("nan")
             print(f"| {name} ({len(images)}) | {lin:.3f} | {np.mean([model.score(i) > 0 for i in images]):.3f} |")
+        from rau.training.recipes.laterality import fit_temperature, laterality_heldout_sources
+
+        print("\n| temperature images | n | read the wrong way round | lowest score |\n|---|---|---|---|")
+        fit = []
+        for root, sl, _ in laterality_heldout_sources(a.data):
+            ds = load_dataset(root).slice(sl)
+            s = np.array([model.score(ds.load(e, []).image) for e in ds.entries])
+            fit += list(s)
+            print(f"| {root.name} {sl.start}..{sl.stop or len(load_dataset(root))} | {len(s)} | {(s < 0).sum()} | "
+                  f"{s.min():.2f} ({ds.entries[int(s.argmin())].id}) |")
+        print(f"\nfitted temperature {fit_temperature(np.array(fit)):.4f}; the model's {model.config.temperature:.4f}")
     if a.reports is None:
         return
-    where = {}
-    for root in [a.data / "wingspan_cxr", a.data / "arcade_syntax" / "val", a.data / "arcade_syntax" / "train",
-                 a.drr_dir / "calib", a.drr_dir / "train", a.drr_dir / "test", *a.wrong_inputs]:
-        if root.is_dir():
-            ds = load_dataset(root)
-            for e in ds.entries:
-                where.setdefault(e.id, (ds, e))
-    scores: dict[str, float] = {}
+    # images by (folder, id): ARCADE val and train share ids ("1".."200"), so an id alone is ambiguous (until
+    # s22 this script looked ids up across folders, and read 2 random ARCADE calibration pairs' references from val)
+    datasets: dict[str, tuple] = {}
+    scores: dict[tuple[str, str], float] = {}
 
-    def score(image_id: str) -> float:
-        if image_id not in scores:
-            ds, e = where[image_id]
-            scores[image_id] = model.score(ds.load(e, []).image)
-        return scores[image_id]
+    def score(folder: str, image_id: str) -> float:
+        if folder not in datasets:
+            ds = load_dataset(folder)
+            datasets[folder] = (ds, {e.id: e for e in ds.entries})
+        if (folder, image_id) not in scores:
+            ds, entries = datasets[folder]
+            scores[folder, image_id] = model.score(ds.load(entries[image_id], []).image)
+        return scores[folder, image_id]
 
     print(f"| report | pairs | laterality < {MIN_LATERALITY} | former rule (gain > 0) |\n|---|---|---|---|")
     for path in sorted(a.reports.glob("*.json")):
@@ -73,7 +84,9 @@ def main() -> None:
             f = ast.literal_eval(f.replace("nan", "None")) if isinstance(f, str) else f
             if f and ("wrong" not in path.name or t["target"].startswith("mirror")):
                 pairs[(t["target"], t["reference"])] = f.get("mirror_fit_gain") or 0.0
-        lat = [np.tanh(score(t)) * np.tanh(score(r)) for t, r in pairs]
+        t2 = 2.0 * model.config.temperature  # LateralityModel.agreement, from the cached scores
+        tf, rf = doc["config"]["targets"], doc["config"]["references"]
+        lat = [np.tanh(score(tf, t) / t2) * np.tanh(score(rf, r) / t2) for t, r in pairs]
         print(f"| {path.stem} | {len(pairs)} | {sum(v < MIN_LATERALITY for v in lat)} | "
               f"{sum(g > 0 for g in pairs.values())} |")
 

@@ -88,8 +88,9 @@ MIN_SMOOTHNESS = 0.5
 #: with its fitted temperature (0.83, was the uncalibrated 0.5); on the calibration pairs the rule
 #: flags the same pairs either way.
 #: Set on the calibration pairs (docs/HISTORY.md, 2026-12-06 s20): it catches 12 of the 12 mirrored
-#: calibration radiographs and flags 0 of 80 correct Wingspan, 0 of 80 DRR and 2 of 240 correct
-#: ARCADE pairs, with the most similar reference or a random one.
+#: calibration radiographs and flags 0 of 80 correct Wingspan, 0 of 80 DRR and 0 of 240 correct
+#: ARCADE pairs, with the most similar reference or a random one (s20 counted 2 ARCADE pairs: its
+#: script read two references from ARCADE val, which shares ids with train; s22).
 MIN_LATERALITY = -0.5
 
 #: Below this probability that the reference and the target are the same kind of image (the
