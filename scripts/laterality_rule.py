@@ -24,7 +24,7 @@ import numpy as np
 
 from rau.data.dataset import load_dataset
 from rau.methods.confidence import MIN_LATERALITY, LATERALITY_DIR, default_orientation
-from rau.models.laterality.modeling import LateralityModel
+from rau.models.laterality.modeling import LateralityModel, agreement_from_scores
 
 
 def main() -> None:
@@ -51,10 +51,11 @@ def main() -> None:
         print("\n| temperature images | n | read the wrong way round | lowest score |\n|---|---|---|---|")
         fit = []
         for root, sl, _ in laterality_heldout_sources(a.data):
-            ds = load_dataset(root).slice(sl)
+            full = load_dataset(root)
+            ds = full.slice(sl)
             s = np.array([model.score(ds.load(e, []).image) for e in ds.entries])
             fit += list(s)
-            print(f"| {root.name} {sl.start}..{sl.stop or len(load_dataset(root))} | {len(s)} | {(s < 0).sum()} | "
+            print(f"| {root.name} {sl.start}..{sl.stop or len(full)} | {len(s)} | {(s < 0).sum()} | "
                   f"{s.min():.2f} ({ds.entries[int(s.argmin())].id}) |")
         print(f"\nfitted temperature {fit_temperature(np.array(fit)):.4f}; the model's {model.config.temperature:.4f}")
     if a.reports is None:
@@ -84,9 +85,8 @@ def main() -> None:
             f = ast.literal_eval(f.replace("nan", "None")) if isinstance(f, str) else f
             if f and ("wrong" not in path.name or t["target"].startswith("mirror")):
                 pairs[(t["target"], t["reference"])] = f.get("mirror_fit_gain") or 0.0
-        t2 = 2.0 * model.config.temperature  # LateralityModel.agreement, from the cached scores
         tf, rf = doc["config"]["targets"], doc["config"]["references"]
-        lat = [np.tanh(score(tf, t) / t2) * np.tanh(score(rf, r) / t2) for t, r in pairs]
+        lat = [agreement_from_scores(score(rf, r), score(tf, t), model.config.temperature) for t, r in pairs]
         print(f"| {path.stem} | {len(pairs)} | {sum(v < MIN_LATERALITY for v in lat)} | "
               f"{sum(g > 0 for g in pairs.values())} |")
 

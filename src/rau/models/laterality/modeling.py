@@ -36,6 +36,22 @@ def odd_score(net, x):
     return net(x) - net(x.flip(-1))
 
 
+def batched_scores(net, images, device: str = "cpu", batch: int = 256) -> np.ndarray:
+    """Odd scores of a (N, 1, S, S) thumbnail batch, ``batch`` at a time -> (N,) float64 (eval mode is the caller's)."""
+    import torch
+
+    with torch.inference_mode():
+        return torch.cat([odd_score(net, images[i:i + batch].to(device)).cpu()
+                          for i in range(0, len(images), batch)]).double().numpy()
+
+
+def agreement_from_scores(score_reference: float, score_target: float, temperature: float) -> float:
+    """(2 p_ref - 1)(2 p_target - 1) with p = sigmoid(score / temperature), i.e.
+    tanh(s_ref / 2T) tanh(s_target / 2T), in [-1, 1]: < 0 when one of the two is mirrored."""
+    t = 2.0 * temperature
+    return float(np.tanh(score_reference / t) * np.tanh(score_target / t))
+
+
 def to_thumbnail(image: np.ndarray, config: LateralityConfig):
     """(H, W) image -> (1, 1, S, S) float32 tensor: equalised at its own size, then resized."""
     return thumbnail(image, config.image_size, "laterality")
@@ -70,7 +86,6 @@ class LateralityModel(UNetModel):
         return float(0.5 + 0.5 * np.tanh(self.score(image) / (2.0 * self.config.temperature)))
 
     def agreement(self, reference: np.ndarray, target: np.ndarray) -> float:
-        """(2 p_ref - 1)(2 p_target - 1) = tanh(s_ref / 2T) tanh(s_target / 2T), in [-1, 1]: < 0 when
-        one is mirrored (with the default T = 0.5, tanh(s_ref) tanh(s_target))."""
-        t = 2.0 * self.config.temperature
-        return float(np.tanh(self.score(reference) / t) * np.tanh(self.score(target) / t))
+        """:func:`agreement_from_scores` of the two images' scores with the config's temperature (with
+        the default T = 0.5, tanh(s_ref) tanh(s_target))."""
+        return agreement_from_scores(self.score(reference), self.score(target), self.config.temperature)

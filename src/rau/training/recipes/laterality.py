@@ -29,8 +29,9 @@ import numpy as np
 
 from rau.errors import RauInputError
 from rau.models.laterality.configuration import LateralityConfig
-from rau.models.laterality.modeling import LateralityModel, odd_score
-from rau.models.unet.modeling import model_folder
+from rau.atomic import write_json
+from rau.models.laterality.modeling import LateralityModel, batched_scores, odd_score
+from rau.models.unet.modeling import CONFIG, TRAINING, model_folder
 from rau.training.engine import run_training
 from rau.training.recipes.thumbnails import AUGMENTATION, augment, load_thumbnails
 
@@ -75,14 +76,12 @@ def calibrate_laterality(folder: str | Path, heldout: Sequence[tuple[Path, slice
     """Fit the temperature of the model folder ``folder`` on the ``heldout`` images and write it
     into its ``config.json`` (atomically; the weights do not change), with a ``temperature``
     record in ``training.json``. Returns T."""
-    import torch
     from scipy.special import expit
 
     model = LateralityModel.from_pretrained(folder, what="laterality model")
     images, ids = load_thumbnails(heldout, model.config.image_size, "laterality temperature", progress)
     model.net.eval()
-    with torch.inference_mode():
-        s = torch.cat([odd_score(model.net, images[i:i + 256]) for i in range(0, len(images), 256)]).double().numpy()
+    s = batched_scores(model.net, images, model.device)
     t = fit_temperature(s)
     model.config.temperature = t
     p_wrong = expit(-s / t)  # P(mirrored) of each usual-orientation image
@@ -90,7 +89,9 @@ def calibrate_laterality(folder: str | Path, heldout: Sequence[tuple[Path, slice
               "sources": [[str(r), None if sl is None else [sl.start, sl.stop], n] for r, sl, n in heldout],
               "read_mirrored": int((s < 0).sum()), "min_score": float(s.min()),
               "nll": float(np.logaddexp(0.0, -s / t).mean()), "mean_p_mirrored": float(p_wrong.mean())}
-    model.save_pretrained(model_folder(folder), {**(model.training or {}), "temperature": record})
+    folder = model_folder(folder)  # the weights stay as they are: only the two JSON files change
+    write_json(folder / CONFIG, model.config.to_dict(), indent=1)
+    write_json(folder / TRAINING, {**(model.training or {}), "temperature": record}, indent=1)
     return t
 
 
@@ -132,12 +133,10 @@ def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
 
         def extra_training() -> dict[str, Any]:
             model.net.eval()
-            with torch.inference_mode():
-                s = torch.cat([odd_score(model.net, images[i:i + 256].to(model.device)).cpu()
-                               for i in range(0, len(images), 256)])
+            s = batched_scores(model.net, images, model.device)
             return {"recipe": "laterality", "optimizer": "AdamW", "lr_schedule": "cosine to 0.1 x lr",
                     "loss": "softplus(-score) of augmented usual-orientation images", "torch": torch.__version__,
-                    "metrics": {"train_accuracy_no_aug": float((s > 0).float().mean())}}
+                    "metrics": {"train_accuracy_no_aug": float((s > 0).mean())}}
 
         final = run_training(model, out_dir, run_key, step_loss, steps=steps, lr=lr, warmup=0, min_lr_ratio=0.1,
                             schedule="cosine", save_every=checkpoint_every, device=device, command=command,
