@@ -18,7 +18,7 @@ from rau.cli.common import parse_range, split_names, split_numbers, user_errors
 
 runner = CliRunner()
 TRAININGS = ("vlm", "chex-cache", "chex", "refvlm", "grpo", "seg-cache", "seg-head", "masktok", "unet",
-             "memseg-cache", "memseg", "refine-cache", "refine", "laterality", "image-kind")
+             "memseg-cache", "memseg", "refine-cache", "refine", "laterality", "image-kind", "visibility")
 CLI_DIR = Path(__file__).resolve().parents[2] / "src" / "rau" / "cli"
 
 
@@ -215,7 +215,7 @@ def test_memseg_bad_grid_is_one_error_line(tmp_path):
     assert one_error_line(res).startswith("error: grid")
 
 
-@pytest.mark.parametrize("training", ["laterality", "image-kind"])
+@pytest.mark.parametrize("training", ["laterality", "image-kind", "visibility"])
 def test_train_checks_bad_value_is_one_error_line(tmp_path, training):
     res = runner.invoke(app, ["train", training, "--output-dir", str(tmp_path / "run"), "--drr-dir",
                               str(tmp_path / "drr"), "--steps", "0"])

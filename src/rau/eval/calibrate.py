@@ -73,6 +73,7 @@ from rau.methods.confidence import (
     FEATURES,
     PRIOR_FEATURE,
     RULES,
+    TARGET_FEATURES,
     Calibration,
     Presence,
     kind_reason,
@@ -259,10 +260,12 @@ def fit_calibration(rows: list[dict[str, Any]], method: str, *, folds: int = 5, 
             per_rule[rule], rule_pooled[rule] = structure_rates(all_names[sel], y_all[sel], strength)
             rule_strength[rule] = strength
     keep = ~gated & ~twin
-    # a feature some rows lack (reports written before it existed) is left out
-    measured = [k for k in FEATURES if k not in drop and all(k in r["features"] for r in rows)]
+    # a feature some rows lack (reports written before it existed) is left out, but one that only some
+    # structures have (TARGET_FEATURES) is kept where any fitted row has it, the others reading its mean
+    measured = [k for k in FEATURES if k not in drop and (all(k in r["features"] for r in rows) or (
+        k in TARGET_FEATURES and any(k in r["features"] for r, g in zip(rows, keep) if g)))]
     feature_names = measured + ([PRIOR_FEATURE] if use_prior else [])
-    x = np.array([[r["features"][k] for k in measured] for r, g in zip(rows, keep) if g], np.float64)
+    x = feature_matrix([r for r, g in zip(rows, keep) if g], measured)
     names = np.array([r.get("structure", "") for r, g in zip(rows, keep) if g], object)
     groups = np.array([r["target"] for r, g in zip(rows, keep) if g])
     model = _fit_model(x, y_all[keep], names, groups, folds=folds, seed=seed, use_prior=use_prior)
@@ -306,6 +309,13 @@ def rule_anchor(rows: list[dict[str, Any]], right_masks: np.ndarray) -> np.ndarr
     return right_masks & np.isin(split_of, enough) if enough else right_masks
 
 
+def feature_matrix(rows: list[dict[str, Any]], measured: list[str]) -> np.ndarray:
+    """(rows, features) float64; a feature a row lacks (only :data:`TARGET_FEATURES` may be lacking) is NaN,
+    which :func:`_fit_model` reads as the column's mean."""
+    return np.array([[r["features"][k] if k not in TARGET_FEATURES else r["features"].get(k, np.nan)
+                      for k in measured] for r in rows], np.float64).reshape(len(rows), len(measured))
+
+
 def _fit_model(x: np.ndarray, y: np.ndarray, names: np.ndarray, groups: np.ndarray, *, folds: int, seed: int,
                use_prior: bool) -> dict[str, Any]:
     """The logistic + isotonic model of step 4 (module doc) for labels ``y`` on features ``x`` (rows
@@ -313,6 +323,11 @@ def _fit_model(x: np.ndarray, y: np.ndarray, names: np.ndarray, groups: np.ndarr
     ``y`` per name, from the other folds) -> mean, std, coef, intercept, iso_x, iso_y (the model),
     rates, pooled (the shares per name), oof (each row's out-of-fold calibrated probability)."""
     y = np.asarray(y, np.float64)
+    x = np.array(x, np.float64)
+    gaps = np.isnan(x)
+    if gaps.any():  # a feature some rows lack reads as the mean of those that have it (0 where none has it)
+        fill = np.array([col[~np.isnan(col)].mean() if (~np.isnan(col)).any() else 0.0 for col in x.T])
+        x[gaps] = np.broadcast_to(fill, x.shape)[gaps]
     uniq = np.unique(groups)
     fold_of = dict(zip(uniq, np.random.default_rng(seed).permutation(len(uniq)) % folds))
     fold = np.array([fold_of[g] for g in groups])
@@ -359,7 +374,7 @@ def fit_presence(rows: list[dict[str, Any]], measured: list[str], *, folds: int 
     present = np.array([r["in_truth"] for r in rows], bool)
     if (~present).sum() < MIN_ABSENT or present.sum() < MIN_ABSENT:
         return None
-    x = np.array([[r["features"][k] for k in measured] for r in rows], np.float64)
+    x = feature_matrix(rows, measured)
     names = np.array([r.get("structure", "") for r in rows], object)
     groups = np.array([r["target"] for r in rows])
     model = _fit_model(x, present, names, groups, folds=folds, seed=seed, use_prior=True)

@@ -56,7 +56,7 @@ from rau.errors import RauInputError
 #: The features of one output, in the order the logistic model reads them.
 FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
             "orientation", "smoothness", "contrast", "score_logit", "edge", "inside_contrast", "agreement", "support",
-            "readout_agreement", "p_yes", "mirror_fit_gain")
+            "readout_agreement", "p_yes", "mirror_fit_gain", "visibility")
 
 #: Features only a k-reference result has (:func:`k_reference_features`): a calibration fitted on
 #: one-reference outputs lacks them, one fitted with ``rau calibrate --k-references K`` reads them.
@@ -70,6 +70,11 @@ SEGMENTER_FEATURES = ("readout_agreement",)
 #: P(yes) for "is the structure visible", for every structure it answers; a calibration fitted without
 #: it ignores it.
 LOCALIZER_FEATURES = ("p_yes",)
+
+#: Features the target gives some structures only: the shipped visibility model's P(the target shows
+#: it) (:func:`default_visibility`), for the names it learnt (ARCADE's segments); a lung has none.
+#: A calibration fits them where some of its outputs have them (the others read as the mean).
+TARGET_FEATURES = ("visibility",)
 
 #: A feature the calibration itself supplies: the share of right outputs for the structure's name on
 #: the calibration split, shrunk towards the pooled share (:meth:`Calibration.structure_prior`). A
@@ -242,6 +247,7 @@ def default_orientation() -> Orientation | None:
 
 LATERALITY_DIR = Path(__file__).resolve().parents[1] / "assets" / "laterality"
 IMAGEKIND_DIR = Path(__file__).resolve().parents[1] / "assets" / "imagekind"
+VISIBILITY_DIR = Path(__file__).resolve().parents[1] / "assets" / "visibility"
 _SHIPPED: dict[str, Any] = {}
 
 
@@ -265,6 +271,23 @@ def default_imagekind():
     from rau.models.imagekind.modeling import ImageKindModel
 
     return _shipped(IMAGEKIND_DIR, lambda f: ImageKindModel.from_pretrained(f, what="shipped image-kind model"))
+
+
+def default_visibility():
+    """The shipped visibility model (``assets/visibility``, on CPU), or None where it is not there; read once."""
+    from rau.models.visibility.modeling import VisibilityModel
+
+    return _shipped(VISIBILITY_DIR, lambda f: VisibilityModel.from_pretrained(f, what="shipped visibility model"))
+
+
+def target_visibility(target: np.ndarray, names) -> dict[str, float]:
+    """name -> the shipped visibility model's P(the target shows it), for those of ``names`` it
+    learnt (none without the model, or where it learnt none of them: then it is not run)."""
+    vis = default_visibility()
+    if vis is None or not set(names) & set(vis.config.structures):
+        return {}
+    p = vis.probs(target)
+    return {n: p[n] for n in names if n in p}
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:
@@ -396,11 +419,11 @@ def target_reason(checks: dict[str, float]) -> str | None:
 
 
 def _feature(row: dict[str, float], name: str, mean: float) -> float:
-    """Feature ``name`` of one output; one that only some segmenters or localizers measure
-    (:data:`SEGMENTER_FEATURES`, :data:`LOCALIZER_FEATURES`: e.g. ``rau-seg`` with the former ``<seg>`` head
-    has no memory readout) reads as the calibration split's mean, no evidence either way. Any other
-    missing feature is an error (KeyError)."""
-    if name in row or name not in SEGMENTER_FEATURES + LOCALIZER_FEATURES:
+    """Feature ``name`` of one output; one that only some segmenters, localizers or structures have
+    (:data:`SEGMENTER_FEATURES`, :data:`LOCALIZER_FEATURES`, :data:`TARGET_FEATURES`: e.g. ``rau-seg``
+    with the former ``<seg>`` head has no memory readout, a lung no visibility) reads as the
+    calibration split's mean, no evidence either way. Any other missing feature is an error (KeyError)."""
+    if name in row or name not in SEGMENTER_FEATURES + LOCALIZER_FEATURES + TARGET_FEATURES:
         return row[name]
     return mean
 
@@ -655,7 +678,9 @@ def output_features(result, reference, target_image: np.ndarray,
     the first reference that annotates it)."""
     checks = checks or target_checks(target_image)
     # a blank or noise target is withheld whatever its pair fits: no registration on it
-    pair = {**pair_features(reference.image, target_image, registered=target_reason(checks) is None), **checks}
+    runs = target_reason(checks) is None  # a blank or noise target: no registration, no visibility
+    pair = {**pair_features(reference.image, target_image, registered=runs), **checks}
+    visible = target_visibility(target_image, list(result.structures)) if runs else {}
     out, gray, gradient = {}, None, None
     for name, r in result.structures.items():
         ref_mask = (reference_masks or {}).get(name)
@@ -666,7 +691,8 @@ def output_features(result, reference, target_image: np.ndarray,
             gray = gray_float(target_image)
             gradient = image_gradient(gray)
         out[name] = {**structure_features(r.score, r.mask, ref_mask),
-                     **mask_image_features(target_image if gray is None else gray, r.mask, gradient), **pair}
+                     **mask_image_features(target_image if gray is None else gray, r.mask, gradient), **pair,
+                     **({"visibility": visible[name]} if name in visible else {})}
     return out
 
 
