@@ -19,6 +19,7 @@ from rau.methods.confidence import (
     REASON_ABSENT,
     REASON_LOW,
     SEGMENTER_FEATURES,
+    TARGET_FEATURES,
     Calibration,
     abstain,
     pair_features,
@@ -105,7 +106,8 @@ def test_structure_features_of_found_and_missing_outputs():
                                                                                        "smoothness", "contrast", "edge",
                                                                                        "inside_contrast",
                                                                                        *K_FEATURES, *SEGMENTER_FEATURES,
-                                                                                       *LOCALIZER_FEATURES} == set(FEATURES)
+                                                                                       *LOCALIZER_FEATURES,
+                                                                                       *TARGET_FEATURES} == set(FEATURES)
     assert "structure_prior" not in FEATURES  # the calibration supplies it from the structure's name
 
 
