@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from rau.errors import RauInputError
+from rau.models.unet.modeling import UNetModel
 
 
 @dataclass
@@ -76,3 +77,31 @@ def to_thumbnail(image: np.ndarray, size: int, what: str = "thumbnail"):
         raise RauInputError(f"{what}: expected a (H, W) grayscale image, got shape {image.shape}")
     t = torch.from_numpy(np.ascontiguousarray(preprocess(image, "equalize")))[None, None]
     return resize(t, (size, size)).clamp_(0.0, 1.0)
+
+
+class ThumbnailModel(UNetModel):
+    """A thumbnail CNN that reads a whole image (the image-kind and visibility models): the U-Net's
+    model-folder protocol, :func:`thumbnail_cnn` with one output per name of ``outputs(config)``, and
+    :meth:`logits` of one image. Subclasses set ``config_class``, ``kind`` and :meth:`outputs`."""
+
+    @staticmethod
+    def outputs(config) -> list[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def build_network(cls, config):
+        return thumbnail_cnn(config, len(cls.outputs(config)))
+
+    def predict_probs(self, image, structures=None):  # noqa: D102 - no masks here
+        raise NotImplementedError(f"the {self.kind} model reads a whole image; it writes no masks")
+
+    def thumbnail(self, image: np.ndarray):
+        """(H, W) image -> the (1, 1, S, S) tensor the network reads."""
+        return to_thumbnail(image, self.config.image_size, self.kind)
+
+    def logits(self, image: np.ndarray):
+        """(outputs,) float32 logits of one (H, W) image, on the CPU."""
+        import torch
+
+        with torch.inference_mode():
+            return self.net(self.thumbnail(image).to(self.device))[0].float().cpu()

@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from rau.models.imagekind.configuration import ImageKindConfig
-from rau.models.thumbnail import thumbnail_cnn, to_thumbnail
-from rau.models.unet.modeling import UNetModel
+from rau.models.thumbnail import ThumbnailModel
 
 
-class ImageKindModel(UNetModel):
+class ImageKindModel(ThumbnailModel):
     """The image-kind CNN with its config; the model-folder protocol is the U-Net's."""
 
     config_class = ImageKindConfig
@@ -34,23 +33,14 @@ class ImageKindModel(UNetModel):
         return f"ImageKindModel(kinds={self.config.kinds}, image_size={self.config.image_size})"
 
     @staticmethod
-    def build_network(config):
-        return thumbnail_cnn(config, len(config.kinds))
-
-    def predict_probs(self, image, structures=None):  # noqa: D102 - no masks here
-        raise NotImplementedError("the image-kind model classifies images; use probs()")
-
-    def thumbnail(self, image: np.ndarray):
-        """(H, W) image -> the (1, 1, S, S) tensor the network reads."""
-        return to_thumbnail(image, self.config.image_size, "image kind")
+    def outputs(config) -> list[str]:
+        return config.kinds
 
     def probs(self, image: np.ndarray) -> np.ndarray:
         """(len(kinds),) probabilities of the image's kind, in the order of ``config.kinds``."""
         import torch
 
-        with torch.inference_mode():
-            logits = self.net(self.thumbnail(image).to(self.device))[0].float()
-        return torch.softmax(logits, 0).cpu().numpy().astype(np.float64)
+        return torch.softmax(self.logits(image), 0).numpy().astype(np.float64)
 
     def predict_kind(self, image: np.ndarray) -> tuple[str, float]:
         """The likeliest kind and its probability."""

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from rau.models.thumbnail import thumbnail_cnn, to_thumbnail
-from rau.models.unet.modeling import UNetModel
+from rau.models.thumbnail import ThumbnailModel
 from rau.models.visibility.configuration import VisibilityConfig
 
 
-class VisibilityModel(UNetModel):
+class VisibilityModel(ThumbnailModel):
     """The visibility CNN with its config; the model-folder protocol is the U-Net's."""
 
     config_class = VisibilityConfig
@@ -33,20 +32,12 @@ class VisibilityModel(UNetModel):
         return f"VisibilityModel({len(self.config.structures)} structures, image_size={self.config.image_size})"
 
     @staticmethod
-    def build_network(config):
-        return thumbnail_cnn(config, len(config.structures))
-
-    def predict_probs(self, image, structures=None):  # noqa: D102 - no masks here
-        raise NotImplementedError("the visibility model reads which structures an image shows; use probs()")
-
-    def thumbnail(self, image: np.ndarray):
-        """(H, W) image -> the (1, 1, S, S) tensor the network reads."""
-        return to_thumbnail(image, self.config.image_size, "visibility")
+    def outputs(config) -> list[str]:
+        return config.structures
 
     def probs(self, image: np.ndarray) -> dict[str, float]:
         """structure name -> P(the image shows it), for every name of ``config.structures``."""
         import torch
 
-        with torch.inference_mode():
-            p = torch.sigmoid(self.net(self.thumbnail(image).to(self.device))[0].float()).cpu().numpy()
+        p = torch.sigmoid(self.logits(image)).numpy()
         return {n: float(v) for n, v in zip(self.config.structures, p)}

@@ -33,7 +33,7 @@ from rau.models.imagekind.configuration import DEFAULT_KINDS, ImageKindConfig
 from rau.models.imagekind.modeling import ImageKindModel
 from rau.models.thumbnail import to_thumbnail
 from rau.training.engine import run_training
-from rau.training.recipes.thumbnails import AUGMENTATION, augment, load_thumbnails
+from rau.training.recipes.thumbnails import AUGMENTATION, augment, load_thumbnails, step_generator
 
 #: Smooth noise for "other": how many, and the range of the Gaussian grain (pixels at 256 x 256).
 NOISE_COUNT, NOISE_SIGMA = 200, (2.0, 40.0)
@@ -149,9 +149,7 @@ def train_imagekind(sources: dict[str, list], out_dir: str | Path, *, steps: int
                    "seed": seed, "augmentation": {**AUGMENTATION, "flip": 0.5}}
 
         def step_loss(net, step, acc):
-            step_seed = int(np.random.default_rng([seed, step]).integers(2**62))
-            gen = torch.Generator().manual_seed(step_seed)
-            torch.manual_seed(step_seed)  # the dropout masks too, so a resumed run draws the same ones
+            gen = step_generator(seed, step)
             idx = torch.cat([ix[torch.randint(0, len(ix), (per,), generator=gen)] for ix in by_class])
             x = images[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5

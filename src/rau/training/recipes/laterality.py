@@ -33,7 +33,7 @@ from rau.atomic import write_json
 from rau.models.laterality.modeling import LateralityModel, batched_scores, odd_score
 from rau.models.unet.modeling import CONFIG, TRAINING, model_folder
 from rau.training.engine import run_training
-from rau.training.recipes.thumbnails import AUGMENTATION, augment, load_thumbnails
+from rau.training.recipes.thumbnails import AUGMENTATION, augment, load_thumbnails, step_generator
 
 def laterality_sources(data: str | Path, drr_dir: str | Path) -> list[tuple[Path, slice | None, int]]:
     """The default training images as (dataset folder, id slice, at most n evenly spaced)."""
@@ -124,9 +124,7 @@ def train_laterality(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
                    "augmentation": AUGMENTATION}
 
         def step_loss(net, step, acc):
-            step_seed = int(np.random.default_rng([seed, step]).integers(2**62))
-            gen = torch.Generator().manual_seed(step_seed)
-            torch.manual_seed(step_seed)  # the dropout masks too, so a resumed run draws the same ones
+            gen = step_generator(seed, step)
             idx = torch.randint(0, len(images), (batch_size,), generator=gen)
             x = augment(images[idx], gen).to(acc.device)
             return torch.nn.functional.softplus(-odd_score(net, x).float()).mean()

@@ -1,6 +1,6 @@
 """What the thumbnail-CNN recipes share (:mod:`rau.training.recipes.laterality`,
-:mod:`rau.training.recipes.imagekind`): reading dataset images as thumbnails, and a seeded
-geometric + gamma augmentation of a batch."""
+:mod:`rau.training.recipes.imagekind`, :mod:`rau.training.recipes.visibility`): reading dataset images as
+thumbnails, each step's seeded generator, and a seeded geometric + gamma augmentation of a batch."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def load_thumbnails(sources: Sequence[tuple[Path, slice | None, int]], size: int
     if len(images) < 4:
         raise RauInputError(f"{what}: {len(images)} training images, need at least 4")
     return torch.stack(images), ids
+
+
+def step_generator(seed: int, step: int):
+    """The torch generator of training step ``step``, drawn from ``(seed, step)`` alone, with torch's global seed
+    set the same way (the dropout masks too), so a resumed run draws what an uninterrupted one does."""
+    import torch
+
+    step_seed = int(np.random.default_rng([seed, step]).integers(2**62))
+    torch.manual_seed(step_seed)
+    return torch.Generator().manual_seed(step_seed)
 
 
 def augment(x, generator, augmentation: dict[str, Any] = AUGMENTATION):

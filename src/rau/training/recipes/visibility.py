@@ -30,7 +30,7 @@ from rau.errors import RauInputError
 from rau.models.visibility.configuration import VisibilityConfig
 from rau.models.visibility.modeling import VisibilityModel
 from rau.training.engine import run_training
-from rau.training.recipes.thumbnails import AUGMENTATION, augment
+from rau.training.recipes.thumbnails import AUGMENTATION, augment, step_generator
 
 #: Fewest training images that must show a structure for the model to learn it.
 MIN_POSITIVES = 5
@@ -107,9 +107,7 @@ def train_visibility(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
                    "augmentation": {**AUGMENTATION, "flip": 0.0}}
 
         def step_loss(net, step, acc):
-            step_seed = int(np.random.default_rng([seed, step]).integers(2**62))
-            gen = torch.Generator().manual_seed(step_seed)
-            torch.manual_seed(step_seed)  # the dropout masks too, so a resumed run draws the same ones
+            gen = step_generator(seed, step)
             idx = torch.randint(0, len(ids), (batch_size,), generator=gen)
             x = augment(images[idx], gen).to(acc.device)
             return torch.nn.functional.binary_cross_entropy_with_logits(net(x).float(), labels[idx].to(acc.device))
