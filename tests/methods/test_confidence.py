@@ -235,6 +235,26 @@ def test_fit_calibration_separates_and_calibrates_and_round_trips(tmp_path):
     assert np.allclose(again.predict([r["features"] for r in test]), p)
 
 
+def test_a_feature_only_some_structures_have_is_fitted_and_read_as_the_mean_elsewhere():
+    """``visibility`` (TARGET_FEATURES) on half the rows, telling right from wrong there: the calibration
+    reads it, a row without it scores as at the feature's mean, and ``drop`` leaves it out."""
+    from rau.metrics import auroc
+
+    rows = _rows()
+    for i, r in enumerate(rows):
+        r["features"]["score"] = 0.6  # the score says nothing here; visibility does where it is given
+        if i % 2 == 0:
+            r["features"]["visibility"] = 0.9 if r["right"] else 0.1
+    cal = fit_calibration(rows, "toy")
+    assert "visibility" in cal.features
+    given = [r for r in rows if "visibility" in r["features"]]
+    assert auroc(cal.predict([r["features"] for r in given]), np.array([r["right"] for r in given])) > 0.9
+    lacking = {k: v for k, v in given[0]["features"].items() if k != "visibility"}
+    at_mean = {**lacking, "visibility": cal.mean[cal.features.index("visibility")]}
+    assert cal.predict([lacking])[0] == pytest.approx(cal.predict([at_mean])[0])
+    assert "visibility" not in fit_calibration(rows, "toy", drop=TARGET_FEATURES).features
+
+
 def test_derived_score_logit_is_filled_in_for_old_reports_and_old_calibrations_still_predict():
     from rau.methods.confidence import score_logit, with_derived
 

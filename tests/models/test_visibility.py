@@ -99,3 +99,18 @@ def test_the_confidence_reads_visibility_for_the_structures_it_learnt(tmp_path, 
                    use_prior=False)
     assert m["mean"][1] == pytest.approx(np.mean([0.9, 0.8, 0.7, 0.6]))
     assert confidence._feature({"score": 0.5}, "visibility", m["mean"][1]) == m["mean"][1]
+
+
+def test_a_calibration_on_the_models_own_training_images_leaves_the_feature_out(tmp_path):
+    """``rau calibrate`` on a split drawn from the visibility model's training folder (ARCADE train: the
+    default ``calib-arcade``) would read the feature at its training fit; it is left out there."""
+    from rau.eval.calibrate import visibility_trained_on
+    from rau.methods.confidence import default_visibility
+
+    model = VisibilityModel(VisibilityConfig(**TINY), training={"data": {"sources": [["data/arcade_syntax/train", None, 9]]}})
+    assert visibility_trained_on(tmp_path / "arcade_syntax" / "train", model)
+    assert not visibility_trained_on(tmp_path / "arcade_syntax" / "val", model)
+    assert not visibility_trained_on(tmp_path / "arcade_syntax" / "train", VisibilityModel(VisibilityConfig(**TINY)))
+    shipped = default_visibility()
+    assert shipped is not None and len(shipped.config.structures) == 24 and "10a" not in shipped.config.structures
+    assert visibility_trained_on("../shared/datasets/arcade_syntax/train")  # the shipped model's sources

@@ -447,6 +447,20 @@ def orientation_images(data: Path, drr_dir: Path, per_set: int = 120) -> list[np
     return out
 
 
+def visibility_trained_on(folder: str | Path, model=None) -> bool:
+    """Whether the visibility model (default: the shipped one) trained on images of dataset ``folder``:
+    one of its training sources is that folder (by its last two path parts, e.g. ``arcade_syntax/train``,
+    so a relative path recorded elsewhere still matches). False without the model."""
+    from rau.methods.confidence import default_visibility
+
+    model = model if model is not None else default_visibility()
+    if model is None:
+        return False
+    tail = Path(folder).resolve().parts[-2:]
+    sources = (model.training or {}).get("data", {}).get("sources", [])
+    return any(Path(src[0]).resolve().parts[-2:] == tail for src in sources)
+
+
 def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: Path, method_options: dict[str, Any],
                     quick: bool = False, seed: int = 0, progress: bool = True, argv: list[str] | None = None,
                     k: int = 1, splits: Sequence[str] | None = None) -> Calibration:
@@ -497,7 +511,13 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
               **({"follow_unknown": False} if method_options.get("follow_unknown") is False else {}),
               # the VLM methods' mode (--segment-all / --segment-visible) as their reports record it; absent: no such choice
               **{"segment_all": r["config"]["segment_all"] for r in reports if "segment_all" in r.get("config", {})}}
-    cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record)
+    # a calibration split drawn from the visibility model's own training images would read it at its
+    # training fit (ARCADE train: calib-arcade): the feature is left out of such a calibration
+    seen = sorted({r["config"]["targets"] for r in reports if visibility_trained_on(r["config"]["targets"])})
+    if seen:
+        record["left_out"] = {"features": list(TARGET_FEATURES), "why": f"the visibility model trained on {seen}"}
+    cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record,
+                          drop=TARGET_FEATURES if seen else ())
     cal.save(out)
     write_json(work / f"calibration_{method}.json", cal.to_json())
     return cal
