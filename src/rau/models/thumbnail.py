@@ -79,6 +79,15 @@ def to_thumbnail(image: np.ndarray, size: int, what: str = "thumbnail"):
     return resize(t, (size, size)).clamp_(0.0, 1.0)
 
 
+def batched_logits(net, images, device: str = "cpu", batch: int = 256):
+    """Logits of a (N, 1, S, S) thumbnail batch, ``batch`` at a time -> (N, outputs) float32 on the CPU
+    (eval mode is the caller's)."""
+    import torch
+
+    with torch.inference_mode():
+        return torch.cat([net(images[i:i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
+
+
 class ThumbnailModel(UNetModel):
     """A thumbnail CNN that reads a whole image (the image-kind and visibility models): the U-Net's
     model-folder protocol, :func:`thumbnail_cnn` with one output per name of ``outputs(config)``, and

@@ -31,7 +31,7 @@ import numpy as np
 from rau.errors import RauInputError
 from rau.models.imagekind.configuration import DEFAULT_KINDS, ImageKindConfig
 from rau.models.imagekind.modeling import ImageKindModel
-from rau.models.thumbnail import to_thumbnail
+from rau.models.thumbnail import batched_logits, to_thumbnail
 from rau.training.engine import run_training
 from rau.training.recipes.thumbnails import AUGMENTATION, augment, load_thumbnails, step_generator
 
@@ -159,9 +159,7 @@ def train_imagekind(sources: dict[str, list], out_dir: str | Path, *, steps: int
 
         def extra_training() -> dict[str, Any]:
             model.net.eval()
-            with torch.inference_mode():
-                pred = torch.cat([model.net(images[i:i + 256].to(model.device)).argmax(1).cpu()
-                                  for i in range(0, len(images), 256)])
+            pred = batched_logits(model.net, images, model.device).argmax(1)
             return {"recipe": "image-kind", "optimizer": "AdamW", "lr_schedule": "cosine to 0.1 x lr",
                     "loss": "cross-entropy, the same number of images per kind each step", "torch": torch.__version__,
                     "metrics": {"train_accuracy_no_aug": float((pred == labels).float().mean())}}

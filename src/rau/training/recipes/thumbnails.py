@@ -19,24 +19,31 @@ AUGMENTATION: dict[str, Any] = {"rotate_deg": 10.0, "scale": [0.85, 1.15], "shif
                                 "gamma": [0.7, 1.42], "padding": "border"}
 
 
-def load_thumbnails(sources: Sequence[tuple[Path, slice | None, int]], size: int, what: str, progress: bool = True):
-    """Sources as (dataset folder, id slice, at most n evenly spaced) -> ((N, 1, size, size)
-    float32 tensor, ids "folder/id"); at least 4 images."""
+def read_thumbnails(sources: Sequence[tuple[Path, slice | None, int]], size: int, what: str, progress: bool = True):
+    """Sources as (dataset folder, id slice, at most n evenly spaced) -> ((N, 1, size, size) float32
+    tensor, ids "folder/id", per image the sorted structure names it annotates); at least 4 images."""
     import torch
     from tqdm.auto import tqdm
 
     from rau.data.dataset import load_dataset
 
-    images, ids = [], []
+    images, ids, shown = [], [], []
     for root, sl, n in sources:
         ds = load_dataset(root).slice(sl)
         entries = ds.entries[:: max(1, len(ds.entries) // n)][:n]
         for e in tqdm(entries, desc=f"read {Path(root).name}", disable=not progress, leave=False):
             images.append(to_thumbnail(ds.load(e, []).image, size, what)[0])
             ids.append(f"{Path(root).name}/{e.id}")
+            shown.append(e.structures)
     if len(images) < 4:
         raise RauInputError(f"{what}: {len(images)} training images, need at least 4")
-    return torch.stack(images), ids
+    return torch.stack(images), ids, shown
+
+
+def load_thumbnails(sources: Sequence[tuple[Path, slice | None, int]], size: int, what: str, progress: bool = True):
+    """:func:`read_thumbnails` without the structure names -> (images, ids)."""
+    images, ids, _ = read_thumbnails(sources, size, what, progress)
+    return images, ids
 
 
 def step_generator(seed: int, step: int):

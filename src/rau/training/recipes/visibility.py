@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from rau.errors import RauInputError
+from rau.models.thumbnail import batched_logits
 from rau.models.visibility.configuration import VisibilityConfig
 from rau.models.visibility.modeling import VisibilityModel
 from rau.training.engine import run_training
-from rau.training.recipes.thumbnails import AUGMENTATION, augment, step_generator
+from rau.training.recipes.thumbnails import AUGMENTATION, augment, read_thumbnails, step_generator
 
 #: Fewest training images that must show a structure for the model to learn it.
 MIN_POSITIVES = 5
@@ -41,30 +42,9 @@ def visibility_sources(data: str | Path, drr_dir: str | Path | None = None) -> l
     return [(Path(data) / "arcade_syntax" / "train", None, 1000)]
 
 
-def load_visibility_images(sources: Sequence[tuple[Path, slice | None, int]], size: int, progress: bool = True):
-    """-> ((N, 1, S, S) float32 thumbnails, ids "folder/id", per image the sorted structure names it shows)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from rau.data.dataset import load_dataset
-    from rau.models.thumbnail import to_thumbnail
-
-    images, ids, shown = [], [], []
-    for root, sl, n in sources:
-        ds = load_dataset(root).slice(sl)
-        entries = ds.entries[:: max(1, len(ds.entries) // n)][:n]
-        for e in tqdm(entries, desc=f"read {Path(root).name}", disable=not progress, leave=False):
-            images.append(to_thumbnail(ds.load(e, []).image, size, "visibility")[0])
-            ids.append(f"{Path(root).name}/{e.id}")
-            shown.append(e.structures)
-    if len(images) < 4:
-        raise RauInputError(f"visibility: {len(images)} training images, need at least 4")
-    return torch.stack(images), ids, shown
-
-
 def learnable_structures(shown: Sequence[Sequence[str]], min_positives: int = MIN_POSITIVES) -> list[str]:
     """Names shown in at least ``min_positives`` images and missing from at least one (else nothing
-    to learn), in order of first appearance sorted naturally ("9", "9a", "10")."""
+    to learn), sorted naturally ("9", "9a", "10")."""
     import re
 
     counts: dict[str, int] = {}
@@ -91,12 +71,14 @@ def train_visibility(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        size = (config or VisibilityConfig(structures=["_"])).image_size
-        images, ids, shown = load_visibility_images(sources, size, progress)
-        cfg = config or VisibilityConfig(seed=seed, structures=learnable_structures(shown) or ["_"])
-        if cfg.structures == ["_"]:
-            raise RauInputError(f"visibility: no structure is shown in at least {MIN_POSITIVES} and missing from at "
-                                f"least one of the {len(ids)} training images")
+        images, ids, shown = read_thumbnails(sources, config.image_size if config else VisibilityConfig.image_size,
+                                             "visibility", progress)
+        if config is None:
+            names = learnable_structures(shown)
+            if not names:
+                raise RauInputError(f"visibility: no structure is shown in at least {MIN_POSITIVES} and missing "
+                                    f"from at least one of the {len(ids)} training images")
+        cfg = config or VisibilityConfig(seed=seed, structures=names)
         labels = torch.tensor([[n in set(s) for n in cfg.structures] for s in shown], dtype=torch.float32)
         model = VisibilityModel(cfg)
         digest = hashlib.sha256(json.dumps([ids, shown]).encode()).hexdigest()[:16]
@@ -116,9 +98,7 @@ def train_visibility(sources: Sequence[tuple[Path, slice | None, int]], out_dir:
             from rau.metrics import auroc
 
             model.net.eval()
-            with torch.inference_mode():
-                p = torch.cat([torch.sigmoid(model.net(images[i:i + 256].to(model.device)).float()).cpu()
-                               for i in range(0, len(images), 256)]).numpy()
+            p = torch.sigmoid(batched_logits(model.net, images, model.device)).numpy()
             y = labels.numpy().astype(bool)
             per = {n: auroc(p[:, j], y[:, j]) for j, n in enumerate(cfg.structures)}
             return {"recipe": "visibility", "optimizer": "AdamW", "lr_schedule": "cosine to 0.1 x lr",
