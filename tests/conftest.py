@@ -75,3 +75,18 @@ def folder_dataset(tmp_path):
         for name, m in masks.items():
             write_png(root / "masks" / name / f"case_{i}.png", m)
     return root
+
+
+def assert_killed_run_resumes(train, sources, tmp_path: Path, **kw) -> Path:
+    """A thumbnail-CNN recipe ``train(sources, out_dir, **kw)`` run whole into ``tmp_path/whole``, and
+    killed after 10 steps then resumed in ``tmp_path/killed``: the kill leaves ``checkpoint-10`` and no
+    ``final/``, and the resumed run ends with the whole run's weights. Returns the whole run's folder."""
+    from safetensors.torch import load_file
+
+    whole = train(sources, tmp_path / "whole", **kw)
+    stopped = train(sources, tmp_path / "killed", stop_after=10, **kw)
+    assert stopped.name == "checkpoint-10" and not (tmp_path / "killed" / "final").exists()
+    resumed = train(sources, tmp_path / "killed", **kw)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
+    return whole

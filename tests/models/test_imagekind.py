@@ -12,7 +12,7 @@ import pytest
 from rau.errors import CheckpointError, RauInputError
 from rau.models.imagekind.configuration import ImageKindConfig
 from rau.models.imagekind.modeling import ImageKindModel
-from tests.conftest import disk, write_png
+from tests.conftest import assert_killed_run_resumes, disk, write_png
 
 TINY = dict(image_size=32, width=4, kinds=["disks", "stripes", "other"])
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -53,8 +53,6 @@ def test_probabilities_and_the_folder_round_trip(tmp_path, one_torch_thread):
 
 
 def test_tiny_image_kind_trains_and_a_killed_run_resumes_to_the_same_weights(tmp_path, one_torch_thread):
-    from safetensors.torch import load_file
-
     from rau.training.recipes.imagekind import train_imagekind
 
     roots = {}
@@ -68,13 +66,8 @@ def test_tiny_image_kind_trains_and_a_killed_run_resumes_to_the_same_weights(tmp
                "other": [("noise", 6)]}
     kw = dict(steps=30, batch_size=12, lr=3e-3, checkpoint_every=10, progress=False, threads=1,
               config=ImageKindConfig(**TINY))
-    whole = train_imagekind(sources, tmp_path / "whole", **kw)
-    stopped = train_imagekind(sources, tmp_path / "killed", stop_after=10, **kw)
-    assert stopped.name == "checkpoint-10" and not (tmp_path / "killed" / "final").exists()
-    resumed = train_imagekind(sources, tmp_path / "killed", **kw)
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
-    model = ImageKindModel.from_pretrained(tmp_path / "whole")
+    whole = assert_killed_run_resumes(train_imagekind, sources, tmp_path, **kw)
+    model = ImageKindModel.from_pretrained(whole)
     assert model.training["recipe"] == "image-kind"
     assert model.training["data"]["per_kind"] == {"disks": 5, "stripes": 6, "other": 6}
     assert model.predict_kind(_disks(100))[0] == "disks" and model.predict_kind(_stripes(100))[0] == "stripes"

@@ -12,7 +12,7 @@ import pytest
 from rau.errors import CheckpointError, RauInputError
 from rau.models.laterality.configuration import LateralityConfig
 from rau.models.laterality.modeling import LateralityModel
-from tests.conftest import disk, write_png
+from tests.conftest import assert_killed_run_resumes, disk, write_png
 
 TINY = dict(image_size=32, width=4)
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -62,13 +62,9 @@ def test_tiny_laterality_trains_and_a_killed_run_resumes_to_the_same_weights(tmp
     sources = [(root, None, 8)]
     kw = dict(steps=30, batch_size=8, lr=3e-3, checkpoint_every=10, progress=False, threads=1,
               config=LateralityConfig(**TINY))
-    whole = train_laterality(sources, tmp_path / "whole", **kw)
-    stopped = train_laterality(sources, tmp_path / "killed", stop_after=10, **kw)
-    assert stopped.name == "checkpoint-10" and not (tmp_path / "killed" / "final").exists()
-    resumed = train_laterality(sources, tmp_path / "killed", **kw)
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
-    model = LateralityModel.from_pretrained(tmp_path / "whole")
+    whole = assert_killed_run_resumes(train_laterality, sources, tmp_path, **kw)
+    a = load_file(str(whole / "model.safetensors"))
+    model = LateralityModel.from_pretrained(whole)
     assert model.training["recipe"] == "laterality"
     unseen = _sided(100)
     assert model.score(unseen) > 0 > model.score(unseen[:, ::-1].copy())

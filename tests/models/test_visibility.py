@@ -10,7 +10,7 @@ import pytest
 from rau.errors import CheckpointError, RauInputError
 from rau.models.visibility.configuration import VisibilityConfig
 from rau.models.visibility.modeling import VisibilityModel
-from tests.conftest import disk, write_png
+from tests.conftest import assert_killed_run_resumes, disk, write_png
 
 TINY = dict(image_size=32, width=4, structures=["left_disk", "right_disk"])
 
@@ -42,8 +42,6 @@ def test_probabilities_and_the_folder_round_trip(tmp_path, one_torch_thread):
 
 
 def test_tiny_visibility_trains_and_a_killed_run_resumes_to_the_same_weights(tmp_path, one_torch_thread):
-    from safetensors.torch import load_file
-
     from rau.training.recipes.visibility import learnable_structures, train_visibility
 
     root = tmp_path / "data"
@@ -59,12 +57,7 @@ def test_tiny_visibility_trains_and_a_killed_run_resumes_to_the_same_weights(tmp
     sources = [(root, None, 16)]
     kw = dict(steps=40, batch_size=8, lr=3e-3, checkpoint_every=10, progress=False, threads=1,
               config=VisibilityConfig(**TINY))
-    whole = train_visibility(sources, tmp_path / "whole", **kw)
-    stopped = train_visibility(sources, tmp_path / "killed", stop_after=10, **kw)
-    assert stopped.name == "checkpoint-10" and not (tmp_path / "killed" / "final").exists()
-    resumed = train_visibility(sources, tmp_path / "killed", **kw)
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
+    whole = assert_killed_run_resumes(train_visibility, sources, tmp_path, **kw)
     model = VisibilityModel.from_pretrained(whole)
     assert model.training["recipe"] == "visibility"
     assert model.training["data"]["positives"] == {"left_disk": 8, "right_disk": 8}
