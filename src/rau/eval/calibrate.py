@@ -512,10 +512,12 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
               # the VLM methods' mode (--segment-all / --segment-visible) as their reports record it; absent: no such choice
               **{"segment_all": r["config"]["segment_all"] for r in reports if "segment_all" in r.get("config", {})}}
     # a calibration split drawn from the visibility model's own training images would read it at its
-    # training fit (ARCADE train: calib-arcade): the feature is left out of such a calibration
+    # training fit (ARCADE train: calib-arcade), and so would the second opinion's memory segmenter,
+    # trained on all of ARCADE train too: both features are left out of such a calibration
     seen = sorted({r["config"]["targets"] for r in reports if visibility_trained_on(r["config"]["targets"])})
     if seen:
-        record["left_out"] = {"features": list(TARGET_FEATURES), "why": f"the visibility model trained on {seen}"}
+        record["left_out"] = {"features": list(TARGET_FEATURES),
+                              "why": f"the visibility model and the memory segmenter trained on {seen}"}
     cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record,
                           drop=TARGET_FEATURES if seen else ())
     cal.save(out)

@@ -169,11 +169,14 @@ class Method:
     confidence and presence models, which read the localizer's answer (``p_yes``), decide what is
     withheld. False (the paper's RAU): the localizer's "no" stands and no mask is delivered. None (the
     default): the method has no such choice (its localizer's "no" stands).
+    ``second_opinion``: a :class:`rau.methods.second_opinion.SecondOpinion` whose agreement with each
+    one-reference result is the confidence feature ``second_opinion`` (``reg-refine`` on angiograms), or None.
     """
 
     calibration = None
     calibration_k = None
     segment_all: bool | None = None
+    second_opinion = None
 
     def __init__(self, name: str, localizer: Localizer | None, segmenter: Segmenter | None,
                  *, fuse_sigma: float | None = None):
@@ -203,7 +206,11 @@ class Method:
         sigma = self.fuse_sigma * max(target.shape) if self.fuse_sigma else None
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         result = TargetResult(target.id, reference.id, self.name, results)
-        assess(result, reference, target.image, self.calibration, checks, extra=segmenter_features(segs, locs))
+        extra = segmenter_features(segs, locs)
+        if self.second_opinion is not None:  # a second route's agreement, a confidence feature (its mask unused)
+            for s, more in self.second_opinion.features(reference, target.image, results).items():
+                extra.setdefault(s, {}).update(more)
+        assess(result, reference, target.image, self.calibration, checks, extra=extra)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -237,16 +237,20 @@ class Sam2MemoryOptions(MethodOptions):
 @dataclass(frozen=True)
 class RefineOptions(MethodOptions):
     """Registration + the refiner. ``refiner``: its folder (None: the shipped one); ``device``: torch
-    device; ``seed`` as in :class:`RegistrationOptions`."""
+    device; ``seed`` as in :class:`RegistrationOptions`; ``second_opinion``: on targets read as coronary
+    angiograms, the shipped memory segmenter's agreement feeds the confidence
+    (:mod:`rau.methods.second_opinion`; about a second per such target on 2 CPU cores); False: not asked."""
 
     device: str = "cpu"
     refiner: str | Path | None = None
     seed: int = 0
+    second_opinion: bool = True
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check_folder("refiner", self.refiner)
         object.__setattr__(self, "seed", _check_seed(self.seed))
+        _check_flag("second_opinion", self.second_opinion)
 
 
 @dataclass(frozen=True)

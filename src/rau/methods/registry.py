@@ -241,13 +241,26 @@ def _reg_refine(o: RefineOptions) -> Method:
     """Registration aligns the reference with the target; the refiner corrects each warped mask."""
     from rau.methods.refine import DEFAULT_REFINER_DIR, RefineSegmenter, RegRefineMethod
     from rau.methods.registration import RegistrationLocalizer
+    from rau.methods.second_opinion import SecondOpinion
 
     folder = o.refiner or DEFAULT_REFINER_DIR
     if o.refiner is None and not (Path(folder) / "model.safetensors").is_file():
         raise RauInputError("--refiner: method 'reg-refine' needs a trained refiner folder and none ships in this "
                             "checkout (rau train refine ...; scripts/refine_recipe.sh)")
     localizer = RegistrationLocalizer(seed=o.seed, warped_cues=True, bspline_iterations=REFINE_BSPLINE_ITERATIONS)
-    return RegRefineMethod("reg-refine", localizer, RefineSegmenter(folder, device=o.device))
+    method = RegRefineMethod("reg-refine", localizer, RefineSegmenter(folder, device=o.device))
+    if o.second_opinion:
+        method.second_opinion = SecondOpinion(lambda: _shipped_memseg(o.device))
+    return method
+
+
+def _shipped_memseg(device: str):
+    """The shipped memory segmenter as ``sam2-memory`` runs it, or None where this checkout has none."""
+    from rau.methods.memseg import DEFAULT_MEMSEG_DIR
+
+    if not (Path(DEFAULT_MEMSEG_DIR) / "model.safetensors").is_file():
+        return None
+    return _memseg(None, device, None)
 
 
 def _rau_refine(o: RauRefineOptions) -> Method:
