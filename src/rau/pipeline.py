@@ -167,6 +167,8 @@ def result_to_json(result: TargetResult, target: AnnotatedImage) -> dict[str, An
         }
         if r.features and "p_yes" in r.features:  # the RAU VLM's P(visible); below 0.5 it answered "not visible"
             structures[name]["vlm_p_yes"] = round(float(r.features["p_yes"]), 4)
+        if r.features and "second_opinion" in r.features:  # Dice with the second segmenter's mask (reg-refine, angiograms)
+            structures[name]["second_opinion"] = round(float(r.features["second_opinion"]), 4)
     return {
         "method": result.method,
         "target": target.meta.get("source", target.id),

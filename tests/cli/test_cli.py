@@ -157,6 +157,28 @@ def test_bundled_angiogram_sample(tmp_path):
     assert set(doc["structures"]) == {"5", "6"} and doc["image_size_wh"] == [512, 512]
 
 
+def test_the_default_asks_for_a_second_opinion_on_an_angiogram_unless_told_not_to(tmp_path):
+    """``reg-refine`` on the bundled angiogram pair: the memory segmenter's agreement is in result.json (and in
+    the confidence) unless ``--no-second-opinion``; the delivered masks are the same either way."""
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[2] / "samples" / "angiogram"
+    docs = {}
+    for flag in ("--second-opinion", "--no-second-opinion"):
+        out = tmp_path / flag.strip("-")
+        res = runner.invoke(app, ["localize", "--reference", str(samples / "reference.png"), "--reference-masks",
+                                  str(samples / "reference_masks"), "--target", str(samples / "target.png"),
+                                  "--out", str(out), "--structures", "5,6", flag, "--min-confidence", "0"])
+        assert res.exit_code == 0, res.output
+        docs[flag] = json.loads((out / "result.json").read_text())["structures"]
+    on, off = docs["--second-opinion"], docs["--no-second-opinion"]
+    assert all(0 <= s["second_opinion"] <= 1 for s in on.values()) and not any("second_opinion" in s for s in off.values())
+    for name in on:
+        assert on[name]["box_xyxy"] == off[name]["box_xyxy"]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "second-opinion" / on[name]["mask"])),
+                              np.asarray(Image.open(tmp_path / "no-second-opinion" / off[name]["mask"])))
+
+
 def test_report_and_plot(folder_dataset, tmp_path):
     out = tmp_path / "res.json"
     runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset),

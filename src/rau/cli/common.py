@@ -141,6 +141,9 @@ SegmentAllOpt = Annotated[bool, typer.Option("--segment-all/--segment-visible", 
     "calibrated confidence and presence (which read the VLM's answer) decide what is withheld (default). "
     "--segment-visible: the VLM's \"no\" stands and no mask is delivered (the paper's gate; reads the method's "
     "<method>_visible.json calibration).")]
+SecondOpinionOpt = Annotated[bool, typer.Option("--second-opinion/--no-second-opinion", help="Method reg-refine: on targets "
+    "read as coronary angiograms the shipped memory segmenter segments the same structures too, and its agreement feeds "
+    "the confidence (about 3 s more per such target on 2 CPU cores; its masks are not delivered). Default: on.")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
@@ -168,7 +171,7 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
                    seed: int = 0, unet: Optional[Path] = None, chex: Optional[Path] = None,
                    seg_head: Optional[Path] = None, precision: Optional[str] = None,
                    memseg: Optional[Path] = None, refiner: Optional[Path] = None, follow_unknown: bool = True,
-                   segment_all: bool = True) -> dict[str, Any]:
+                   segment_all: bool = True, second_opinion: bool = True) -> dict[str, Any]:
     """The keyword arguments of :func:`rau.methods.create_method` from the shared method options.
 
     A bad ``--precision`` fails here, before any model loads."""
@@ -177,4 +180,5 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
     resolve_precision(precision, device)
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
             "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision, "memseg": memseg,
-            "refiner": refiner, "follow_unknown": follow_unknown, "segment_all": segment_all}
+            "refiner": refiner, "follow_unknown": follow_unknown, "segment_all": segment_all,
+            "second_opinion": second_opinion}

@@ -24,6 +24,7 @@ from rau.cli.common import (
     ProgressOpt,
     Sam2Opt,
     FollowOpt,
+    SecondOpinionOpt,
     SegmentAllOpt,
     MemSegOpt,
     RefinerOpt,
@@ -87,6 +88,7 @@ def eval_(
     memseg: MemSegOpt = None,
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
+    second_opinion: SecondOpinionOpt = True,
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
@@ -107,7 +109,7 @@ def eval_(
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
         options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg, refiner=refiner,
-                                 follow_unknown=follow_unknown, segment_all=segment_all)
+                                 follow_unknown=follow_unknown, segment_all=segment_all, second_opinion=second_opinion)
         m = create_method(name, **options)
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device, **model_config(options),

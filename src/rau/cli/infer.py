@@ -20,6 +20,7 @@ from rau.cli.common import (
     DeviceOpt,
     LoraOpt,
     FollowOpt,
+    SecondOpinionOpt,
     SegmentAllOpt,
     MemSegOpt,
     RefinerOpt,
@@ -72,6 +73,7 @@ def localize(
     memseg: MemSegOpt = None,
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
+    second_opinion: SecondOpinionOpt = True,
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     formats: Annotated[Optional[str], typer.Option(help="Also export each result as these comma-separated formats: nifti, coco, dicom-seg (default: none).")] = None,
@@ -99,7 +101,8 @@ def localize(
             raise ValueError("--target/--targets: give one target (--target) or a batch (--targets), not both")
         vol = None
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
-                                 precision=precision, memseg=memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all)
+                                 precision=precision, memseg=memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all,
+                                 second_opinion=second_opinion)
         if calibration:
             options["calibration"] = calibration
         if (bank is None) == (reference is None):

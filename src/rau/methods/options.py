@@ -38,7 +38,7 @@ SEGMENTERS = ("medsam", "sam2-memory")
 MAX_SEED = 2**32 - 1
 #: Options the command line exposes as ``--flag`` (the others are Python-only).
 _CLI_FLAGS = frozenset({"device", "vlm", "lora", "sam2", "segmenter", "seed", "unet", "chex", "seg_head", "precision",
-                        "memseg", "refiner", "follow_unknown", "segment_all"})
+                        "memseg", "refiner", "follow_unknown", "segment_all", "second_opinion"})
 
 
 def option_label(name: str) -> str:

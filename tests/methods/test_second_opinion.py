@@ -1,0 +1,88 @@
+"""The second opinion (rau.methods.second_opinion): another segmenter's agreement with the delivered mask
+as the confidence feature ``second_opinion``, on the target kinds that get one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rau.data.annotated import AnnotatedImage
+from rau.errors import RauInputError
+from rau.methods.interfaces import SegmentationOutput
+from rau.methods.second_opinion import SecondOpinion, agreement
+from tests.conftest import synthetic_pair
+
+
+class _Shifted:
+    """A second segmenter that draws the reference's mask moved ``shift`` pixels to the right."""
+
+    uses_reference, needs_boxes, reads_cues = True, False, False
+
+    def __init__(self, shift: int):
+        self.shift, self.calls = shift, 0
+
+    def segment(self, target, boxes, reference=None, cues=None):
+        self.calls += 1
+        return {s: SegmentationOutput(np.roll(reference.masks[s], self.shift, axis=1), 1.0) for s in boxes}
+
+
+class _Kind:
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def predict_kind(self, image):
+        return self.kind, 0.99
+
+    def agreement(self, reference, target):  # the pair feature "kind": the same kind
+        return 1.0
+
+
+def test_agreement_is_the_dice_of_two_masks_and_zero_where_one_is_missing():
+    a = np.zeros((8, 8), bool)
+    a[2:6, 2:6] = True
+    b = np.roll(a, 2, axis=1)
+    assert agreement(a, a) == 1.0
+    assert agreement(a, b) == pytest.approx(0.5)
+    assert agreement(a, None) == agreement(None, a) == agreement(a, np.zeros_like(a)) == 0.0
+
+
+@pytest.mark.parametrize("kind, asked", [("coronary angiogram", True), ("chest radiograph", False)])
+def test_a_method_with_a_second_opinion_feeds_its_agreement_to_the_confidence(monkeypatch, kind, asked):
+    """On a target of a kind that gets one, every structure's features carry the agreement of the delivered
+    mask with the second segmenter's (built once, on first use); on other targets the feature is missing
+    (the calibration reads its mean there) and the second segmenter is never built. Masks are unchanged."""
+    import rau.methods.confidence as confidence
+    from rau.methods.registry import create_method
+
+    monkeypatch.setattr(confidence, "default_imagekind", lambda: _Kind(kind))
+    image, masks = synthetic_pair()
+    reference = AnnotatedImage(image, masks, {"id": "ref"})
+    target = AnnotatedImage(synthetic_pair(shift=(3, 2))[0], {}, {"id": "t"})
+    made = []
+    second = _Shifted(4)
+    method = create_method("registration", calibration=False)
+    alone = method.predict(reference, target)
+    method.second_opinion = SecondOpinion(lambda: made.append(1) or second)
+    for _ in range(2):
+        result = method.predict(reference, target)
+        for name, r in result.structures.items():
+            assert np.array_equal(r.mask, alone.structures[name].mask)
+            if asked:
+                want = agreement(r.mask, np.roll(masks[name], 4, axis=1))
+                assert r.features["second_opinion"] == pytest.approx(want) and 0 < want < 1
+            else:
+                assert "second_opinion" not in r.features
+    assert (len(made), second.calls) == ((1, 2) if asked else (0, 0))
+    # a checkout without the second segmenter's model: no feature, no error
+    method.second_opinion = SecondOpinion(lambda: None)
+    assert all("second_opinion" not in r.features for r in method.predict(reference, target).structures.values())
+
+
+def test_reg_refine_asks_for_a_second_opinion_unless_told_not_to():
+    from rau.methods.options import RefineOptions
+    from rau.methods.second_opinion import SECOND_OPINION_KINDS
+
+    assert RefineOptions().second_opinion is True and RefineOptions(second_opinion=False).second_opinion is False
+    with pytest.raises(RauInputError, match="second_opinion"):
+        RefineOptions(second_opinion="yes")
+    assert SECOND_OPINION_KINDS == ("coronary angiogram",)
