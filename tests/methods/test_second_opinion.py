@@ -79,10 +79,14 @@ def test_a_method_with_a_second_opinion_feeds_its_agreement_to_the_confidence(mo
 
 
 def test_reg_refine_asks_for_a_second_opinion_unless_told_not_to():
-    from rau.methods.options import RefineOptions
+    """On by default (built lazily: creating the method loads no memory segmenter), off with
+    ``second_opinion=False``; a non-boolean is a one-line error naming the flag."""
+    from rau.methods.registry import create_method
     from rau.methods.second_opinion import SECOND_OPINION_KINDS
 
-    assert RefineOptions().second_opinion is True and RefineOptions(second_opinion=False).second_opinion is False
-    with pytest.raises(RauInputError, match="second_opinion"):
-        RefineOptions(second_opinion="yes")
+    on = create_method("reg-refine", calibration=False)
+    assert isinstance(on.second_opinion, SecondOpinion) and not on.second_opinion._made
+    assert create_method("reg-refine", calibration=False, second_opinion=False).second_opinion is None
+    with pytest.raises(RauInputError, match="--second-opinion"):
+        create_method("reg-refine", second_opinion="yes")
     assert SECOND_OPINION_KINDS == ("coronary angiogram",)
