@@ -120,3 +120,5 @@ def test_a_run_that_decodes_unknown_structures_says_so_in_its_config():
 
     assert model_config({"follow_unknown": False})["follow_unknown"] is False
     assert "follow_unknown" not in model_config({"follow_unknown": True})  # the default leaves the record as it was
+    assert model_config({"second_opinion": False})["second_opinion"] is False
+    assert "second_opinion" not in model_config({"second_opinion": True})

@@ -143,7 +143,7 @@ SegmentAllOpt = Annotated[bool, typer.Option("--segment-all/--segment-visible", 
     "<method>_visible.json calibration).")]
 SecondOpinionOpt = Annotated[bool, typer.Option("--second-opinion/--no-second-opinion", help="Method reg-refine: on targets "
     "read as coronary angiograms the shipped memory segmenter segments the same structures too, and its agreement feeds "
-    "the confidence (about 3 s more per such target on 2 CPU cores; its masks are not delivered). Default: on.")]
+    "the confidence (about 2 s more per such target on 2 CPU cores; its masks are not delivered). Default: on.")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]

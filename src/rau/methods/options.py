@@ -239,7 +239,7 @@ class RefineOptions(MethodOptions):
     """Registration + the refiner. ``refiner``: its folder (None: the shipped one); ``device``: torch
     device; ``seed`` as in :class:`RegistrationOptions`; ``second_opinion``: on targets read as coronary
     angiograms, the shipped memory segmenter's agreement feeds the confidence
-    (:mod:`rau.methods.second_opinion`; about a second per such target on 2 CPU cores); False: not asked."""
+    (:mod:`rau.methods.second_opinion`; about 2 s more per such target on 2 CPU cores); False: not asked."""
 
     device: str = "cpu"
     refiner: str | Path | None = None
