@@ -683,3 +683,19 @@ def test_rau_seg_segments_what_its_vlm_answers_not_visible_from_memory_alone_wit
     square = result.structures["square"]
     assert square.features["p_yes"] == 0.2
     assert square.answer == ("yes" if segment_all and square.found else "no")
+
+
+def test_a_memory_segmenter_asked_only_for_a_second_opinion_skips_its_readout_feature(tiny_memseg):
+    """``measure_readout`` False (the second opinion's segmenter): the same masks, no ``readout_agreement``."""
+    from rau.methods.memseg import MemSegSegmenter
+
+    ref_img, ref_masks = synthetic_pair((96, 96))
+    tgt_img, _ = synthetic_pair((96, 96), shift=(5, -3))
+    ref = AnnotatedImage(ref_img, ref_masks, {"id": "r"})
+    seg = MemSegSegmenter(tiny_memseg)
+    full = seg.segment(tgt_img, {s: None for s in ref_masks}, ref)
+    seg.measure_readout = False
+    lean = seg.segment(tgt_img, {s: None for s in ref_masks}, ref)
+    for s in ref_masks:
+        assert np.array_equal(full[s].mask, lean[s].mask) and full[s].score == lean[s].score
+        assert "readout_agreement" in full[s].features and lean[s].features is None

@@ -78,6 +78,8 @@ class MemSegSegmenter(Segmenter):
         # A box-prompt model cannot decode without a box (the attribute tells Method callers).
         self.needs_boxes = bool(self.model.config.box_prompt)
         self._memo: OrderedDict = OrderedDict()
+        #: measure the ``readout_agreement`` feature of each output (off for a second opinion: about a tenth of a pass)
+        self.measure_readout = True
 
     def knows(self, name: str) -> bool:
         """True when the model trained on structure ``name`` (:func:`rau.models.memseg.modeling.structure_key`
@@ -178,8 +180,10 @@ class MemSegSegmenter(Segmenter):
                                           prompt_use=sub(use))
             logits = dict(zip(drawn, frame_to_image(low, scale, hw)[:, 0].cpu().numpy()))
             ious = dict(zip(drawn, iou[:, 0].cpu().numpy()))
-        # what the encoder's own features say the references show, untrained (the confidence's readout_agreement)
-        read = frame_to_image(feature_readout(emb[0], refs, masks)[:, None], scale, hw)[:, 0].cpu().numpy() > 0.5
+        # what the encoder's own features say the references show, untrained (the confidence's readout_agreement;
+        # a segmenter asked for a second opinion only, whose own confidence is never read, skips it)
+        read = None if not self.measure_readout else \
+            frame_to_image(feature_readout(emb[0], refs, masks)[:, None], scale, hw)[:, 0].cpu().numpy() > 0.5
         copied = {}  # a structure it never trained on: the reference copied (the caller's prior, else the readout)
         for i in follow if self.copy_from == "prior" else ():
             cue = (cues or {}).get(names[i])
@@ -198,6 +202,6 @@ class MemSegSegmenter(Segmenter):
                 prob = (1.0 / (1.0 + np.exp(-logits[i]))).astype(np.float32)
                 mask = logits[i] > self.threshold
                 score = float(np.clip(ious[i], 0.0, 1.0))
-            out[name] = SegmentationOutput(mask, score, prob, features={"readout_agreement": dice(mask, read[i])},
-                                           copied=i in copied)
+            out[name] = SegmentationOutput(mask, score, prob, copied=i in copied,
+                                           features=None if read is None else {"readout_agreement": dice(mask, read[i])})
         return out

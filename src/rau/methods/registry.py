@@ -255,12 +255,15 @@ def _reg_refine(o: RefineOptions) -> Method:
 
 
 def _shipped_memseg(device: str):
-    """The shipped memory segmenter as ``sam2-memory`` runs it, or None where this checkout has none."""
+    """The shipped memory segmenter as ``sam2-memory`` runs it (the same masks; its own confidence feature
+    ``readout_agreement`` is not measured), or None where this checkout has none."""
     from rau.methods.memseg import DEFAULT_MEMSEG_DIR
 
     if not (Path(DEFAULT_MEMSEG_DIR) / "model.safetensors").is_file():
         return None
-    return _memseg(None, device, None)
+    seg = _memseg(None, device, None)
+    seg.measure_readout = False
+    return seg
 
 
 def _rau_refine(o: RauRefineOptions) -> Method:
