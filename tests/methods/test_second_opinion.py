@@ -3,6 +3,8 @@ as the confidence feature ``second_opinion``, on the target kinds that get one."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -27,14 +29,15 @@ class _Shifted:
 
 
 class _Kind:
+    """An image-kind model that reads every image as ``kind`` (so a pair is always of the same kind)."""
+
+    config = SimpleNamespace(kinds=["chest radiograph", "coronary angiogram", "other"])
+
     def __init__(self, kind: str):
         self.kind = kind
 
-    def predict_kind(self, image):
-        return self.kind, 0.99
-
-    def agreement(self, reference, target):  # the pair feature "kind": the same kind
-        return 1.0
+    def probs(self, image):
+        return np.array([float(k == self.kind) for k in self.config.kinds])
 
 
 def test_agreement_is_the_dice_of_two_masks_and_zero_where_one_is_missing():

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,9 +187,9 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
         lat = default_laterality()
         if lat is not None:
             out["laterality"] = lat.agreement(reference, target)
-        kind = default_imagekind()
-        if kind is not None:
-            out["kind"] = kind.agreement(reference, target)
+        p_ref = image_kind_probs(reference)
+        if p_ref is not None:  # P(same kind) = sum_k p_reference(k) p_target(k)
+            out["kind"] = float(p_ref @ image_kind_probs(target))
     return out
 
 
@@ -273,6 +274,32 @@ def default_imagekind():
     from rau.models.imagekind.modeling import ImageKindModel
 
     return _shipped(IMAGEKIND_DIR, lambda f: ImageKindModel.from_pretrained(f, what="shipped image-kind model"))
+
+
+#: Images whose image-kind probabilities :func:`image_kind_probs` remembers: a target's are read by the
+#: "does not fit" rule and by the second opinion (:mod:`rau.methods.second_opinion`), a reference's for
+#: every target it serves.
+KIND_MEMO_IMAGES = 4
+_KIND_MEMO: OrderedDict = OrderedDict()
+
+
+def image_kind_probs(image: np.ndarray) -> np.ndarray | None:
+    """The shipped image-kind model's probabilities of ``image``'s kind, in the order of its
+    ``config.kinds`` (None without the model); the last :data:`KIND_MEMO_IMAGES` images are remembered
+    by their pixels."""
+    from rau.references.thumbnails import pixel_digest
+
+    model = default_imagekind()
+    if model is None:
+        return None
+    key = (model, pixel_digest(image), np.shape(image))
+    if key in _KIND_MEMO:
+        _KIND_MEMO.move_to_end(key)
+    else:
+        _KIND_MEMO[key] = model.probs(image)
+        while len(_KIND_MEMO) > KIND_MEMO_IMAGES:
+            _KIND_MEMO.popitem(last=False)
+    return _KIND_MEMO[key]
 
 
 def default_visibility():

@@ -9,7 +9,7 @@ the two routes draw the same segment, it is more often right. On the 120 calib-a
 out-of-fold AUROC of `reg-refine`'s confidence rose 0.839 -> 0.902 with the feature (docs/HISTORY.md,
 2026-12-07 s24). Its mask is never delivered.
 
-The memory pass costs about a second per target on 2 CPU cores, so it runs only on targets the
+The memory pass costs about 2 s per angiogram on 2 CPU cores, so it runs only on targets the
 image-kind model reads as one of :data:`SECOND_OPINION_KINDS`; elsewhere the feature is missing and the
 calibration reads its mean, no evidence either way (:data:`rau.methods.confidence.TARGET_FEATURES`).
 """
@@ -52,11 +52,11 @@ class SecondOpinion:
 
     def applies(self, target: np.ndarray) -> bool:
         """Whether ``target`` gets a second opinion: the shipped image-kind model reads it as one of
-        :attr:`kinds` (never without that model)."""
-        from rau.methods.confidence import default_imagekind
+        :attr:`kinds` (never without that model; its reading is the one the "does not fit" rule reuses)."""
+        from rau.methods.confidence import default_imagekind, image_kind_probs
 
-        kind = default_imagekind()
-        return kind is not None and kind.predict_kind(target)[0] in self.kinds
+        p = image_kind_probs(target)
+        return p is not None and default_imagekind().config.kinds[int(np.argmax(p))] in self.kinds
 
     def features(self, reference, target: np.ndarray, results: dict) -> dict[str, dict[str, float]]:
         """structure -> {"second_opinion": agreement} for every structure of ``results`` (name ->
