@@ -142,8 +142,12 @@ SegmentAllOpt = Annotated[bool, typer.Option("--segment-all/--segment-visible", 
     "--segment-visible: the VLM's \"no\" stands and no mask is delivered (the paper's gate; reads the method's "
     "<method>_visible.json calibration).")]
 SecondOpinionOpt = Annotated[bool, typer.Option("--second-opinion/--no-second-opinion", help="Method reg-refine: on targets "
-    "read as coronary angiograms the shipped memory segmenter segments the same structures too, and its agreement feeds "
-    "the confidence (about 2 s more per such target on 2 CPU cores; its masks are not delivered). Default: on.")]
+    "read as coronary angiograms the shipped memory segmenter segments the same structures too, and the agreement of its "
+    "masks with the refiner's feeds the confidence (about 2 s more per such target on 2 CPU cores). Off: no memory pass, "
+    "the refiner's masks are delivered. Default: on.")]
+AngiogramMasksOpt = Annotated[str, typer.Option("--angiogram-masks", help="Method reg-refine with the second opinion on: whose "
+    "masks are delivered on angiograms, memory (default; the better ones on coronary segments) or refiner; the other's "
+    "are the second opinion.")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
@@ -171,7 +175,8 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
                    seed: int = 0, unet: Optional[Path] = None, chex: Optional[Path] = None,
                    seg_head: Optional[Path] = None, precision: Optional[str] = None,
                    memseg: Optional[Path] = None, refiner: Optional[Path] = None, follow_unknown: bool = True,
-                   segment_all: bool = True, second_opinion: bool = True) -> dict[str, Any]:
+                   segment_all: bool = True, second_opinion: bool = True,
+                   angiogram_masks: str = "memory") -> dict[str, Any]:
     """The keyword arguments of :func:`rau.methods.create_method` from the shared method options.
 
     A bad ``--precision`` fails here, before any model loads."""
@@ -181,4 +186,4 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
     return {"device": device, "vlm": vlm, "lora": lora, "sam2": sam2, "segmenter": segmenter, "seed": seed,
             "unet": unet, "chex": chex, "seg_head": seg_head, "precision": precision, "memseg": memseg,
             "refiner": refiner, "follow_unknown": follow_unknown, "segment_all": segment_all,
-            "second_opinion": second_opinion}
+            "second_opinion": second_opinion, "angiogram_masks": angiogram_masks}

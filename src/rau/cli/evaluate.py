@@ -25,6 +25,7 @@ from rau.cli.common import (
     Sam2Opt,
     FollowOpt,
     SecondOpinionOpt,
+    AngiogramMasksOpt,
     SegmentAllOpt,
     MemSegOpt,
     RefinerOpt,
@@ -89,6 +90,7 @@ def eval_(
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
     second_opinion: SecondOpinionOpt = True,
+    angiogram_masks: AngiogramMasksOpt = "memory",
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
@@ -109,7 +111,8 @@ def eval_(
                 raise ValueError(f"{arg}: selects no image")
         name = method or DEFAULT_METHOD
         options = method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head, precision, memseg, refiner=refiner,
-                                 follow_unknown=follow_unknown, segment_all=segment_all, second_opinion=second_opinion)
+                                 follow_unknown=follow_unknown, segment_all=segment_all, second_opinion=second_opinion,
+                                 angiogram_masks=angiogram_masks)
         m = create_method(name, **options)
         config = {"targets": str(targets), "references": str(references), "target_range": target_range,
                   "reference_range": reference_range, "method": name, "device": device, **model_config(options),

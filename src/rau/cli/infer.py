@@ -21,6 +21,7 @@ from rau.cli.common import (
     LoraOpt,
     FollowOpt,
     SecondOpinionOpt,
+    AngiogramMasksOpt,
     SegmentAllOpt,
     MemSegOpt,
     RefinerOpt,
@@ -74,6 +75,7 @@ def localize(
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
     second_opinion: SecondOpinionOpt = True,
+    angiogram_masks: AngiogramMasksOpt = "memory",
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     formats: Annotated[Optional[str], typer.Option(help="Also export each result as these comma-separated formats: nifti, coco, dicom-seg (default: none).")] = None,
@@ -102,7 +104,8 @@ def localize(
         vol = None
         options = method_options(device, vlm, lora, sam2, segmenter, unet=unet, chex=chex, seg_head=seg_head,
                                  precision=precision, memseg=memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all,
-                                 second_opinion=second_opinion)
+                                 second_opinion=second_opinion,
+                                 angiogram_masks=angiogram_masks)
         if calibration:
             options["calibration"] = calibration
         if (bank is None) == (reference is None):

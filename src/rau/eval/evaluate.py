@@ -291,7 +291,8 @@ def markdown_table(report: dict[str, Any]) -> str:
 def model_config(method_options: dict[str, Any]) -> dict[str, Any]:
     """The model folders (str or None), the resolved encoder precision and, where decoding every
     structure was asked (``--decode-unknown``), ``follow_unknown: false``, and where the second opinion
-    was turned off (``--no-second-opinion``), ``second_opinion: false`` of a run's method options, as
+    was turned off (``--no-second-opinion``), ``second_opinion: false``, and ``angiogram_masks`` where it is not
+    the default ("memory") of a run's method options, as
     its RESULT.json ``config`` records them (what :func:`report_label` reads)."""
     from rau.encoders.litemedsam import resolve_precision
 
@@ -299,7 +300,9 @@ def model_config(method_options: dict[str, Any]) -> dict[str, Any]:
     return {**{k: str(method_options[k]) if method_options.get(k) else None for k in keys},
             "precision": resolve_precision(method_options.get("precision"), method_options.get("device", "cpu")),
             **({"follow_unknown": False} if method_options.get("follow_unknown") is False else {}),
-            **({"second_opinion": False} if method_options.get("second_opinion") is False else {})}
+            **({"second_opinion": False} if method_options.get("second_opinion") is False else {}),
+            **({"angiogram_masks": method_options["angiogram_masks"]}
+               if method_options.get("angiogram_masks", "memory") != "memory" else {})}
 
 
 def report_label(report: dict[str, Any]) -> str:

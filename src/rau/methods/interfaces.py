@@ -170,7 +170,8 @@ class Method:
     withheld. False (the paper's RAU): the localizer's "no" stands and no mask is delivered. None (the
     default): the method has no such choice (its localizer's "no" stands).
     ``second_opinion``: a :class:`rau.methods.second_opinion.SecondOpinion` whose agreement with each
-    one-reference result is the confidence feature ``second_opinion`` (``reg-refine`` on angiograms), or None.
+    one-reference result is the confidence feature ``second_opinion`` (``reg-refine`` on angiograms), or None;
+    one that ``delivers`` hands over its masks and the method's own become the opinion.
     """
 
     calibration = None
@@ -207,8 +208,11 @@ class Method:
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         result = TargetResult(target.id, reference.id, self.name, results)
         extra = segmenter_features(segs, locs)
-        if self.second_opinion is not None:  # a second route's agreement, a confidence feature (its mask unused)
-            for s, more in self.second_opinion.features(reference, target.image, results).items():
+        if self.second_opinion is not None:  # a second route's agreement, a confidence feature
+            instead, opinion = self.second_opinion.review(reference, target.image, results)
+            for s, seg in instead.items():  # the second route delivers, the first is the opinion
+                results[s] = self._combine(s, locs.get(s), seg, None)
+            for s, more in opinion.items():
                 extra.setdefault(s, {}).update(more)
         assess(result, reference, target.image, self.calibration, checks, extra=extra)
         result.seconds = time.perf_counter() - start

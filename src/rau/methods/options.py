@@ -34,11 +34,14 @@ from rau.errors import RauInputError
 
 #: The segmenters behind the box routes (``segmenter`` option).
 SEGMENTERS = ("medsam", "sam2-memory")
+#: Whose masks ``reg-refine`` delivers on the targets that get a second opinion (``angiogram_masks``).
+ANGIOGRAM_MASKS = ("memory", "refiner")
 #: SimpleITK takes the registration seed as a C ``unsigned int``.
 MAX_SEED = 2**32 - 1
 #: Options the command line exposes as ``--flag`` (the others are Python-only).
 _CLI_FLAGS = frozenset({"device", "vlm", "lora", "sam2", "segmenter", "seed", "unet", "chex", "seg_head", "precision",
-                        "memseg", "refiner", "follow_unknown", "segment_all", "second_opinion"})
+                        "memseg", "refiner", "follow_unknown", "segment_all", "second_opinion",
+                        "angiogram_masks"})
 
 
 def option_label(name: str) -> str:
@@ -238,19 +241,25 @@ class Sam2MemoryOptions(MethodOptions):
 class RefineOptions(MethodOptions):
     """Registration + the refiner. ``refiner``: its folder (None: the shipped one); ``device``: torch
     device; ``seed`` as in :class:`RegistrationOptions`; ``second_opinion``: on targets read as coronary
-    angiograms, the shipped memory segmenter's agreement feeds the confidence
-    (:mod:`rau.methods.second_opinion`; about 2 s more per such target on 2 CPU cores); False: not asked."""
+    angiograms the shipped memory segmenter segments the same structures, and the agreement of its masks
+    with the refiner's feeds the confidence (:mod:`rau.methods.second_opinion`; about 2 s more per such
+    target on 2 CPU cores); False: no memory pass, the refiner's masks are delivered. ``angiogram_masks``:
+    with the second opinion on, whose masks are delivered there: "memory" (the default since s25: the
+    better ones on coronary segments, docs/RESULTS.md) or "refiner"; the other's are the opinion. The
+    shipped calibration is fitted with the defaults."""
 
     device: str = "cpu"
     refiner: str | Path | None = None
     seed: int = 0
     second_opinion: bool = True
+    angiogram_masks: str = "memory"
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check_folder("refiner", self.refiner)
         object.__setattr__(self, "seed", _check_seed(self.seed))
         _check_flag("second_opinion", self.second_opinion)
+        _check_choice("angiogram_masks", self.angiogram_masks, ANGIOGRAM_MASKS)
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,9 @@ def _reg_memseg(o: MemSegOptions) -> Method:
 
 
 def _reg_refine(o: RefineOptions) -> Method:
-    """Registration aligns the reference with the target; the refiner corrects each warped mask."""
+    """Registration aligns the reference with the target; the refiner corrects each warped mask. On
+    angiograms the memory segmenter segments too; by default its masks are delivered and the refiner's are
+    its second opinion (``angiogram_masks``)."""
     from rau.methods.refine import DEFAULT_REFINER_DIR, RefineSegmenter, RegRefineMethod
     from rau.methods.registration import RegistrationLocalizer
     from rau.methods.second_opinion import SecondOpinion
@@ -250,7 +252,7 @@ def _reg_refine(o: RefineOptions) -> Method:
     localizer = RegistrationLocalizer(seed=o.seed, warped_cues=True, bspline_iterations=REFINE_BSPLINE_ITERATIONS)
     method = RegRefineMethod("reg-refine", localizer, RefineSegmenter(folder, device=o.device))
     if o.second_opinion:
-        method.second_opinion = SecondOpinion(lambda: _shipped_memseg(o.device))
+        method.second_opinion = SecondOpinion(lambda: _shipped_memseg(o.device), delivers=o.angiogram_masks == "memory")
     return method
 
 
@@ -276,8 +278,10 @@ def _rau_refine(o: RauRefineOptions) -> Method:
     ref = {k: rau.pop(k) for k in ("refiner", "seed")}
     # its shipped calibration and figures are those of the LiteMedSAM-decoder <seg> head
     rau["seg_head"] = rau["seg_head"] or DEFAULT_HEAD_DIR
+    # its reference route is reg-refine as calibrated and measured for it: the refiner's masks everywhere,
+    # no memory pass (its confidence reads no second opinion)
     return AgreementMethod("rau-refine", _rau_seg(RauOptions(**rau)),
-                           _reg_refine(RefineOptions(device=o.device, **ref)))
+                           _reg_refine(RefineOptions(device=o.device, second_opinion=False, **ref)))
 
 
 def _unet(o: UNetOptions) -> Method:
@@ -327,7 +331,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                "shipped RAU VLM + memory segmenter (or --vlm, --memseg FOLDER)", RauOptions, _rau_memseg),
     MethodSpec("reg-memseg", "registration's warped masks are the memory segmenter's prior, the reference in its memory",
                "shipped memory segmenter (or --memseg FOLDER)", MemSegOptions, _reg_memseg),
-    MethodSpec("reg-refine", "registration's warped masks corrected by the refiner (target + warped reference -> mask)",
+    MethodSpec("reg-refine", "registration's warped masks corrected by the refiner (target + warped reference -> mask); "
+               "on angiograms the memory segmenter's masks, the refiner's as their second opinion",
                "shipped refiner (or --refiner FOLDER)", RefineOptions, _reg_refine),
     MethodSpec("rau-refine", "rau-seg's masks where they agree with reg-refine's (their consensus), reg-refine's where not",
                "shipped RAU VLM + <seg> head + refiner", RauRefineOptions, _rau_refine),

@@ -12,6 +12,12 @@ out-of-fold AUROC of `reg-refine`'s confidence rose 0.839 -> 0.902 with the feat
 The memory pass costs about 2 s per angiogram on 2 CPU cores, so it runs only on targets the
 image-kind model reads as one of :data:`SECOND_OPINION_KINDS`; elsewhere the feature is missing and the
 calibration reads its mean, no evidence either way (:data:`rau.methods.confidence.TARGET_FEATURES`).
+
+With ``delivers`` the two swap roles on those targets: the second segmenter's mask is delivered for every
+structure it knows (one it never trained on, which it would only copy, keeps the first mask) and the first
+mask becomes the opinion; the agreement is the same number either way round. ``reg-refine`` does so on
+angiograms since s25: there the memory segmenter's masks are the better ones (mean segment Dice 0.231 against
+the refiner's 0.141 on the 50 ARCADE bench pairs; docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -38,10 +44,12 @@ class SecondOpinion:
     """A second segmenter (built on first use by ``make_segmenter``; a
     :class:`~rau.methods.interfaces.Segmenter` that reads the reference and needs no box) asked about
     the targets whose kind is in ``kinds``. ``make_segmenter`` returning None (its model is not in this
-    checkout) turns the second opinion off."""
+    checkout) turns the second opinion off. ``delivers``: on those targets its masks are delivered
+    instead (:meth:`review`)."""
 
-    def __init__(self, make_segmenter: Callable[[], object | None], kinds: tuple[str, ...] = SECOND_OPINION_KINDS):
-        self._make, self.kinds = make_segmenter, tuple(kinds)
+    def __init__(self, make_segmenter: Callable[[], object | None], kinds: tuple[str, ...] = SECOND_OPINION_KINDS,
+                 *, delivers: bool = False):
+        self._make, self.kinds, self.delivers = make_segmenter, tuple(kinds), bool(delivers)
         self._segmenter, self._made = None, False
 
     @property
@@ -58,12 +66,21 @@ class SecondOpinion:
         p = image_kind_probs(target)
         return p is not None and default_imagekind().config.kinds[int(np.argmax(p))] in self.kinds
 
-    def features(self, reference, target: np.ndarray, results: dict) -> dict[str, dict[str, float]]:
-        """structure -> {"second_opinion": agreement} for every structure of ``results`` (name ->
-        StructureResult) the reference annotates; {} where the target gets none."""
+    def review(self, reference, target: np.ndarray, results: dict) -> tuple[dict, dict[str, dict[str, float]]]:
+        """-> (structure -> the second segmenter's :class:`~rau.methods.interfaces.SegmentationOutput`
+        to deliver instead, structure -> {"second_opinion": agreement}) for the structures of ``results``
+        (name -> StructureResult) the reference annotates; ({}, {}) where the target gets none. The
+        first is empty unless :attr:`delivers`; it holds the structures the second segmenter drew and
+        did not copy, and the agreement is measured between the two masks either way."""
         names = [s for s in results if reference.annotates(s)]
         if not names or not self.applies(target) or self.segmenter is None:
-            return {}
+            return {}, {}
         other = self.segmenter.segment(target, {s: None for s in names}, reference)
-        return {s: {"second_opinion": agreement(results[s].mask, other[s].mask if other.get(s) is not None else None)}
-                for s in names}
+        instead, feats = {}, {}
+        for s in names:
+            o = other.get(s)
+            drawn = o is not None and o.mask is not None and bool(o.mask.any())
+            feats[s] = {"second_opinion": agreement(results[s].mask, o.mask if drawn else None)}
+            if self.delivers and drawn and not o.copied:
+                instead[s] = o
+        return instead, feats
