@@ -157,26 +157,37 @@ def test_bundled_angiogram_sample(tmp_path):
     assert set(doc["structures"]) == {"5", "6"} and doc["image_size_wh"] == [512, 512]
 
 
-def test_the_default_asks_for_a_second_opinion_on_an_angiogram_unless_told_not_to(tmp_path):
-    """``reg-refine`` on the bundled angiogram pair: the memory segmenter's agreement is in result.json (and in
-    the confidence) unless ``--no-second-opinion``; the delivered masks are the same either way."""
+def test_the_default_delivers_the_memory_masks_on_an_angiogram_with_the_refiner_as_second_opinion(tmp_path):
+    """``reg-refine`` on the bundled angiogram pair: by default it delivers the memory segmenter's masks (the
+    same pixels as ``sam2-memory``'s) and the agreement with the refiner's is in result.json; with
+    ``--angiogram-masks refiner`` the refiner's masks are delivered with the same agreement; with
+    ``--no-second-opinion`` the refiner's masks and no agreement."""
     from pathlib import Path
 
     samples = Path(__file__).resolve().parents[2] / "samples" / "angiogram"
     docs = {}
-    for flag in ("--second-opinion", "--no-second-opinion"):
-        out = tmp_path / flag.strip("-")
+    runs = {"default": [], "refiner": ["--angiogram-masks", "refiner"], "off": ["--no-second-opinion"],
+            "memory": ["--method", "sam2-memory"]}
+    for key, flags in runs.items():
         res = runner.invoke(app, ["localize", "--reference", str(samples / "reference.png"), "--reference-masks",
                                   str(samples / "reference_masks"), "--target", str(samples / "target.png"),
-                                  "--out", str(out), "--structures", "5,6", flag, "--min-confidence", "0"])
+                                  "--out", str(tmp_path / key), "--structures", "5,6", "--min-confidence", "0", *flags])
         assert res.exit_code == 0, res.output
-        docs[flag] = json.loads((out / "result.json").read_text())["structures"]
-    on, off = docs["--second-opinion"], docs["--no-second-opinion"]
-    assert all(0 <= s["second_opinion"] <= 1 for s in on.values()) and not any("second_opinion" in s for s in off.values())
-    for name in on:
-        assert on[name]["box_xyxy"] == off[name]["box_xyxy"]
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "second-opinion" / on[name]["mask"])),
-                              np.asarray(Image.open(tmp_path / "no-second-opinion" / off[name]["mask"])))
+        docs[key] = json.loads((tmp_path / key / "result.json").read_text())["structures"]
+
+    def mask(key, name):
+        return np.asarray(Image.open(tmp_path / key / docs[key][name]["mask"]))
+
+    assert not any("second_opinion" in s for s in docs["off"].values())
+    for name in ("5", "6"):
+        assert 0 <= docs["default"][name]["second_opinion"] == docs["refiner"][name]["second_opinion"] <= 1
+        assert np.array_equal(mask("default", name), mask("memory", name))
+        assert np.array_equal(mask("refiner", name), mask("off", name))
+        assert docs["refiner"][name]["box_xyxy"] == docs["off"][name]["box_xyxy"]
+    res = runner.invoke(app, ["localize", "--reference", str(samples / "reference.png"), "--reference-masks",
+                              str(samples / "reference_masks"), "--target", str(samples / "target.png"),
+                              "--out", str(tmp_path / "bad"), "--angiogram-masks", "both"])
+    assert res.exit_code != 0 and "--angiogram-masks" in res.output and not (tmp_path / "bad").exists()
 
 
 def test_report_and_plot(folder_dataset, tmp_path):

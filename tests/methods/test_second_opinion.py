@@ -16,16 +16,18 @@ from tests.conftest import synthetic_pair
 
 
 class _Shifted:
-    """A second segmenter that draws the reference's mask moved ``shift`` pixels to the right."""
+    """A second segmenter that draws the reference's mask moved ``shift`` pixels to the right; the
+    structures in ``copies`` it says it copied (a name it never trained on)."""
 
     uses_reference, needs_boxes, reads_cues = True, False, False
 
-    def __init__(self, shift: int):
-        self.shift, self.calls = shift, 0
+    def __init__(self, shift: int, copies: tuple[str, ...] = ()):
+        self.shift, self.calls, self.copies = shift, 0, copies
 
     def segment(self, target, boxes, reference=None, cues=None):
         self.calls += 1
-        return {s: SegmentationOutput(np.roll(reference.masks[s], self.shift, axis=1), 1.0) for s in boxes}
+        return {s: SegmentationOutput(np.roll(reference.masks[s], self.shift, axis=1), 0.9, copied=s in self.copies)
+                for s in boxes}
 
 
 class _Kind:
@@ -81,6 +83,36 @@ def test_a_method_with_a_second_opinion_feeds_its_agreement_to_the_confidence(mo
     assert all("second_opinion" not in r.features for r in method.predict(reference, target).structures.values())
 
 
+@pytest.mark.parametrize("kind, swaps", [("coronary angiogram", True), ("chest radiograph", False)])
+def test_a_second_opinion_that_delivers_hands_over_its_masks_on_its_kinds(monkeypatch, kind, swaps):
+    """``delivers``: on a target of its kind the second segmenter's masks are delivered (box and score from
+    them) and the method's own become the opinion, the same agreement either way round; a structure it only
+    copied keeps the method's mask; on other targets nothing changes."""
+    import rau.methods.confidence as confidence
+    from rau.geometry import mask_to_box
+    from rau.methods.registry import create_method
+
+    monkeypatch.setattr(confidence, "default_imagekind", lambda: _Kind(kind))
+    image, masks = synthetic_pair()
+    reference = AnnotatedImage(image, masks, {"id": "ref"})
+    target = AnnotatedImage(synthetic_pair(shift=(3, 2))[0], {}, {"id": "t"})
+    copied = sorted(masks)[0]
+    method = create_method("registration", calibration=False)
+    alone = method.predict(reference, target)
+    method.second_opinion = SecondOpinion(lambda: _Shifted(4), delivers=False)
+    kept = method.predict(reference, target)
+    method.second_opinion = SecondOpinion(lambda: _Shifted(4, copies=(copied,)), delivers=True)
+    swapped = method.predict(reference, target)
+    for name, r in swapped.structures.items():
+        theirs = np.roll(masks[name], 4, axis=1)
+        if swaps and name != copied:
+            assert np.array_equal(r.mask, theirs) and r.box_xyxy_px == mask_to_box(theirs) and r.answer == "yes"
+            assert r.features["second_opinion"] == pytest.approx(kept.structures[name].features["second_opinion"])
+        else:
+            assert np.array_equal(r.mask, alone.structures[name].mask)
+        assert ("second_opinion" in r.features) == swaps
+
+
 def test_reg_refine_asks_for_a_second_opinion_unless_told_not_to():
     """On by default (built lazily: creating the method loads no memory segmenter), off with
     ``second_opinion=False``; a non-boolean is a one-line error naming the flag."""
@@ -88,7 +120,9 @@ def test_reg_refine_asks_for_a_second_opinion_unless_told_not_to():
     from rau.methods.second_opinion import SECOND_OPINION_KINDS
 
     on = create_method("reg-refine", calibration=False)
-    assert isinstance(on.second_opinion, SecondOpinion) and not on.second_opinion._made
+    assert isinstance(on.second_opinion, SecondOpinion) and not on.second_opinion._made and on.second_opinion.delivers
+    assert not create_method("reg-refine", calibration=False, angiogram_masks="refiner").second_opinion.delivers
+    assert create_method("rau-refine", calibration=False).reference_route.second_opinion is None
     assert create_method("reg-refine", calibration=False, second_opinion=False).second_opinion is None
     with pytest.raises(RauInputError, match="--second-opinion"):
         create_method("reg-refine", second_opinion="yes")

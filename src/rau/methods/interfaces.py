@@ -210,8 +210,8 @@ class Method:
         extra = segmenter_features(segs, locs)
         if self.second_opinion is not None:  # a second route's agreement, a confidence feature
             instead, opinion = self.second_opinion.review(reference, target.image, results)
-            for s, seg in instead.items():  # the second route delivers, the first is the opinion
-                results[s] = self._combine(s, locs.get(s), seg, None)
+            for s, seg in instead.items():  # the second route delivers (its mask, box and score), the first is the opinion
+                results[s] = self._combine(s, None, seg, None)
             for s, more in opinion.items():
                 extra.setdefault(s, {}).update(more)
         assess(result, reference, target.image, self.calibration, checks, extra=extra)
