@@ -157,17 +157,17 @@ def test_bundled_angiogram_sample(tmp_path):
     assert set(doc["structures"]) == {"5", "6"} and doc["image_size_wh"] == [512, 512]
 
 
-def test_the_default_delivers_the_memory_masks_on_an_angiogram_with_the_refiner_as_second_opinion(tmp_path):
-    """``reg-refine`` on the bundled angiogram pair: by default it delivers the memory segmenter's masks (the
-    same pixels as ``sam2-memory``'s) and the agreement with the refiner's is in result.json; with
-    ``--angiogram-masks refiner`` the refiner's masks are delivered with the same agreement; with
-    ``--no-second-opinion`` the refiner's masks and no agreement."""
+def test_the_default_asks_a_second_opinion_on_an_angiogram_and_can_deliver_its_masks(tmp_path):
+    """``reg-refine`` on the bundled angiogram pair: by default the refiner's masks are delivered and their
+    agreement with the memory segmenter's is in result.json; ``--no-second-opinion``: the same masks, no
+    agreement; ``--angiogram-masks memory``: the memory segmenter's masks (the same pixels as ``sam2-memory``'s)
+    with the same agreement."""
     from pathlib import Path
 
     samples = Path(__file__).resolve().parents[2] / "samples" / "angiogram"
     docs = {}
-    runs = {"default": [], "refiner": ["--angiogram-masks", "refiner"], "off": ["--no-second-opinion"],
-            "memory": ["--method", "sam2-memory"]}
+    runs = {"default": [], "memory": ["--angiogram-masks", "memory"], "off": ["--no-second-opinion"],
+            "sam2": ["--method", "sam2-memory"]}
     for key, flags in runs.items():
         res = runner.invoke(app, ["localize", "--reference", str(samples / "reference.png"), "--reference-masks",
                                   str(samples / "reference_masks"), "--target", str(samples / "target.png"),
@@ -180,10 +180,10 @@ def test_the_default_delivers_the_memory_masks_on_an_angiogram_with_the_refiner_
 
     assert not any("second_opinion" in s for s in docs["off"].values())
     for name in ("5", "6"):
-        assert 0 <= docs["default"][name]["second_opinion"] == docs["refiner"][name]["second_opinion"] <= 1
-        assert np.array_equal(mask("default", name), mask("memory", name))
-        assert np.array_equal(mask("refiner", name), mask("off", name))
-        assert docs["refiner"][name]["box_xyxy"] == docs["off"][name]["box_xyxy"]
+        assert 0 <= docs["default"][name]["second_opinion"] == docs["memory"][name]["second_opinion"] <= 1
+        assert np.array_equal(mask("memory", name), mask("sam2", name))
+        assert np.array_equal(mask("default", name), mask("off", name))
+        assert docs["default"][name]["box_xyxy"] == docs["off"][name]["box_xyxy"]
     res = runner.invoke(app, ["localize", "--reference", str(samples / "reference.png"), "--reference-masks",
                               str(samples / "reference_masks"), "--target", str(samples / "target.png"),
                               "--out", str(tmp_path / "bad"), "--angiogram-masks", "both"])
@@ -339,3 +339,14 @@ def test_rau_s_own_warnings_are_one_line_on_the_command_line(monkeypatch, capsys
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "warning: m: its confidence may be off"
     assert "warning: elsewhere" not in err  # handed on to the showwarning it replaced (pytest's, here)
+
+
+def test_calibrate_memory_route_needs_a_method_that_delivers_a_second_opinion(tmp_path):
+    """``rau calibrate --memory-route`` fits the masks reg-refine's memory segmenter delivers: a method or options
+    that deliver none is a one-line error before any run, and nothing is written."""
+    for flags in (["--method", "registration"], ["--method", "reg-refine"], ["--method", "reg-refine", "--angiogram-masks",
+                                                                           "memory", "--k-references", "3"]):
+        res = runner.invoke(app, ["calibrate", *flags, "--memory-route", "--work", str(tmp_path / "w"),
+                                  "--out", str(tmp_path / "c.json"), "--no-progress"])
+        assert res.exit_code != 0 and "--memory-route" in res.output, res.output
+    assert not (tmp_path / "w").exists() and not (tmp_path / "c.json").exists()

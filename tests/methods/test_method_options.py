@@ -123,5 +123,5 @@ def test_a_run_that_decodes_unknown_structures_says_so_in_its_config():
     assert "follow_unknown" not in model_config({"follow_unknown": True})  # the default leaves the record as it was
     assert model_config({"second_opinion": False})["second_opinion"] is False
     assert "second_opinion" not in model_config({"second_opinion": True})
-    assert model_config({"angiogram_masks": "refiner"})["angiogram_masks"] == "refiner"
-    assert "angiogram_masks" not in model_config({"angiogram_masks": "memory"})
+    assert model_config({"angiogram_masks": "memory"})["angiogram_masks"] == "memory"
+    assert "angiogram_masks" not in model_config({"angiogram_masks": "refiner"})

@@ -120,10 +120,46 @@ def test_reg_refine_asks_for_a_second_opinion_unless_told_not_to():
     from rau.methods.second_opinion import SECOND_OPINION_KINDS
 
     on = create_method("reg-refine", calibration=False)
-    assert isinstance(on.second_opinion, SecondOpinion) and not on.second_opinion._made and on.second_opinion.delivers
-    assert not create_method("reg-refine", calibration=False, angiogram_masks="refiner").second_opinion.delivers
+    assert isinstance(on.second_opinion, SecondOpinion) and not on.second_opinion._made and not on.second_opinion.delivers
+    assert create_method("reg-refine", calibration=False, angiogram_masks="memory").second_opinion.delivers
     assert create_method("rau-refine", calibration=False).reference_route.second_opinion is None
     assert create_method("reg-refine", calibration=False, second_opinion=False).second_opinion is None
     with pytest.raises(RauInputError, match="--second-opinion"):
         create_method("reg-refine", second_opinion="yes")
     assert SECOND_OPINION_KINDS == ("coronary angiogram",)
+
+
+def test_the_masks_a_second_opinion_delivers_are_assessed_by_their_own_calibration(monkeypatch):
+    """``calibration_memory`` assesses a result whose masks the second opinion delivered; the method's own
+    calibration every other result. The shipped default loads one for ``--angiogram-masks memory`` only."""
+    import rau.methods.confidence as confidence
+    from rau.methods.registry import create_method
+
+    used = []
+
+    class _Cal:
+        def __init__(self, name):
+            self.name = name
+
+        def __getattr__(self, attr):
+            raise AttributeError(attr)
+
+    def fake_assess(result, reference, image, calibration, checks, **kw):
+        used.append(calibration.name if calibration is not None else None)
+
+    import rau.methods.interfaces as interfaces
+
+    monkeypatch.setattr(interfaces, "assess", fake_assess)
+    image, masks = synthetic_pair()
+    reference = AnnotatedImage(image, masks, {"id": "ref"})
+    target = AnnotatedImage(synthetic_pair(shift=(3, 2))[0], {}, {"id": "t"})
+    method = create_method("registration", calibration=False)
+    method.calibration, method.calibration_memory = _Cal("own"), _Cal("memory")
+    for kind, delivers in (("coronary angiogram", True), ("chest radiograph", True), ("coronary angiogram", False)):
+        monkeypatch.setattr(confidence, "default_imagekind", lambda k=kind: _Kind(k))
+        method.second_opinion = SecondOpinion(lambda: _Shifted(4), delivers=delivers)
+        method.predict(reference, target)
+    assert used == ["memory", "own", "own"]
+    assert create_method("reg-refine").calibration_memory is None
+    shipped = create_method("reg-refine", angiogram_masks="memory").calibration_memory
+    assert shipped is not None and shipped.record.get("memory_route") is True

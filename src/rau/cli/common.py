@@ -146,8 +146,8 @@ SecondOpinionOpt = Annotated[bool, typer.Option("--second-opinion/--no-second-op
     "masks with the refiner's feeds the confidence (about 2 s more per such target on 2 CPU cores). Off: no memory pass, "
     "the refiner's masks are delivered. Default: on.")]
 AngiogramMasksOpt = Annotated[str, typer.Option("--angiogram-masks", help="Method reg-refine with the second opinion on: whose "
-    "masks are delivered on angiograms, memory (default; the better ones on coronary segments) or refiner; the other's "
-    "are the second opinion.")]
+    "masks are delivered on angiograms, refiner (default) or memory (the better coronary masks, with a confidence that "
+    "separates right from wrong less well; its own calibration); the other's are the second opinion.")]
 SegOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Segmenter behind the boxes: medsam (default) or sam2-memory.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="LiteMedSAM encoder precision: auto (bf16 on CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16. Default: $RAU_ENCODER_PRECISION or auto.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
@@ -176,7 +176,7 @@ def method_options(device: str, vlm: Optional[Path], lora: Optional[Path], sam2:
                    seg_head: Optional[Path] = None, precision: Optional[str] = None,
                    memseg: Optional[Path] = None, refiner: Optional[Path] = None, follow_unknown: bool = True,
                    segment_all: bool = True, second_opinion: bool = True,
-                   angiogram_masks: str = "memory") -> dict[str, Any]:
+                   angiogram_masks: str = "refiner") -> dict[str, Any]:
     """The keyword arguments of :func:`rau.methods.create_method` from the shared method options.
 
     A bad ``--precision`` fails here, before any model loads."""

@@ -90,7 +90,7 @@ def eval_(
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
     second_opinion: SecondOpinionOpt = True,
-    angiogram_masks: AngiogramMasksOpt = "memory",
+    angiogram_masks: AngiogramMasksOpt = "refiner",
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     progress: ProgressOpt = True,
@@ -223,6 +223,11 @@ def calibrate(
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
     refiner: RefinerOpt = None,
+    second_opinion: SecondOpinionOpt = True,
+    angiogram_masks: AngiogramMasksOpt = "refiner",
+    memory_route: Annotated[bool, typer.Option("--memory-route", help="Method reg-refine: fit the confidence of the masks "
+                                               "its memory segmenter delivers on angiograms (the outputs with a second "
+                                               "opinion), alone; default file <method>_memory.json.")] = False,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     precision: PrecisionOpt = None,
@@ -238,12 +243,21 @@ def calibrate(
         name = method or DEFAULT_METHOD
         if k_references < 1:
             raise RauInputError(f"--k-references: must be a positive integer, got {k_references}")
-        target = out or calibration_path(name, k_references > 1, decode=not follow_unknown, visible=not segment_all)
+        options = method_options(device, vlm, None, None, None, seed, unet, chex, seg_head, precision, memseg, refiner=refiner,
+                                 follow_unknown=follow_unknown, segment_all=segment_all, second_opinion=second_opinion,
+                                 angiogram_masks=angiogram_masks)
+        if memory_route:
+            from rau.methods.registry import create_method
+
+            opinion = create_method(name, **options, calibration=False).second_opinion
+            if k_references > 1 or not getattr(opinion, "delivers", False):
+                raise RauInputError(f"--memory-route: method {name!r} delivers no second opinion's masks with these options "
+                                    "(reg-refine with one reference, --second-opinion and --angiogram-masks memory)")
+        target = out or calibration_path(name, k_references > 1, decode=not follow_unknown, visible=not segment_all,
+                                         memory=memory_route)
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,
                               k=k_references, splits=split_names(splits, "--splits") if splits else None,
-                              argv=sys.argv[1:], method_options=method_options(device, vlm, None, None, None, seed, unet, chex,
-                                                                               seg_head, precision, memseg, refiner=refiner,
-                                                                               follow_unknown=follow_unknown, segment_all=segment_all))
+                              argv=sys.argv[1:], method_options=options, memory_route=memory_route)
     r = cal.record
     orient = f"min orientation agreement {cal.min_orientation:+.3f}" if cal.min_orientation is not None else "no orientation rule"
     rules = "kind, fit, orientation, mirrored" if cal.min_orientation is not None else "kind, fit, mirrored"

@@ -75,7 +75,7 @@ def localize(
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
     second_opinion: SecondOpinionOpt = True,
-    angiogram_masks: AngiogramMasksOpt = "memory",
+    angiogram_masks: AngiogramMasksOpt = "refiner",
     refiner: RefinerOpt = None,
     precision: PrecisionOpt = None,
     formats: Annotated[Optional[str], typer.Option(help="Also export each result as these comma-separated formats: nifti, coco, dicom-seg (default: none).")] = None,

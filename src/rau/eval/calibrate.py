@@ -463,13 +463,16 @@ def visibility_trained_on(folder: str | Path, model=None) -> bool:
 
 def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: Path, method_options: dict[str, Any],
                     quick: bool = False, seed: int = 0, progress: bool = True, argv: list[str] | None = None,
-                    k: int = 1, splits: Sequence[str] | None = None) -> Calibration:
+                    k: int = 1, splits: Sequence[str] | None = None, memory_route: bool = False) -> Calibration:
     """Run ``method`` on the calibration splits (reusing ``work/<split>_<method>.json``), fit, save to ``out``.
     ``k`` > 1: each target with the top k references of the split's LiteMedSAM bank, as ``rau bench
     --k-references K`` runs it (``work/<split>_<method>_k<K>.json``); the fit then also reads the
     k-reference features (:data:`rau.methods.confidence.K_FEATURES`) of methods that fuse in memory.
     ``splits``: the calibration splits (default :data:`rau.eval.bench.CALIB_SPLITS`; e.g.
-    ``calib-arcade-val`` in place of ``calib-arcade`` for a model trained on all of ARCADE train)."""
+    ``calib-arcade-val`` in place of ``calib-arcade`` for a model trained on all of ARCADE train).
+    ``memory_route``: fit only the outputs that carry ``second_opinion`` (the targets where ``reg-refine``'s
+    memory segmenter delivers: angiograms), the calibration :attr:`rau.methods.interfaces.Method.calibration_memory`
+    reads; the method must run with its second opinion delivering."""
     from rau.atomic import write_json
     from rau.eval.bench import (
         CALIB_SPLITS,
@@ -518,8 +521,11 @@ def run_calibration(method: str, out: Path, work: Path, *, data: Path, drr_dir: 
     if seen:
         record["left_out"] = {"features": list(TARGET_FEATURES),
                               "why": f"the visibility model and the memory segmenter trained on {seen}"}
-    cal = fit_calibration(calibration_rows(reports), method, seed=seed, record=record,
-                          drop=TARGET_FEATURES if seen else ())
+    rows = calibration_rows(reports)
+    if memory_route:  # the outputs a second opinion delivered, apart: their masks come from another segmenter
+        rows = [r for r in rows if r["features"] and "second_opinion" in r["features"]]
+        record["memory_route"] = True
+    cal = fit_calibration(rows, method, seed=seed, record=record, drop=TARGET_FEATURES if seen else ())
     cal.save(out)
     write_json(work / f"calibration_{method}.json", cal.to_json())
     return cal

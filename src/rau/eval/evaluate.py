@@ -292,7 +292,7 @@ def model_config(method_options: dict[str, Any]) -> dict[str, Any]:
     """The model folders (str or None), the resolved encoder precision and, where decoding every
     structure was asked (``--decode-unknown``), ``follow_unknown: false``, and where the second opinion
     was turned off (``--no-second-opinion``), ``second_opinion: false``, and ``angiogram_masks`` where it is not
-    the default ("memory") of a run's method options, as
+    the default ("refiner") of a run's method options, as
     its RESULT.json ``config`` records them (what :func:`report_label` reads)."""
     from rau.encoders.litemedsam import resolve_precision
 
@@ -302,7 +302,7 @@ def model_config(method_options: dict[str, Any]) -> dict[str, Any]:
             **({"follow_unknown": False} if method_options.get("follow_unknown") is False else {}),
             **({"second_opinion": False} if method_options.get("second_opinion") is False else {}),
             **({"angiogram_masks": method_options["angiogram_masks"]}
-               if method_options.get("angiogram_masks", "memory") != "memory" else {})}
+               if method_options.get("angiogram_masks", "refiner") != "refiner" else {})}
 
 
 def report_label(report: dict[str, Any]) -> str:

@@ -648,19 +648,27 @@ def unknown_features(names: list[str]) -> list[str]:
     return [n for n in names if n not in FEATURES and n != PRIOR_FEATURE]
 
 
-def calibration_path(method: str, k_references: bool = False, decode: bool = False, visible: bool = False) -> Path:
+def calibration_path(method: str, k_references: bool = False, decode: bool = False, visible: bool = False,
+                     memory: bool = False) -> Path:
     """Where the shipped calibration of ``method`` lives: ``assets/calibration/<method>.json``, for its
     k-reference results ``<method>_k.json``, for a memory-segmenter method run with ``--decode-unknown``
-    (``decode``: every structure decoded, none copied) ``<method>[_k]_decode.json``, and for a VLM method run
-    with ``--segment-visible`` (``visible``: the VLM's "no" stands) ``<method>[_k][_decode]_visible.json``."""
+    (``decode``: every structure decoded, none copied) ``<method>[_k]_decode.json``, for a VLM method run
+    with ``--segment-visible`` (``visible``: the VLM's "no" stands) ``<method>[_k][_decode]_visible.json``, and
+    for the results whose masks a second opinion delivered (``memory``: ``reg-refine`` on angiograms,
+    :attr:`rau.methods.interfaces.Method.calibration_memory`) ``<method>_memory.json``."""
+    if memory:
+        return CALIBRATION_DIR / f"{method}_memory.json"
     return CALIBRATION_DIR / f"{method}{'_k' if k_references else ''}{'_decode' if decode else ''}{'_visible' if visible else ''}.json"
 
 
 def default_calibration(method: str, k_references: bool = False, decode: bool = False,
-                        visible: bool = False) -> Calibration | None:
+                        visible: bool = False, memory: bool = False) -> Calibration | None:
     """The shipped calibration of a registry method (:func:`calibration_path`), or None: the one of the
     asked mode where shipped, else the nearest (without ``visible``, then without ``decode``); a mode
-    mismatch is what :func:`rau.methods.registry.create_method` warns about."""
+    mismatch is what :func:`rau.methods.registry.create_method` warns about. ``memory``: that file or None."""
+    if memory:
+        path = calibration_path(method, memory=True)
+        return Calibration.load(path) if path.is_file() else None
     for d, v in dict.fromkeys([(decode, visible), (decode, False), (False, visible), (False, False)]):
         path = calibration_path(method, k_references, d, v)
         if path.is_file():

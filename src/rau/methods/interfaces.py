@@ -172,10 +172,13 @@ class Method:
     ``second_opinion``: a :class:`rau.methods.second_opinion.SecondOpinion` whose agreement with each
     one-reference result is the confidence feature ``second_opinion`` (``reg-refine`` on angiograms), or None;
     one that ``delivers`` hands over its masks and the method's own become the opinion.
+    ``calibration_memory``: the calibration of a result whose masks the second opinion delivered (fitted on
+    such results alone, ``rau calibrate --memory-route``); None: ``calibration`` assesses those too.
     """
 
     calibration = None
     calibration_k = None
+    calibration_memory = None
     segment_all: bool | None = None
     second_opinion = None
 
@@ -208,13 +211,16 @@ class Method:
         results = {s: self._combine(s, locs.get(s), segs.get(s), sigma) for s in structures}
         result = TargetResult(target.id, reference.id, self.name, results)
         extra = segmenter_features(segs, locs)
+        calibration = self.calibration
         if self.second_opinion is not None:  # a second route's agreement, a confidence feature
             instead, opinion = self.second_opinion.review(reference, target.image, results)
             for s, seg in instead.items():  # the second route delivers (its mask, box and score), the first is the opinion
                 results[s] = self._combine(s, None, seg, None)
             for s, more in opinion.items():
                 extra.setdefault(s, {}).update(more)
-        assess(result, reference, target.image, self.calibration, checks, extra=extra)
+            if instead and self.calibration_memory is not None:  # those masks have their own calibration
+                calibration = self.calibration_memory
+        assess(result, reference, target.image, calibration, checks, extra=extra)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -244,15 +244,16 @@ class RefineOptions(MethodOptions):
     angiograms the shipped memory segmenter segments the same structures, and the agreement of its masks
     with the refiner's feeds the confidence (:mod:`rau.methods.second_opinion`; about 2 s more per such
     target on 2 CPU cores); False: no memory pass, the refiner's masks are delivered. ``angiogram_masks``:
-    with the second opinion on, whose masks are delivered there: "memory" (the default since s25: the
-    better ones on coronary segments, docs/RESULTS.md) or "refiner"; the other's are the opinion. The
-    shipped calibration is fitted with the defaults."""
+    with the second opinion on, whose masks are delivered there: "refiner" (the default) or "memory" (the
+    better coronary masks, mean segment Dice 0.231 against 0.141 on the ARCADE bench, but judged less well by
+    their own calibration, ``reg-refine_memory.json``: confidence AUROC 0.83 against 0.87; docs/RESULTS.md);
+    the other's are the opinion."""
 
     device: str = "cpu"
     refiner: str | Path | None = None
     seed: int = 0
     second_opinion: bool = True
-    angiogram_masks: str = "memory"
+    angiogram_masks: str = "refiner"
 
     def __post_init__(self) -> None:
         _check_device(self.device)

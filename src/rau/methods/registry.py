@@ -239,8 +239,8 @@ def _reg_memseg(o: MemSegOptions) -> Method:
 
 def _reg_refine(o: RefineOptions) -> Method:
     """Registration aligns the reference with the target; the refiner corrects each warped mask. On
-    angiograms the memory segmenter segments too; by default its masks are delivered and the refiner's are
-    its second opinion (``angiogram_masks``)."""
+    angiograms the memory segmenter segments too, as the second opinion; with ``angiogram_masks="memory"`` its
+    masks are delivered and the refiner's are the opinion."""
     from rau.methods.refine import DEFAULT_REFINER_DIR, RefineSegmenter, RegRefineMethod
     from rau.methods.registration import RegistrationLocalizer
     from rau.methods.second_opinion import SecondOpinion
@@ -332,7 +332,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("reg-memseg", "registration's warped masks are the memory segmenter's prior, the reference in its memory",
                "shipped memory segmenter (or --memseg FOLDER)", MemSegOptions, _reg_memseg),
     MethodSpec("reg-refine", "registration's warped masks corrected by the refiner (target + warped reference -> mask); "
-               "on angiograms the memory segmenter's masks, the refiner's as their second opinion",
+               "on angiograms the memory segmenter gives a second opinion (--angiogram-masks memory: its masks)",
                "shipped refiner (or --refiner FOLDER)", RefineOptions, _reg_refine),
     MethodSpec("rau-refine", "rau-seg's masks where they agree with reg-refine's (their consensus), reg-refine's where not",
                "shipped RAU VLM + <seg> head + refiner", RauRefineOptions, _rau_refine),
@@ -365,7 +365,8 @@ def create_method(name: str | None = None, **options: Any) -> Method:
     folder), ``sam2_config``, ``unet`` (U-Net folder), ``chex`` (CheXanatomy folder), ``seed``
     (registration), ``assign``, ``calibration`` (a confidence calibration JSON, or False / "none" for
     none; default: the shipped ones of this method, if any, for one and for k references, and with
-    ``follow_unknown=False`` its decoding ones where shipped: :mod:`rau.methods.confidence`). Each method takes the options of its class in
+    ``follow_unknown=False`` its decoding ones where shipped, and for the masks a second opinion delivers
+    (``reg-refine`` on angiograms) its ``_memory`` one: :mod:`rau.methods.confidence`). Each method takes the options of its class in
     :mod:`rau.methods.options` and ignores the other methods' options (callers may pass one shared
     set); an option no method takes, or a bad value, raises RauInputError.
     """
@@ -384,6 +385,8 @@ def create_method(name: str | None = None, **options: Any) -> Method:
         visible = method.segment_all is False
         method.calibration = default_calibration(spec.name, decode=decode, visible=visible)
         method.calibration_k = default_calibration(spec.name, k_references=True, decode=decode, visible=visible)
+        if getattr(method.second_opinion, "delivers", False):  # the masks it delivers (reg-refine on angiograms)
+            method.calibration_memory = default_calibration(spec.name, memory=True)
     _warn_calibration_mode(method)
     return method
 

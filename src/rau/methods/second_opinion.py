@@ -16,8 +16,9 @@ calibration reads its mean, no evidence either way (:data:`rau.methods.confidenc
 With ``delivers`` the two swap roles on those targets: the second segmenter's mask is delivered for every
 structure it knows (one it never trained on, which it would only copy, keeps the first mask) and the first
 mask becomes the opinion; the agreement is the same number either way round. ``reg-refine`` does so on
-angiograms since s25: there the memory segmenter's masks are the better ones (mean segment Dice 0.231 against
-the refiner's 0.141 on the 50 ARCADE bench pairs; docs/RESULTS.md).
+angiograms with ``--angiogram-masks memory``: there the memory segmenter's masks are the better ones (mean segment
+Dice 0.231 against the refiner's 0.141 on the 50 ARCADE bench pairs), but their calibrated confidence separates
+right from wrong less well (AUROC 0.83 against 0.87; docs/RESULTS.md, 2026-12-07 s25), so it is not the default.
 """
 
 from __future__ import annotations
