@@ -77,14 +77,15 @@ def localize(
             threshold above 0, and 0 keeps every output.
     """
     from rau.methods import Method, create_method
-    from rau.methods.confidence import abstain, resolve_min_confidence
+    from rau.methods.confidence import abstain, resolve_min_confidence, result_threshold
 
     check_reference(reference, structures)
     target_img = _as_target(target)
     format_writer(formats)
     m = method if isinstance(method, Method) else create_method(method, **method_options)
-    threshold = resolve_min_confidence(min_confidence, m.calibration)
-    result = abstain(m.predict(reference, target_img, structures), threshold)
+    resolve_min_confidence(min_confidence, m.calibration)  # a bad value fails before the method runs
+    result = m.predict(reference, target_img, structures)
+    result = abstain(result, result_threshold(result, min_confidence, m.calibration))
     if out_dir is not None:
         write_result(result, target_img, out_dir, formats)
     return result
@@ -112,7 +113,7 @@ def localize_from_bank(
     image); :meth:`rau.references.bank.ReferenceBank.fit_threshold` calibrates it on the bank alone.
     ``formats``, ``min_confidence``: as in :func:`localize`."""
     from rau.methods import Method, create_method
-    from rau.methods.confidence import abstain, resolve_min_confidence
+    from rau.methods.confidence import abstain, result_threshold
     from rau.references.bank import ReferenceBank, predict_with_references
 
     format_writer(formats)
@@ -133,7 +134,7 @@ def localize_from_bank(
         raise RauInputError(f"--structures: {', '.join(map(repr, unknown))} not in the retrieved reference {hits[0][0]} "
                             f"(it has: {', '.join(sorted(refs[0].masks))})")
     result, _ = predict_with_references(m, refs, target_img, structures)
-    abstain(result, resolve_min_confidence(min_confidence, m.calibration_for(len(refs))))
+    abstain(result, result_threshold(result, min_confidence, m.calibration_for(len(refs))))
     if out_dir is not None:
         write_result(result, target_img, out_dir, formats)
     return result

@@ -410,6 +410,31 @@ def test_method_with_a_calibration_reports_confidence_in_result_json(tmp_path):
         assert 0 <= s["confidence"] <= 1 and s["abstained"] in (True, False)
 
 
+def test_a_result_is_withheld_at_the_threshold_of_the_calibration_that_assessed_it():
+    """A method may assess some targets with another calibration (reg-refine's memory masks): the default
+    ``min_confidence`` of a result is the threshold of the one that assessed it; a given value wins."""
+    import rau
+    from rau.methods.confidence import result_threshold
+    from rau.methods.registry import create_method
+
+    own, other = fit_calibration(_rows(), "registration"), fit_calibration(_rows(seed=3), "registration")
+    own.threshold, other.threshold = 0.2, 0.9
+    image, masks = synthetic_pair()
+    ref = AnnotatedImage(image, masks, {})
+    target = AnnotatedImage(synthetic_pair(shift=(3, 2))[0], {}, {})
+    method = create_method("registration", calibration=False)
+    method.calibration = own
+    result = method.predict(ref, target)
+    assert result.threshold == 0.2
+    assert result_threshold(result, None, other) == 0.2 and result_threshold(result, 0.5, other) == 0.5
+    result.threshold = None
+    assert result_threshold(result, None, other) == 0.9
+    delivered = rau.localize(ref, target, method=method)
+    assert delivered.threshold == 0.2
+    assert all(r.abstained == (r.confidence < 0.2 or r.flag is not None or r.absent is not None)
+               for r in delivered.structures.values())
+
+
 @pytest.mark.skipif(not (SHARED / "wingspan_cxr").is_dir() or not (SHARED / "arcade_syntax").is_dir(),
                     reason="needs ../shared/datasets")
 def test_wrong_input_split_is_built_with_mirrored_masks(tmp_path):

@@ -124,10 +124,13 @@ class StructureResult:
 
 @dataclass
 class TargetResult:
-    """All structures for one target, plus timing and the reference that was used."""
+    """All structures for one target, plus timing and the reference that was used. ``threshold``: the
+    default ``min_confidence`` of the calibration that assessed it (set by
+    :func:`rau.methods.confidence.assess`; a method may assess some targets with another calibration)."""
 
     target_id: str
     reference_id: str
     method: str
     structures: dict[str, StructureResult]
     seconds: float = 0.0
+    threshold: float | None = None

@@ -199,7 +199,7 @@ def evaluate(
     (the top k, or k random ones) and the results are fused (:func:`rau.references.bank.fuse_results`)."""
     from tqdm.auto import tqdm
 
-    from rau.methods.confidence import resolve_min_confidence
+    from rau.methods.confidence import result_threshold
     from rau.references.bank import predict_with_references
 
     if reference not in ("similar", "random"):
@@ -218,11 +218,12 @@ def evaluate(
     ref_by_id = {e.id: e for e in references.entries}
     rng = np.random.default_rng(seed)
     rows, seconds, pairs = [], [], []
-    # the user's default (rau localize): the calibration's threshold, or without one the rules alone
-    # (blank, noise, mirrored); 0 here once hid the rules' withholding for uncalibrated methods
+    # the user's default (rau localize): the threshold of the calibration that assessed each result, or
+    # without one the rules alone (blank, noise, mirrored); 0 here once hid the rules' withholding for
+    # uncalibrated methods
     calibration_for = getattr(method, "calibration_for", None)
     calibration = calibration_for(k) if calibration_for else getattr(method, "calibration", None)
-    threshold = resolve_min_confidence(None, calibration)
+    used = set()  # the thresholds the results were withheld at (a method may assess some with another calibration)
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
         ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
@@ -230,15 +231,20 @@ def evaluate(
         result, asked = predict_with_references(method, refs, shown_to(method, target))
         seconds.append(result.seconds)
         pairs.append({"target": target.id, "reference": ref_ids[0] if k == 1 else ref_ids})
+        threshold = result_threshold(result, None, calibration)
+        used.add(threshold)
         rows.extend(score_target(result, target, asked, wanted, threshold))
     per, mean, micro = summarize(rows)
+    summary = calibration_summary(rows, calibration)
+    if len(used) == 1 and summary.get("threshold") is not None:
+        summary["threshold"] = used.pop()
     return {
         "method": method.name,
         "per_structure": per,
         "mean": mean,
         "mean_micro": micro,
         "confidence": confidence_summary(rows),
-        "calibration": calibration_summary(rows, calibration),
+        "calibration": summary,
         "seconds_per_target": float(np.mean(seconds)) if seconds else float("nan"),
         "n_targets": len(chosen),
         "config": {**(config or {}), "reference_choice": reference, "seed": seed, "limit": limit,

@@ -764,6 +764,8 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
         probs = dict(zip(names, calibration.predict([feats[n] for n in names], names).tolist()))
         if presence is not None and reason is None:  # a flagged pair is withheld whatever is present
             present = dict(zip(names, presence.predict([feats[n] for n in names], names).tolist()))
+    if calibration is not None and hasattr(result, "threshold"):
+        result.threshold = calibration.threshold  # the default min_confidence for this result
     for name, r in result.structures.items():
         r.features = feats.get(name)
         r.flag = reason
@@ -785,6 +787,15 @@ def resolve_min_confidence(min_confidence: float | None, calibration: Calibratio
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise RauInputError(f"--min-confidence: must lie in [0, 1], got {min_confidence}")
     return float(min_confidence)
+
+
+def result_threshold(result, min_confidence: float | None, calibration: Calibration | None) -> float:
+    """The ``min_confidence`` to withhold ``result``'s outputs at: the one given, else the threshold of the
+    calibration that assessed it (:attr:`rau.data.annotated.TargetResult.threshold`: ``reg-refine``'s memory
+    masks have their own), else :func:`resolve_min_confidence` of ``calibration``."""
+    if min_confidence is None and getattr(result, "threshold", None) is not None:
+        return float(result.threshold)
+    return resolve_min_confidence(min_confidence, calibration)
 
 
 def abstention_reason(r, min_confidence: float) -> str | None:
