@@ -4,6 +4,8 @@ The methods run interleaved (each target through every method in turn), so a cha
 machine's load hits them alike.
 
     .venv/bin/python scripts/time_one_reference.py --methods rau,registration,reg-fuse --n 10
+
+A method name may carry options after "@", comma-free: ``reg-refine@angiogram_masks=memory``.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def main() -> None:
     lo, hi = (int(v) for v in a.targets.split(":"))
     targets = [ds[i] for i in range(lo, min(hi, lo + a.n))]
     methods = {}
-    for name in a.methods.split(","):
-        opts = {"precision": a.precision, **({"seg_head": a.seg_head} if name == "rau-seg" and a.seg_head else {})}
-        methods[name] = rau.create_method(name, **opts)
+    for label in a.methods.split(","):
+        name, *extra = label.split("@")
+        opts = {"precision": a.precision, **({"seg_head": a.seg_head} if name == "rau-seg" and a.seg_head else {}),
+                **dict(e.split("=", 1) for e in extra)}
+        methods[label] = rau.create_method(name, **opts)
     # interleaved: every target runs every method in turn, so the machine's load drifts alike for all
     times = {name: [] for name in methods}
     for t in targets:
