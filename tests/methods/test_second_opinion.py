@@ -163,3 +163,21 @@ def test_the_masks_a_second_opinion_delivers_are_assessed_by_their_own_calibrati
     assert create_method("reg-refine").calibration_memory is None
     shipped = create_method("reg-refine", angiogram_masks="memory").calibration_memory
     assert shipped is not None and shipped.record.get("memory_route") is True
+
+
+def test_memory_masks_with_k_references_say_that_they_apply_to_one_reference():
+    """``--angiogram-masks memory`` with k references: the refiner's masks are voted as before, and a warning
+    (once) says so and names the method that holds k references in one memory."""
+    import warnings
+
+    from rau.methods.registry import create_method
+
+    image, masks = synthetic_pair()
+    refs = [AnnotatedImage(image, masks, {"id": "a"}), AnnotatedImage(synthetic_pair(shift=(1, 1))[0], masks, {"id": "b"})]
+    target = AnnotatedImage(synthetic_pair(shift=(3, 2))[0], {}, {"id": "t"})
+    method = create_method("reg-refine", calibration=False, angiogram_masks="memory")
+    with pytest.warns(UserWarning, match="sam2-memory"):
+        method.predict_k(refs, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method.predict_k(refs, target)

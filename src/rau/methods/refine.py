@@ -8,6 +8,7 @@ Every structure is refined in one batch. A structure whose warped mask left the 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,8 @@ class RegRefineMethod(Method):
     ``fit`` is the best-fitting reference's (:func:`rau.methods.confidence.best_fit`), with the
     k-reference calibration (:attr:`calibration_k`) when one ships."""
 
+    _warned_k = False
+
     @property
     def fuses_in_memory(self) -> bool:
         return True
@@ -95,6 +98,11 @@ class RegRefineMethod(Method):
 
         if len(references) == 1:
             return self.predict(references[0], target, structures)
+        if getattr(self.second_opinion, "delivers", False) and not self._warned_k:
+            self._warned_k = True  # k references: one refined mask per reference, voted; no memory pass
+            warnings.warn(f"{self.name}: --angiogram-masks memory applies to one reference; with {len(references)} "
+                          "references the refiner's masks are voted (for the memory segmenter's masks from k references "
+                          "in one memory, use --method sam2-memory)")
         structures, ref_id, start, checks, withheld = self._begin_k(references, target, structures)
         if withheld is not None:
             return withheld
