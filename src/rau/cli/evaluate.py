@@ -247,10 +247,9 @@ def calibrate(
                                  follow_unknown=follow_unknown, segment_all=segment_all, second_opinion=second_opinion,
                                  angiogram_masks=angiogram_masks)
         if memory_route:
-            from rau.methods.registry import create_method
+            from rau.methods.registry import method_options as checked_options
 
-            opinion = create_method(name, **options, calibration=False).second_opinion
-            if k_references > 1 or not getattr(opinion, "delivers", False):
+            if k_references > 1 or not getattr(checked_options(name, **options), "delivers_memory_masks", False):
                 raise RauInputError(f"--memory-route: method {name!r} delivers no second opinion's masks with these options "
                                     "(reg-refine with one reference, --second-opinion and --angiogram-masks memory)")
         target = out or calibration_path(name, k_references > 1, decode=not follow_unknown, visible=not segment_all,

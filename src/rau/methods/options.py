@@ -262,6 +262,11 @@ class RefineOptions(MethodOptions):
         _check_flag("second_opinion", self.second_opinion)
         _check_choice("angiogram_masks", self.angiogram_masks, ANGIOGRAM_MASKS)
 
+    @property
+    def delivers_memory_masks(self) -> bool:
+        """True when the second opinion's (memory) masks are delivered on the targets that get one."""
+        return self.second_opinion and self.angiogram_masks == "memory"
+
 
 @dataclass(frozen=True)
 class MemSegOptions(MethodOptions):

@@ -252,7 +252,7 @@ def _reg_refine(o: RefineOptions) -> Method:
     localizer = RegistrationLocalizer(seed=o.seed, warped_cues=True, bspline_iterations=REFINE_BSPLINE_ITERATIONS)
     method = RegRefineMethod("reg-refine", localizer, RefineSegmenter(folder, device=o.device))
     if o.second_opinion:
-        method.second_opinion = SecondOpinion(lambda: _shipped_memseg(o.device), delivers=o.angiogram_masks == "memory")
+        method.second_opinion = SecondOpinion(lambda: _shipped_memseg(o.device), delivers=o.delivers_memory_masks)
     return method
 
 
