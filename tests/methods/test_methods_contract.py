@@ -477,8 +477,6 @@ def test_the_vlm_methods_calibration_follows_segment_all_and_warns_on_the_other_
 
     assert calibration_path("rau-seg", visible=True).name == "rau-seg_visible.json"
     assert calibration_path("rau-seg", True, decode=True, visible=True).name == "rau-seg_k_decode_visible.json"
-    assert calibration_path("reg-refine", memory=True).name == "reg-refine_memory.json"
-    assert calibration_path("reg-refine", True, memory=True).name == "reg-refine_k_memory.json"
     old, segmenting = tmp_path / "old.json", tmp_path / "all.json"
     fit_calibration(_rows(), "rau-memseg").save(old)
     fit_calibration(_rows(), "rau-memseg", record={"segment_all": True}).save(segmenting)

@@ -148,9 +148,6 @@ class RegRefineMethod(Method):
                 results[s] = self._combine(s, None, seg, None)
             for s, more in opinion.items():
                 extra[s].update(more)
-            if opinion:  # the target got the memory pass: a structure neither route draws (answered "no") agrees at 0
-                for s in structures:
-                    extra[s].setdefault("second_opinion", 0.0)
             if instead and self.calibration_k_memory is not None:
                 calibration = self.calibration_k_memory
         # pair features from the first reference but the fit of the best-fitting one; each structure's
