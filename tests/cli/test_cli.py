@@ -344,8 +344,8 @@ def test_rau_s_own_warnings_are_one_line_on_the_command_line(monkeypatch, capsys
 def test_calibrate_memory_route_needs_a_method_that_delivers_a_second_opinion(tmp_path):
     """``rau calibrate --memory-route`` fits the masks reg-refine's memory segmenter delivers: a method or options
     that deliver none is a one-line error before any run, and nothing is written."""
-    for flags in (["--method", "registration"], ["--method", "reg-refine"], ["--method", "reg-refine", "--k-references", "3"],
-                  ["--method", "reg-refine", "--angiogram-masks", "memory", "--no-second-opinion"]):
+    for flags in (["--method", "registration"], ["--method", "reg-refine"], ["--method", "reg-refine", "--angiogram-masks",
+                                                                           "memory", "--k-references", "3"]):
         res = runner.invoke(app, ["calibrate", *flags, "--memory-route", "--work", str(tmp_path / "w"),
                                   "--out", str(tmp_path / "c.json"), "--no-progress"])
         assert res.exit_code != 0 and "--memory-route" in res.output, res.output

@@ -165,57 +165,19 @@ def test_the_masks_a_second_opinion_delivers_are_assessed_by_their_own_calibrati
     assert shipped is not None and shipped.record.get("memory_route") is True
 
 
-class _ShiftedK(_Shifted):
-    """:class:`_Shifted` that also reads k references together: each structure from the first reference that
-    annotates it, moved ``shift`` pixels (records the references it was given)."""
+def test_memory_masks_with_k_references_say_that_they_apply_to_one_reference():
+    """``--angiogram-masks memory`` with k references: the refiner's masks are voted as before, and a warning
+    (once) says so and names the method that holds k references in one memory."""
+    import warnings
 
-    def segment_k(self, target, references, boxes, cues=None):
-        self.calls += 1
-        self.given = [r.id for r in references]
-        return {s: SegmentationOutput(np.roll(next(r for r in references if r.annotates(s)).masks[s], self.shift, axis=1),
-                                      0.9, copied=s in self.copies) for s in boxes}
-
-
-@pytest.mark.parametrize("kind", ["coronary angiogram", "chest radiograph"])
-def test_memory_masks_with_k_references_read_them_in_one_memory(monkeypatch, kind):
-    """``--angiogram-masks memory`` with k references: on an angiogram the second segmenter reads all k together
-    and its masks are delivered for the structures answered (annotated by more than half of the references; a
-    minority one stays "no"), the refiner's voted mask is the opinion, and ``calibration_k_memory`` assesses the
-    result; on a chest target the voted masks and ``calibration_k`` stay."""
-    import rau.methods.confidence as confidence
-    import rau.methods.refine as refine
     from rau.methods.registry import create_method
 
-    monkeypatch.setattr(confidence, "default_imagekind", lambda: _Kind(kind))
-    used, extra = [], {}
-    monkeypatch.setattr(refine, "assess", lambda result, ref, image, calibration, checks, **kw:
-                        used.append(calibration) or extra.update(kw["extra"]))
     image, masks = synthetic_pair()
-    names = sorted(masks)
-    minority = names[-1]
-    refs = [AnnotatedImage(image, masks, {"id": "a"}),
-            AnnotatedImage(synthetic_pair(shift=(1, 1))[0], {n: m for n, m in synthetic_pair(shift=(1, 1))[1].items()
-                                                             if n != minority}, {"id": "b"}),
-            AnnotatedImage(synthetic_pair(shift=(0, 1))[0], {n: m for n, m in synthetic_pair(shift=(0, 1))[1].items()
-                                                             if n != minority}, {"id": "c"})]
+    refs = [AnnotatedImage(image, masks, {"id": "a"}), AnnotatedImage(synthetic_pair(shift=(1, 1))[0], masks, {"id": "b"})]
     target = AnnotatedImage(synthetic_pair(shift=(3, 2))[0], {}, {"id": "t"})
     method = create_method("reg-refine", calibration=False, angiogram_masks="memory")
-    voted = create_method("reg-refine", calibration=False, second_opinion=False).predict_k(refs, target)
-    used.clear()
-    second = _ShiftedK(4)
-    method.second_opinion = SecondOpinion(lambda: second, delivers=True)
-    method.calibration_k, method.calibration_k_memory = "k", "k-memory"
-    result = method.predict_k(refs, target)
-    angio = kind == "coronary angiogram"
-    for name, r in result.structures.items():
-        if name == minority:
-            assert r.answer == "no" and r.mask is None
-        elif angio:
-            assert np.array_equal(r.mask, np.roll(masks[name], 4, axis=1)) and r.answer == "yes"
-            want = agreement(voted.structures[name].mask, r.mask)
-            assert extra[name]["second_opinion"] == pytest.approx(want)
-        else:
-            assert np.array_equal(r.mask, voted.structures[name].mask) and "second_opinion" not in extra[name]
-    assert (second.calls, used) == ((1, ["k-memory"]) if angio else (0, ["k"]))
-    if angio:
-        assert second.given == ["a", "b", "c"]
+    with pytest.warns(UserWarning, match="sam2-memory"):
+        method.predict_k(refs, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method.predict_k(refs, target)

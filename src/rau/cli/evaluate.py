@@ -181,8 +181,6 @@ def bench(
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
     refiner: RefinerOpt = None,
-    second_opinion: SecondOpinionOpt = True,
-    angiogram_masks: AngiogramMasksOpt = "refiner",
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     precision: PrecisionOpt = None,
     calibration: Annotated[Optional[str], typer.Option(help="Confidence calibration JSON for the (single) method, or 'none'. Default: each method's shipped one (rau calibrate).")] = None,
@@ -196,8 +194,7 @@ def bench(
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
                           argv=sys.argv[1:], k=k_references, overlay_methods=split_names(overlays, "--overlays"),
                           method_options={**method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head,
-                                                           precision, memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all,
-                                                           second_opinion=second_opinion, angiogram_masks=angiogram_masks),
+                                                           precision, memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all),
                                           **({"calibration": calibration} if calibration else {})})
     typer.echo(path.read_text())
 
@@ -230,7 +227,7 @@ def calibrate(
     angiogram_masks: AngiogramMasksOpt = "refiner",
     memory_route: Annotated[bool, typer.Option("--memory-route", help="Method reg-refine: fit the confidence of the masks "
                                                "its memory segmenter delivers on angiograms (the outputs with a second "
-                                               "opinion), alone; default file <method>[_k]_memory.json.")] = False,
+                                               "opinion), alone; default file <method>_memory.json.")] = False,
     unet: UnetOpt = None,
     chex: ChexOpt = None,
     precision: PrecisionOpt = None,
@@ -252,9 +249,9 @@ def calibrate(
         if memory_route:
             from rau.methods.registry import method_options as checked_options
 
-            if not getattr(checked_options(name, **options), "delivers_memory_masks", False):
+            if k_references > 1 or not getattr(checked_options(name, **options), "delivers_memory_masks", False):
                 raise RauInputError(f"--memory-route: method {name!r} delivers no second opinion's masks with these options "
-                                    "(reg-refine with --second-opinion and --angiogram-masks memory)")
+                                    "(reg-refine with one reference, --second-opinion and --angiogram-masks memory)")
         target = out or calibration_path(name, k_references > 1, decode=not follow_unknown, visible=not segment_all,
                                          memory=memory_route)
         cal = run_calibration(name, target, work, data=data, drr_dir=drr_dir, quick=quick, seed=seed, progress=progress,

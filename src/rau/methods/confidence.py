@@ -655,9 +655,9 @@ def calibration_path(method: str, k_references: bool = False, decode: bool = Fal
     (``decode``: every structure decoded, none copied) ``<method>[_k]_decode.json``, for a VLM method run
     with ``--segment-visible`` (``visible``: the VLM's "no" stands) ``<method>[_k][_decode]_visible.json``, and
     for the results whose masks a second opinion delivered (``memory``: ``reg-refine`` on angiograms,
-    :attr:`rau.methods.interfaces.Method.calibration_memory`) ``<method>[_k]_memory.json``."""
+    :attr:`rau.methods.interfaces.Method.calibration_memory`) ``<method>_memory.json``."""
     if memory:
-        return CALIBRATION_DIR / f"{method}{'_k' if k_references else ''}_memory.json"
+        return CALIBRATION_DIR / f"{method}_memory.json"
     return CALIBRATION_DIR / f"{method}{'_k' if k_references else ''}{'_decode' if decode else ''}{'_visible' if visible else ''}.json"
 
 
@@ -667,7 +667,7 @@ def default_calibration(method: str, k_references: bool = False, decode: bool = 
     asked mode where shipped, else the nearest (without ``visible``, then without ``decode``); a mode
     mismatch is what :func:`rau.methods.registry.create_method` warns about. ``memory``: that file or None."""
     if memory:
-        path = calibration_path(method, k_references, memory=True)
+        path = calibration_path(method, memory=True)
         return Calibration.load(path) if path.is_file() else None
     for d, v in dict.fromkeys([(decode, visible), (decode, False), (False, visible), (False, False)]):
         path = calibration_path(method, k_references, d, v)

@@ -174,14 +174,11 @@ class Method:
     one that ``delivers`` hands over its masks and the method's own become the opinion.
     ``calibration_memory``: the calibration of a result whose masks the second opinion delivered (fitted on
     such results alone, ``rau calibrate --memory-route``); None: ``calibration`` assesses those too.
-    ``calibration_k_memory``: the same for k-reference results (``rau calibrate --memory-route --k-references K``);
-    None: :meth:`calibration_for` assesses those.
     """
 
     calibration = None
     calibration_k = None
     calibration_memory = None
-    calibration_k_memory = None
     segment_all: bool | None = None
     second_opinion = None
 

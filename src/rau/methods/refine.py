@@ -8,6 +8,7 @@ Every structure is refined in one batch. A structure whose warped mask left the 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,8 @@ class RegRefineMethod(Method):
     ``fit`` is the best-fitting reference's (:func:`rau.methods.confidence.best_fit`), with the
     k-reference calibration (:attr:`calibration_k`) when one ships."""
 
+    _warned_k = False
+
     @property
     def fuses_in_memory(self) -> bool:
         return True
@@ -95,6 +98,11 @@ class RegRefineMethod(Method):
 
         if len(references) == 1:
             return self.predict(references[0], target, structures)
+        if getattr(self.second_opinion, "delivers", False) and not self._warned_k:
+            self._warned_k = True  # k references: one refined mask per reference, voted; no memory pass
+            warnings.warn(f"{self.name}: --angiogram-masks memory applies to one reference; with {len(references)} "
+                          "references the refiner's masks are voted (for the memory segmenter's masks from k references "
+                          "in one memory, use --method sam2-memory)")
         structures, ref_id, start, checks, withheld = self._begin_k(references, target, structures)
         if withheld is not None:
             return withheld
@@ -139,20 +147,9 @@ class RegRefineMethod(Method):
                     r.score = float(np.mean([e.score for e in each]))
             results[s] = r
         result = TargetResult(target.id, ref_id, self.name, results)
-        calibration = self.calibration_for(k)
-        if getattr(self.second_opinion, "delivers", False):
-            # --angiogram-masks memory: on angiograms the memory segmenter reads the k references in one memory and
-            # its masks are delivered for the structures answered; the refiner's voted mask is the second opinion
-            instead, opinion = self.second_opinion.review(references, target.image, results, names=list(read_from))
-            for s, seg in instead.items():
-                results[s] = self._combine(s, None, seg, None)
-            for s, more in opinion.items():
-                extra[s].update(more)
-            if instead and self.calibration_k_memory is not None:
-                calibration = self.calibration_k_memory
         # pair features from the first reference but the fit of the best-fitting one; each structure's
         # output compared with the mask of the first reference that has it, plus what the k references
         # say together (agreement, support)
-        assess(result, references[0], target.image, calibration, checks, reference_masks=read_from, extra=extra)
+        assess(result, references[0], target.image, self.calibration_for(k), checks, reference_masks=read_from, extra=extra)
         result.seconds = time.perf_counter() - start
         return result

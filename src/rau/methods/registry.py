@@ -387,7 +387,6 @@ def create_method(name: str | None = None, **options: Any) -> Method:
         method.calibration_k = default_calibration(spec.name, k_references=True, decode=decode, visible=visible)
         if getattr(method.second_opinion, "delivers", False):  # the masks it delivers (reg-refine on angiograms)
             method.calibration_memory = default_calibration(spec.name, memory=True)
-            method.calibration_k_memory = default_calibration(spec.name, k_references=True, memory=True)
     _warn_calibration_mode(method)
     return method
 

@@ -67,21 +67,16 @@ class SecondOpinion:
         p = image_kind_probs(target)
         return p is not None and default_imagekind().config.kinds[int(np.argmax(p))] in self.kinds
 
-    def review(self, reference, target: np.ndarray, results: dict,
-               names: list[str] | None = None) -> tuple[dict, dict[str, dict[str, float]]]:
+    def review(self, reference, target: np.ndarray, results: dict) -> tuple[dict, dict[str, dict[str, float]]]:
         """-> (structure -> the second segmenter's :class:`~rau.methods.interfaces.SegmentationOutput`
         to deliver instead, structure -> {"second_opinion": agreement}) for the structures of ``results``
-        (name -> StructureResult; ``names``: only these) a reference annotates; ({}, {}) where the target
-        gets none. ``reference``: one annotated reference, or a list of k, which the second segmenter
-        reads together (``segment_k``: k memory frames, a structure from the references that annotate it).
-        The first is empty unless :attr:`delivers`; it holds the structures the second segmenter drew and
+        (name -> StructureResult) the reference annotates; ({}, {}) where the target gets none. The
+        first is empty unless :attr:`delivers`; it holds the structures the second segmenter drew and
         did not copy, and the agreement is measured between the two masks either way."""
-        refs = list(reference) if isinstance(reference, (list, tuple)) else [reference]
-        names = [s for s in (results if names is None else names) if s in results and any(r.annotates(s) for r in refs)]
+        names = [s for s in results if reference.annotates(s)]
         if not names or not self.applies(target) or self.segmenter is None:
             return {}, {}
-        asked = {s: None for s in names}
-        other = self.segmenter.segment_k(target, refs, asked) if len(refs) > 1 else self.segmenter.segment(target, asked, refs[0])
+        other = self.segmenter.segment(target, {s: None for s in names}, reference)
         instead, feats = {}, {}
         for s in names:
             o = other.get(s)
