@@ -257,6 +257,10 @@ def test_bench_quick_on_a_tiny_arcade_layout(tiny_arcade, tmp_path):
     assert config["vlm"] is None and config["precision"] in ("fp32", "bf16")  # the run's models, for its labels
     bad = runner.invoke(app, ["bench", "--out", str(out), "--splits", "nope"])
     assert bad.exit_code == 2 and "--splits" in bad.output
+    # the default's options reach the bench too, checked before any run
+    bad = runner.invoke(app, ["bench", "--out", str(tmp_path / "b2"), "--data", str(data), "--splits", "arcade",
+                              "--methods", "reg-refine", "--angiogram-masks", "both", "--quick", "--no-progress"])
+    assert bad.exit_code != 0 and "--angiogram-masks" in bad.output and not (tmp_path / "b2" / "BENCH.md").exists()
 
 
 def test_bench_overlays_for_chosen_methods_and_the_drr_unseen_split(tiny_arcade, tmp_path):

@@ -181,6 +181,8 @@ def bench(
     follow_unknown: FollowOpt = True,
     segment_all: SegmentAllOpt = True,
     refiner: RefinerOpt = None,
+    second_opinion: SecondOpinionOpt = True,
+    angiogram_masks: AngiogramMasksOpt = "refiner",
     k_references: Annotated[int, typer.Option(help="K > 1: each target gets the top K references of a LiteMedSAM bank (built per split), results fused by majority vote.")] = 1,
     precision: PrecisionOpt = None,
     calibration: Annotated[Optional[str], typer.Option(help="Confidence calibration JSON for the (single) method, or 'none'. Default: each method's shipped one (rau calibrate).")] = None,
@@ -194,7 +196,8 @@ def bench(
                           data=data, drr_dir=drr_dir, quick=quick, limit=limit, seed=seed, progress=progress,
                           argv=sys.argv[1:], k=k_references, overlay_methods=split_names(overlays, "--overlays"),
                           method_options={**method_options(device, vlm, lora, sam2, segmenter, seed, unet, chex, seg_head,
-                                                           precision, memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all),
+                                                           precision, memseg, refiner=refiner, follow_unknown=follow_unknown, segment_all=segment_all,
+                                                           second_opinion=second_opinion, angiogram_masks=angiogram_masks),
                                           **({"calibration": calibration} if calibration else {})})
     typer.echo(path.read_text())
 
