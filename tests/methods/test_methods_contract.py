@@ -56,17 +56,6 @@ def tiny_seg(tiny_ref, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_memseg(tmp_path_factory):
-    from rau.models.memseg.configuration import MemSegConfig
-    from rau.models.memseg.modeling import MemSegModel
-
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    config = MemSegConfig(grid=16, memory_layers=1, feed_forward=64, fuser_layers=1, fuser_intermediate=64, mask_prompt=True)
-    return MemSegModel(config).save_pretrained(tmp_path_factory.mktemp("memseg"))
-
-
-@pytest.fixture(scope="module")
 def tiny_refiner(tmp_path_factory):
     from rau.models.refiner.configuration import RefinerConfig
     from rau.models.refiner.modeling import RefinerModel

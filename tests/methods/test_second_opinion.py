@@ -181,3 +181,30 @@ def test_memory_masks_with_k_references_say_that_they_apply_to_one_reference():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         method.predict_k(refs, target)
+
+
+def test_the_default_second_opinion_decodes_in_the_encoders_precision(tiny_memseg, monkeypatch):
+    """Only compared, never delivered: the default's second opinion runs the memory attention and decoder in the
+    encoder's precision (bf16 autocast on a CPU with native bf16 units), ``--angiogram-masks memory`` (whose
+    masks are delivered) and ``sam2-memory`` in float32. bf16 decoding gives masks of the same shape and nearly
+    the same probabilities."""
+    import rau.methods.registry as registry
+    from rau.methods.memseg import MemSegSegmenter
+
+    monkeypatch.setattr(registry, "_memseg", lambda model, device, precision: MemSegSegmenter(tiny_memseg))
+    opinion = registry._shipped_memseg("cpu", opinion_only=True)
+    assert opinion.decode_precision == opinion.precision and registry._shipped_memseg("cpu").decode_precision == "fp32"
+    made = registry.create_method("reg-refine", calibration=False).second_opinion.segmenter
+    assert made.decode_precision == made.precision
+    assert registry.create_method("reg-refine", calibration=False, angiogram_masks="memory").second_opinion.segmenter \
+        .decode_precision == "fp32"
+    image, masks = synthetic_pair((96, 96))
+    ref = AnnotatedImage(image, masks, {"id": "r"})
+    target = synthetic_pair((96, 96), shift=(3, 2))[0]
+    seg = MemSegSegmenter(tiny_memseg)
+    full = seg.segment(target, {s: None for s in masks}, ref)
+    seg.decode_precision = "bf16"
+    half = seg.segment(target, {s: None for s in masks}, ref)
+    for s in masks:
+        assert half[s].mask.shape == full[s].mask.shape and half[s].mask.dtype == bool
+        assert np.abs(half[s].prob - full[s].prob).max() < 0.1
