@@ -261,7 +261,7 @@ def _shipped_memseg(device: str, opinion_only: bool = False):
     """The shipped memory segmenter as ``sam2-memory`` runs it (the same masks; its own confidence feature
     ``readout_agreement`` is not measured), or None where this checkout has none. ``opinion_only``: its masks
     are only compared, never delivered, so its memory attention and decoder run in the encoder's precision
-    (bfloat16 on a CPU with native bf16 units: about half the time, masks Dice 0.997 with float32's)."""
+    (bfloat16 on a CPU with native bf16 units: 0.35 s less per angiogram, the same confidence; docs/RESULTS.md s26)."""
     from rau.methods.memseg import DEFAULT_MEMSEG_DIR
 
     if not (Path(DEFAULT_MEMSEG_DIR) / "model.safetensors").is_file():
