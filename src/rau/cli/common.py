@@ -143,7 +143,7 @@ SegmentAllOpt = Annotated[bool, typer.Option("--segment-all/--segment-visible", 
     "<method>_visible.json calibration).")]
 SecondOpinionOpt = Annotated[bool, typer.Option("--second-opinion/--no-second-opinion", help="Method reg-refine: on targets "
     "read as coronary angiograms the shipped memory segmenter segments the same structures too, and the agreement of its "
-    "masks with the refiner's feeds the confidence (about 2 s more per such target on 2 CPU cores). Off: no memory pass, "
+    "masks with the refiner's feeds the confidence (about 1.2 s more per such target on 2 CPU cores). Off: no memory pass, "
     "the refiner's masks are delivered. Default: on.")]
 AngiogramMasksOpt = Annotated[str, typer.Option("--angiogram-masks", help="Method reg-refine with the second opinion on: whose "
     "masks are delivered on angiograms, refiner (default) or memory (the better coronary masks, with a confidence that "

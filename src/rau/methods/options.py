@@ -242,7 +242,7 @@ class RefineOptions(MethodOptions):
     """Registration + the refiner. ``refiner``: its folder (None: the shipped one); ``device``: torch
     device; ``seed`` as in :class:`RegistrationOptions`; ``second_opinion``: on targets read as coronary
     angiograms the shipped memory segmenter segments the same structures, and the agreement of its masks
-    with the refiner's feeds the confidence (:mod:`rau.methods.second_opinion`; about 2 s more per such
+    with the refiner's feeds the confidence (:mod:`rau.methods.second_opinion`; about 1.2 s more per such
     target on 2 CPU cores); False: no memory pass, the refiner's masks are delivered. ``angiogram_masks``:
     with the second opinion on, whose masks are delivered there: "refiner" (the default) or "memory" (the
     better coronary masks, mean segment Dice 0.231 against 0.141 on the ARCADE bench, but judged less well by

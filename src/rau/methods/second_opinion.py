@@ -7,9 +7,10 @@ confidence AUROC 0.82 against >= 0.95 on the chest splits). The memory segmenter
 model) reads the reference through image features and memory attention instead of registration; where
 the two routes draw the same segment, it is more often right. On the 120 calib-arcade-val pairs the
 out-of-fold AUROC of `reg-refine`'s confidence rose 0.839 -> 0.902 with the feature (docs/HISTORY.md,
-2026-12-07 s24). Its mask is never delivered.
+2026-12-07 s24). By default its mask is never delivered.
 
-The memory pass costs about 2 s per angiogram on 2 CPU cores, so it runs only on targets the
+The memory pass costs about 1.2 s per angiogram on 2 CPU cores (decoded in bfloat16 where the CPU has native bf16
+units; HISTORY s26), so it runs only on targets the
 image-kind model reads as one of :data:`SECOND_OPINION_KINDS`; elsewhere the feature is missing and the
 calibration reads its mean, no evidence either way (:data:`rau.methods.confidence.TARGET_FEATURES`).
 
