@@ -191,13 +191,16 @@ def test_the_default_second_opinion_decodes_in_the_encoders_precision(tiny_memse
     import rau.methods.registry as registry
     from rau.methods.memseg import MemSegSegmenter
 
-    monkeypatch.setattr(registry, "_memseg", lambda model, device, precision: MemSegSegmenter(tiny_memseg))
+    monkeypatch.setattr(registry, "_memseg", lambda model, device, precision: MemSegSegmenter(tiny_memseg, precision=precision))
     opinion = registry._shipped_memseg("cpu", opinion_only=True)
     assert opinion.decode_precision == opinion.precision and registry._shipped_memseg("cpu").decode_precision == "fp32"
     made = registry.create_method("reg-refine", calibration=False).second_opinion.segmenter
     assert made.decode_precision == made.precision
     assert registry.create_method("reg-refine", calibration=False, angiogram_masks="memory").second_opinion.segmenter \
         .decode_precision == "fp32"
+    # --precision reaches it: float32 throughout when asked
+    asked = registry.create_method("reg-refine", calibration=False, precision="fp32").second_opinion.segmenter
+    assert asked.precision == asked.decode_precision == "fp32"
     image, masks = synthetic_pair((96, 96))
     ref = AnnotatedImage(image, masks, {"id": "r"})
     target = synthetic_pair((96, 96), shift=(3, 2))[0]

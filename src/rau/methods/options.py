@@ -247,16 +247,20 @@ class RefineOptions(MethodOptions):
     with the second opinion on, whose masks are delivered there: "refiner" (the default) or "memory" (the
     better coronary masks, mean segment Dice 0.231 against 0.141 on the ARCADE bench, but judged less well by
     their own calibration, ``reg-refine_memory.json``: confidence AUROC 0.83 against 0.87; docs/RESULTS.md);
-    the other's are the opinion."""
+    the other's are the opinion. ``precision``: the LiteMedSAM precision of the second opinion's memory
+    segmenter (its encoder, and its decoder where its masks are only compared; None: ``$RAU_ENCODER_PRECISION``, else
+    auto)."""
 
     device: str = "cpu"
     refiner: str | Path | None = None
     seed: int = 0
     second_opinion: bool = True
     angiogram_masks: str = "refiner"
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         _check_device(self.device)
+        _check_precision(self.precision)
         _check_folder("refiner", self.refiner)
         object.__setattr__(self, "seed", _check_seed(self.seed))
         _check_flag("second_opinion", self.second_opinion)

@@ -252,12 +252,13 @@ def _reg_refine(o: RefineOptions) -> Method:
     localizer = RegistrationLocalizer(seed=o.seed, warped_cues=True, bspline_iterations=REFINE_BSPLINE_ITERATIONS)
     method = RegRefineMethod("reg-refine", localizer, RefineSegmenter(folder, device=o.device))
     if o.second_opinion:
-        method.second_opinion = SecondOpinion(lambda: _shipped_memseg(o.device, opinion_only=not o.delivers_memory_masks),
+        method.second_opinion = SecondOpinion(lambda: _shipped_memseg(o.device, o.precision,
+                                                                      opinion_only=not o.delivers_memory_masks),
                                               delivers=o.delivers_memory_masks)
     return method
 
 
-def _shipped_memseg(device: str, opinion_only: bool = False):
+def _shipped_memseg(device: str, precision: str | None = None, opinion_only: bool = False):
     """The shipped memory segmenter as ``sam2-memory`` runs it (the same masks; its own confidence feature
     ``readout_agreement`` is not measured), or None where this checkout has none. ``opinion_only``: its masks
     are only compared, never delivered, so its memory attention and decoder run in the encoder's precision
@@ -266,7 +267,7 @@ def _shipped_memseg(device: str, opinion_only: bool = False):
 
     if not (Path(DEFAULT_MEMSEG_DIR) / "model.safetensors").is_file():
         return None
-    seg = _memseg(None, device, None)
+    seg = _memseg(None, device, precision)
     seg.measure_readout = False
     if opinion_only:
         seg.decode_precision = seg.precision
