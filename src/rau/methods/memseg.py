@@ -139,14 +139,10 @@ class MemSegSegmenter(Segmenter):
         return out
 
     def _decode_autocast(self):
-        """bfloat16 autocast around the memory attention and decoder when :attr:`decode_precision` is ``bf16``."""
-        import contextlib
-
+        """bfloat16 autocast around the memory attention and decoder, enabled when :attr:`decode_precision` is ``bf16``."""
         import torch
 
-        if self.decode_precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast("cpu" if str(self.device).startswith("cpu") else "cuda", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.decode_precision == "bf16")
 
     def decode(self, target, references, names, boxes_xyxy_px, cues, tokens=None) -> dict[str, SegmentationOutput]:
         """``names`` (all annotated by every one of ``references``) in one batch; ``cues`` as in
