@@ -57,8 +57,7 @@ from rau.errors import RauInputError
 #: The features of one output, in the order the logistic model reads them.
 FEATURES = ("score", "found", "log_area_ratio", "centroid_shift", "largest_part", "fit", "mirror_gain",
             "orientation", "smoothness", "contrast", "score_logit", "edge", "inside_contrast", "agreement", "support",
-            "readout_agreement", "p_yes", "mirror_fit_gain", "visibility", "second_opinion", "second_covers",
-            "second_within", "second_prob", "second_score", "second_box", "second_shift", "second_area")
+            "readout_agreement", "p_yes", "mirror_fit_gain", "visibility", "second_opinion")
 
 #: Features only a k-reference result has (:func:`k_reference_features`): a calibration fitted on
 #: one-reference outputs lacks them, one fitted with ``rau calibrate --k-references K`` reads them.
@@ -76,11 +75,9 @@ LOCALIZER_FEATURES = ("p_yes",)
 #: Features only some targets or structures have: the shipped visibility model's P(the target shows
 #: it) (:func:`default_visibility`), for the names it learnt (ARCADE's segments; a lung has none), and
 #: ``second_opinion``, the agreement of the output with a second segmenter's mask on the targets that
-#: get one (:mod:`rau.methods.second_opinion`: angiograms, for ``reg-refine``), with what the same pass says besides
-#: (:data:`rau.methods.second_opinion.OPINION_FEATURES`). A calibration fits them
+#: get one (:mod:`rau.methods.second_opinion`: angiograms, for ``reg-refine``). A calibration fits them
 #: where some of its outputs have them (the others read as the mean).
-TARGET_FEATURES = ("visibility", "second_opinion", "second_covers", "second_within", "second_prob", "second_score",
-                   "second_box", "second_shift", "second_area")
+TARGET_FEATURES = ("visibility", "second_opinion")
 
 #: A feature the calibration itself supplies: the share of right outputs for the structure's name on
 #: the calibration split, shrunk towards the pooled share (:meth:`Calibration.structure_prior`). A

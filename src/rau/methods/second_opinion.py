@@ -32,14 +32,6 @@ import numpy as np
 #: it and the chest splits, whose AUROC is >= 0.95 without it, do not pay for it.
 SECOND_OPINION_KINDS = ("coronary angiogram",)
 
-#: What the same pass says besides the Dice (:func:`opinion_features`), each a confidence feature of the
-#: delivered mask D against the second segmenter's output O: the share of D that O covers, the share of O
-#: inside D, O's mean probability inside D, O's own score, the IoU of the two boxes, the distance of the two
-#: centroids over the image diagonal, and log(|O| / |D|). On the 120 calib-arcade-val pairs they lift the
-#: default's out-of-fold confidence AUROC 0.902 -> 0.913 (docs/HISTORY.md, 2026-12-07 s27).
-OPINION_FEATURES = ("second_covers", "second_within", "second_prob", "second_score", "second_box",
-                    "second_shift", "second_area")
-
 
 def agreement(delivered: np.ndarray | None, other: np.ndarray | None) -> float:
     """Dice of the delivered mask with the second segmenter's; 0 where either has none."""
@@ -48,27 +40,6 @@ def agreement(delivered: np.ndarray | None, other: np.ndarray | None) -> float:
     if delivered is None or other is None or not delivered.any() or not other.any():
         return 0.0
     return float(dice(delivered, other))
-
-
-def opinion_features(delivered: np.ndarray | None, other) -> dict[str, float]:
-    """:data:`OPINION_FEATURES` of the ``delivered`` mask against ``other``, the second segmenter's
-    :class:`~rau.methods.interfaces.SegmentationOutput` (None, or no mask: it drew nothing there); {} where
-    nothing is delivered (the features then read as the calibration's mean)."""
-    from rau.geometry import box_iou, mask_to_box
-
-    if delivered is None or not delivered.any():
-        return {}
-    o = None if other is None else other.mask
-    if o is None or not o.any():
-        return dict(zip(OPINION_FEATURES, (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, -3.0)))
-    d_area, o_area = float(delivered.sum()), float(o.sum())
-    inter = float((delivered & o).sum())
-    shift = np.array(np.nonzero(delivered)).mean(1) - np.array(np.nonzero(o)).mean(1)
-    return {"second_covers": inter / d_area, "second_within": inter / o_area,
-            "second_prob": float(other.prob[delivered].mean()) if other.prob is not None else inter / d_area,
-            "second_score": float(other.score), "second_box": float(box_iou(mask_to_box(delivered), mask_to_box(o))),
-            "second_shift": float(np.linalg.norm(shift) / np.hypot(*delivered.shape)),
-            "second_area": float(np.log((o_area + 1.0) / (d_area + 1.0)))}
 
 
 class SecondOpinion:
@@ -99,11 +70,10 @@ class SecondOpinion:
 
     def review(self, reference, target: np.ndarray, results: dict) -> tuple[dict, dict[str, dict[str, float]]]:
         """-> (structure -> the second segmenter's :class:`~rau.methods.interfaces.SegmentationOutput`
-        to deliver instead, structure -> {"second_opinion": agreement, and :data:`OPINION_FEATURES`}) for the
-        structures of ``results`` (name -> StructureResult) the reference annotates; ({}, {}) where the target
-        gets none. The first is empty unless :attr:`delivers`; it holds the structures the second segmenter
-        drew and did not copy, and the agreement is measured between the two masks either way. The
-        direction-dependent :data:`OPINION_FEATURES` are measured only when the first masks are delivered."""
+        to deliver instead, structure -> {"second_opinion": agreement}) for the structures of ``results``
+        (name -> StructureResult) the reference annotates; ({}, {}) where the target gets none. The
+        first is empty unless :attr:`delivers`; it holds the structures the second segmenter drew and
+        did not copy, and the agreement is measured between the two masks either way."""
         names = [s for s in results if reference.annotates(s)]
         if not names or not self.applies(target) or self.segmenter is None:
             return {}, {}
@@ -113,8 +83,6 @@ class SecondOpinion:
             o = other.get(s)
             drawn = o is not None and o.mask is not None and bool(o.mask.any())
             feats[s] = {"second_opinion": agreement(results[s].mask, o.mask if drawn else None)}
-            if not self.delivers:
-                feats[s].update(opinion_features(results[s].mask, o if drawn else None))
             if self.delivers and drawn and not o.copied:
                 instead[s] = o
         return instead, feats
