@@ -75,7 +75,9 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed for --limit sampling, random references and registration sampling.")] = 0,
     target_range: Annotated[Optional[str], typer.Option(help="START:STOP slice of the id-sorted targets, e.g. 160:200 (held-out part).")] = None,
     reference_range: Annotated[Optional[str], typer.Option(help="START:STOP slice of the id-sorted references, e.g. 0:160.")] = None,
-    reference_choice: Annotated[str, typer.Option(help="similar: most similar reference by thumbnail NCC (or by --bank); random: seeded random.")] = "similar",
+    reference_choice: Annotated[str, typer.Option(help="similar: most similar reference by thumbnail NCC (or by --bank); random: seeded random; "
+                                                  "coverage: of the 10 most similar, the one expected to cover most of what the target shows "
+                                                  "(the visibility model's reading; coronary segments).")] = "similar",
     bank: Annotated[Optional[Path], typer.Option(help="Reference bank over --references (rau index): retrieve references by embedding.")] = None,
     k_references: Annotated[int, typer.Option(help="Fuse the results of K references per target (majority vote).")] = 1,
     device: DeviceOpt = "cpu",

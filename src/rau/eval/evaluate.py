@@ -5,7 +5,9 @@ Protocol (also in docs/RESULTS.md):
   of them drawn with ``seed``); each keeps its ground-truth masks for scoring only.
 - reference: for each target, the reference-set image with the highest thumbnail NCC
   (:mod:`rau.references.thumbnails`), never the target itself (same file or identical pixels), also when
-  both sets are one folder; ``reference="random"`` draws one with ``seed`` instead.
+  both sets are one folder; ``reference="random"`` draws one with ``seed`` instead, and
+  ``reference="coverage"`` takes, among the most similar, the one expected to cover most of what the
+  target shows (:mod:`rau.references.coverage`).
 - the method is asked for every requested structure the reference annotates.
 - segmentation/box metrics: per (target, structure in the target's ground truth). A structure
   the reference lacks cannot be predicted and counts as a miss (Dice 0, box IoU 0).
@@ -28,6 +30,8 @@ from rau.metrics import dice, hd95, iou, mean_or_nan
 from rau.references.thumbnails import ThumbnailBank
 
 METRIC_KEYS = ("dice", "iou", "hd95", "box_iou", "box_acc50")
+#: How ``evaluate`` picks each target's reference(s) (``rau eval --reference-choice``).
+REFERENCE_CHOICES = ("similar", "random", "coverage")
 #: An output is "right" when its Dice with the truth reaches this (issue 17's definition).
 RIGHT_DICE = 0.5
 
@@ -202,8 +206,8 @@ def evaluate(
     from rau.methods.confidence import result_threshold
     from rau.references.bank import predict_with_references
 
-    if reference not in ("similar", "random"):
-        raise RauInputError(f"--reference-choice: expected 'similar' or 'random', got {reference!r}")
+    if reference not in REFERENCE_CHOICES:
+        raise RauInputError(f"--reference-choice: expected one of {', '.join(REFERENCE_CHOICES)}, got {reference!r}")
     if structures:
         known = set(targets.structures) | set(references.structures)
         unknown = [s for s in structures if s not in known]
@@ -226,7 +230,7 @@ def evaluate(
     used = set()  # the thresholds the results were withheld at (a method may assess some with another calibration)
     for entry in tqdm(chosen.entries, desc=f"eval {method.name}", disable=not progress):
         target = chosen.load(entry, structures)
-        ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng)
+        ref_ids = _choose_references(target, entry, thumbs, bank, reference, k, rng, ref_by_id)
         refs = [references.load(ref_by_id[r], structures) for r in ref_ids]
         result, asked = predict_with_references(method, refs, shown_to(method, target))
         seconds.append(result.seconds)
@@ -255,8 +259,11 @@ def evaluate(
     }
 
 
-def _choose_references(target, entry, thumbs, bank, reference: str, k: int, rng) -> list[str]:
+def _choose_references(target, entry, thumbs, bank, reference: str, k: int, rng, ref_by_id) -> list[str]:
+    from rau.references.coverage import CANDIDATES, choose_by_coverage
+
     source = str(entry.image_path.resolve())
+    want = max(k, CANDIDATES) if reference == "coverage" else k
     if reference == "random" or bank is None:
         ranked = thumbs.rank(target.image, exclude_source=source)
         if not ranked:
@@ -264,8 +271,12 @@ def _choose_references(target, entry, thumbs, bank, reference: str, k: int, rng)
         if reference == "random":
             pick = rng.choice(len(ranked), size=min(k, len(ranked)), replace=False)
             return [ranked[int(i)][0] for i in pick]
-        return [r[0] for r in ranked[:k]]
-    return [r[0] for r in bank.search(target.image, k, exclude_source=source)]
+        ids = [r[0] for r in ranked[:want]]
+    else:
+        ids = [r[0] for r in bank.search(target.image, want, exclude_source=source)]
+    if reference == "coverage":
+        return choose_by_coverage(target.image, ids, lambda i: ref_by_id[i].structures, k)
+    return ids[:k]
 
 
 def shown_to(method, target):
@@ -318,8 +329,11 @@ def report_label(report: dict[str, Any]) -> str:
             for k in ("vlm", "unet", "sam2", "chex", "seg_head") if config.get(k)]
     if config.get("reference_choice") == "random":
         tags.append("random ref")
-    elif config.get("bank"):
-        tags.append(f"bank {Path(config['bank']).stem}")
+    else:
+        if config.get("reference_choice") == "coverage":
+            tags.append("coverage ref")
+        if config.get("bank"):
+            tags.append(f"bank {Path(config['bank']).stem}")
     if (config.get("k_references") or 1) > 1:
         tags.append(f"k={config['k_references']}")
     return f"{report['method']} ({', '.join(tags)})" if tags else report["method"]
