@@ -228,6 +228,7 @@ def localize_many(
     k: int = 1,
     min_fit: float | None = None,
     min_confidence: float | None = None,
+    reference_choice: str = "similar",
     **method_options: Any,
 ) -> Iterator[BatchItem]:
     """Run one method on many targets: the method is built once, the reference checked once (the
@@ -235,7 +236,7 @@ def localize_many(
 
     Args:
         reference: an annotated reference, or a reference bank (:class:`rau.references.bank.ReferenceBank`
-            or its path; then ``k`` and ``min_fit`` as in :func:`localize_from_bank`).
+            or its path; then ``k``, ``min_fit`` and ``reference_choice`` as in :func:`localize_from_bank`).
         min_confidence: as in :func:`localize` (default: the method's calibrated threshold).
         targets: folders, glob patterns or files (:func:`expand_targets`).
         out_dir: one folder per target, named by :func:`output_names`, holding what
@@ -262,14 +263,19 @@ def localize_many(
         from rau.methods.confidence import resolve_min_confidence
 
         resolve_min_confidence(min_confidence, None)  # checked before any model loads
-    run = _runner(reference, structures, k, min_fit, min_confidence)
+    run = _runner(reference, structures, k, min_fit, min_confidence, reference_choice)
     m = method if isinstance(method, Method) else create_method(method, **method_options)
     summary = Path(out_dir) / ("summary.csv" if world == 1 else f"summary.rank{rank}.csv")
     return _run_batch(run, m, mine, Path(out_dir), summary, structures, formats, overwrite, progress)
 
 
-def _runner(reference, structures: list[str] | None, k: int, min_fit: float | None, min_confidence: float | None):
+def _runner(reference, structures: list[str] | None, k: int, min_fit: float | None, min_confidence: float | None,
+            reference_choice: str = "similar"):
     """(method, target AnnotatedImage) -> TargetResult for this reference or bank, checked now."""
+    from rau.pipeline import BANK_CHOICES
+
+    if reference_choice not in BANK_CHOICES:
+        raise RauInputError(f"--reference-choice: expected one of {', '.join(BANK_CHOICES)}, got {reference_choice!r}")
     if isinstance(reference, AnnotatedImage):
         check_reference(reference, structures)
         return lambda m, target: localize(reference, target, method=m, structures=structures,
@@ -278,7 +284,7 @@ def _runner(reference, structures: list[str] | None, k: int, min_fit: float | No
 
     bank = reference if isinstance(reference, ReferenceBank) else ReferenceBank.load(reference)
     return lambda m, target: localize_from_bank(bank, target, k=k, method=m, structures=structures, min_fit=min_fit,
-                                                min_confidence=min_confidence)
+                                                min_confidence=min_confidence, reference_choice=reference_choice)
 
 
 def _run_batch(run, m, mine, out_dir: Path, summary: Path, structures, formats, overwrite: bool,

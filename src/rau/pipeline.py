@@ -29,6 +29,9 @@ from rau.data.annotated import AnnotatedImage, TargetResult
 from rau.errors import RauInputError, one_line
 from rau.render import draw_annotation, save_png
 
+#: How :func:`localize_from_bank` picks the reference(s) from a bank (``rau localize --reference-choice``).
+BANK_CHOICES = ("similar", "coverage")
+
 
 def _as_target(target: AnnotatedImage | str | Path) -> AnnotatedImage:
     if isinstance(target, AnnotatedImage):
@@ -102,11 +105,14 @@ def localize_from_bank(
     min_fit: float | None = None,
     formats: Sequence[str] | None = None,
     min_confidence: float | None = None,
+    reference_choice: str = "similar",
     **method_options: Any,
 ) -> TargetResult:
     """Like :func:`localize`, with the reference(s) retrieved from a :class:`rau.references.bank.ReferenceBank`
     (path or object): the top ``k`` by embedding similarity; with k > 1 the method runs once per
     reference and the results are fused (:func:`rau.references.bank.fuse_results`).
+    ``reference_choice="coverage"``: of the most similar, those expected to cover most of what the target
+    shows (:mod:`rau.references.coverage`; coronary segments, where the most similar often lacks some).
 
     ``min_fit``: abstain ("no" for every structure, with the reason) when even the best reference's
     similarity is below it, i.e. the bank holds nothing like the target (other anatomy, a mirrored
@@ -115,11 +121,14 @@ def localize_from_bank(
     from rau.methods import Method, create_method
     from rau.methods.confidence import abstain, result_threshold
     from rau.references.bank import ReferenceBank, predict_with_references
+    from rau.references.coverage import CANDIDATES, choose_by_coverage
 
     format_writer(formats)
     bank = bank if isinstance(bank, ReferenceBank) else ReferenceBank.load(bank)
     target_img = _as_target(target)
-    hits = bank.search(target_img.image, k)
+    if reference_choice not in BANK_CHOICES:
+        raise RauInputError(f"--reference-choice: expected one of {', '.join(BANK_CHOICES)}, got {reference_choice!r}")
+    hits = bank.search(target_img.image, max(k, CANDIDATES) if reference_choice == "coverage" else k)
     if min_fit is not None and hits[0][1] < min_fit:
         result = _abstain(target_img, hits[0], min_fit, structures, bank)
         if out_dir is not None:
@@ -127,6 +136,9 @@ def localize_from_bank(
         return result
     ds = bank.dataset()
     by_id = {e.id: e for e in ds.entries}
+    if reference_choice == "coverage":
+        score = dict(hits)
+        hits = [(i, score[i]) for i in choose_by_coverage(target_img.image, [h[0] for h in hits], lambda i: by_id[i].structures, k)]
     m = method if isinstance(method, Method) else create_method(method, **method_options)
     refs = [ds.load(by_id[ref_id]) for ref_id, _ in hits]
     unknown = [s for s in structures or [] if s not in refs[0].masks]

@@ -69,3 +69,41 @@ def test_eval_with_coverage_references_keeps_the_contract(folder_dataset, tmp_pa
     res = runner.invoke(app, ["eval", "--targets", str(folder_dataset), "--references", str(folder_dataset),
                               "--method", "registration", "--reference-choice", "best", "--out", str(tmp_path / "x.json")])
     assert res.exit_code != 0 and "--reference-choice" in res.output and "coverage" in res.output
+
+
+def test_localize_from_a_bank_by_coverage_takes_the_reference_covering_what_the_target_shows(folder_dataset, tmp_path,
+                                                                                             monkeypatch):
+    """The most similar bank entry lacks a structure the target shows and the others annotate: ``coverage``
+    takes one of those, ``similar`` the most similar; a bad choice is one line and writes nothing."""
+    from typer.testing import CliRunner
+
+    import rau.methods.confidence as confidence
+    from rau.cli.app import app
+    from rau.data.dataset import load_dataset
+    from rau.pipeline import localize_from_bank
+    from rau.references.bank import build_bank
+
+    ds = load_dataset(folder_dataset)
+    bank = build_bank(ds, encoder="thumbnail", progress=False)
+    target = ds.load(ds.entries[0])
+    nearest = bank.search(target.image, 1)[0][0]
+    (folder_dataset / "masks" / "square" / f"{nearest}.png").unlink()  # the most similar lacks "square"
+    ds = load_dataset(folder_dataset)
+    has_square = {e.id for e in ds.entries if "square" in e.structures} - {target.id}
+    assert len(has_square) == 2 and nearest not in has_square
+    monkeypatch.setattr(confidence, "target_visibility", lambda image, names: {n: 0.9 if n == "square" else 0.5 for n in names})
+    similar = localize_from_bank(bank, target, method="registration", calibration="none")
+    covered = localize_from_bank(bank, target, method="registration", calibration="none", reference_choice="coverage")
+    assert similar.reference_id not in has_square and covered.reference_id in has_square
+    assert "square" in covered.structures and "square" not in similar.structures
+    with pytest.raises(Exception, match="--reference-choice"):
+        localize_from_bank(bank, target, method="registration", reference_choice="best")
+    path = tmp_path / "bank.npz"
+    bank.save(path)
+    image = folder_dataset / "images" / "case_0.png"
+    res = CliRunner().invoke(app, ["localize", "--target", str(image), "--reference", str(image), "--reference-masks",
+                                   str(folder_dataset / "masks"), "--reference-choice", "coverage", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--reference-choice" in res.output and not (tmp_path / "x").exists()
+    res = CliRunner().invoke(app, ["localize", "--targets", str(folder_dataset / "images"), "--bank", str(path),
+                                   "--reference-choice", "best", "--out", str(tmp_path / "y")])
+    assert res.exit_code != 0 and "--reference-choice" in res.output

@@ -55,6 +55,8 @@ def localize(
     bank: Annotated[Optional[Path], typer.Option(help="Reference bank (rau index): retrieve the reference(s) instead of --reference.")] = None,
     k_references: Annotated[int, typer.Option(help="With --bank: fuse the results of the top K references (majority vote).")] = 1,
     min_fit: Annotated[Optional[str], typer.Option(help="With --bank: abstain when the best reference's similarity is below this value, or 'auto' (the bank's own 5% quantile).")] = None,
+    reference_choice: Annotated[str, typer.Option(help="With --bank: similar (the most similar references) or coverage (of the 10 most "
+        "similar, those expected to cover most of what the target shows, by the visibility model: coronary segments).")] = "similar",
     min_confidence: Annotated[Optional[float], typer.Option(help="Withhold each structure whose calibrated confidence (result.json "
         "'confidence': the probability that the output is right) is below this, with the reason (no mask, answer 'no', "
         "'abstained': true). Default: the method's calibrated threshold (blank, noise and no-fit targets are withheld at any threshold > 0); "
@@ -112,6 +114,8 @@ def localize(
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:
             raise ValueError("--reference-masks: required with --reference (a folder of <structure>.png masks)")
+        if reference_choice != "similar" and bank is None:
+            raise ValueError("--reference-choice: chooses among a --bank's references; with --reference the reference is given")
         names, export = split_names(structures), split_names(formats, "--formats")
         if _volume_mode(target, volume, start_slice, axis):
             vol = _localize_volume(target, reference, reference_masks, bank, export, out=out, method=method,
@@ -120,14 +124,14 @@ def localize(
             source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
             counts = _localize_batch(source, targets, out=out, method=method, structures=names, formats=export,
                                     overwrite=overwrite, progress=progress, k=k_references, min_fit=threshold,
-                                    min_confidence=min_confidence, **options)
+                                    min_confidence=min_confidence, reference_choice=reference_choice, **options)
         else:
             tgt = load_annotated(target, arg="--target")
             source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
             if bank is not None:
                 result = localize_from_bank(source, tgt, k=k_references, method=method, structures=names,
                                             out_dir=out, min_fit=threshold, formats=export,
-                                            min_confidence=min_confidence, **options)
+                                            min_confidence=min_confidence, reference_choice=reference_choice, **options)
             else:
                 result = run(source, tgt, method=method, structures=names, out_dir=out, formats=export,
                              min_confidence=min_confidence, **options)
