@@ -31,7 +31,8 @@ from rau.atomic import write_text
 from rau.data.annotated import AnnotatedImage, StructureResult, TargetResult
 from rau.data.io import file_stem, load_annotated, read_mask
 from rau.errors import RauInputError, one_line
-from rau.pipeline import check_reference, format_writer, localize, localize_from_bank, result_to_json, write_result
+from rau.pipeline import (check_bank_choice, check_reference, format_writer, localize, localize_from_bank, result_to_json,
+                          write_result)
 
 #: What a folder given as a target contributes: the files rau.data.io reads, by suffix (DICOM files
 #: without one are recognised by their DICM preamble). Hidden files are left out.
@@ -272,10 +273,7 @@ def localize_many(
 def _runner(reference, structures: list[str] | None, k: int, min_fit: float | None, min_confidence: float | None,
             reference_choice: str = "similar"):
     """(method, target AnnotatedImage) -> TargetResult for this reference or bank, checked now."""
-    from rau.pipeline import BANK_CHOICES
-
-    if reference_choice not in BANK_CHOICES:
-        raise RauInputError(f"--reference-choice: expected one of {', '.join(BANK_CHOICES)}, got {reference_choice!r}")
+    check_bank_choice(reference_choice)
     if isinstance(reference, AnnotatedImage):
         check_reference(reference, structures)
         return lambda m, target: localize(reference, target, method=m, structures=structures,

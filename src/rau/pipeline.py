@@ -33,6 +33,12 @@ from rau.render import draw_annotation, save_png
 BANK_CHOICES = ("similar", "coverage")
 
 
+def check_bank_choice(reference_choice: str) -> None:
+    """A one-line error unless ``reference_choice`` is one of :data:`BANK_CHOICES`."""
+    if reference_choice not in BANK_CHOICES:
+        raise RauInputError(f"--reference-choice: expected one of {', '.join(BANK_CHOICES)}, got {reference_choice!r}")
+
+
 def _as_target(target: AnnotatedImage | str | Path) -> AnnotatedImage:
     if isinstance(target, AnnotatedImage):
         return target
@@ -124,10 +130,9 @@ def localize_from_bank(
     from rau.references.coverage import CANDIDATES, choose_by_coverage
 
     format_writer(formats)
+    check_bank_choice(reference_choice)
     bank = bank if isinstance(bank, ReferenceBank) else ReferenceBank.load(bank)
     target_img = _as_target(target)
-    if reference_choice not in BANK_CHOICES:
-        raise RauInputError(f"--reference-choice: expected one of {', '.join(BANK_CHOICES)}, got {reference_choice!r}")
     hits = bank.search(target_img.image, max(k, CANDIDATES) if reference_choice == "coverage" else k)
     if min_fit is not None and hits[0][1] < min_fit:
         result = _abstain(target_img, hits[0], min_fit, structures, bank)
