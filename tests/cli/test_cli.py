@@ -303,6 +303,18 @@ def test_a_random_reference_twin_is_its_calibration_split_with_random_references
         resolve_splits(["wingspan-random"], tmp_path, tmp_path / "drr", quick=False, limit=None)
 
 
+def test_a_coverage_twin_is_its_calibration_split_with_the_coverage_rules_references(tmp_path):
+    from rau.errors import RauInputError
+    from rau.eval.bench import resolve_splits
+
+    twin, base = resolve_splits(["calib-arcade-val-coverage", "calib-arcade-val"], tmp_path, tmp_path / "drr",
+                                quick=False, limit=None)
+    assert (twin.name, twin.reference_choice) == ("calib-arcade-val-coverage", "coverage")
+    assert (twin.targets, twin.references, twin.limit, twin.without_pick) == (base.targets, base.references, 120, 50)
+    with pytest.raises(RauInputError, match="unknown 'arcade-coverage'"):
+        resolve_splits(["arcade-coverage"], tmp_path, tmp_path / "drr", quick=False, limit=None)
+
+
 def test_bench_with_k_references_uses_a_bank_and_fuses(tiny_arcade, tmp_path):
     data = tiny_arcade
     out = tmp_path / "bench"

@@ -14,7 +14,8 @@ Splits (fixed once; never trained or tuned on):
   confidence on (Wingspan 120..159, ARCADE train images 600..999, never in the refiner's training
   (0..599), DRR poses of seed 3, wrong inputs built from those). ``calib-wingspan-random``,
   ``calib-arcade-val-random`` ... (:data:`EXTRA_CALIB_SPLITS`): the same targets, each with a seeded random
-  reference instead of the most similar one (a user's one reference).
+  reference instead of the most similar one (a user's one reference); ``calib-arcade-val-coverage``: each with
+  the coverage rule's reference (:mod:`rau.references.coverage`, the pairs ``--reference-choice coverage`` makes).
 
 Each report also carries the calibrated confidence's figures (:func:`rau.eval.evaluate.calibration_summary`:
 AUROC right vs wrong, ECE, shares withheld) and a reliability plot per split.
@@ -49,11 +50,16 @@ CALIB_SPLITS = ("calib-wingspan", "calib-arcade", "calib-drr", "calib-wrong")
 #: val without the ``arcade`` split's targets, for a model trained on all of ARCADE train (the
 #: shipped memory segmenter), which ``calib-arcade``'s train images are not held out from.
 EXTRA_CALIB_SPLITS = ("calib-arcade-val", "calib-wingspan-random", "calib-arcade-random", "calib-arcade-val-random",
-                      "calib-drr-random")
+                      "calib-drr-random", "calib-arcade-val-coverage")
 #: A calibration split's twin with this suffix has the same targets, each with a seeded RANDOM reference
 #: instead of the most similar one: the pairs a user who brings one reference makes, on which the pair
 #: rules ("reference does not fit", "mirrored") must not withhold right outputs.
 RANDOM_SUFFIX = "-random"
+#: A calibration split's twin with this suffix has the same targets, each with the reference the coverage rule
+#: chooses (``--reference-choice coverage``); unlike a random twin it is fitted on like any calibration split.
+COVERAGE_SUFFIX = "-coverage"
+#: Twin suffix -> the twin's reference choice (:func:`rau.eval.evaluate.evaluate`'s ``reference``).
+TWINS = {RANDOM_SUFFIX: "random", COVERAGE_SUFFIX: "coverage"}
 #: Structure families held out of ALL memory-segmenter training (scripts/memseg_recipe.sh
 #: ``--exclude``); the ``drr-unseen`` split scores these alone.
 HELD_OUT = ("left_clavicle", "right_clavicle", "left_scapula", "right_scapula")
@@ -89,18 +95,20 @@ class Split:
     #: so a calibration split can draw from the same folder without scoring them.
     without_pick: int | None = None
     #: How each target's reference is chosen (:func:`rau.eval.evaluate.evaluate`'s ``reference``):
-    #: "similar" (thumbnail NCC, the bench's rule) or "random" (seeded; the ``-random`` calibration twins).
+    #: "similar" (thumbnail NCC, the bench's rule), "random" (seeded; the ``-random`` calibration twins) or
+    #: "coverage" (the ``-coverage`` twins).
     reference_choice: str = "similar"
 
 
 def resolve_splits(names: list[str], data: Path, drr_dir: Path, *, quick: bool, limit: int | None) -> list[Split]:
-    """Split definitions; ``quick`` shrinks each to a minutes-long subset. A ``calib-*-random`` name is
-    its calibration split's twin with random references (:data:`RANDOM_SUFFIX`)."""
+    """Split definitions; ``quick`` shrinks each to a minutes-long subset. A ``calib-*-random`` or
+    ``calib-*-coverage`` name is its calibration split's twin with other references (:data:`TWINS`)."""
     out = []
     for name in names:
-        if name in EXTRA_CALIB_SPLITS and name.endswith(RANDOM_SUFFIX):
-            base = resolve_splits([name[: -len(RANDOM_SUFFIX)]], data, drr_dir, quick=quick, limit=limit)[0]
-            out.append(dataclasses.replace(base, name=name, reference_choice="random"))
+        twin = next((sfx for sfx in TWINS if name in EXTRA_CALIB_SPLITS and name.endswith(sfx)), None)
+        if twin:
+            base = resolve_splits([name[: -len(twin)]], data, drr_dir, quick=quick, limit=limit)[0]
+            out.append(dataclasses.replace(base, name=name, reference_choice=TWINS[twin]))
         elif name == "wingspan":
             out.append(Split(name, data / "wingspan_cxr", data / "wingspan_cxr", slice(160, 200), slice(0, 160),
                              limit=8 if quick else limit))
