@@ -153,6 +153,7 @@ def localize_request(
     out_dir: str | Path | None = None,
     cache: MethodCache | None = None,
     min_confidence: float | None = None,
+    reference_choice: str = "similar",
     **method_options: Any,
 ) -> Outcome:
     """Run one method on one target and write every download.
@@ -166,6 +167,7 @@ def localize_request(
         out_dir: the output folder (as ``rau localize --out``; default: a new temporary folder).
         cache: where the method is built once (default :data:`METHOD_CACHE`).
         min_confidence: as ``rau localize --min-confidence`` (default: the method's calibrated threshold).
+        reference_choice: with a bank, as ``rau localize --reference-choice`` (``similar`` or ``coverage``).
         method_options: :func:`rau.methods.create_method` options (``device``...).
     Raises:
         RauInputError (and the other ValueErrors/OSErrors of the readers): bad input, one line.
@@ -181,7 +183,8 @@ def localize_request(
     if isinstance(reference, AnnotatedImage):
         result = localize(reference, target_img, method=method, out_dir=out_dir, min_confidence=min_confidence)
     else:
-        result = localize_from_bank(reference, target_img, method=method, out_dir=out_dir, min_confidence=min_confidence)
+        result = localize_from_bank(reference, target_img, method=method, out_dir=out_dir, min_confidence=min_confidence,
+                                    reference_choice=reference_choice)
     files = {"result.json": out_dir / "result.json", "masks.zip": zip_masks(out_dir), "overlay.png": out_dir / "overlay.png"}
     for path in write_formats(result, target_img, out_dir, chosen):
         files[path.name] = path
@@ -278,6 +281,7 @@ class _Viewer:
     out_root: Path
     cache: MethodCache
     min_confidence: float | None = None
+    reference_choice: str = "similar"
 
     def reference(self, source: str, image: str | None, masks: Sequence[str] | None):
         if source == SOURCE_BANK:
@@ -299,7 +303,8 @@ class _Viewer:
             reference = self.reference(source, ref_image, ref_masks)
             request_dir = Path(tempfile.mkdtemp(prefix="request-", dir=self.out_root))
             outcome = localize_request(reference, target, method, formats=formats or (), out_dir=request_dir / "out",
-                                       cache=self.cache, min_confidence=self.min_confidence, **self.method_options)
+                                       cache=self.cache, min_confidence=self.min_confidence,
+                                       reference_choice=self.reference_choice, **self.method_options)
         except Exception as exc:  # a request must never show a traceback; unexpected ones are logged
             if not isinstance(exc, (ValueError, OSError)):
                 log.exception("rau serve: request failed")
@@ -328,6 +333,7 @@ def build_app(
     out_root: str | Path | None = None,
     cache: MethodCache | None = None,
     min_confidence: float | None = None,
+    reference_choice: str = "similar",
 ):
     """The viewer as a ``gr.Blocks`` (call ``.launch()`` on it).
 
@@ -338,6 +344,8 @@ def build_app(
         out_root: where each request's outputs go (default: a new temporary folder).
         cache: the methods built so far (default :data:`METHOD_CACHE`).
         min_confidence: as ``rau localize --min-confidence`` (default: each method's calibrated threshold).
+        reference_choice: how the bank's reference is chosen, as ``rau localize --bank --reference-choice``
+            (``similar`` or ``coverage``); checked now, and only with a bank.
     Returns the ``gr.Blocks``; its ``rau_out_root`` attribute is the folder of the requests' outputs
     (the caller removes it when done). The run endpoint is ``/run`` (inputs: reference source,
     reference image, reference masks, target, method, export formats), usable from ``gradio_client``.
@@ -346,9 +354,14 @@ def build_app(
 
     from rau.methods import DEFAULT_METHOD, METHODS
 
+    from rau.pipeline import check_bank_choice
+
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise RauInputError(f"--method: unknown {method!r}; choose one of {', '.join(METHODS)}")
+    check_bank_choice(reference_choice)
+    if reference_choice != "similar" and bank is None:
+        raise RauInputError("--reference-choice: chooses among a --bank's references; start `rau serve --bank BANK.npz`")
     loaded_bank = None
     if bank is not None:
         from rau.references.bank import ReferenceBank
@@ -361,7 +374,7 @@ def build_app(
 
         resolve_min_confidence(min_confidence, None)  # checked now
     viewer = _Viewer(loaded_bank, {"device": device}, out_root, cache if cache is not None else METHOD_CACHE,
-                     min_confidence)
+                     min_confidence, reference_choice)
 
     sources = ([SOURCE_BANK] if loaded_bank is not None else []) + \
               ([SOURCE_SAMPLE] if (SAMPLE_DIR / "reference.png").is_file() else []) + [SOURCE_UPLOAD]

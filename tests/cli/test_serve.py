@@ -141,3 +141,29 @@ def test_the_table_notes_a_mask_copied_from_the_reference():
     note = TABLE_HEADERS.index("note")
     rows = {r[0]: r for r in table_rows(result)}
     assert rows["clavicle"][note].startswith("copied from the reference") and rows["heart"][note] == ""
+
+
+def test_the_reference_choice_is_checked_at_start_and_reaches_the_bank(cache, tmp_path, monkeypatch):
+    import rau.pipeline
+    from rau.errors import RauInputError
+    from rau.serve import build_app, localize_request
+
+    with pytest.raises(RauInputError, match="--reference-choice: expected one of similar, coverage, got 'best'"):
+        build_app(method="registration", out_root=tmp_path / "a", cache=cache, reference_choice="best")
+    with pytest.raises(RauInputError, match="--reference-choice: chooses among a --bank's references"):
+        build_app(method="registration", out_root=tmp_path / "b", cache=cache, reference_choice="coverage")
+    res = CliRunner().invoke(cli, ["serve", "--reference-choice", "coverage"])
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 2 and lines == ["error: --reference-choice: chooses among a --bank's references; "
+                                            "start `rau serve --bank BANK.npz`"]
+    seen = {}
+
+    def fake_bank_run(bank, target, **kw):  # what the viewer hands localize_from_bank
+        seen.update(kw)
+        raise RauInputError("stop here")
+
+    monkeypatch.setattr(rau.pipeline, "localize_from_bank", fake_bank_run)
+    with pytest.raises(RauInputError, match="stop here"):
+        localize_request(object(), SAMPLE / "target.png", "registration", cache=cache, out_dir=tmp_path / "o",
+                         reference_choice="coverage")
+    assert seen["reference_choice"] == "coverage"

@@ -2,6 +2,7 @@
 
     rau serve                                           # http://127.0.0.1:7860, default method
     rau serve --method registration --port 8000 --bank bank.npz
+    rau serve --method sam2-memory --bank angiograms.npz --reference-choice coverage
 
 Needs the ``serve`` extra (``pip install 'rau[serve]'``); without it the command prints one
 ``error:`` line saying so.
@@ -37,6 +38,8 @@ def serve(
     method: MethodOpt = None,
     device: DeviceOpt = "cpu",
     min_confidence: Annotated[Optional[float], typer.Option(help="As `rau localize --min-confidence` (default: each method's calibrated threshold; 0 keeps every output).")] = None,
+    reference_choice: Annotated[str, typer.Option(help="With --bank, as `rau localize --reference-choice`: similar (the most similar "
+        "reference) or coverage (of the 10 most similar, the one expected to cover most of what the target shows: coronary segments).")] = "similar",
 ) -> None:
     """Open the browser viewer: pick a reference, upload a target, run a method, see and download the result."""
     with user_errors():
@@ -47,7 +50,8 @@ def serve(
         _require_gradio()
         from rau.serve import build_app
 
-        app = build_app(bank=bank, method=method, device=device, min_confidence=min_confidence)
+        app = build_app(bank=bank, method=method, device=device, min_confidence=min_confidence,
+                        reference_choice=reference_choice)
         out_root = app.rau_out_root
         try:
             try:
