@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rau.references.coverage import UNKNOWN, choose_by_coverage, choose_together, coverage_order, expected_coverage
+from rau.references.coverage import UNKNOWN, choose_by_coverage, coverage_order, expected_coverage
 
 SEGMENTS = {"a": ["1", "2"], "b": ["1", "2", "3", "5"], "c": ["1", "6", "7"], "d": ["1", "2"]}
 
@@ -45,23 +45,7 @@ def test_choose_by_coverage_reads_the_target_and_looks_only_at_the_most_similar(
     assert choose_by_coverage(image, ranked, SEGMENTS.__getitem__) == ["b"]
     assert seen["names"] == ["1", "2", "3", "5", "6", "7"]
     assert choose_by_coverage(image, ranked, SEGMENTS.__getitem__, candidates=3) == ["a"]  # b is not among the 3
-    # two references are chosen together: d adds nothing to a, c adds 6 and 7
-    assert choose_by_coverage(image, ranked, SEGMENTS.__getitem__, k=2, candidates=3) == ["a", "c"]
-
-
-def test_k_references_are_chosen_together_each_adding_what_the_chosen_lack():
-    shows = {"1": 0.95, "2": 0.9, "3": 0.9, "5": 0.6, "6": 0.3, "7": 0.02}
-    segs = {"a": ["1", "2"], "b": ["1", "2", "3"], "c": ["1", "6", "7"], "d": ["1", "2", "3"], "e": ["5", "6"]}
-    # b first (most coverage); d adds nothing to b, e adds 5 and 6 (0.9), c adds 6 and 7 (0.32)
-    assert choose_together(list("abcde"), segs.__getitem__, shows, 2) == ["b", "e"]
-    assert choose_together(list("abcde"), segs.__getitem__, shows, 3) == ["b", "e", "c"]
-    # nothing more to add: the next by its own coverage, then similarity (d before a)
-    assert choose_together(list("abcde"), segs.__getitem__, shows, 5) == ["b", "e", "c", "d", "a"]
-    assert choose_together(list("ab"), segs.__getitem__, shows, 1) == ["b"]
-    assert choose_together(list("ab"), segs.__getitem__, shows, 3) == ["b", "a"]  # fewer candidates than k
-    # nothing known (chest radiographs): the similarity order, as with one reference
-    chest = {r: ["heart", "left_lung", "right_lung"] for r in "xyz"}
-    assert choose_together(["z", "x", "y"], chest.__getitem__, {}, 2) == ["z", "x"]
+    assert choose_by_coverage(image, ranked, SEGMENTS.__getitem__, k=2, candidates=3) == ["a", "d"]
 
 
 def test_eval_with_coverage_references_keeps_the_contract(folder_dataset, tmp_path):

@@ -8,9 +8,7 @@ probability that it shows each segment it learnt. Among the :data:`CANDIDATES` m
 takes the one expected to cover most of what the target shows: the largest sum, over the segments it
 annotates, of P(the target shows it); a name the model never learnt counts :data:`UNKNOWN` (no evidence either
 way), so where it knows none of the names (chest radiographs) every candidate ties and the most similar is
-kept, as with ``similar``. With k references (:func:`choose_together`) the first is that one and each next one
-the candidate adding the most expected coverage of structures the chosen ones lack, so that a segment the
-first lacks can come from another.
+kept, as with ``similar``.
 
 Measured on the 120 calib-arcade-val targets (never bench targets; docs/HISTORY.md, 2026-12-07 s27), the memory
 segmenter's mean segment Dice, a segment the reference lacks scoring 0: 0.241 with the most similar reference,
@@ -44,27 +42,13 @@ def coverage_order(candidates: Sequence[str], structures_of: Callable[[str], Seq
     return [candidates[i] for i in np.argsort(-cover, kind="stable")]
 
 
-def choose_together(candidates: Sequence[str], structures_of: Callable[[str], Sequence[str]], shows: dict[str, float],
-                    k: int) -> list[str]:
-    """``k`` of ``candidates`` (most similar first) chosen together: the first of :func:`coverage_order`,
-    then each time the one adding the most expected coverage of structures the chosen ones do not annotate,
-    ties by its own :func:`expected_coverage`, then similarity."""
-    order = coverage_order(candidates, structures_of, shows)
-    chosen = order[:1]
-    while len(chosen) < min(k, len(order)):
-        have = {s for c in chosen for s in structures_of(c)}
-        rest = [c for c in order if c not in chosen]  # coverage order, so max() keeps its tie-breaks
-        chosen.append(max(rest, key=lambda c: expected_coverage(set(structures_of(c)) - have, shows)))
-    return chosen
-
-
 def choose_by_coverage(target: np.ndarray, ranked: Sequence[str], structures_of: Callable[[str], Sequence[str]],
                        k: int = 1, candidates: int = CANDIDATES) -> list[str]:
-    """The ``k`` references of ``ranked`` (ids, most similar first) that the rule chooses
-    (:func:`choose_together`) among the ``candidates`` most similar (all of them when there are fewer); the
-    shipped visibility model reads the ``target`` image (no model, or no name it learnt: the similarity order)."""
+    """The ``k`` references of ``ranked`` (ids, most similar first) that the rule puts first among the
+    ``candidates`` most similar (all of them when there are fewer); the shipped visibility model
+    reads the ``target`` image (no model, or no name it learnt: the similarity order)."""
     from rau.methods.confidence import target_visibility
 
     pool = list(ranked[:max(candidates, k)])
     names = sorted({s for c in pool for s in structures_of(c)})
-    return choose_together(pool, structures_of, target_visibility(target, names), k)
+    return coverage_order(pool, structures_of, target_visibility(target, names))[:k]
