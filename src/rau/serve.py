@@ -353,7 +353,6 @@ def build_app(
     import gradio as gr
 
     from rau.methods import DEFAULT_METHOD, METHODS
-
     from rau.pipeline import check_bank_choice
 
     method = method or DEFAULT_METHOD
