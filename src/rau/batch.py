@@ -273,7 +273,7 @@ def localize_many(
 def _runner(reference, structures: list[str] | None, k: int, min_fit: float | None, min_confidence: float | None,
             reference_choice: str = "similar"):
     """(method, target AnnotatedImage) -> TargetResult for this reference or bank, checked now."""
-    check_bank_choice(reference_choice)
+    check_bank_choice(reference_choice, not isinstance(reference, AnnotatedImage))
     if isinstance(reference, AnnotatedImage):
         check_reference(reference, structures)
         return lambda m, target: localize(reference, target, method=m, structures=structures,

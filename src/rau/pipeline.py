@@ -33,10 +33,14 @@ from rau.render import draw_annotation, save_png
 BANK_CHOICES = ("similar", "coverage")
 
 
-def check_bank_choice(reference_choice: str) -> None:
-    """A one-line error unless ``reference_choice`` is one of :data:`BANK_CHOICES`."""
+def check_bank_choice(reference_choice: str, with_bank: bool = True,
+                      without: str = "with --reference the reference is given") -> None:
+    """A one-line error unless ``reference_choice`` is one of :data:`BANK_CHOICES`, and, where no bank is given
+    (``with_bank`` False), unless it is ``similar``: a given reference is not chosen (``without`` ends that line)."""
     if reference_choice not in BANK_CHOICES:
         raise RauInputError(f"--reference-choice: expected one of {', '.join(BANK_CHOICES)}, got {reference_choice!r}")
+    if reference_choice != "similar" and not with_bank:
+        raise RauInputError(f"--reference-choice: chooses among a --bank's references; {without}")
 
 
 def _as_target(target: AnnotatedImage | str | Path) -> AnnotatedImage:

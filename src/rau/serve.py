@@ -358,9 +358,7 @@ def build_app(
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise RauInputError(f"--method: unknown {method!r}; choose one of {', '.join(METHODS)}")
-    check_bank_choice(reference_choice)
-    if reference_choice != "similar" and bank is None:
-        raise RauInputError("--reference-choice: chooses among a --bank's references; start `rau serve --bank BANK.npz`")
+    check_bank_choice(reference_choice, bank is not None, without="start `rau serve --bank BANK.npz`")
     loaded_bank = None
     if bank is not None:
         from rau.references.bank import ReferenceBank

@@ -98,6 +98,13 @@ def test_localize_from_a_bank_by_coverage_takes_the_reference_covering_what_the_
     assert "square" in covered.structures and "square" not in similar.structures
     with pytest.raises(Exception, match="--reference-choice"):
         localize_from_bank(bank, target, method="registration", reference_choice="best")
+    from rau.batch import localize_many
+
+    reference = ds.load(ds.entries[1])  # a given reference is not chosen: the same line as the CLI's, before any run
+    with pytest.raises(Exception, match="--reference-choice: chooses among a --bank's references; with --reference"):
+        localize_many(reference, [str(folder_dataset / "images")], method="registration", out_dir=tmp_path / "z",
+                      reference_choice="coverage")
+    assert not (tmp_path / "z").exists()
     path = tmp_path / "bank.npz"
     bank.save(path)
     image = folder_dataset / "images" / "case_0.png"

@@ -96,7 +96,7 @@ def localize(
         from rau.batch import merge_summaries
         from rau.data.io import load_annotated
         from rau.pipeline import localize as run
-        from rau.pipeline import localize_from_bank
+        from rau.pipeline import check_bank_choice, localize_from_bank
 
         if merge_only:
             typer.echo(f"shard summaries merged -> {merge_summaries(out)}")
@@ -114,8 +114,7 @@ def localize(
             raise ValueError("--reference/--bank: give a reference (--reference and --reference-masks) or a --bank, not both")
         if bank is None and reference_masks is None:
             raise ValueError("--reference-masks: required with --reference (a folder of <structure>.png masks)")
-        if reference_choice != "similar" and bank is None:
-            raise ValueError("--reference-choice: chooses among a --bank's references; with --reference the reference is given")
+        check_bank_choice(reference_choice, bank is not None)
         names, export = split_names(structures), split_names(formats, "--formats")
         if _volume_mode(target, volume, start_slice, axis):
             vol = _localize_volume(target, reference, reference_masks, bank, export, out=out, method=method,
