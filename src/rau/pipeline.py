@@ -131,13 +131,13 @@ def localize_from_bank(
     from rau.methods import Method, create_method
     from rau.methods.confidence import abstain, result_threshold
     from rau.references.bank import ReferenceBank, predict_with_references
-    from rau.references.coverage import CANDIDATES, choose_by_coverage
+    from rau.references.coverage import choose_by_coverage, pool_size
 
     format_writer(formats)
     check_bank_choice(reference_choice)
     bank = bank if isinstance(bank, ReferenceBank) else ReferenceBank.load(bank)
     target_img = _as_target(target)
-    hits = bank.search(target_img.image, max(k, CANDIDATES) if reference_choice == "coverage" else k)
+    hits = bank.search(target_img.image, pool_size(reference_choice, k))
     if min_fit is not None and hits[0][1] < min_fit:
         result = _abstain(target_img, hits[0], min_fit, structures, bank)
         if out_dir is not None:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rau.references.coverage import UNKNOWN, choose_by_coverage, coverage_order, expected_coverage
+from rau.references.coverage import CANDIDATES, UNKNOWN, choose_by_coverage, coverage_order, expected_coverage, pool_size
 
 SEGMENTS = {"a": ["1", "2"], "b": ["1", "2", "3", "5"], "c": ["1", "6", "7"], "d": ["1", "2"]}
 
@@ -17,6 +17,11 @@ def test_expected_coverage_sums_what_the_target_shows_over_a_references_structur
     assert expected_coverage(["1", "2"], shows) == pytest.approx(1.7)
     assert expected_coverage(["1", "1", "3"], shows) == pytest.approx(1.0)  # a name counts once
     assert expected_coverage(["lung"], shows) == UNKNOWN  # a name the visibility model never learnt: no evidence
+
+
+def test_coverage_retrieves_its_candidates_the_other_choices_k():
+    assert pool_size("coverage", 1) == CANDIDATES and pool_size("coverage", CANDIDATES + 2) == CANDIDATES + 2
+    assert pool_size("similar", 3) == 3 and pool_size("random", 1) == 1
 
 
 def test_the_reference_covering_most_of_what_the_target_shows_comes_first_ties_keep_similarity():

@@ -260,10 +260,10 @@ def evaluate(
 
 
 def _choose_references(target, entry, thumbs, bank, reference: str, k: int, rng, ref_by_id) -> list[str]:
-    from rau.references.coverage import CANDIDATES, choose_by_coverage
+    from rau.references.coverage import choose_by_coverage, pool_size
 
     source = str(entry.image_path.resolve())
-    want = max(k, CANDIDATES) if reference == "coverage" else k
+    want = pool_size(reference, k)
     if reference == "random" or bank is None:
         ranked = thumbs.rank(target.image, exclude_source=source)
         if not ranked:

@@ -28,6 +28,12 @@ CANDIDATES = 10
 UNKNOWN = 0.5
 
 
+def pool_size(reference_choice: str, k: int) -> int:
+    """How many of the most similar references to retrieve for ``k`` chosen ones: :data:`CANDIDATES` (or ``k``
+    if more) for ``coverage``, which chooses among them (:func:`choose_by_coverage`); ``k`` otherwise."""
+    return max(k, CANDIDATES) if reference_choice == "coverage" else k
+
+
 def expected_coverage(structures: Sequence[str], shows: dict[str, float]) -> float:
     """The expected number of the target's structures a reference annotating ``structures`` covers:
     the sum of P(the target shows it) (``shows``; :data:`UNKNOWN` for a name it lacks)."""
