@@ -174,6 +174,8 @@ def test_the_default_asks_a_second_opinion_on_an_angiogram_and_can_deliver_its_m
                                   "--out", str(tmp_path / key), "--structures", "5,6", "--min-confidence", "0", *flags])
         assert res.exit_code == 0, res.output
         docs[key] = json.loads((tmp_path / key / "result.json").read_text())["structures"]
+        # the default's refiner masks on an angiogram come with a note naming the memory route, the others without
+        assert ("note: the target reads as a coronary angiogram" in res.output) == (key == "default"), res.output
 
     def mask(key, name):
         return np.asarray(Image.open(tmp_path / key / docs[key][name]["mask"]))
@@ -188,6 +190,22 @@ def test_the_default_asks_a_second_opinion_on_an_angiogram_and_can_deliver_its_m
                               str(samples / "reference_masks"), "--target", str(samples / "target.png"),
                               "--out", str(tmp_path / "bad"), "--angiogram-masks", "both"])
     assert res.exit_code != 0 and "--angiogram-masks" in res.output and not (tmp_path / "bad").exists()
+
+
+def test_a_batch_with_angiograms_notes_the_memory_route_once(tmp_path):
+    """``rau localize --targets`` with the default: one note after the batch line, counting the targets read as
+    angiograms (the chest radiograph is not one); none with ``--angiogram-masks memory``."""
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[2] / "samples"
+    base = ["localize", "--reference", str(samples / "angiogram" / "reference.png"), "--reference-masks",
+            str(samples / "angiogram" / "reference_masks"), "--targets", str(samples / "angiogram" / "target.png"),
+            "--targets", str(samples / "chest_xray" / "target.png"), "--structures", "5", "--no-progress"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("note:") == 1 and "note: 1 of them read as coronary angiograms" in res.output
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--angiogram-masks", "memory"])
+    assert res.exit_code == 0 and "note:" not in res.output, res.output
 
 
 def test_report_and_plot(folder_dataset, tmp_path):
