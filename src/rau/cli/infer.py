@@ -163,7 +163,6 @@ def localize(
         typer.echo(ANGIOGRAM_NOTE.format(what="the target reads as a coronary angiogram"), err=True)
 
 
-
 def _volume_mode(target: Optional[Path], volume: Optional[bool], start_slice: Optional[int], axis: Optional[int]) -> bool:
     """Whether --target is run as a volume: --volume/--no-volume, else what the path is
     (:func:`rau.data.volume_io.volume_kind`); the volume options are refused outside volume mode."""
