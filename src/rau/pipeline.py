@@ -43,6 +43,15 @@ def check_bank_choice(reference_choice: str, with_bank: bool = True,
         raise RauInputError(f"--reference-choice: chooses among a --bank's references; {without}")
 
 
+def read_as_angiogram(result: TargetResult) -> bool:
+    """True when ``result`` is ``reg-refine``'s on a target its image-kind model read as a coronary angiogram:
+    its coronary outputs then carry the memory segmenter's agreement (the ``second_opinion`` feature, one
+    reference). Which masks it delivered is its ``--angiogram-masks`` option; with the refiner's (the default),
+    ``rau localize`` and ``rau serve`` say that the memory segmenter's are right about twice as often there."""
+    return result.method == "reg-refine" and any(r.features and "second_opinion" in r.features
+                                                 for r in result.structures.values())
+
+
 def _as_target(target: AnnotatedImage | str | Path) -> AnnotatedImage:
     if isinstance(target, AnnotatedImage):
         return target

@@ -143,6 +143,24 @@ def test_the_table_notes_a_mask_copied_from_the_reference():
     assert rows["clavicle"][note].startswith("copied from the reference") and rows["heart"][note] == ""
 
 
+def test_the_status_line_notes_refiner_masks_on_an_angiogram():
+    """The default's result on a target read as an angiogram (its outputs carry ``second_opinion``) gets the note
+    `rau localize` prints, unless its memory masks were delivered; other results get none."""
+    from rau.data.annotated import StructureResult, TargetResult
+    from rau.serve import Outcome, status_line
+
+    mask = np.ones((4, 4), bool)
+
+    def line(method, features, refiner_masks=True):
+        result = TargetResult("t", "r", method, {"5": StructureResult("5", "yes", (0, 0, 4, 4), 0.8, mask, features=features)})
+        return status_line(Outcome(result, None, Path(".")), refiner_masks)
+
+    assert "reads as a coronary angiogram" in line("reg-refine", {"second_opinion": 0.4})
+    assert "angiogram" not in line("reg-refine", {"second_opinion": 0.4}, refiner_masks=False)
+    assert "angiogram" not in line("reg-refine", {"fit": 0.9}) and "angiogram" not in line("sam2-memory", {"second_opinion": 0.4})
+    assert line("registration", None).startswith("registration: 1/1 structures found")
+
+
 def test_the_reference_choice_is_checked_at_start_and_reaches_the_bank(cache, tmp_path, monkeypatch):
     import rau.pipeline
     from rau.errors import RauInputError

@@ -41,18 +41,12 @@ from rau.cli.common import (
 )
 
 
-#: Said once when the default delivered its refiner's masks on targets it read as coronary angiograms.
+#: Said once when the default delivered its refiner's masks on targets it read as coronary angiograms
+#: (:func:`rau.pipeline.read_as_angiogram`, and no ``--angiogram-masks memory``).
 ANGIOGRAM_NOTE = ("note: {what}; there the memory segmenter's masks (--angiogram-masks memory, "
                   "or --method sam2-memory) are right about twice as often as the default's refiner masks "
                   "(docs/RESULTS.md, 'What a user gets on angiograms')")
 
-
-def refiner_masks_on_angiogram(result) -> bool:
-    """True when ``result`` is the default's on a target it read as an angiogram: its coronary masks then
-    carry the memory segmenter's agreement (``second_opinion``), the refiner's masks delivered unless
-    ``--angiogram-masks memory`` was given."""
-    return result.method == "reg-refine" and any(r.features and "second_opinion" in r.features
-                                                 for r in result.structures.values())
 
 
 def localize(
@@ -159,7 +153,9 @@ def localize(
     withheld = sum(r.abstained for r in result.structures.values())
     note = f", {withheld} withheld ({next(r.reason for r in result.structures.values() if r.abstained)})" if withheld else ""
     typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found{note} in {result.seconds:.2f} s -> {out}/result.json")
-    if angiogram_masks == "refiner" and refiner_masks_on_angiogram(result):
+    from rau.pipeline import read_as_angiogram
+
+    if angiogram_masks == "refiner" and read_as_angiogram(result):
         typer.echo(ANGIOGRAM_NOTE.format(what="the target reads as a coronary angiogram"), err=True)
 
 
@@ -218,12 +214,13 @@ def _localize_batch(source, targets: list[str], *, out: Path, **kwargs) -> dict[
     from tqdm.auto import tqdm
 
     from rau.batch import error_line, localize_many
+    from rau.pipeline import read_as_angiogram
 
     counts = {"ok": 0, "skipped": 0, "error": 0, "angiograms": 0}
     for item in localize_many(source, targets, out_dir=out, **kwargs):
         if item.status == "error":
             tqdm.write(f"error: {error_line(item.outcome)}", file=sys.stderr)  # above the progress bar, not through it
-        elif item.status == "ok" and refiner_masks_on_angiogram(item.outcome):
+        elif item.status == "ok" and read_as_angiogram(item.outcome):
             counts["angiograms"] += 1
         counts[item.status] += 1
     return counts
