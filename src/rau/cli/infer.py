@@ -48,7 +48,6 @@ ANGIOGRAM_NOTE = ("note: {what}; there the memory segmenter's masks (--angiogram
                   "(docs/RESULTS.md, 'What a user gets on angiograms')")
 
 
-
 def localize(
     out: Annotated[Path, typer.Option(help="Output folder: result.json, masks/<structure>.png, overlay.png (written atomically). With --targets: one such folder per target + summary.csv.")],
     target: Annotated[Optional[Path], typer.Option(help="Target image to interpret; any size. Or use --targets. A volume (3D NIfTI, "
@@ -104,7 +103,7 @@ def localize(
         from rau.batch import merge_summaries
         from rau.data.io import load_annotated
         from rau.pipeline import localize as run
-        from rau.pipeline import check_bank_choice, localize_from_bank
+        from rau.pipeline import check_bank_choice, localize_from_bank, read_as_angiogram
 
         if merge_only:
             typer.echo(f"shard summaries merged -> {merge_summaries(out)}")
@@ -129,9 +128,10 @@ def localize(
                                    structures=names, start=start_slice, axis=axis, progress=progress, **options)
         elif targets:
             source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
-            counts = _localize_batch(source, targets, out=out, method=method, structures=names, formats=export,
-                                    overwrite=overwrite, progress=progress, k=k_references, min_fit=threshold,
-                                    min_confidence=min_confidence, reference_choice=reference_choice, **options)
+            counts, angiograms = _localize_batch(source, targets, out=out, method=method, structures=names,
+                                                 formats=export, overwrite=overwrite, progress=progress,
+                                                 k=k_references, min_fit=threshold, min_confidence=min_confidence,
+                                                 reference_choice=reference_choice, **options)
         else:
             tgt = load_annotated(target, arg="--target")
             source, threshold = _reference_source(reference, reference_masks, bank, min_fit)
@@ -143,7 +143,7 @@ def localize(
                 result = run(source, tgt, method=method, structures=names, out_dir=out, formats=export,
                              min_confidence=min_confidence, **options)
     if targets:
-        _batch_report(counts, out, angiogram_masks)
+        _batch_report(counts, out, angiograms if angiogram_masks == "refiner" else 0)
         return
     if vol is not None:
         typer.echo(f"{vol.method}: {vol.slices_done}/{vol.volume.n_slices} slices done, {len(vol.found)}/{len(vol.structures)} "
@@ -153,8 +153,6 @@ def localize(
     withheld = sum(r.abstained for r in result.structures.values())
     note = f", {withheld} withheld ({next(r.reason for r in result.structures.values() if r.abstained)})" if withheld else ""
     typer.echo(f"{result.method}: {found}/{len(result.structures)} structures found{note} in {result.seconds:.2f} s -> {out}/result.json")
-    from rau.pipeline import read_as_angiogram
-
     if angiogram_masks == "refiner" and read_as_angiogram(result):
         typer.echo(ANGIOGRAM_NOTE.format(what="the target reads as a coronary angiogram"), err=True)
 
@@ -207,8 +205,9 @@ def _reference_source(reference: Optional[Path], reference_masks: Optional[Path]
         raise ValueError(f"--min-fit: expected a number or 'auto', got {min_fit!r}") from None
 
 
-def _localize_batch(source, targets: list[str], *, out: Path, **kwargs) -> dict[str, int]:
-    """Run the batch, a bad target reported on stderr as it comes -> how many targets per status."""
+def _localize_batch(source, targets: list[str], *, out: Path, **kwargs) -> tuple[dict[str, int], int]:
+    """Run the batch, a bad target reported on stderr as it comes -> (how many targets per status, how many of
+    the done ones the default read as angiograms: :func:`rau.pipeline.read_as_angiogram`)."""
     import sys
 
     from tqdm.auto import tqdm
@@ -216,28 +215,28 @@ def _localize_batch(source, targets: list[str], *, out: Path, **kwargs) -> dict[
     from rau.batch import error_line, localize_many
     from rau.pipeline import read_as_angiogram
 
-    counts = {"ok": 0, "skipped": 0, "error": 0, "angiograms": 0}
+    counts, angiograms = {"ok": 0, "skipped": 0, "error": 0}, 0
     for item in localize_many(source, targets, out_dir=out, **kwargs):
         if item.status == "error":
             tqdm.write(f"error: {error_line(item.outcome)}", file=sys.stderr)  # above the progress bar, not through it
         elif item.status == "ok" and read_as_angiogram(item.outcome):
-            counts["angiograms"] += 1
+            angiograms += 1
         counts[item.status] += 1
-    return counts
+    return counts, angiograms
 
 
-def _batch_report(counts: dict[str, int], out: Path, angiogram_masks: str = "refiner") -> None:
-    """One line on the batch (and the angiogram note when the default read some targets as angiograms);
-    exit code 1 when a target failed."""
+def _batch_report(counts: dict[str, int], out: Path, angiograms: int = 0) -> None:
+    """One line on the batch, and the angiogram note when ``angiograms`` targets got the default's refiner masks
+    on what it read as an angiogram; exit code 1 when a target failed."""
     from rau.batch import shard_from_env
 
     rank, world = shard_from_env()
     summary = out / ("summary.csv" if world == 1 else f"summary.rank{rank}.csv")
     shard = f" (shard {rank + 1}/{world})" if world > 1 else ""
-    typer.echo(f"{counts['ok'] + counts['skipped'] + counts['error']} targets{shard}: {counts['ok']} done, "
-               f"{counts['skipped']} skipped (already done), {counts['error']} failed -> {summary}")
-    if angiogram_masks == "refiner" and counts.get("angiograms"):
-        typer.echo(ANGIOGRAM_NOTE.format(what=f"{counts['angiograms']} of them read as coronary angiograms"), err=True)
+    typer.echo(f"{sum(counts.values())} targets{shard}: {counts['ok']} done, {counts['skipped']} skipped (already done), "
+               f"{counts['error']} failed -> {summary}")
+    if angiograms:
+        typer.echo(ANGIOGRAM_NOTE.format(what=f"{angiograms} of them read as coronary angiograms"), err=True)
     if counts["error"]:
         raise typer.Exit(code=1)
 
