@@ -15,21 +15,22 @@ from pathlib import Path
 
 from rau.atomic import write_json
 from rau.data.dataset import Dataset, load_dataset
-from rau.eval.bench import ARCADE_TARGETS, without_pick
+from rau.eval.bench import resolve_splits, without_pick
 from rau.eval.evaluate import evaluate, select_targets
 from rau.methods import create_method
 
 DATA = Path("../shared/datasets/arcade_syntax")
-CALIB_TARGETS = 120
 
 
 def unscored(seed: int = 0) -> Dataset:
-    val = load_dataset(DATA / "val")
-    rest = without_pick(val, ARCADE_TARGETS, seed)
-    calib = {e.id for e in select_targets(rest, CALIB_TARGETS, seed).entries}
-    bench = {e.id for e in select_targets(val, ARCADE_TARGETS, seed).entries}
-    keep = [e for e in rest.entries if e.id not in calib]
-    assert not ({e.id for e in keep} & (bench | calib)) and len(keep) == len(val) - ARCADE_TARGETS - CALIB_TARGETS
+    """ARCADE val less the targets of the bench's ``arcade`` split and of ``calib-arcade-val``, as
+    :func:`rau.eval.bench.resolve_splits` defines them (``rau bench`` / ``rau calibrate`` pick them the same way)."""
+    bench, calib = resolve_splits(["arcade", "calib-arcade-val"], DATA.parent, Path("runs/drr"), quick=False, limit=None)
+    val = load_dataset(bench.targets)
+    scored = {e.id for e in select_targets(val, bench.limit, seed).entries}
+    scored |= {e.id for e in select_targets(without_pick(val, calib.without_pick, seed), calib.limit, seed).entries}
+    keep = [e for e in val.entries if e.id not in scored]
+    assert len(keep) == len(val) - bench.limit - calib.limit
     return Dataset(val.root, keep, val.layout)
 
 
