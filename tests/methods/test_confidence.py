@@ -307,7 +307,7 @@ def test_an_image_unlike_the_reference_is_called_unfit_not_mirrored(monkeypatch)
     reference = AnnotatedImage(image, masks)
     for fit, gain, mirrored in ((cal.min_fit - 0.2, 0.5, False), (cal.min_fit + 0.05, 0.05, True)):
         pair = {"fit": fit, "mirror_gain": 0.0, "orientation": 1.0, "mirror_fit_gain": gain}
-        monkeypatch.setattr(confidence, "pair_features", lambda r, t, registered=True, p=pair: p)
+        monkeypatch.setattr(confidence, "pair_features", lambda r, t, registered=True, mirror_fit=True, p=pair: p)
         result = TargetResult("t", "r", "m", {"blob": StructureResult("blob", "yes", (0, 0, 9, 9), 0.9, masks["blob"])})
         confidence.assess(result, reference, image, cal)
         flag = result.structures["blob"].flag
@@ -689,7 +689,7 @@ def test_a_method_without_calibration_uses_the_kind_rule_and_the_default_fit_rul
     for fit, kind, unfit in cases:
         pair = {"fit": fit, "mirror_gain": 0.0, "orientation": 1.0, "mirror_fit_gain": -0.1, "laterality": 1.0,
                 "kind": kind}
-        monkeypatch.setattr(confidence, "pair_features", lambda r, t, registered=True, p=pair: p)
+        monkeypatch.setattr(confidence, "pair_features", lambda r, t, registered=True, mirror_fit=True, p=pair: p)
         result = TargetResult("t", "r", "m", {"blob": StructureResult("blob", "yes", (0, 0, 9, 9), 0.9, masks["blob"])})
         confidence.assess(result, reference, image, None)
         flag = result.structures["blob"].flag
@@ -719,3 +719,43 @@ def test_other_kinds_of_image_do_not_fit_whatever_their_fit_and_leave_min_fit_to
     assert seen.pair_rule(pair)[0] == "fit" and "different kinds of image" in seen.pair_reason(pair)
     assert seen.pair_rule({**pair, "kind": 0.95, "fit": 0.95}) is None
     assert "fit" in seen.rule_pooled and seen.rule_pooled["fit"] < 0.1
+
+
+def test_mirror_fit_gain_is_measured_only_where_something_reads_it(monkeypatch):
+    """Its affine registrations run when the calibration (or its presence model) reads the feature, when there is
+    no calibration (what `rau calibrate` runs) or no laterality model (the "mirrored" rule's fallback); a
+    calibration that does not read it skips them and assesses the same way."""
+    import dataclasses
+
+    import rau.methods.confidence as confidence
+    import rau.methods.registration as registration
+
+    calls = []
+    monkeypatch.setattr(registration, "mirror_fit_gain", lambda t, r: calls.append(1) or -0.2)
+    class Facing:  # a laterality model that reads every pair as facing the same way
+        def agreement(self, reference, target):
+            return 1.0
+
+    monkeypatch.setattr(confidence, "default_laterality", lambda: Facing())
+    cal = fit_calibration(_rows(), "toy", presence=False)
+    assert "mirror_fit_gain" not in cal.features
+    reads = dataclasses.replace(cal, features=[*cal.features[:-1], "mirror_fit_gain", cal.features[-1]],
+                                mean=[*cal.mean[:-1], -0.2, cal.mean[-1]], std=[*cal.std[:-1], 1.0, cal.std[-1]],
+                                coef=[*cal.coef[:-1], 0.0, cal.coef[-1]])
+    by_presence = dataclasses.replace(cal, presence={"features": ["score", "mirror_fit_gain"]})
+    assert not confidence.reads_mirror_fit(cal)
+    assert confidence.reads_mirror_fit(None) and confidence.reads_mirror_fit(reads)
+    assert confidence.reads_mirror_fit(by_presence)
+    image, masks = synthetic_pair()
+    reference = AnnotatedImage(image, masks)
+    seen = {}
+    for label, c in (("skips", cal), ("reads", reads), ("none", None)):
+        calls.clear()
+        result = TargetResult("t", "r", "m", {"blob": StructureResult("blob", "yes", (0, 0, 9, 9), 0.9, masks["blob"])})
+        confidence.assess(result, reference, image, c)
+        seen[label] = (len(calls), "mirror_fit_gain" in result.structures["blob"].features,
+                       result.structures["blob"].confidence)
+    assert seen["skips"][:2] == (0, False) and seen["reads"][:2] == (1, True) and seen["none"][:2] == (1, True)
+    assert seen["skips"][2] == pytest.approx(seen["reads"][2])  # a zero coefficient: the same confidence
+    monkeypatch.setattr(confidence, "default_laterality", lambda: None)
+    assert confidence.reads_mirror_fit(cal)

@@ -35,8 +35,8 @@ probability that it is right, and says when not to answer.
   ``min_confidence`` (default: the calibration's threshold) and those judged absent, with the reason.
 
 Everything here is numpy/scipy and runs in milliseconds per target, except the two affine
-registrations of ``mirror_fit_gain`` (SimpleITK, ~0.2 s per target) and the laterality and
-image-kind CNNs (a 64 x 64 thumbnail per image, milliseconds).
+registrations of ``mirror_fit_gain`` (SimpleITK, 0.15-0.35 s per target, measured only where something reads it:
+:func:`reads_mirror_fit`) and the laterality and image-kind CNNs (a 64 x 64 thumbnail per image, milliseconds).
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ def target_checks(image: np.ndarray) -> dict[str, float]:
     return {"contrast": contrast, "smoothness": float(smooth)}
 
 
-def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool = True) -> dict[str, float]:
+def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool = True,
+                  mirror_fit: bool = True) -> dict[str, float]:
     """``fit``: NCC of the 32 x 32 thumbnails of reference and target (the reference-choice rule's
     similarity); ``mirror_gain``: how much better the target's thumbnail fits the left-right mirrored
     reference's; ``orientation``: :meth:`Orientation.agreement` of the shipped orientation model
@@ -174,7 +175,8 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
     shipped laterality model's agreement (:func:`default_laterality`; the "mirrored" rule's
     measurement; absent without the model), and ``kind``: the shipped image-kind model's probability
     that the two are the same kind of image (:func:`default_imagekind`; the first "does not fit"
-    rule, :func:`kind_reason`; absent without the model)."""
+    rule, :func:`kind_reason`; absent without the model). ``mirror_fit`` False skips ``mirror_fit_gain``
+    (two or three affine registrations, about 0.2 s) where nothing reads it (:func:`reads_mirror_fit`)."""
     from rau.methods.registration import mirror_fit_gain
 
     r, t = _small(reference, 32), _small(target, 32)
@@ -183,7 +185,8 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
     out = {"fit": fit, "mirror_gain": _ncc(r[:, ::-1], t) - fit,
            "orientation": orient.agreement(reference, target) if orient is not None else 0.0}
     if registered:
-        out["mirror_fit_gain"] = mirror_fit_gain(target, reference)
+        if mirror_fit:
+            out["mirror_fit_gain"] = mirror_fit_gain(target, reference)
         lat = default_laterality()
         if lat is not None:
             out["laterality"] = lat.agreement(reference, target)
@@ -708,15 +711,16 @@ def best_fit(references: list[np.ndarray], target: np.ndarray) -> float:
 
 def output_features(result, reference, target_image: np.ndarray,
                     checks: dict[str, float] | None = None,
-                    reference_masks: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+                    reference_masks: dict[str, np.ndarray] | None = None, *,
+                    mirror_fit: bool = True) -> dict[str, dict[str, float]]:
     """structure -> the :data:`FEATURES` of its output in ``result`` (a TargetResult);
     ``checks``: the target's :func:`target_checks` when already computed; ``reference_masks``:
     per structure, the reference mask to compare with instead of ``reference``'s (k references:
-    the first reference that annotates it)."""
+    the first reference that annotates it); ``mirror_fit``: as :func:`pair_features`."""
     checks = checks or target_checks(target_image)
     # a blank or noise target is withheld whatever its pair fits: no registration on it
     runs = target_reason(checks) is None  # a blank or noise target: no registration, no visibility
-    pair = {**pair_features(reference.image, target_image, registered=runs), **checks}
+    pair = {**pair_features(reference.image, target_image, registered=runs, mirror_fit=mirror_fit), **checks}
     visible = target_visibility(target_image, list(result.structures)) if runs else {}
     out, gray, gradient = {}, None, None
     for name, r in result.structures.items():
@@ -733,6 +737,17 @@ def output_features(result, reference, target_image: np.ndarray,
     return out
 
 
+def reads_mirror_fit(calibration: Calibration | None) -> bool:
+    """Whether an assessment with ``calibration`` needs ``mirror_fit_gain``: its logistic model or its presence
+    model reads it, or there is no calibration (what ``rau calibrate`` runs: the fit chooses from every
+    feature), or the laterality model is missing (the "mirrored" rule then falls back to it, :func:`mirror_reason`).
+    Elsewhere its affine registrations (about 0.2 s per target) are skipped: most calibrations do not read it."""
+    if calibration is None or default_laterality() is None:
+        return True
+    return "mirror_fit_gain" in calibration.features \
+        or "mirror_fit_gain" in ((calibration.presence or {}).get("features") or ())
+
+
 def assess(result, reference, target_image: np.ndarray, calibration: Calibration | None,
            checks: dict[str, float] | None = None, *, reference_masks: dict[str, np.ndarray] | None = None,
            extra: dict[str, dict[str, float]] | None = None):
@@ -744,7 +759,8 @@ def assess(result, reference, target_image: np.ndarray, calibration: Calibration
     per structure (a calibration without them ignores them)."""
     checks = checks or target_checks(target_image)
     reason = target_reason(checks)
-    feats = output_features(result, reference, target_image, checks, reference_masks)
+    feats = output_features(result, reference, target_image, checks, reference_masks,
+                            mirror_fit=reads_mirror_fit(calibration))
     for name, more in (extra or {}).items():
         if name in feats:
             feats[name].update(more)
