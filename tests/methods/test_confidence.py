@@ -732,6 +732,7 @@ def test_mirror_fit_gain_is_measured_only_where_something_reads_it(monkeypatch):
 
     calls = []
     monkeypatch.setattr(registration, "mirror_fit_gain", lambda t, r: calls.append(1) or -0.2)
+
     class Facing:  # a laterality model that reads every pair as facing the same way
         def agreement(self, reference, target):
             return 1.0
