@@ -176,7 +176,7 @@ def pair_features(reference: np.ndarray, target: np.ndarray, *, registered: bool
     measurement; absent without the model), and ``kind``: the shipped image-kind model's probability
     that the two are the same kind of image (:func:`default_imagekind`; the first "does not fit"
     rule, :func:`kind_reason`; absent without the model). ``mirror_fit`` False skips ``mirror_fit_gain``
-    (two or three affine registrations, about 0.2 s) where nothing reads it (:func:`reads_mirror_fit`)."""
+    (two or three affine registrations, 0.15-0.35 s) where nothing reads it (:func:`reads_mirror_fit`)."""
     from rau.methods.registration import mirror_fit_gain
 
     r, t = _small(reference, 32), _small(target, 32)
@@ -741,7 +741,7 @@ def reads_mirror_fit(calibration: Calibration | None) -> bool:
     """Whether an assessment with ``calibration`` needs ``mirror_fit_gain``: its logistic model or its presence
     model reads it, or there is no calibration (what ``rau calibrate`` runs: the fit chooses from every
     feature), or the laterality model is missing (the "mirrored" rule then falls back to it, :func:`mirror_reason`).
-    Elsewhere its affine registrations (about 0.2 s per target) are skipped: most calibrations do not read it."""
+    Elsewhere its affine registrations (0.15-0.35 s per target) are skipped: most calibrations do not read it."""
     if calibration is None or default_laterality() is None:
         return True
     return "mirror_fit_gain" in calibration.features \
